@@ -1,0 +1,170 @@
+"""The one exception family every layer raises.
+
+```
+OrchestratorError
+├ ConfigError          misuse or bad settings, found at startup
+│ └ JobError           an invalid job file or object (names file, task id, field)
+├ ProtocolError        a frame that cannot be trusted
+│ ├ DecodeError        truncated, random or mistyped bytes
+│ ├ FrameTooLarge      over the configured size limit
+│ ├ UnsupportedVersion an envelope from another protocol version
+│ ├ UnknownMessageType a body type this version does not know
+│ └ BadSignature       HMAC missing or wrong
+├ BusError             the transport
+│ ├ BusUnavailable     cannot reach the broker after retries
+│ └ LeaseLost          a commit from a consumer that no longer owns the entry
+├ TaskError            one task, carries task_id
+│ ├ IllegalTransition  an event the state machine does not allow
+│ └ BudgetExhausted    attempts, tasks, tokens or time spent
+├ WorkerError          the worker side
+│ ├ PluginLoadError    a plugin that cannot be imported or is no Worker
+│ └ NoCapableWorker    no worker serves a capability
+└ InferenceError       the language-model server
+  ├ InferenceUnavailable  unreachable, or does not serve the model
+  ├ InferenceTimeout      no answer in time, after retries
+  ├ ContextLengthExceeded the prompt does not fit the model's context
+  └ BadCompletion         an answer that cannot be used (empty, invalid JSON)
+```
+
+A failure crosses the bus as a ``failed`` message carrying text, never as a pickled
+exception.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "BadCompletion",
+    "BadSignature",
+    "BudgetExhausted",
+    "BusError",
+    "BusUnavailable",
+    "ConfigError",
+    "ContextLengthExceeded",
+    "DecodeError",
+    "FrameTooLarge",
+    "IllegalTransition",
+    "InferenceError",
+    "InferenceTimeout",
+    "InferenceUnavailable",
+    "JobError",
+    "LeaseLost",
+    "NoCapableWorker",
+    "OrchestratorError",
+    "PluginLoadError",
+    "ProtocolError",
+    "TaskError",
+    "UnknownMessageType",
+    "UnsupportedVersion",
+    "WorkerError",
+)
+
+
+class OrchestratorError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(OrchestratorError):
+    """Misuse or bad settings, detected before anything runs."""
+
+
+class JobError(ConfigError):
+    """An invalid job; the message names the file, the task id and the field."""
+
+    def __init__(self, message: str, *, source: str | None = None, task_id: str | None = None,
+                 field: str | None = None) -> None:
+        parts = [p for p in (source, f"task {task_id!r}" if task_id else None,
+                             f"field {field!r}" if field else None) if p]
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source = source
+        self.task_id = task_id
+        self.field = field
+
+
+class ProtocolError(OrchestratorError):
+    """A frame that cannot be decoded or trusted."""
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a valid envelope."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame over the configured size limit."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """An envelope written by a protocol version this code does not speak."""
+
+
+class UnknownMessageType(ProtocolError):
+    """A body whose ``type`` this protocol version does not define."""
+
+
+class BadSignature(ProtocolError):
+    """An HMAC signature that is missing or does not match."""
+
+
+class BusError(OrchestratorError):
+    """The message transport failed."""
+
+
+class BusUnavailable(BusError):
+    """The broker could not be reached within the retry budget."""
+
+
+class LeaseLost(BusError):
+    """A consumer tried to commit an entry it no longer owns (it was reclaimed)."""
+
+
+class TaskError(OrchestratorError):
+    """An error about one task."""
+
+    def __init__(self, message: str, *, task_id: str | None = None) -> None:
+        super().__init__(f"task {task_id!r}: {message}" if task_id else message)
+        self.task_id = task_id
+
+
+class IllegalTransition(TaskError):
+    """The state machine does not allow this event in this state."""
+
+    def __init__(self, state: str, event: str, *, task_id: str | None = None) -> None:
+        super().__init__(f"event {event!r} is not allowed in state {state!r}", task_id=task_id)
+        self.state = state
+        self.event = event
+
+
+class BudgetExhausted(TaskError):
+    """Attempts, tasks, tokens or wall-clock time ran out."""
+
+
+class WorkerError(OrchestratorError):
+    """An error on the worker side."""
+
+
+class PluginLoadError(WorkerError):
+    """A worker plugin could not be loaded; the message names the plugin."""
+
+
+class NoCapableWorker(WorkerError):
+    """No loaded worker serves the requested capability."""
+
+
+class InferenceError(OrchestratorError):
+    """The language-model server failed or answered unusably."""
+
+
+class InferenceUnavailable(InferenceError):
+    """The server is unreachable or does not serve the configured model."""
+
+
+class InferenceTimeout(InferenceError):
+    """No answer within the timeout, after retries."""
+
+
+class ContextLengthExceeded(InferenceError):
+    """The prompt plus max_tokens exceed the model's context window (HTTP 400)."""
+
+
+class BadCompletion(InferenceError):
+    """An answer that cannot be used: empty, truncated or not the requested JSON."""
