@@ -1,0 +1,304 @@
+"""The bus contract, and the in-process ``MemoryBus`` that implements it.
+
+Semantics every bus keeps (``tests/protocol/test_bus_contract.py`` checks them for each):
+
+- Streams with consumer groups: each entry goes to one consumer of a group (competing
+  consumers); a group created after entries were published still sees them.
+- At-least-once: an entry stays pending, owned by its consumer under a lease, until it is
+  acknowledged. A lease not renewed in time lets another consumer reclaim the entry, and its
+  delivery count grows.
+- ``commit`` publishes a reply and acknowledges the entry in one step, and is refused with
+  ``LeaseLost`` when the committing consumer no longer owns the entry (a late worker).
+- Poison: an entry delivered more than ``max_deliveries`` times, or a frame that does not
+  decode, is moved to the stream's dead-letter list with the reason, never yielded again.
+- ``broadcast``/``subscribe``: fan-out for control messages (cancel); every live subscriber
+  gets each message published after it subscribed.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from protocol.codec import Codec
+from protocol.envelope import Envelope
+from protocol.errors import LeaseLost, ProtocolError
+
+__all__ = ("Bus", "BusSettings", "DeadLetter", "Delivery", "MemoryBus")
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    """Delivery parameters shared by every bus implementation."""
+
+    lease_s: float = 30.0
+    max_deliveries: int = 5
+    block_s: float = 1.0
+    codec: Codec = field(default_factory=Codec)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One entry handed to one consumer; ``deliveries`` is 1 on the first delivery."""
+
+    stream: str
+    group: str
+    consumer: str
+    entry_id: str
+    envelope: Envelope
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry taken out of circulation, with the reason."""
+
+    stream: str
+    entry_id: str
+    reason: str
+    frame: bytes
+    deliveries: int
+    time: float
+
+
+class Bus(abc.ABC):
+    """Typed messages over streams with consumer groups, leases and dead letters."""
+
+    settings: BusSettings
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
+        """Release connections; the default has nothing to release."""
+
+    @abc.abstractmethod
+    async def publish(self, stream: str, envelope: Envelope) -> str:
+        """Append an envelope to a stream; returns the entry id."""
+
+    @abc.abstractmethod
+    async def publish_frame(self, stream: str, frame: bytes) -> str:
+        """Append raw bytes (a foreign producer, or a test of poison input)."""
+
+    @abc.abstractmethod
+    def consume(self, stream: str, *, group: str, consumer: str) -> AsyncIterator[Delivery]:
+        """Yield deliveries for ``consumer`` in ``group``: reclaimed expired entries first, then new ones."""
+
+    @abc.abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """Acknowledge an entry: it will not be delivered again."""
+
+    @abc.abstractmethod
+    async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
+        """Publish ``envelope`` to ``stream`` and acknowledge ``delivery`` atomically; LeaseLost if not owned."""
+
+    @abc.abstractmethod
+    async def renew(self, delivery: Delivery) -> None:
+        """Extend the lease on an in-flight entry; LeaseLost if it was reclaimed."""
+
+    @abc.abstractmethod
+    async def release(self, delivery: Delivery) -> None:
+        """Hand an unfinished entry back for prompt redelivery to another consumer (graceful drain)."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, stream: str) -> list[DeadLetter]:
+        """The entries moved out of ``stream`` as poison, oldest first."""
+
+    @abc.abstractmethod
+    async def depth(self, stream: str, group: str) -> int:
+        """Entries of ``stream`` not yet acknowledged by ``group`` (waiting plus pending)."""
+
+    @abc.abstractmethod
+    async def broadcast(self, topic: str, envelope: Envelope) -> None:
+        """Send a control message to every current subscriber of ``topic``."""
+
+    @abc.abstractmethod
+    def subscribe(self, topic: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Envelope]]:
+        """``async with bus.subscribe(topic) as messages``: subscribed on entry, so nothing sent after is missed."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    consumer: str
+    deadline: float
+    deliveries: int
+
+
+@dataclass(slots=True)
+class _Group:
+    last_id: int = 0
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Stream:
+    entries: dict[int, bytes] = field(default_factory=dict)
+    last_id: int = 0
+    groups: dict[str, _Group] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+class MemoryBus(Bus):
+    """An in-process bus with the same semantics as the Redis bus: for embedding and tests."""
+
+    def __init__(self, settings: BusSettings | None = None) -> None:
+        self.settings = settings or BusSettings()
+        self._streams: dict[str, _Stream] = {}
+        self._subscribers: dict[str, set[MemoryObjectSendStream[Envelope]]] = {}
+
+    def _stream(self, name: str) -> _Stream:
+        return self._streams.setdefault(name, _Stream())
+
+    async def publish(self, stream: str, envelope: Envelope) -> str:
+        return await self.publish_frame(stream, self.settings.codec.encode(envelope))
+
+    async def publish_frame(self, stream: str, frame: bytes) -> str:
+        s = self._stream(stream)
+        s.last_id += 1
+        s.entries[s.last_id] = bytes(frame)
+        s.notify()
+        await anyio.lowlevel.checkpoint()
+        return str(s.last_id)
+
+    async def consume(self, stream: str, *, group: str, consumer: str) -> AsyncIterator[Delivery]:
+        s = self._stream(stream)
+        g = s.groups.setdefault(group, _Group())
+        while True:
+            delivery = self._reclaim(stream, s, group, g, consumer) or self._next_new(stream, s, group, g, consumer)
+            if delivery is not None:
+                yield delivery
+                continue
+            wait = self.settings.block_s
+            if g.pending:
+                wait = max(0.0, min(wait, min(p.deadline for p in g.pending.values()) - time.monotonic()))
+            with anyio.move_on_after(wait):
+                await s.changed.wait()
+
+    def _reclaim(self, name: str, s: _Stream, group: str, g: _Group, consumer: str) -> Delivery | None:
+        now = time.monotonic()
+        for entry_id, p in list(g.pending.items()):
+            if p.deadline > now:
+                continue
+            p.deliveries += 1
+            if p.deliveries > self.settings.max_deliveries:
+                self._dead_letter(name, s, g, entry_id, p.deliveries - 1,
+                                  f"delivered {p.deliveries - 1} times without acknowledgement "
+                                  f"(last consumer {p.consumer!r})")
+                continue
+            p.consumer, p.deadline = consumer, now + self.settings.lease_s
+            delivery = self._deliver(name, s, group, g, entry_id, p)
+            if delivery is not None:
+                return delivery
+        return None
+
+    def _next_new(self, name: str, s: _Stream, group: str, g: _Group, consumer: str) -> Delivery | None:
+        while g.last_id < s.last_id:
+            g.last_id += 1
+            if g.last_id not in s.entries:  # acknowledged by every group and dropped
+                continue
+            p = _Pending(consumer, time.monotonic() + self.settings.lease_s, 1)
+            g.pending[g.last_id] = p
+            delivery = self._deliver(name, s, group, g, g.last_id, p)
+            if delivery is not None:
+                return delivery
+        return None
+
+    def _deliver(self, name: str, s: _Stream, group: str, g: _Group, entry_id: int, p: _Pending) -> Delivery | None:
+        try:
+            envelope = self.settings.codec.decode(s.entries[entry_id])
+        except ProtocolError as exc:
+            self._dead_letter(name, s, g, entry_id, p.deliveries, f"undecodable frame: {exc}")
+            return None
+        return Delivery(name, group, p.consumer, str(entry_id), envelope, p.deliveries)
+
+    def _dead_letter(self, name: str, s: _Stream, g: _Group, entry_id: int, deliveries: int, reason: str) -> None:
+        s.dead.append(DeadLetter(name, str(entry_id), reason, s.entries.get(entry_id, b""), deliveries, time.time()))
+        self._ack(s, g, entry_id)
+
+    def _ack(self, s: _Stream, g: _Group, entry_id: int) -> None:
+        g.pending.pop(entry_id, None)
+        # Drop the entry once no group still needs it, so memory follows work in flight.
+        if all(entry_id <= other.last_id and entry_id not in other.pending for other in s.groups.values()):
+            s.entries.pop(entry_id, None)
+
+    def _owned(self, delivery: Delivery) -> tuple[_Stream, _Group, int, _Pending]:
+        s = self._stream(delivery.stream)
+        g = s.groups.get(delivery.group)
+        entry_id = int(delivery.entry_id)
+        p = g.pending.get(entry_id) if g else None
+        if g is None or p is None or p.consumer != delivery.consumer or p.deliveries != delivery.deliveries:
+            raise LeaseLost(f"{delivery.consumer!r} no longer owns entry {delivery.entry_id} of {delivery.stream!r}")
+        return s, g, entry_id, p
+
+    async def ack(self, delivery: Delivery) -> None:
+        s = self._stream(delivery.stream)
+        g = s.groups.get(delivery.group)
+        if g is not None:
+            self._ack(s, g, int(delivery.entry_id))
+        await anyio.lowlevel.checkpoint()
+
+    async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
+        frame = self.settings.codec.encode(envelope)
+        s, g, entry_id, _ = self._owned(delivery)
+        self._ack(s, g, entry_id)
+        return await self.publish_frame(stream, frame)
+
+    async def renew(self, delivery: Delivery) -> None:
+        _, _, _, p = self._owned(delivery)
+        p.deadline = time.monotonic() + self.settings.lease_s
+        await anyio.lowlevel.checkpoint()
+
+    async def release(self, delivery: Delivery) -> None:
+        with contextlib.suppress(LeaseLost):
+            s, _, _, p = self._owned(delivery)
+            p.deadline = 0.0
+            s.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def dead_letters(self, stream: str) -> list[DeadLetter]:
+        await anyio.lowlevel.checkpoint()
+        return list(self._stream(stream).dead)
+
+    async def depth(self, stream: str, group: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        s = self._stream(stream)
+        g = s.groups.get(group)
+        if g is None:
+            return len(s.entries)
+        return sum(1 for i in s.entries if i > g.last_id) + len(g.pending)
+
+    async def broadcast(self, topic: str, envelope: Envelope) -> None:
+        self.settings.codec.encode(envelope)  # same size and encodability checks as the wire
+        for send in list(self._subscribers.get(topic, ())):
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                send.send_nowait(envelope)
+        await anyio.lowlevel.checkpoint()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[Envelope]]:
+        send, receive = anyio.create_memory_object_stream[Envelope](max_buffer_size=1024)
+        subscribers = self._subscribers.setdefault(topic, set())
+        subscribers.add(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            subscribers.discard(send)
+            send.close()

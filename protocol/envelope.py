@@ -1,0 +1,52 @@
+"""The one envelope every bus message travels in."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.messages import Body
+
+__all__ = ("PROTOCOL_VERSION", "Envelope", "new_id")
+
+PROTOCOL_VERSION = 1
+
+
+def new_id() -> str:
+    """A random, sortable-enough identifier for messages, runs and attempts."""
+    return uuid.uuid4().hex
+
+
+class Envelope(BaseModel):
+    """Routing and audit fields around a typed body.
+
+    ``task_id`` is the job's task id (stable across attempts); ``attempt`` counts from 1.
+    ``trace`` carries W3C trace context (``traceparent``) when tracing is on.
+    ``sig`` is an optional HMAC over the encoded envelope without it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: int = PROTOCOL_VERSION
+    msg_id: str = Field(default_factory=new_id)
+    run_id: str = ""
+    task_id: str = ""
+    attempt: int = Field(default=0, ge=0)
+    sender: str = ""
+    time: float = Field(default_factory=time.time)
+    trace: dict[str, str] = Field(default_factory=dict)
+    sig: bytes | None = None
+    body: Body
+
+    @property
+    def type(self) -> str:
+        """The body's message type (``assign``, ``done``, ...)."""
+        return self.body.type
+
+    def reply(self, body: Any, *, sender: str) -> Envelope:
+        """An envelope for ``body`` about the same run, task and attempt, with the trace carried on."""
+        return Envelope(run_id=self.run_id, task_id=self.task_id, attempt=self.attempt, sender=sender,
+                        trace=self.trace, body=body)

@@ -1,0 +1,134 @@
+"""Typed bodies of every message on the bus: a discriminated union on ``type``.
+
+Bodies are frozen so a received message can be shared between coroutines without copies.
+Outputs and inputs are JSON-like values (``Any``); they cross the wire as msgpack.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = (
+    "Assign",
+    "Body",
+    "Cancel",
+    "Done",
+    "Failed",
+    "Heartbeat",
+    "MessageType",
+    "Progress",
+    "Redo",
+    "Verdict",
+    "VerifyRequest",
+    "VerifyResponse",
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Verdict(_Body):
+    """The outcome of one verification: pass or fail, why, and what to change."""
+
+    passed: bool
+    feedback: str = ""
+    corrections: tuple[str, ...] = ()
+    verifier: str = ""
+
+
+class Redo(_Body):
+    """What a worker needs to try again: the plan, the context, the feedback and corrections."""
+
+    type: Literal["redo"] = "redo"
+    plan: str = ""
+    context: str = ""
+    feedback: str = ""
+    corrections: tuple[str, ...] = ()
+
+
+class Assign(_Body):
+    """Manager -> worker: do this task (attempt k)."""
+
+    type: Literal["assign"] = "assign"
+    capability: str
+    instruction: str
+    input: Any = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    spec_description: str = ""
+    timeout_s: float | None = None
+    # Every earlier failed verification, oldest first; empty on attempt 1.
+    redo: tuple[Redo, ...] = ()
+    # Outputs of the tasks this one depends on, by task id.
+    dependencies: dict[str, Any] = Field(default_factory=dict)
+
+
+class Done(_Body):
+    """Worker -> manager: the worker says it finished; not yet trusted."""
+
+    type: Literal["done"] = "done"
+    output: Any = None
+    tokens: int = 0
+    duration_s: float = 0.0
+
+
+class Failed(_Body):
+    """Worker -> manager: the attempt failed; the error travels as text, never pickled."""
+
+    type: Literal["failed"] = "failed"
+    error: str
+    error_type: str = ""
+    retryable: bool = True
+
+
+class VerifyRequest(_Body):
+    """Manager -> worker: check this output with the worker's own ``verify``."""
+
+    type: Literal["verify_request"] = "verify_request"
+    capability: str
+    instruction: str
+    input: Any = None
+    output: Any = None
+    spec_description: str = ""
+
+
+class VerifyResponse(_Body):
+    """Worker -> manager: the verdict of a ``verify_request``."""
+
+    type: Literal["verify_response"] = "verify_response"
+    verdict: Verdict
+
+
+class Cancel(_Body):
+    """Anyone -> workers: stop this task (or the whole run when task_id is empty)."""
+
+    type: Literal["cancel"] = "cancel"
+    reason: str = ""
+    by: str = ""
+
+
+class Heartbeat(_Body):
+    """Worker -> manager: still alive, still working on the task."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    in_flight: int = 0
+
+
+class Progress(_Body):
+    """Worker -> manager: a free-form progress note for displays."""
+
+    type: Literal["progress"] = "progress"
+    message: str = ""
+    fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+Body = Annotated[
+    Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress,
+    Field(discriminator="type"),
+]
+
+MessageType = Literal[
+    "assign", "done", "failed", "verify_request", "verify_response", "redo", "cancel", "heartbeat", "progress"
+]

@@ -1,0 +1,179 @@
+"""The bus contract: every implementation must pass every test here (see ``bus`` in conftest)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from protocol.bus import Bus, Delivery
+from protocol.envelope import Envelope
+from protocol.errors import LeaseLost
+from protocol.messages import Assign, Cancel, Done
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def assign(n: int = 0) -> Envelope:
+    return Envelope(run_id="r", task_id=f"t{n}", attempt=1, body=Assign(capability="echo", instruction=f"i{n}"))
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"tasks.test-{uuid.uuid4().hex[:8]}"
+
+
+async def take(it: AsyncIterator[Delivery], n: int, within: float = 5.0) -> list[Delivery]:
+    out: list[Delivery] = []
+    with anyio.fail_after(within):
+        async for d in it:
+            out.append(d)
+            if len(out) == n:
+                break
+    return out
+
+
+async def nothing_within(it: AsyncIterator[Delivery], seconds: float) -> bool:
+    with anyio.move_on_after(seconds):
+        async for _ in it:
+            return False
+    return True
+
+
+async def test_publish_then_consume_round_trips_the_envelope(bus: Bus, stream: str) -> None:
+    sent = assign()
+    await bus.publish(stream, sent)
+    [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
+    assert d.envelope == sent
+    assert d.deliveries == 1
+
+
+async def test_group_created_late_still_sees_earlier_entries(bus: Bus, stream: str) -> None:
+    for i in range(3):
+        await bus.publish(stream, assign(i))
+    got = await take(bus.consume(stream, group="late", consumer="c1"), 3)
+    assert [d.envelope.task_id for d in got] == ["t0", "t1", "t2"]
+
+
+async def test_each_entry_goes_to_one_consumer_of_a_group(bus: Bus, stream: str) -> None:
+    n = 20
+    for i in range(n):
+        await bus.publish(stream, assign(i))
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def drain(name: str) -> None:
+        async for d in bus.consume(stream, group="g", consumer=name):
+            seen[name].append(d.envelope.task_id)
+            await bus.ack(d)
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.move_on_after(1.0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, "a")
+            tg.start_soon(drain, "b")
+    everything = seen["a"] + seen["b"]
+    assert sorted(everything) == sorted(f"t{i}" for i in range(n))
+    assert len(everything) == len(set(everything))
+
+
+async def test_acknowledged_entries_are_not_delivered_again(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    it = bus.consume(stream, group="g", consumer="c1")
+    [d] = await take(it, 1)
+    await bus.ack(d)
+    assert await nothing_within(bus.consume(stream, group="g", consumer="c2"), bus.settings.lease_s * 2)
+    assert await bus.depth(stream, "g") == 0
+
+
+async def test_unacknowledged_entry_is_reclaimed_after_its_lease(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    [first] = await take(bus.consume(stream, group="g", consumer="dead-worker"), 1)
+    [again] = await take(bus.consume(stream, group="g", consumer="c2"), 1)
+    assert again.entry_id == first.entry_id
+    assert again.consumer == "c2"
+    assert again.deliveries == 2
+
+
+async def test_renewed_lease_is_not_reclaimed(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    [d] = await take(bus.consume(stream, group="g", consumer="slow"), 1)
+    other = bus.consume(stream, group="g", consumer="thief")
+    for _ in range(4):  # well past one lease in total
+        await anyio.sleep(bus.settings.lease_s / 2)
+        await bus.renew(d)
+    assert await nothing_within(other, bus.settings.lease_s / 2)
+
+
+async def test_commit_publishes_reply_and_acknowledges(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
+    await bus.commit(d, stream + ".results", d.envelope.reply(Done(output=42), sender="c1"))
+    [r] = await take(bus.consume(stream + ".results", group="m", consumer="m1"), 1)
+    assert r.envelope.body == Done(output=42)
+    assert await bus.depth(stream, "g") == 0
+
+
+async def test_late_commit_from_a_reclaimed_consumer_is_refused(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    [stale] = await take(bus.consume(stream, group="g", consumer="paused"), 1)
+    [fresh] = await take(bus.consume(stream, group="g", consumer="c2"), 1)
+    with pytest.raises(LeaseLost, match="paused"):
+        await bus.commit(stale, stream + ".results", stale.envelope.reply(Done(output="late"), sender="paused"))
+    with pytest.raises(LeaseLost):
+        await bus.renew(stale)
+    await bus.commit(fresh, stream + ".results", fresh.envelope.reply(Done(output="ok"), sender="c2"))
+    [r] = await take(bus.consume(stream + ".results", group="m", consumer="m1"), 1)
+    assert r.envelope.body == Done(output="ok")
+    assert await nothing_within(bus.consume(stream + ".results", group="m", consumer="m1"), 0.2)
+
+
+async def test_entry_delivered_too_often_goes_to_dead_letters(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    for k in range(bus.settings.max_deliveries):
+        [d] = await take(bus.consume(stream, group="g", consumer=f"crasher{k}"), 1)
+        assert d.deliveries == k + 1
+    assert await nothing_within(bus.consume(stream, group="g", consumer="next"), bus.settings.lease_s * 2)
+    [dead] = await bus.dead_letters(stream)
+    assert "delivered 3 times" in dead.reason
+    assert bus.settings.codec.decode(dead.frame).task_id == "t0"
+
+
+async def test_garbage_frame_goes_to_dead_letters_and_the_rest_flows(bus: Bus, stream: str) -> None:
+    await bus.publish_frame(stream, b"\xc1 not msgpack")
+    await bus.publish(stream, assign(1))
+    [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
+    assert d.envelope.task_id == "t1"
+    [dead] = await bus.dead_letters(stream)
+    assert "undecodable" in dead.reason
+    assert dead.frame == b"\xc1 not msgpack"
+
+
+async def test_released_entry_is_redelivered_promptly(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign())
+    bus_lease = bus.settings.lease_s
+    [d] = await take(bus.consume(stream, group="g", consumer="draining"), 1)
+    await bus.release(d)
+    with anyio.fail_after(bus_lease * 0.9):
+        [again] = await take(bus.consume(stream, group="g", consumer="c2"), 1)
+    assert again.envelope == d.envelope
+
+
+async def test_depth_counts_waiting_and_pending(bus: Bus, stream: str) -> None:
+    for i in range(3):
+        await bus.publish(stream, assign(i))
+    [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
+    assert await bus.depth(stream, "g") == 3
+    await bus.ack(d)
+    assert await bus.depth(stream, "g") == 2
+
+
+async def test_broadcast_reaches_every_subscriber(bus: Bus) -> None:
+    topic = f"control-{uuid.uuid4().hex[:6]}"
+    message = Envelope(run_id="r", task_id="t", body=Cancel(reason="stop"))
+    async with bus.subscribe(topic) as a, bus.subscribe(topic) as b:
+        await bus.broadcast(topic, message)
+        with anyio.fail_after(5):
+            assert await anext(aiter(a)) == message
+            assert await anext(aiter(b)) == message
