@@ -76,6 +76,7 @@ class JobError(ConfigError):
                              f"field {field!r}" if field else None) if p]
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.reason = message
         self.source = source
         self.task_id = task_id
         self.field = field

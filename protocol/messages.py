@@ -72,6 +72,8 @@ class Done(_Body):
     output: Any = None
     tokens: int = 0
     duration_s: float = 0.0
+    # The worker can check its own results: the manager should send it a verify request.
+    self_check: bool = False
 
 
 class Failed(_Body):

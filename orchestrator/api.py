@@ -1,0 +1,185 @@
+"""The ``Orchestrator`` facade: one object that hosts a manager and, when embedded, its workers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+import structlog
+
+from orchestrator.job import Job, load_job, parse_job
+from orchestrator.manager import Judge, Manager, ManagerSettings
+from orchestrator.records import Event, RunRecord, RunState
+from orchestrator.store import MemoryStore, Store
+from protocol.bus import Bus, MemoryBus
+from protocol.errors import ConfigError
+from workers import registry
+from workers.base import Worker
+from workers.runtime import RuntimeSettings, WorkerRuntime
+
+__all__ = ("Orchestrator", "Run", "RunResult")
+
+log = structlog.get_logger("orchestrator.api")
+
+JobLike = Job | Mapping[str, Any] | str | Path
+WorkerLike = Worker | type[Worker] | str
+
+
+class RunResult:
+    """How a run ended: its state, reason and every task's state, attempts and output."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self.record.run_id
+
+    @property
+    def state(self) -> RunState:
+        """``accepted``, ``failed`` or ``cancelled``."""
+        return self.record.state
+
+    @property
+    def accepted(self) -> bool:
+        """Whether every task was accepted."""
+        return self.record.state is RunState.ACCEPTED
+
+    @property
+    def reason(self) -> str:
+        """Why the run failed or was cancelled (empty when accepted)."""
+        return self.record.reason
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """Each task's last output, by task id."""
+        return {t.id: t.output for t in self.record.tasks.values()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` object: ``run_id``, ``state``, ``tasks`` (``id``, ``capability``, ``state``, ...)."""
+        return self.record.summary()
+
+    def __repr__(self) -> str:
+        return f"RunResult(run_id={self.run_id!r}, state={str(self.state)!r})"
+
+
+class Run:
+    """A submitted run: iterate its events as they happen, wait for it, or cancel it."""
+
+    def __init__(self, manager: Manager, run_id: str) -> None:
+        self._manager = manager
+        self.run_id = run_id
+
+    def events(self) -> AsyncIterator[Event]:
+        """Every event of the run from the start, then live ones, until the run ends."""
+        return self._manager.events(self.run_id)
+
+    async def wait(self) -> RunResult:
+        """Block until the run ends."""
+        return RunResult(await self._manager.wait(self.run_id))
+
+    async def cancel(self, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
+        """Cancel the run, or one of its tasks."""
+        await self._manager.cancel(self.run_id, task_id, by=by, reason=reason)
+
+
+class Orchestrator:
+    """Run jobs from Python.
+
+    ```python
+    async with Orchestrator() as orch:
+        result = await orch.run("examples/quickstart.yaml")
+    ```
+
+    With no arguments everything is in process: a ``MemoryBus``, a ``MemoryStore``, and a
+    worker for every installed plugin (entry point group ``orchestrator.workers``). Pass
+    ``workers`` to choose them (instances, classes, entry point names or ``module:Class``),
+    or ``host_workers=False`` when workers run as separate processes on a shared bus.
+    """
+
+    def __init__(self, *, bus: Bus | None = None, store: Store | None = None,
+                 workers: Iterable[WorkerLike] | None = None, host_workers: bool = True, concurrency: int = 8,
+                 judge: Judge | None = None, manager_settings: ManagerSettings | None = None) -> None:
+        self.bus = bus or MemoryBus()
+        self.store = store or MemoryStore()
+        self._worker_specs = list(workers) if workers is not None else None
+        self._host_workers = host_workers
+        self._concurrency = concurrency
+        self.workers: dict[str, Worker] = {}
+        self.manager = Manager(self.bus, self.store, manager_settings, judge=judge)
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def capabilities(self) -> set[str] | None:
+        """Capabilities served in process, or None when workers run elsewhere (not checked at submit)."""
+        return set(self.workers) if self._host_workers else None
+
+    async def __aenter__(self) -> Self:
+        if self._host_workers:
+            self.workers = _instantiate(self._worker_specs)
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(self.bus)
+            await stack.enter_async_context(self.store)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            await tg.start(self.manager.serve)
+            if self.workers:
+                runtime = WorkerRuntime(self.bus, self.workers, RuntimeSettings(concurrency=self._concurrency))
+                for worker in self.workers.values():
+                    worker.context = runtime.context_for(worker.capability)
+                await stack.enter_async_context(runtime.running())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    def load(self, job: JobLike) -> Job:
+        """Validate a job (a Job, a mapping, or a path to a YAML file) against the capabilities served."""
+        if isinstance(job, str | Path):
+            return load_job(job, capabilities=self.capabilities)
+        return parse_job(job, capabilities=self.capabilities)
+
+    async def submit(self, job: JobLike) -> Run:
+        """Start a run and return at once; iterate ``run.events()`` or ``await run.wait()``."""
+        if self._stack is None:
+            raise ConfigError("use 'async with Orchestrator(...) as orch' before submitting jobs")
+        run_id = await self.manager.submit(self.load(job))
+        return Run(self.manager, run_id)
+
+    async def run(self, job: JobLike) -> RunResult:
+        """Run a job to the end."""
+        return await (await self.submit(job)).wait()
+
+
+def _instantiate(specs: list[WorkerLike] | None) -> dict[str, Worker]:
+    if specs is None:
+        specs = list(registry.available())
+    workers: dict[str, Worker] = {}
+    for spec in specs:
+        if isinstance(spec, Worker):
+            worker = spec
+        else:
+            cls = registry.load(spec) if isinstance(spec, str) else spec
+            worker = cls()
+        if worker.capability in workers:
+            raise ConfigError(f"two workers serve capability {worker.capability!r}")
+        workers[worker.capability] = worker
+    return workers
+
+
+@asynccontextmanager
+async def embedded(**kwargs: Any) -> AsyncGenerator[Orchestrator]:
+    """``async with embedded() as orch``: shorthand for an all-in-process orchestrator."""
+    async with Orchestrator(**kwargs) as orch:
+        yield orch

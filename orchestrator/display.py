@@ -1,0 +1,111 @@
+"""Turn a run's events into a live table on a terminal, and a summary at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.records import Event
+
+__all__ = ("RunView", "render_summary", "render_table")
+
+STATE_STYLE = {
+    "not_done": "cyan", "done": "blue", "verify_done": "magenta", "redo": "yellow",
+    "accepted": "bold green", "failed": "bold red", "cancelled": "dim",
+}
+
+
+@dataclass(slots=True)
+class TaskView:
+    """What the display knows about one task, folded from events."""
+
+    id: str
+    capability: str = ""
+    state: str = "not_done"
+    attempt: int = 0
+    worker: str = ""
+    started: float | None = None
+    finished: float | None = None
+    note: str = ""
+    redos: int = 0
+
+
+@dataclass(slots=True)
+class RunView:
+    """A run as seen through its events; feed it events in order."""
+
+    run_id: str = ""
+    goal: str = ""
+    state: str = "running"
+    reason: str = ""
+    tasks: dict[str, TaskView] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def apply(self, event: Event) -> None:
+        """Fold one event into the view."""
+        self.run_id = event.run_id
+        if event.kind == "run":
+            if event.event == "run_started":
+                self.goal = str(event.detail.get("goal", ""))
+                self.started = event.time
+            elif event.event == "run_finished":
+                self.state = str(event.detail.get("state", ""))
+                self.reason = str(event.detail.get("reason", ""))
+            return
+        task = self.tasks.setdefault(event.task_id, TaskView(event.task_id))
+        task.attempt = max(task.attempt, event.attempt)
+        if event.kind == "dispatch":
+            task.capability = str(event.detail.get("capability", task.capability))
+            task.started = task.started or event.time
+        elif event.kind == "progress":
+            task.note = str(event.detail.get("message", ""))
+        elif event.kind == "transition":
+            task.state = event.to_state
+            if event.event == "done":
+                task.worker = event.actor
+            if event.event == "reject":
+                task.redos += 1
+                task.note = f"redo: {event.detail.get('feedback', '')}"
+            elif event.to_state in ("failed", "cancelled"):
+                task.note = str(event.detail.get("reason", ""))
+            elif event.to_state == "accepted":
+                task.note = ""
+            if event.to_state in ("accepted", "failed", "cancelled"):
+                task.finished = event.time
+
+
+def _elapsed(task: TaskView, now: float) -> str:
+    if task.started is None:
+        return ""
+    return f"{(task.finished or now) - task.started:.1f}s"
+
+
+def render_table(view: RunView, now: float | None = None) -> Table:
+    """The live table: one row per task with state, attempt, worker, elapsed time and the latest note."""
+    now = now or time.time()
+    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", expand=False)
+    for column in ("task", "capability", "state", "attempt", "worker", "elapsed", "note"):
+        table.add_column(column, overflow="fold", max_width=60 if column == "note" else None)
+    for task in view.tasks.values():
+        table.add_row(task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
+                      str(task.attempt or ""), task.worker, _elapsed(task, now), task.note)
+    return table
+
+
+def render_summary(view: RunView, result: dict[str, Any]) -> Group:
+    """The closing summary: the final table and one line on how the run ended."""
+    counts: dict[str, int] = {}
+    for t in result["tasks"]:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    redos = sum(t.redos for t in view.tasks.values())
+    style = STATE_STYLE.get(result["state"], "")
+    line = Text.assemble(("run ", ""), (result["state"], style),
+                         (f"  {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; {redos} redo(s)", ""))
+    if result.get("reason"):
+        line.append(f"\nreason: {result['reason']}")
+    return Group(render_table(view), line)

@@ -1,0 +1,204 @@
+"""Jobs: a goal and its tasks, from YAML files or Python objects, validated before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from protocol.errors import JobError
+
+__all__ = ("Budget", "Job", "Spec", "TaskDef", "load_job", "parse_job")
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Spec(_Frozen):
+    """What a result must satisfy. Checks run cheapest first; the first failure decides.
+
+    - ``expect``: the output must equal this value.
+    - ``schema``: the output must validate against this JSON schema.
+    - ``check``: ``package.module:function`` taking ``(output, task)`` and returning a bool,
+      a ``(passed, feedback)`` pair or a ``Verdict``.
+    - ``description``: what a good result is, in words, for an LLM judge or a person.
+    - ``approval``: ``human`` holds the task in ``verify_done`` until a person approves it.
+    """
+
+    expect: Any = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    check: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
+    description: str = ""
+    approval: Literal["auto", "human"] = "auto"
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @property
+    def has_expect(self) -> bool:
+        """Whether ``expect`` was given (``null`` is a legitimate expected value)."""
+        return "expect" in self.model_fields_set
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a valid JSON schema: {exc.message}") from exc
+        return value
+
+
+class TaskDef(_Frozen):
+    """One task of a job."""
+
+    id: str = Field(pattern=_ID_PATTERN)
+    capability: str = Field(min_length=1)
+    instruction: str = ""
+    input: Any = None
+    depends_on: tuple[str, ...] = ()
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    timeout_s: float | None = Field(default=None, gt=0)
+    config: dict[str, Any] = Field(default_factory=dict)
+    spec: Spec = Field(default_factory=Spec)
+
+
+class Budget(_Frozen):
+    """Limits that stop loops and runaway runs."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_tasks: int = Field(default=200, ge=1)
+    deadline_s: float = Field(default=3600.0, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class Job(_Frozen):
+    """A goal and the tasks that reach it, run in dependency order."""
+
+    goal: str = Field(min_length=1)
+    tasks: tuple[TaskDef, ...] = ()
+    budget: Budget = Field(default_factory=Budget)
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> Job:
+        check_graph(self)
+        return self
+
+    def task(self, task_id: str) -> TaskDef:
+        """The task with this id."""
+        for t in self.tasks:
+            if t.id == task_id:
+                return t
+        raise KeyError(task_id)
+
+
+def check_graph(job: Job, source: str | None = None) -> None:
+    """Reject duplicate ids, unknown dependencies, cycles and oversized jobs."""
+    ids: set[str] = set()
+    for t in job.tasks:
+        if t.id in ids:
+            raise JobError("duplicate task id", source=source, task_id=t.id, field="id")
+        ids.add(t.id)
+    for t in job.tasks:
+        for dep in t.depends_on:
+            if dep not in ids:
+                raise JobError(f"depends on unknown task {dep!r}", source=source, task_id=t.id, field="depends_on")
+            if dep == t.id:
+                raise JobError("depends on itself", source=source, task_id=t.id, field="depends_on")
+    if len(job.tasks) > job.budget.max_tasks:
+        raise JobError(f"{len(job.tasks)} tasks exceed budget.max_tasks={job.budget.max_tasks}", source=source,
+                       field="tasks")
+    cycle = _find_cycle({t.id: t.depends_on for t in job.tasks})
+    if cycle:
+        raise JobError(f"dependency cycle {' -> '.join(cycle)}", source=source, task_id=cycle[0],
+                       field="depends_on")
+
+
+def _find_cycle(graph: Mapping[str, Collection[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep):], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[str] | None = None) -> Job:
+    """Validate a job from plain data; ``capabilities``, when given, are the only ones allowed."""
+    if isinstance(data, Job):
+        job = data
+    else:
+        if not isinstance(data, Mapping):
+            raise JobError(f"a job must be a mapping with 'goal' and 'tasks', got {type(data).__name__}",
+                           source=source)
+        try:
+            job = Job.model_validate(data)
+        except JobError as exc:
+            raise JobError(exc.reason, source=source, task_id=exc.task_id, field=exc.field) from exc
+        except ValidationError as exc:
+            raise _job_error(exc, data, source) from exc
+    if capabilities is not None:
+        for t in job.tasks:
+            if t.capability not in capabilities:
+                known = ", ".join(sorted(capabilities)) or "none"
+                raise JobError(f"unknown capability {t.capability!r} (available: {known})", source=source,
+                               task_id=t.id, field="capability")
+    return job
+
+
+def load_job(path: str | Path, *, capabilities: Collection[str] | None = None) -> Job:
+    """Read and validate a YAML (or JSON) job file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise JobError(f"cannot read job file: {exc.strerror}", source=source) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobError(f"not valid YAML: {exc}", source=source) from exc
+    return parse_job(data, source=source, capabilities=capabilities)
+
+
+def _job_error(exc: ValidationError, data: Mapping[str, Any], source: str | None) -> JobError:
+    err = exc.errors()[0]
+    if err["type"] == "value_error" and "Value error, " in err["msg"]:
+        err["msg"] = err["msg"].removeprefix("Value error, ")
+    loc = list(err["loc"])
+    task_id = None
+    if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
+        tasks = data.get("tasks")
+        raw = tasks[loc[1]] if isinstance(tasks, list) and loc[1] < len(tasks) else None
+        task_id = str(raw.get("id")) if isinstance(raw, Mapping) and raw.get("id") else f"#{loc[1] + 1}"
+        loc = loc[2:]
+    field = ".".join(str(p) for p in loc) or None
+    message = err["msg"]
+    if err["type"] == "missing":
+        message = "is required"
+    elif err["type"] == "extra_forbidden":
+        message = "is not a known field"
+    more = exc.error_count() - 1
+    return JobError(message + (f" (and {more} more problems)" if more else ""), source=source, task_id=task_id,
+                    field=field)

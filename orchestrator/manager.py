@@ -1,0 +1,419 @@
+"""The manager: runs task DAGs over the bus and drives every task through the state machine.
+
+It is the single writer of run and task records. Replies arrive on each capability's result
+stream; each is applied under the run's lock, recorded in the store, and only then
+acknowledged, so a crash between the two redelivers the reply instead of losing it, and the
+(task, attempt) check makes the second delivery a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from structlog.contextvars import bound_contextvars
+
+from orchestrator.job import Job
+from orchestrator.records import AttemptRecord, Event, RunRecord, RunState, TaskRecord
+from orchestrator.store import Store
+from orchestrator.verifier import check_spec
+from protocol.bus import Bus, Delivery
+from protocol.envelope import Envelope
+from protocol.errors import ConfigError
+from protocol.keys import CONTROL_TOPIC, MANAGER_GROUP, results_stream, tasks_stream
+from protocol.messages import (
+    Assign,
+    Cancel,
+    Done,
+    Failed,
+    Heartbeat,
+    Progress,
+    Redo,
+    Verdict,
+    VerifyRequest,
+    VerifyResponse,
+)
+from protocol.states import TaskEvent, TaskState, transition
+
+__all__ = ("Judge", "Manager", "ManagerSettings")
+
+log = structlog.get_logger("orchestrator.manager")
+
+# An LLM (or other) judge for specs with a ``description``: (task, output) -> verdict.
+Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
+
+_CONTEXT_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    """Manager behaviour."""
+
+    name: str = "manager"
+    tick_s: float = 0.2  # how often deadlines are checked
+
+
+class Manager:
+    """Runs jobs: dispatches ready tasks, verifies results, sends redos, enforces budgets."""
+
+    def __init__(self, bus: Bus, store: Store, settings: ManagerSettings | None = None, *,
+                 judge: Judge | None = None) -> None:
+        self.bus = bus
+        self.store = store
+        self.settings = settings or ManagerSettings()
+        self.name = self.settings.name
+        self.judge = judge
+        self._runs: dict[str, RunRecord] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._changed: dict[str, anyio.Event] = {}
+        self._consuming: set[str] = set()
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ready to accept ``submit`` once started."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._watch_deadlines)
+            log.info("manager_started", manager=self.name)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # -- public operations -----------------------------------------------------------------
+
+    async def submit(self, job: Job, *, run_id: str | None = None) -> str:
+        """Start a run of ``job``; returns its run id at once."""
+        run = RunRecord.new(job, run_id)
+        self._runs[run.run_id] = run
+        self._locks[run.run_id] = anyio.Lock()
+        self._changed[run.run_id] = anyio.Event()
+        await self.store.create_run(run)
+        async with self._locks[run.run_id]:
+            await self._emit(run, None, kind="run", event="run_started", detail={"goal": job.goal})
+            if not run.tasks:
+                await self._finish_run(run)
+            for capability in {t.capability for t in run.tasks.values()}:
+                self._consume_results_of(capability)
+            await self._dispatch_ready(run)
+        return run.run_id
+
+    async def wait(self, run_id: str) -> RunRecord:
+        """Block until the run ends; returns its final record."""
+        async for _ in self.events(run_id):
+            pass
+        run = await self.store.get_run(run_id)
+        assert run is not None
+        return run
+
+    async def events(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The run's history from ``after``, then new events as they happen, until the run ends."""
+        if await self.store.get_run(run_id) is None:
+            raise ConfigError(f"unknown run {run_id!r}")
+        while True:
+            changed = self._changed.get(run_id)
+            batch = await self.store.events(run_id, after)
+            for event in batch:
+                after = event.seq
+                yield event
+                if event.kind == "run" and event.event == "run_finished":
+                    return
+            if changed is None:  # not a live run of this manager: history only
+                return
+            if not batch:
+                await changed.wait()
+
+    async def cancel(self, run_id: str, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
+        """Cancel one task, or every unfinished task of the run."""
+        run = self._live(run_id)
+        reason = reason or f"cancelled by {by}"
+        async with self._locks[run_id]:
+            targets = [run.tasks[task_id]] if task_id else list(run.tasks.values())
+            for task in targets:
+                if not task.terminal:
+                    await self._apply(run, task, TaskEvent.CANCEL, actor=by, reason=reason)
+            await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run_id, task_id=task_id or "", sender=self.name,
+                                                             body=Cancel(reason=reason, by=by)))
+            await self._settle(run)
+
+    def snapshot(self, run_id: str) -> RunRecord:
+        """The live record of a run this manager is running (a copy)."""
+        return self._live(run_id).model_copy(deep=True)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def _consume_results_of(self, capability: str) -> None:
+        if capability in self._consuming:
+            return
+        if self._tg is None:
+            raise RuntimeError("Manager.serve() must be running before submit()")
+        self._consuming.add(capability)
+        self._tg.start_soon(self._consume_results, capability)
+
+    async def _consume_results(self, capability: str) -> None:
+        async for delivery in self.bus.consume(results_stream(capability), group=MANAGER_GROUP, consumer=self.name):
+            try:
+                await self._on_delivery(delivery)
+            except Exception:
+                # redelivered and, if it keeps failing, dead-lettered by the bus.
+                log.exception("reply_processing_failed", run_id=delivery.envelope.run_id,
+                              task_id=delivery.envelope.task_id, type=delivery.envelope.type)
+                continue
+            await self.bus.ack(delivery)  # only after the effect is recorded
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        env = delivery.envelope
+        run = self._runs.get(env.run_id)
+        if run is None:
+            log.info("reply_for_unknown_run_dropped", run_id=env.run_id, type=env.type)
+            return
+        task = run.tasks.get(env.task_id)
+        if task is None:
+            log.warning("reply_for_unknown_task_dropped", run_id=env.run_id, task_id=env.task_id)
+            return
+        with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt):
+            async with self._locks[run.run_id]:
+                await self._on_reply(run, task, env)
+                await self._settle(run)
+
+    async def _on_reply(self, run: RunRecord, task: TaskRecord, env: Envelope) -> None:
+        body = env.body
+        if isinstance(body, Heartbeat):
+            task.worker = env.sender
+            return
+        if isinstance(body, Progress):
+            await self._emit(run, task, kind="progress", event="progress", actor=env.sender,
+                             detail={"message": body.message, "fraction": body.fraction})
+            return
+        if env.attempt != task.attempt:
+            log.info("stale_reply_ignored", type=env.type, current_attempt=task.attempt)
+            return
+        if isinstance(body, Done) and task.state is TaskState.NOT_DONE:
+            await self._on_done(run, task, env, body)
+        elif isinstance(body, Failed) and task.state is TaskState.NOT_DONE:
+            await self._on_failed(run, task, env, body)
+        elif isinstance(body, VerifyResponse) and task.state is TaskState.VERIFY_DONE and task.verify_stage == "worker":
+            await self._on_verdict(run, task, body.verdict, after="worker")
+        else:
+            # A duplicate delivery, or a reply that lost a race with a cancel: nothing to do.
+            log.info("duplicate_reply_ignored", type=env.type, state=str(task.state))
+
+    async def _on_done(self, run: RunRecord, task: TaskRecord, env: Envelope, done: Done) -> None:
+        task.worker = env.sender
+        task.tokens += done.tokens
+        run.tokens += done.tokens
+        rejected = [a for a in task.attempts[:-1] if a.verdict is not None and not a.verdict["passed"]]
+        previous = rejected[-1].output if rejected else _MISSING
+        task.output = done.output
+        current = task.attempts[-1]
+        current.output, current.worker, current.finished = done.output, env.sender, time.time()
+        await self._apply(run, task, TaskEvent.DONE, actor=env.sender,
+                          detail={"output": _clip(done.output), "duration_s": round(done.duration_s, 4)})
+        budget = run.job.budget.max_tokens
+        if budget is not None and run.tokens > budget:
+            await self._exhaust_run(run, f"token budget spent: {run.tokens} tokens used of {budget}")
+            return
+        if previous is not _MISSING and done.output == previous:
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+                              reason=f"loop: attempt {task.attempt} returned the same output as attempt "
+                                     f"{rejected[-1].attempt}, which had failed verification")
+            return
+        await self._apply(run, task, TaskEvent.VERIFY, actor=self.name)
+        verdict = await check_spec(task.spec, task.output, task)
+        if not verdict.passed:
+            await self._on_verdict(run, task, verdict, after="spec")
+            return
+        if done.self_check:
+            task.verify_stage = "worker"
+            await self.bus.publish(tasks_stream(task.capability), Envelope(
+                run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
+                body=VerifyRequest(capability=task.capability, instruction=task.instruction, input=task.input,
+                                   output=task.output, spec_description=task.spec.description)))
+            return
+        await self._on_verdict(run, task, verdict, after="worker")
+
+    async def _on_verdict(self, run: RunRecord, task: TaskRecord, verdict: Verdict, *, after: str) -> None:
+        """Continue the verification chain (spec -> worker -> judge) or act on a failure."""
+        task.attempts[-1].verdict = verdict.model_dump(mode="json")
+        if not verdict.passed:
+            await self._reject(run, task, verdict)
+            return
+        if after in ("spec", "worker") and task.spec.description and self.judge is not None:
+            task.verify_stage = "judge"
+            assert self._tg is not None
+            self._tg.start_soon(self._run_judge, run, task, task.attempt)
+            return
+        await self._apply(run, task, TaskEvent.PASS, actor=verdict.verifier or self.name,
+                          detail={"verifier": verdict.verifier, "feedback": verdict.feedback})
+
+    async def _run_judge(self, run: RunRecord, task: TaskRecord, attempt: int) -> None:
+        assert self.judge is not None
+        try:
+            verdict = await self.judge(task, task.output)
+        except Exception as exc:  # noqa: BLE001 - a judge failure fails the check with its reason, never the run
+            verdict = Verdict(passed=False, verifier="judge", feedback=f"judge failed: {type(exc).__name__}: {exc}")
+        async with self._locks[run.run_id]:
+            if task.attempt == attempt and task.state is TaskState.VERIFY_DONE:
+                await self._on_verdict(run, task, verdict, after="judge")
+                await self._settle(run)
+
+    async def _reject(self, run: RunRecord, task: TaskRecord, verdict: Verdict) -> None:
+        await self._apply(run, task, TaskEvent.REJECT, actor=verdict.verifier or self.name,
+                          detail={"verifier": verdict.verifier, "feedback": verdict.feedback,
+                                  "corrections": list(verdict.corrections)})
+        task.redo.append(Redo(plan=_plan(run, task), context=_context(task), feedback=verdict.feedback,
+                              corrections=verdict.corrections))
+        if task.attempt >= task.max_attempts:
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+                              reason=f"failed verification on all {task.max_attempts} attempts; last feedback: "
+                                     f"{verdict.feedback}")
+            return
+        await self._apply(run, task, TaskEvent.REDISPATCH, actor=self.name)
+        await self._dispatch(run, task)
+
+    async def _on_failed(self, run: RunRecord, task: TaskRecord, env: Envelope, failed: Failed) -> None:
+        task.worker = env.sender
+        current = task.attempts[-1]
+        current.error, current.worker, current.finished = failed.error, env.sender, time.time()
+        if failed.retryable and task.attempt < task.max_attempts:
+            await self._apply(run, task, TaskEvent.RETRY, actor=env.sender, detail={"error": failed.error})
+            await self._dispatch(run, task)
+            return
+        why = "not retryable" if not failed.retryable else f"attempt {task.attempt} of {task.max_attempts}"
+        await self._apply(run, task, TaskEvent.EXHAUST, actor=env.sender,
+                          reason=f"worker failed ({why}): {failed.error}")
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    async def _dispatch_ready(self, run: RunRecord) -> None:
+        for task in run.tasks.values():
+            if task.attempt == 0 and task.state is TaskState.NOT_DONE and all(
+                run.tasks[d].state is TaskState.ACCEPTED for d in task.depends_on
+            ):
+                await self._dispatch(run, task)
+
+    async def _dispatch(self, run: RunRecord, task: TaskRecord) -> None:
+        task.attempt += 1
+        task.verify_stage = ""
+        task.attempts.append(AttemptRecord(attempt=task.attempt))
+        body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
+                      spec_description=task.spec.description, timeout_s=task.timeout_s, redo=tuple(task.redo),
+                      dependencies={d: run.tasks[d].output for d in task.depends_on})
+        await self._emit(run, task, kind="dispatch", event="dispatched", actor=self.name,
+                         detail={"capability": task.capability})
+        await self.bus.publish(tasks_stream(task.capability),
+                               Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
+                                        body=body))
+
+    async def _settle(self, run: RunRecord) -> None:
+        """After any change: cancel dependents of failed tasks, dispatch what is ready, end the run if done."""
+        if run.state is not RunState.RUNNING:
+            return
+        changed = True
+        while changed:
+            changed = False
+            for task in run.tasks.values():
+                if task.terminal:
+                    continue
+                broken = [d for d in task.depends_on if run.tasks[d].state in (TaskState.FAILED, TaskState.CANCELLED)]
+                if broken:
+                    await self._apply(run, task, TaskEvent.CANCEL, actor=self.name,
+                                      reason=f"dependency {broken[0]!r} {run.tasks[broken[0]].state}")
+                    changed = True
+        await self._dispatch_ready(run)
+        if all(t.terminal for t in run.tasks.values()):
+            await self._finish_run(run)
+
+    async def _finish_run(self, run: RunRecord) -> None:
+        states = {t.state for t in run.tasks.values()}
+        if states <= {TaskState.ACCEPTED}:
+            run.state = RunState.ACCEPTED
+        elif TaskState.FAILED in states:
+            run.state = RunState.FAILED
+            failed = next(t for t in run.tasks.values() if t.state is TaskState.FAILED)
+            run.reason = run.reason or f"task {failed.id!r} failed: {failed.reason}"
+        else:
+            run.state = RunState.CANCELLED
+            run.reason = run.reason or "cancelled"
+        run.finished = time.time()
+        await self._emit(run, None, kind="run", event="run_finished",
+                         detail={"state": str(run.state), "reason": run.reason})
+        log.info("run_finished", run_id=run.run_id, state=str(run.state), reason=run.reason)
+
+    async def _exhaust_run(self, run: RunRecord, reason: str) -> None:
+        run.reason = reason
+        for task in run.tasks.values():
+            if not task.terminal:
+                await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, reason=reason)
+        await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run.run_id, sender=self.name,
+                                                         body=Cancel(reason=reason, by=self.name)))
+
+    async def _watch_deadlines(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.tick_s)
+            now = time.time()
+            for run in list(self._runs.values()):
+                if run.state is RunState.RUNNING and now >= run.deadline:
+                    async with self._locks[run.run_id]:
+                        if run.state is RunState.RUNNING:
+                            await self._exhaust_run(run, f"run deadline of {run.job.budget.deadline_s:g} s passed")
+                            await self._settle(run)
+
+    # -- the one place state changes ----------------------------------------------------------
+
+    async def _apply(self, run: RunRecord, task: TaskRecord, event: TaskEvent, *, actor: str, reason: str = "",
+                     detail: dict[str, Any] | None = None) -> None:
+        before = task.state
+        task.state = transition(task.state, event, task_id=task.id)
+        if reason:
+            task.reason = reason
+        detail = dict(detail or {})
+        if reason:
+            detail["reason"] = reason
+        await self._emit(run, task, kind="transition", event=str(event), actor=actor, detail=detail,
+                         from_state=str(before), to_state=str(task.state))
+        log.info("task_transitioned", run_id=run.run_id, task_id=task.id, attempt=task.attempt, task_event=str(event),
+                 from_state=str(before), to_state=str(task.state), reason=reason or None)
+
+    async def _emit(self, run: RunRecord, task: TaskRecord | None, *, kind: str, event: str, actor: str = "",
+                    detail: dict[str, Any] | None = None, from_state: str = "", to_state: str = "") -> None:
+        record = Event(seq=run.next_seq, run_id=run.run_id, task_id=task.id if task else "",
+                       attempt=task.attempt if task else 0, kind=kind, event=event, from_state=from_state,
+                       to_state=to_state, actor=actor or self.name, detail=detail or {})
+        run.next_seq += 1
+        await self.store.record(run, task, record)
+        changed = self._changed.get(run.run_id)
+        if changed is not None:
+            changed.set()
+            self._changed[run.run_id] = anyio.Event()
+
+    def _live(self, run_id: str) -> RunRecord:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise ConfigError(f"run {run_id!r} is not running on this manager")
+        return run
+
+
+_MISSING: Any = object()
+
+
+def _clip(value: Any, limit: int = 500) -> Any:
+    text = repr(value)
+    return value if len(text) <= limit else text[:limit] + "..."
+
+
+def _plan(run: RunRecord, task: TaskRecord) -> str:
+    deps = f" It builds on {', '.join(task.depends_on)}." if task.depends_on else ""
+    return f"Goal: {run.goal}. This task ({task.id}): {task.instruction}.{deps}"
+
+
+def _context(task: TaskRecord) -> str:
+    text = repr(task.output)
+    if len(text) > _CONTEXT_CHARS:
+        text = text[:_CONTEXT_CHARS] + "..."
+    return f"Attempt {task.attempt} returned: {text}"

@@ -1,0 +1,84 @@
+"""Where runs, tasks and their event log are kept: an interface and the in-memory store."""
+
+from __future__ import annotations
+
+import abc
+from typing import Self
+
+import anyio
+
+from orchestrator.records import Event, RunRecord, TaskRecord
+
+__all__ = ("MemoryStore", "Store")
+
+
+class Store(abc.ABC):
+    """Run records and the append-only event log.
+
+    ``record`` writes a task's new state and the event that caused it together, so the log
+    and the records never disagree.
+    """
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the default has none."""
+
+    @abc.abstractmethod
+    async def create_run(self, run: RunRecord) -> None:
+        """Store a new run."""
+
+    @abc.abstractmethod
+    async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
+        """Persist a task's state (if any), the run's state and one event, atomically."""
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """A snapshot of a run, or None when unknown."""
+
+    @abc.abstractmethod
+    async def events(self, run_id: str, after: int = 0) -> list[Event]:
+        """The run's events with ``seq > after``, in order."""
+
+    @abc.abstractmethod
+    async def run_ids(self) -> list[str]:
+        """Every run id, oldest first."""
+
+
+class MemoryStore(Store):
+    """Keeps everything in this process: for embedding and tests."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunRecord] = {}
+        self._events: dict[str, list[Event]] = {}
+
+    async def create_run(self, run: RunRecord) -> None:
+        self._runs[run.run_id] = run.model_copy(deep=True)
+        self._events.setdefault(run.run_id, [])
+        await anyio.lowlevel.checkpoint()
+
+    async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
+        stored = self._runs[run.run_id]
+        if task is not None:
+            stored.tasks[task.id] = task.model_copy(deep=True)
+        stored.state, stored.reason, stored.finished = run.state, run.reason, run.finished
+        stored.tokens, stored.next_seq = run.tokens, run.next_seq
+        self._events[run.run_id].append(event)
+        await anyio.lowlevel.checkpoint()
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        await anyio.lowlevel.checkpoint()
+        run = self._runs.get(run_id)
+        return run.model_copy(deep=True) if run else None
+
+    async def events(self, run_id: str, after: int = 0) -> list[Event]:
+        await anyio.lowlevel.checkpoint()
+        return [e for e in self._events.get(run_id, ()) if e.seq > after]
+
+    async def run_ids(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return list(self._runs)

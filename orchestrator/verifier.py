@@ -1,0 +1,86 @@
+"""The programmatic checks of a spec: expect, schema and check functions, cheapest first."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import jsonschema
+
+from orchestrator.job import Spec
+from orchestrator.records import TaskRecord
+from protocol.errors import ConfigError
+from protocol.messages import Verdict
+
+__all__ = ("check_spec", "load_check")
+
+_MAX_SHOWN = 300
+
+
+async def check_spec(spec: Spec, output: Any, task: TaskRecord) -> Verdict:
+    """Run the spec's programmatic checks; the first failure decides, with feedback saying what to change."""
+    if spec.has_expect and output != spec.expect:
+        return Verdict(passed=False, verifier="expect",
+                       feedback=f"expected {_show(spec.expect)}, got {_show(output)}",
+                       corrections=(f"return exactly {_show(spec.expect)}",))
+    if spec.schema_ is not None:
+        errors = sorted(jsonschema.Draft202012Validator(spec.schema_).iter_errors(output), key=lambda e: e.path)
+        if errors:
+            first = errors[0]
+            where = "/".join(str(p) for p in first.absolute_path) or "the output"
+            return Verdict(passed=False, verifier="schema", feedback=f"schema check failed at {where}: {first.message}",
+                           corrections=tuple(f"{'/'.join(map(str, e.absolute_path)) or 'output'}: {e.message}"
+                                             for e in errors[:5]))
+    if spec.check:
+        return await _run_check(spec.check, output, task)
+    return Verdict(passed=True, verifier="spec")
+
+
+async def _run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
+    fn = load_check(ref)
+    try:
+        result = fn(output, task)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as exc:  # noqa: BLE001 - user code; a crashing check is a failed check, with the reason
+        return Verdict(passed=False, verifier=ref, feedback=f"check {ref} raised {type(exc).__name__}: {exc}")
+    return _as_verdict(result, ref)
+
+
+def _as_verdict(result: Any, ref: str) -> Verdict:
+    if isinstance(result, Verdict):
+        return result if result.verifier else result.model_copy(update={"verifier": ref})
+    if isinstance(result, bool):
+        return Verdict(passed=result, verifier=ref, feedback="" if result else f"check {ref} failed")
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], bool):
+        return Verdict(passed=result[0], verifier=ref, feedback=str(result[1]))
+    return Verdict(passed=False, verifier=ref,
+                   feedback=f"check {ref} returned {type(result).__name__}; it must return a bool, "
+                            "a (passed, feedback) pair or a Verdict")
+
+
+@cache
+def load_check(ref: str) -> Callable[..., Any]:
+    """Import a ``module:function`` check; ConfigError naming it when it cannot be loaded."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # any import failure means the same: the job names a bad check
+        raise ConfigError(f"check {ref!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if not callable(obj):
+        raise ConfigError(f"check {ref!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _show(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
