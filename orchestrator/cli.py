@@ -17,7 +17,7 @@ from rich.live import Live
 
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, render_summary, render_table
-from protocol.errors import ConfigError, OrchestratorError
+from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
 from protocol.logging import configure_logging
 from workers import registry
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, json=args.log_json)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, PluginLoadError) as exc:
         print(f"orchestrator: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own error channel
         return EXIT_USAGE
     except OrchestratorError as exc:

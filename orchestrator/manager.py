@@ -255,7 +255,7 @@ class Manager:
         assert self.judge is not None
         try:
             verdict = await self.judge(task, task.output)
-        except Exception as exc:  # noqa: BLE001 - a judge failure fails the check with its reason, never the run
+        except Exception as exc:
             verdict = Verdict(passed=False, verifier="judge", feedback=f"judge failed: {type(exc).__name__}: {exc}")
         async with self._locks[run.run_id]:
             if task.attempt == attempt and task.state is TaskState.VERIFY_DONE:

@@ -46,7 +46,7 @@ async def _run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
         result = fn(output, task)
         if inspect.isawaitable(result):
             result = await result
-    except Exception as exc:  # noqa: BLE001 - user code; a crashing check is a failed check, with the reason
+    except Exception as exc:
         return Verdict(passed=False, verifier=ref, feedback=f"check {ref} raised {type(exc).__name__}: {exc}")
     return _as_verdict(result, ref)
 

@@ -92,12 +92,14 @@ class WorkerRuntime:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
             limiter = anyio.Semaphore(self.settings.concurrency)
-            for capability, worker in self.workers.items():
-                tg.start_soon(self._consume, capability, worker, limiter, tg)
-            log.info("worker_started", worker=self.name, capabilities=sorted(self.workers),
-                     concurrency=self.settings.concurrency)
-            task_status.started()
-            await self._stopped.wait()
+            async with anyio.create_task_group() as consumers:
+                for capability, worker in self.workers.items():
+                    consumers.start_soon(self._consume, capability, worker, limiter, tg)
+                log.info("worker_started", worker=self.name, capabilities=sorted(self.workers),
+                         concurrency=self.settings.concurrency)
+                task_status.started()
+                await self._stopped.wait()
+                consumers.cancel_scope.cancel()  # take nothing new, then let in-flight work finish
             await self._drain()
             tg.cancel_scope.cancel()
         log.info("worker_stopped", worker=self.name, completed=self.completed)
@@ -164,7 +166,7 @@ class WorkerRuntime:
             log.warning("task_timed_out", timeout_s=timeout)
             return env.reply(Failed(error=f"handler ran past its {_seconds(timeout)} time limit",
                                     error_type="TimeoutError"), sender=self.name)
-        except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it becomes data, never a crash
+        except Exception as exc:
             log.warning("task_raised", error_type=type(exc).__name__, error=str(exc))
             return env.reply(Failed(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__),
                              sender=self.name)

@@ -1,0 +1,250 @@
+"""The manager end to end on the in-process bus: DAG order, verification, redo, budgets, cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator.api import Orchestrator
+from orchestrator.manager import ManagerSettings
+from protocol.errors import JobError
+from workers import Task, Verdict, Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Echo(Worker):
+    """Returns its input; records the order and overlap of calls."""
+
+    capability = "echo"
+    log: list[tuple[str, float, float]] = []
+
+    async def handle(self, task: Task) -> Any:
+        start = time.monotonic()
+        if isinstance(task.input, dict) and "sleep" in task.input:
+            await anyio.sleep(task.input["sleep"])
+        Echo.log.append((task.task_id, start, time.monotonic()))
+        return task.input
+
+
+class Learner(Worker):
+    """Wrong until it has feedback; shows what it was told."""
+
+    capability = "learner"
+
+    async def handle(self, task: Task) -> Any:
+        if not task.feedback:
+            return "a long first draft"
+        return "short"
+
+
+class Stubborn(Worker):
+    """Returns the same wrong answer whatever it is told."""
+
+    capability = "stubborn"
+
+    async def handle(self, task: Task) -> Any:
+        return 3
+
+
+class Flaky(Worker):
+    """Raises on the first attempt, succeeds after."""
+
+    capability = "flaky"
+
+    async def handle(self, task: Task) -> Any:
+        if task.attempt == 1:
+            raise ValueError("disk on fire")
+        return task.attempt
+
+
+class Sleeper(Worker):
+    capability = "sleeper"
+
+    async def handle(self, task: Task) -> Any:
+        await anyio.sleep(60)
+
+
+class SelfChecking(Worker):
+    """Has its own verify: accepts only outputs with an 'ok' key."""
+
+    capability = "selfcheck"
+
+    async def handle(self, task: Task) -> Any:
+        return {"ok": True} if task.feedback else {"draft": True}
+
+    async def verify(self, task: Task, output: Any) -> Verdict:
+        passed = isinstance(output, dict) and output.get("ok") is True
+        return Verdict(passed=passed, feedback="" if passed else "missing 'ok'")
+
+
+ALL = [Echo, Learner, Stubborn, Flaky, Sleeper, SelfChecking]
+
+
+def job(*tasks: dict[str, Any], **budget: Any) -> dict[str, Any]:
+    return {"goal": "test", "tasks": list(tasks), "budget": budget}
+
+
+async def run_job(data: dict[str, Any], **kwargs: Any) -> Any:
+    async with Orchestrator(workers=ALL, **kwargs) as orch:
+        run = await orch.submit(data)
+        events = [e async for e in run.events()]
+        return await run.wait(), events
+
+
+def transitions(events: list[Any], task_id: str) -> list[tuple[int, str, str]]:
+    return [(e.attempt, e.event, e.to_state) for e in events if e.task_id == task_id and e.kind == "transition"]
+
+
+async def test_every_result_goes_through_done_and_verify_done() -> None:
+    result, events = await run_job(job({"id": "a", "capability": "echo", "input": 4,
+                                         "spec": {"check": "tests.orchestrator.checks:is_even"}}))
+    assert result.accepted
+    assert transitions(events, "a") == [(1, "done", "done"), (1, "verify", "verify_done"), (1, "pass", "accepted")]
+    assert result.to_dict()["tasks"] == [{"id": "a", "capability": "echo", "state": "accepted", "attempts": 1,
+                                          "output": 4, "reason": "", "worker": result.record.tasks["a"].worker,
+                                          "tokens": 0}]
+
+
+async def test_dependencies_run_in_order_and_independent_tasks_in_parallel() -> None:
+    Echo.log.clear()
+    result, _ = await run_job(job(
+        {"id": "left", "capability": "echo", "input": {"sleep": 0.3}},
+        {"id": "right", "capability": "echo", "input": {"sleep": 0.3}},
+        {"id": "join", "capability": "echo", "input": "j", "depends_on": ["left", "right"]},
+    ))
+    assert result.accepted
+    spans = {task_id: (start, end) for task_id, start, end in Echo.log}
+    assert spans["left"][0] < spans["right"][1], "left and right overlap"
+    assert spans["right"][0] < spans["left"][1], "left and right overlap"
+    assert spans["join"][0] >= max(spans["left"][1], spans["right"][1])
+
+
+async def test_dependency_outputs_reach_the_dependent_task() -> None:
+    class Adder(Worker):
+        capability = "adder"
+
+        async def handle(self, task: Task) -> Any:
+            return sum(task.dependencies.values()) + (task.input or 0)
+
+    async with Orchestrator(workers=[Echo, Adder]) as orch:
+        result = await orch.run(job({"id": "x", "capability": "echo", "input": 2},
+                                    {"id": "y", "capability": "echo", "input": 3},
+                                    {"id": "sum", "capability": "adder", "input": 10, "depends_on": ["x", "y"],
+                                     "spec": {"expect": 15}}))
+    assert result.accepted, result.reason
+
+
+async def test_failed_verification_redoes_with_feedback_the_worker_sees() -> None:
+    result, events = await run_job(job({"id": "t", "capability": "learner",
+                                         "spec": {"check": "tests.orchestrator.checks:short"}}))
+    assert result.accepted
+    assert transitions(events, "t") == [
+        (1, "done", "done"), (1, "verify", "verify_done"), (1, "reject", "redo"), (1, "redispatch", "not_done"),
+        (2, "done", "done"), (2, "verify", "verify_done"), (2, "pass", "accepted"),
+    ]
+    reject = next(e for e in events if e.event == "reject")
+    assert reject.detail["feedback"] == "18 characters; keep it to 10"
+    assert result.record.tasks["t"].redo[0].feedback == "18 characters; keep it to 10"
+
+
+async def test_redo_returning_the_same_output_is_reported_as_a_loop() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "stubborn", "spec": {"expect": 4}},
+                                       max_attempts=5))
+    assert not result.accepted
+    task = result.record.tasks["t"]
+    assert task.state == "failed"
+    assert task.attempt == 2
+    assert task.reason.startswith("loop: attempt 2 returned the same output as attempt 1")
+    assert "loop" in result.reason
+
+
+async def test_attempts_budget_fails_the_task_and_the_run_with_the_reason() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "echo", "input": 3,
+                                   "spec": {"check": "tests.orchestrator.checks:is_even"}, "max_attempts": 1}))
+    assert result.state == "failed"
+    assert "failed verification on all 1 attempts" in result.record.tasks["t"].reason
+    assert result.reason.startswith("task 't' failed")
+
+
+async def test_handler_exception_becomes_failed_and_is_retried() -> None:
+    result, events = await run_job(job({"id": "t", "capability": "flaky"}))
+    assert result.accepted
+    assert result.outputs == {"t": 2}
+    retry = next(e for e in events if e.event == "retry")
+    assert retry.detail["error"] == "ValueError: disk on fire"
+
+
+async def test_handler_exception_on_every_attempt_fails_the_run_with_the_error() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "flaky", "max_attempts": 1}))
+    assert result.state == "failed"
+    assert "ValueError: disk on fire" in result.reason
+
+
+async def test_handler_timeout_is_a_failure_with_the_limit_named() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "sleeper", "timeout_s": 0.2, "max_attempts": 1}))
+    assert result.state == "failed"
+    assert "time limit" in result.record.tasks["t"].reason
+
+
+async def test_run_deadline_fails_unfinished_tasks() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "sleeper"}, deadline_s=0.3),
+                              manager_settings=ManagerSettings(tick_s=0.05))
+    assert result.state == "failed"
+    assert "deadline" in result.reason
+
+
+async def test_failed_dependency_cancels_dependents() -> None:
+    result, _ = await run_job(job({"id": "bad", "capability": "flaky", "max_attempts": 1},
+                                  {"id": "after", "capability": "echo", "depends_on": ["bad"]}))
+    assert result.record.tasks["after"].state == "cancelled"
+    assert "dependency 'bad' failed" in result.record.tasks["after"].reason
+
+
+async def test_worker_own_verify_is_asked_and_its_feedback_drives_the_redo() -> None:
+    result, events = await run_job(job({"id": "t", "capability": "selfcheck"}))
+    assert result.accepted
+    reject = next(e for e in events if e.event == "reject")
+    assert reject.detail["feedback"] == "missing 'ok'"
+    assert result.record.tasks["t"].attempt == 2
+
+
+async def test_crashing_check_fails_verification_with_its_error() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "echo", "input": 1, "max_attempts": 1,
+                                   "spec": {"check": "tests.orchestrator.checks:explodes"}}))
+    assert "RuntimeError: check is broken" in result.record.tasks["t"].reason
+
+
+async def test_async_check_returning_a_verdict() -> None:
+    result, _ = await run_job(job({"id": "t", "capability": "echo", "input": "yes",
+                                   "spec": {"check": "tests.orchestrator.checks:async_verdict"}}))
+    assert result.accepted
+
+
+async def test_cancel_stops_a_running_task_and_ends_the_run_cancelled() -> None:
+    async with Orchestrator(workers=ALL) as orch:
+        run = await orch.submit(job({"id": "t", "capability": "sleeper"}))
+        async for event in run.events():
+            if event.kind == "dispatch":
+                break
+        await run.cancel(by="alice", reason="not needed")
+        result = await run.wait()
+    assert result.state == "cancelled"
+    assert result.record.tasks["t"].reason == "not needed"
+
+
+async def test_unknown_capability_is_rejected_before_anything_runs() -> None:
+    async with Orchestrator(workers=[Echo]) as orch:
+        with pytest.raises(JobError, match=r"task 'x': field 'capability': unknown capability 'nope'"):
+            await orch.submit(job({"id": "x", "capability": "nope"}))
+
+
+async def test_events_are_numbered_without_gaps_and_end_with_run_finished() -> None:
+    result, events = await run_job(job({"id": "a", "capability": "echo"}, {"id": "b", "capability": "echo"}))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].event == "run_finished"
+    assert events[-1].detail["state"] == "accepted"
+    assert result.accepted
