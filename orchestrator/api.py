@@ -16,6 +16,7 @@ from orchestrator.records import Event, RunRecord, RunState
 from orchestrator.store import MemoryStore, Store
 from protocol.bus import Bus, MemoryBus
 from protocol.errors import ConfigError
+from protocol.logging import configure_logging
 from workers import registry
 from workers.base import Worker
 from workers.runtime import RuntimeSettings, WorkerRuntime
@@ -119,6 +120,9 @@ class Orchestrator:
         return set(self.workers) if self._host_workers else None
 
     async def __aenter__(self) -> Self:
+        if not structlog.is_configured():
+            # An application that did not set up logging gets warnings on stderr, not info lines on stdout.
+            configure_logging("WARNING")
         if self._host_workers:
             self.workers = _instantiate(self._worker_specs)
         stack = AsyncExitStack()

@@ -78,7 +78,7 @@ class Codec:
         if not isinstance(body, dict):
             raise DecodeError("envelope has no body map")
         kind = body.get("type")
-        if kind not in _KNOWN_TYPES:
+        if not isinstance(kind, str) or kind not in _KNOWN_TYPES:
             raise UnknownMessageType(f"unknown message type {kind!r}")
 
     def _check_signature(self, data: dict[str, Any]) -> None:

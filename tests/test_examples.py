@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,9 +19,8 @@ pytestmark = pytest.mark.timeout(120)
 def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pip-install the example plugin into a private directory, as a user would install it."""
     target = tmp_path_factory.mktemp("site")
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                    *isolation, "--target", str(target), str(PLUGIN)], check=True, timeout=110)
+                    "--no-build-isolation", "--target", str(target), str(PLUGIN)], check=True, timeout=110)
     return target
 
 

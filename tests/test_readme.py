@@ -30,7 +30,8 @@ def test_embedding_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     monkeypatch.chdir(ROOT)
     exec(compile(example("embed"), "README.md:embed", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out
-    assert "headline  #2 redo -> not_done" in out
+    assert "headline  #1 verify_done -> redo" in out
+    assert "headline  #2 verify_done -> accepted" in out
     assert out.rstrip().splitlines()[-1].startswith("accepted ")
 
 

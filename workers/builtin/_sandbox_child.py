@@ -189,11 +189,11 @@ def main() -> None:
                               "error": None, "killed_by": None}
     try:
         code = compile(job["code"], _SNIPPET_FILENAME, "exec", dont_inherit=True)
-        exec(code, namespace)  # noqa: S102 - running the snippet is the whole point of this process
+        exec(code, namespace)  # running the snippet is the whole point of this process
     except SystemExit as exc:
         if exc.code not in (None, 0):
             report.update(ok=False, error=f"SystemExit: {exc.code}")
-    except BaseException as exc:  # noqa: BLE001 - every failure of the snippet becomes the report
+    except BaseException as exc:  # every failure of the snippet becomes the report
         namespace.clear()  # free what a runaway allocation holds before formatting the report
         report.update(ok=False, error=_describe(exc), killed_by=_killed_by(exc))
         with contextlib.suppress(Exception):  # the report matters more than the printed traceback

@@ -1,0 +1,161 @@
+"""The durable run ledger: SQLite in WAL mode, the source of truth for runs on the manager's side.
+
+Writes are group-committed: ``record`` buffers rows and returns; ``sync`` writes everything
+buffered in one transaction (fsync'd, ``synchronous=FULL``) and returns once it is on disk.
+The manager acknowledges a bus message only after a ``sync`` that covers its effects, so a
+crash loses no acknowledged work, while hundreds of transitions share one fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from orchestrator.records import Event, RunRecord, TaskRecord
+from orchestrator.store import Store
+
+__all__ = ("SQLiteStore",)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL,
+                                 record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (run_id TEXT NOT NULL, task_id TEXT NOT NULL, record TEXT NOT NULL,
+                                  PRIMARY KEY (run_id, task_id));
+CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
+                                   PRIMARY KEY (run_id, seq));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _dumps(model: Any) -> str:
+    return json.dumps(model.model_dump(mode="json", by_alias=True), separators=(",", ":"))
+
+
+class SQLiteStore(Store):
+    """Runs, tasks and events in one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._runs: dict[str, tuple[str, str, float, str]] = {}
+        self._tasks: dict[tuple[str, str], str] = {}
+        self._events: list[tuple[str, int, str]] = []
+        self._lock = anyio.Lock()
+
+    async def __aenter__(self) -> SQLiteStore:
+        await anyio.to_thread.run_sync(self._open)
+        return self
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            await self.sync()
+            db, self._db = self._db, None
+            await anyio.to_thread.run_sync(db.close)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("use 'async with SQLiteStore(path)' before using the store")
+        return self._db
+
+    # -- writes: buffered, then group-committed ----------------------------------------------
+
+    async def create_run(self, run: RunRecord) -> None:
+        self._buffer_run(run)
+        for task in run.tasks.values():
+            self._tasks[(run.run_id, task.id)] = _dumps(task)
+        await self.sync()
+
+    async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
+        self._buffer_run(run)
+        if task is not None:
+            self._tasks[(run.run_id, task.id)] = _dumps(task)
+        self._events.append((run.run_id, event.seq, _dumps(event)))
+        await anyio.lowlevel.checkpoint()
+
+    def _buffer_run(self, run: RunRecord) -> None:
+        # The run row holds the run without its tasks (they have rows of their own).
+        body = run.model_dump(mode="json", by_alias=True, exclude={"tasks"})
+        self._runs[run.run_id] = (run.run_id, str(run.state), run.created, json.dumps(body, separators=(",", ":")))
+
+    async def sync(self) -> None:
+        async with self._lock:
+            if not (self._runs or self._tasks or self._events):
+                return
+            runs, tasks, events = list(self._runs.values()), self._tasks, self._events
+            self._runs, self._tasks, self._events = {}, {}, []
+            await anyio.to_thread.run_sync(self._write, runs, tasks, events)
+
+    def _write(self, runs: list[tuple[str, str, float, str]], tasks: dict[tuple[str, str], str],
+               events: list[tuple[str, int, str]]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO runs (run_id, state, created, record) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record", runs)
+            db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)",
+                           [(r, t, rec) for (r, t), rec in tasks.items()])
+            db.executemany("INSERT OR IGNORE INTO events (run_id, seq, record) VALUES (?, ?, ?)", events)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- reads: see everything recorded so far ----------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        await self.sync()
+        return await anyio.to_thread.run_sync(self._get_run, run_id)
+
+    def _get_run(self, run_id: str) -> RunRecord | None:
+        row = self.db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        data = json.loads(row[0])
+        data["tasks"] = {}
+        # Tasks come back in the job's order, which the run's job keeps.
+        stored = {task_id: json.loads(rec) for task_id, rec in
+                  self.db.execute("SELECT task_id, record FROM tasks WHERE run_id = ?", (run_id,))}
+        for task in data["job"]["tasks"]:
+            if task["id"] in stored:
+                data["tasks"][task["id"]] = stored[task["id"]]
+        return RunRecord.model_validate(data)
+
+    async def events(self, run_id: str, after: int = 0) -> list[Event]:
+        await self.sync()
+        rows = await anyio.to_thread.run_sync(
+            lambda: self.db.execute("SELECT record FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
+                                    (run_id, after)).fetchall())
+        return [Event.model_validate_json(r[0]) for r in rows]
+
+    async def run_ids(self, *, state: str | None = None) -> list[str]:
+        await self.sync()
+        query, args = "SELECT run_id FROM runs ORDER BY created", ()
+        if state is not None:
+            query, args = "SELECT run_id FROM runs WHERE state = ? ORDER BY created", (state,)  # type: ignore[assignment]
+        rows = await anyio.to_thread.run_sync(lambda: self.db.execute(query, args).fetchall())
+        return [r[0] for r in rows]
+
+    async def get_meta(self, key: str) -> str | None:
+        """A manager setting kept with the ledger (e.g. the bus incarnation it last saw)."""
+        row = await anyio.to_thread.run_sync(
+            lambda: self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Store a manager setting durably."""
+        await anyio.to_thread.run_sync(
+            lambda: self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
