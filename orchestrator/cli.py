@@ -83,16 +83,17 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
     async with Orchestrator(workers=args.worker, concurrency=args.concurrency) as orch:
         run = await orch.submit(args.job)
         view = RunView()
+        wide = console.width >= 120
         live_display = console.is_terminal and not args.json
-        with Live(render_table(view), console=console, refresh_per_second=8, transient=True,
+        with Live(render_table(view, wide=wide), console=console, refresh_per_second=8, transient=True,
                   auto_refresh=live_display) as live:
             async for event in run.events():
                 view.apply(event)
                 if live_display:
-                    live.update(render_table(view))
+                    live.update(render_table(view, wide=wide))
         result = await run.wait()
     if not args.json:
-        console.print(render_summary(view, result.to_dict()))
+        console.print(render_summary(view, result.to_dict(), wide=console.width >= 120))
     return result
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -45,6 +47,7 @@ class RunView:
     reason: str = ""
     tasks: dict[str, TaskView] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    redo_log: list[str] = field(default_factory=list)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the view."""
@@ -71,6 +74,8 @@ class RunView:
             if event.event == "reject":
                 task.redos += 1
                 task.note = f"redo: {event.detail.get('feedback', '')}"
+                self.redo_log.append(f"{task.id} attempt {event.attempt} rejected by "
+                                     f"{event.detail.get('verifier') or event.actor}: {event.detail.get('feedback', '')}")
             elif event.to_state in ("failed", "cancelled"):
                 task.note = str(event.detail.get("reason", ""))
             elif event.to_state == "accepted":
@@ -82,22 +87,35 @@ class RunView:
 def _elapsed(task: TaskView, now: float) -> str:
     if task.started is None:
         return ""
-    return f"{(task.finished or now) - task.started:.1f}s"
+    return f"{(task.finished or now) - task.started:.2f}s"
 
 
-def render_table(view: RunView, now: float | None = None) -> Table:
-    """The live table: one row per task with state, attempt, worker, elapsed time and the latest note."""
+def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any] | None = None, *,
+                 wide: bool = True) -> Table:
+    """One row per task: state, attempt, worker, elapsed time, and the latest note (or the output, at the end)."""
     now = now or time.time()
-    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", expand=False)
-    for column in ("task", "capability", "state", "attempt", "worker", "elapsed", "note"):
-        table.add_column(column, overflow="fold", max_width=60 if column == "note" else None)
+    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("task", "capability", "state", "attempt", "elapsed"):
+        table.add_column(column, no_wrap=True)
+    if wide:
+        table.add_column("worker", no_wrap=True)
+    table.add_column("output" if outputs is not None else "note", overflow="fold", min_width=24, max_width=80)
     for task in view.tasks.values():
-        table.add_row(task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
-                      str(task.attempt or ""), task.worker, _elapsed(task, now), task.note)
+        last = task.note
+        if outputs is not None and task.state == "accepted":
+            last = _clip(outputs.get(task.id))
+        cells = [task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
+                 str(task.attempt or ""), _elapsed(task, now), *([task.worker] if wide else []), last]
+        table.add_row(*cells)
     return table
 
 
-def render_summary(view: RunView, result: dict[str, Any]) -> Group:
+def _clip(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True) -> Group:
     """The closing summary: the final table and one line on how the run ended."""
     counts: dict[str, int] = {}
     for t in result["tasks"]:
@@ -106,6 +124,9 @@ def render_summary(view: RunView, result: dict[str, Any]) -> Group:
     style = STATE_STYLE.get(result["state"], "")
     line = Text.assemble(("run ", ""), (result["state"], style),
                          (f"  {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; {redos} redo(s)", ""))
+    for entry in view.redo_log:
+        line.append(f"\n  {entry}")
     if result.get("reason"):
         line.append(f"\nreason: {result['reason']}")
-    return Group(render_table(view), line)
+    outputs = {t["id"]: t["output"] for t in result["tasks"]}
+    return Group(render_table(view, outputs=outputs, wide=wide), line)
