@@ -104,7 +104,7 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
         last = task.note
         if outputs is not None and task.state == "accepted":
             last = _clip(outputs.get(task.id))
-        cells = [task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
+        cells: list[str | Text] = [task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
                  str(task.attempt or ""), _elapsed(task, now), *([task.worker] if wide else []), last]
         table.add_row(*cells)
     return table

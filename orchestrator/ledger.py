@@ -134,6 +134,10 @@ class SQLiteStore(Store):
                 data["tasks"][task["id"]] = stored[task["id"]]
         return RunRecord.model_validate(data)
 
+    async def running_runs(self) -> list[RunRecord]:
+        runs = [await self.get_run(run_id) for run_id in await self.run_ids(state="running")]
+        return [r for r in runs if r is not None]
+
     async def events(self, run_id: str, after: int = 0) -> list[Event]:
         await self.sync()
         rows = await anyio.to_thread.run_sync(

@@ -8,6 +8,7 @@ acknowledged, so a crash between the two redelivers the reply instead of losing 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,14 +19,14 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from structlog.contextvars import bound_contextvars
 
-from orchestrator.job import Job
+from orchestrator.job import Job, parse_job
 from orchestrator.records import AttemptRecord, Event, RunRecord, RunState, TaskRecord
 from orchestrator.store import Store
 from orchestrator.verifier import check_spec
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
-from protocol.errors import ConfigError
-from protocol.keys import CONTROL_TOPIC, MANAGER_GROUP, results_stream, tasks_stream
+from protocol.errors import ConfigError, OrchestratorError
+from protocol.keys import CONTROL_TOPIC, JOBS_STREAM, MANAGER_GROUP, results_stream, run_snapshot_key, tasks_stream
 from protocol.messages import (
     Assign,
     Cancel,
@@ -34,6 +35,7 @@ from protocol.messages import (
     Heartbeat,
     Progress,
     Redo,
+    Submit,
     Verdict,
     VerifyRequest,
     VerifyResponse,
@@ -56,6 +58,8 @@ class ManagerSettings:
 
     name: str = "manager"
     tick_s: float = 0.2  # how often deadlines are checked
+    incarnation_check_s: float = 1.0  # how often to look for a bus that lost its data
+    snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
 
 
 class Manager:
@@ -73,6 +77,12 @@ class Manager:
         self._changed: dict[str, anyio.Event] = {}
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
+        self._incarnation = ""
+        # Replies applied but not yet acknowledged: acknowledged after the store's next sync,
+        # so many replies share one durable write (group commit).
+        self._unacked: list[Delivery] = []
+        self._touched: set[str] = set()
+        self._wake_acker = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -80,28 +90,39 @@ class Manager:
         """Run until cancelled; ready to accept ``submit`` once started."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self._incarnation = await self.bus.incarnation()
+            await self._resume()
             tg.start_soon(self._watch_deadlines)
-            log.info("manager_started", manager=self.name)
+            tg.start_soon(self._watch_incarnation)
+            tg.start_soon(self._acknowledge)
+            tg.start_soon(self._consume_jobs)
+            log.info("manager_started", manager=self.name, resumed=len(self._runs))
             task_status.started()
             await anyio.sleep_forever()
 
     # -- public operations -----------------------------------------------------------------
 
     async def submit(self, job: Job, *, run_id: str | None = None) -> str:
-        """Start a run of ``job``; returns its run id at once."""
+        """Start a run of ``job``; returns its run id at once. Submitting a known run id again is a no-op."""
+        if run_id is not None and (run_id in self._runs or await self.store.get_run(run_id) is not None):
+            return run_id
         run = RunRecord.new(job, run_id)
-        self._runs[run.run_id] = run
-        self._locks[run.run_id] = anyio.Lock()
-        self._changed[run.run_id] = anyio.Event()
+        self._track(run)
         await self.store.create_run(run)
         async with self._locks[run.run_id]:
             await self._emit(run, None, kind="run", event="run_started", detail={"goal": job.goal})
             if not run.tasks:
                 await self._finish_run(run)
-            for capability in {t.capability for t in run.tasks.values()}:
-                self._consume_results_of(capability)
             await self._dispatch_ready(run)
+        await self._publish_snapshot(run)
         return run.run_id
+
+    def _track(self, run: RunRecord) -> None:
+        self._runs[run.run_id] = run
+        self._locks[run.run_id] = anyio.Lock()
+        self._changed[run.run_id] = anyio.Event()
+        for capability in {t.capability for t in run.tasks.values()}:
+            self._consume_results_of(capability)
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
@@ -140,6 +161,8 @@ class Manager:
             await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run_id, task_id=task_id or "", sender=self.name,
                                                              body=Cancel(reason=reason, by=by)))
             await self._settle(run)
+        await self.store.sync()
+        await self._publish_snapshot(run)
 
     def snapshot(self, run_id: str) -> RunRecord:
         """The live record of a run this manager is running (a copy)."""
@@ -164,7 +187,52 @@ class Manager:
                 log.exception("reply_processing_failed", run_id=delivery.envelope.run_id,
                               task_id=delivery.envelope.task_id, type=delivery.envelope.type)
                 continue
-            await self.bus.ack(delivery)  # only after the effect is recorded
+            self._defer_ack(delivery)
+
+    def _defer_ack(self, delivery: Delivery) -> None:
+        self._unacked.append(delivery)
+        self._touched.add(delivery.envelope.run_id)
+        self._wake_acker.set()
+
+    async def _acknowledge(self) -> None:
+        """Acknowledge applied replies once the store has made their effects durable."""
+        while True:
+            await self._wake_acker.wait()
+            self._wake_acker = anyio.Event()
+            batch, self._unacked = self._unacked, []
+            touched, self._touched = self._touched, set()
+            await self.store.sync()
+            for delivery in batch:
+                await self.bus.ack(delivery)
+            for run_id in touched:
+                if run_id in self._runs:
+                    await self._publish_snapshot(self._runs[run_id])
+
+    async def _consume_jobs(self) -> None:
+        """Start runs submitted by other processes (``orchestrator submit``)."""
+        async for delivery in self.bus.consume(JOBS_STREAM, group=MANAGER_GROUP, consumer=self.name):
+            env = delivery.envelope
+            if isinstance(env.body, Submit):
+                try:
+                    job = parse_job(env.body.job, source=env.body.source or None)
+                    await self.submit(job, run_id=env.run_id or None)
+                except OrchestratorError as exc:
+                    # The submitter validated the job; a job that still fails here is recorded as a failed run.
+                    log.warning("submitted_job_rejected", run_id=env.run_id, error=str(exc))
+                    await self._record_rejected(env.run_id, env.body, str(exc))
+            await self.store.sync()
+            await self.bus.ack(delivery)
+
+    async def _record_rejected(self, run_id: str, submit: Submit, reason: str) -> None:
+        goal = str(submit.job.get("goal") or "(invalid job)")
+        run = RunRecord.new(Job(goal=goal), run_id or None)
+        run.state, run.reason, run.finished = RunState.FAILED, f"invalid job: {reason}", time.time()
+        await self.store.create_run(run)
+        await self._publish_snapshot(run)
+
+    async def _publish_snapshot(self, run: RunRecord) -> None:
+        data = json.dumps(run.summary(), default=str).encode()
+        await self.bus.put_value(run_snapshot_key(run.run_id), data, ttl_s=self.settings.snapshot_ttl_s)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         env = delivery.envelope
@@ -223,19 +291,25 @@ class Manager:
                               reason=f"loop: attempt {task.attempt} returned the same output as attempt "
                                      f"{rejected[-1].attempt}, which had failed verification")
             return
+        task.self_check = done.self_check
         await self._apply(run, task, TaskEvent.VERIFY, actor=self.name)
+        await self._verify(run, task)
+
+    async def _verify(self, run: RunRecord, task: TaskRecord) -> None:
+        """Run the spec's checks, then hand over to the worker's own check when it has one."""
+        task.verify_stage = "spec"
         verdict = await check_spec(task.spec, task.output, task)
-        if not verdict.passed:
-            await self._on_verdict(run, task, verdict, after="spec")
-            return
-        if done.self_check:
+        if verdict.passed and task.self_check:
             task.verify_stage = "worker"
-            await self.bus.publish(tasks_stream(task.capability), Envelope(
-                run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
-                body=VerifyRequest(capability=task.capability, instruction=task.instruction, input=task.input,
-                                   output=task.output, spec_description=task.spec.description)))
+            await self._request_worker_verify(run, task)
             return
-        await self._on_verdict(run, task, verdict, after="worker")
+        await self._on_verdict(run, task, verdict, after="worker" if verdict.passed else "spec")
+
+    async def _request_worker_verify(self, run: RunRecord, task: TaskRecord) -> None:
+        await self.bus.publish(tasks_stream(task.capability), Envelope(
+            run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
+            body=VerifyRequest(capability=task.capability, instruction=task.instruction, input=task.input,
+                               output=task.output, spec_description=task.spec.description)))
 
     async def _on_verdict(self, run: RunRecord, task: TaskRecord, verdict: Verdict, *, after: str) -> None:
         """Continue the verification chain (spec -> worker -> judge) or act on a failure."""
@@ -261,6 +335,8 @@ class Manager:
             if task.attempt == attempt and task.state is TaskState.VERIFY_DONE:
                 await self._on_verdict(run, task, verdict, after="judge")
                 await self._settle(run)
+        await self.store.sync()
+        await self._publish_snapshot(run)
 
     async def _reject(self, run: RunRecord, task: TaskRecord, verdict: Verdict) -> None:
         await self._apply(run, task, TaskEvent.REJECT, actor=verdict.verifier or self.name,
@@ -301,11 +377,14 @@ class Manager:
         task.attempt += 1
         task.verify_stage = ""
         task.attempts.append(AttemptRecord(attempt=task.attempt))
+        await self._emit(run, task, kind="dispatch", event="dispatched", actor=self.name,
+                         detail={"capability": task.capability})
+        await self._publish_assign(run, task)
+
+    async def _publish_assign(self, run: RunRecord, task: TaskRecord) -> None:
         body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
                       spec_description=task.spec.description, timeout_s=task.timeout_s, redo=tuple(task.redo),
                       dependencies={d: run.tasks[d].output for d in task.depends_on})
-        await self._emit(run, task, kind="dispatch", event="dispatched", actor=self.name,
-                         detail={"capability": task.capability})
         await self.bus.publish(tasks_stream(task.capability),
                                Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
                                         body=body))
@@ -353,6 +432,54 @@ class Manager:
         await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run.run_id, sender=self.name,
                                                          body=Cancel(reason=reason, by=self.name)))
 
+    async def _resume(self) -> None:
+        """Pick up the runs a previous manager left unfinished, and re-drive their in-flight tasks."""
+        for run in await self.store.running_runs():
+            self._track(run)
+            async with self._locks[run.run_id]:
+                await self._redrive(run)
+                await self._settle(run)
+            log.info("run_resumed", run_id=run.run_id)
+
+    async def _redrive(self, run: RunRecord) -> None:
+        """Send again whatever a task waits for. Duplicates are harmless: replies are applied once per attempt."""
+        for task in run.tasks.values():
+            if task.state is TaskState.NOT_DONE and task.attempt > 0:
+                await self._publish_assign(run, task)
+            elif task.state is TaskState.DONE:
+                await self._apply(run, task, TaskEvent.VERIFY, actor=self.name)
+                await self._verify(run, task)
+            elif task.state is TaskState.VERIFY_DONE:
+                if task.verify_stage == "worker":
+                    await self._request_worker_verify(run, task)
+                elif task.verify_stage == "judge" and self._tg is not None:
+                    self._tg.start_soon(self._run_judge, run, task, task.attempt)
+                else:
+                    await self._verify(run, task)
+            elif task.state is TaskState.REDO:
+                await self._apply(run, task, TaskEvent.REDISPATCH, actor=self.name)
+                await self._dispatch(run, task)
+
+    async def _watch_incarnation(self) -> None:
+        """A bus that lost its data (Redis restarted empty) lost the in-flight messages: send them again."""
+        while True:
+            await anyio.sleep(self.settings.incarnation_check_s)
+            try:
+                current = await self.bus.incarnation()
+            except OrchestratorError as exc:
+                log.warning("bus_unreachable", error=str(exc))
+                continue
+            if current == self._incarnation:
+                continue
+            log.warning("bus_data_lost", previous=self._incarnation, current=current)
+            self._incarnation = current
+            for run in list(self._runs.values()):
+                if run.state is RunState.RUNNING:
+                    async with self._locks[run.run_id]:
+                        await self._redrive(run)
+                        await self._settle(run)
+                    await self._publish_snapshot(run)
+
     async def _watch_deadlines(self) -> None:
         while True:
             await anyio.sleep(self.settings.tick_s)
@@ -363,6 +490,8 @@ class Manager:
                         if run.state is RunState.RUNNING:
                             await self._exhaust_run(run, f"run deadline of {run.job.budget.deadline_s:g} s passed")
                             await self._settle(run)
+                    await self.store.sync()
+                    await self._publish_snapshot(run)
 
     # -- the one place state changes ----------------------------------------------------------
 

@@ -55,7 +55,8 @@ class TaskRecord(BaseModel):
     reason: str = ""
     worker: str = ""
     tokens: int = 0
-    verify_stage: str = ""
+    verify_stage: str = ""  # where a verify_done task is: "spec", "worker" or "judge"
+    self_check: bool = False  # the worker said it can verify its own results
     redo: list[Redo] = Field(default_factory=list)
     attempts: list[AttemptRecord] = Field(default_factory=list)
 

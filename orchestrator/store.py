@@ -36,6 +36,13 @@ class Store(abc.ABC):
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         """Persist a task's state (if any), the run's state and one event, atomically."""
 
+    async def sync(self) -> None:  # noqa: B027 - a store that writes through has nothing to flush
+        """Return once everything recorded so far is durable (group commit)."""
+
+    @abc.abstractmethod
+    async def running_runs(self) -> list[RunRecord]:
+        """Every run not yet finished: what a restarted manager resumes."""
+
     @abc.abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None:
         """A snapshot of a run, or None when unknown."""
@@ -69,6 +76,10 @@ class MemoryStore(Store):
         stored.tokens, stored.next_seq = run.tokens, run.next_seq
         self._events[run.run_id].append(event)
         await anyio.lowlevel.checkpoint()
+
+    async def running_runs(self) -> list[RunRecord]:
+        await anyio.lowlevel.checkpoint()
+        return [r.model_copy(deep=True) for r in self._runs.values() if r.state == "running"]
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         await anyio.lowlevel.checkpoint()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -125,6 +126,18 @@ class Bus(abc.ABC):
         """Send a control message to every current subscriber of ``topic``."""
 
     @abc.abstractmethod
+    async def incarnation(self) -> str:
+        """An id of the bus's stored data that changes when that data is lost (a broker restarted empty)."""
+
+    @abc.abstractmethod
+    async def put_value(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        """Store a small value under ``key`` (run snapshots for ``status``), optionally expiring."""
+
+    @abc.abstractmethod
+    async def get_value(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None."""
+
+    @abc.abstractmethod
     def subscribe(self, topic: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Envelope]]:
         """``async with bus.subscribe(topic) as messages``: subscribed on entry, so nothing sent after is missed."""
 
@@ -162,6 +175,8 @@ class MemoryBus(Bus):
         self.settings = settings or BusSettings()
         self._streams: dict[str, _Stream] = {}
         self._subscribers: dict[str, set[MemoryObjectSendStream[Envelope]]] = {}
+        self._values: dict[str, tuple[bytes, float | None]] = {}
+        self._incarnation = uuid.uuid4().hex
 
     def _stream(self, name: str) -> _Stream:
         return self._streams.setdefault(name, _Stream())
@@ -290,6 +305,22 @@ class MemoryBus(Bus):
             with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
                 send.send_nowait(envelope)
         await anyio.lowlevel.checkpoint()
+
+    async def incarnation(self) -> str:
+        await anyio.lowlevel.checkpoint()
+        return self._incarnation
+
+    async def put_value(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        self._values[key] = (bytes(value), None if ttl_s is None else time.monotonic() + ttl_s)
+        await anyio.lowlevel.checkpoint()
+
+    async def get_value(self, key: str) -> bytes | None:
+        await anyio.lowlevel.checkpoint()
+        value, expires = self._values.get(key, (None, None))
+        if expires is not None and expires <= time.monotonic():
+            self._values.pop(key, None)
+            return None
+        return value
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[Envelope]]:

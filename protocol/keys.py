@@ -6,9 +6,10 @@ capability's task and result streams share a Cluster slot and can be committed a
 
 from __future__ import annotations
 
-__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "MANAGER_GROUP", "results_stream", "tasks_stream", "workers_group")
+__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "JOBS_STREAM", "MANAGER_GROUP", "results_stream", "run_snapshot_key", "tasks_stream", "workers_group")
 
 CONTROL_TOPIC = "control"
+JOBS_STREAM = "jobs"  # submissions from clients to the active manager
 MANAGER_GROUP = "manager"
 DEAD_LETTER_SUFFIX = ".dead"
 
@@ -26,3 +27,8 @@ def results_stream(capability: str) -> str:
 def workers_group(capability: str) -> str:
     """The consumer group shared by every worker of a capability (competing consumers)."""
     return f"workers.{capability}"
+
+
+def run_snapshot_key(run_id: str) -> str:
+    """Where the manager keeps a run's latest summary, readable by ``status`` from any machine."""
+    return f"run.{run_id}"

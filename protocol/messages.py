@@ -20,6 +20,7 @@ __all__ = (
     "MessageType",
     "Progress",
     "Redo",
+    "Submit",
     "Verdict",
     "VerifyRequest",
     "VerifyResponse",
@@ -118,6 +119,14 @@ class Heartbeat(_Body):
     in_flight: int = 0
 
 
+class Submit(_Body):
+    """Client -> manager: start a run of this job under the envelope's run id."""
+
+    type: Literal["submit"] = "submit"
+    job: dict[str, Any]
+    source: str = ""
+
+
 class Progress(_Body):
     """Worker -> manager: a free-form progress note for displays."""
 
@@ -127,10 +136,11 @@ class Progress(_Body):
 
 
 Body = Annotated[
-    Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress,
+    Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress | Submit,
     Field(discriminator="type"),
 ]
 
 MessageType = Literal[
-    "assign", "done", "failed", "verify_request", "verify_response", "redo", "cancel", "heartbeat", "progress"
+    "assign", "done", "failed", "verify_request", "verify_response", "redo", "cancel", "heartbeat", "progress",
+    "submit",
 ]

@@ -177,3 +177,20 @@ async def test_broadcast_reaches_every_subscriber(bus: Bus) -> None:
         with anyio.fail_after(5):
             assert await anext(aiter(a)) == message
             assert await anext(aiter(b)) == message
+
+
+async def test_values_are_stored_read_and_expire(bus: Bus) -> None:
+    key = f"value-{uuid.uuid4().hex[:6]}"
+    assert await bus.get_value(key) is None
+    await bus.put_value(key, b"one")
+    await bus.put_value(key, b"two")
+    assert await bus.get_value(key) == b"two"
+    await bus.put_value(key + "-short", b"x", ttl_s=0.1)
+    await anyio.sleep(0.3)
+    assert await bus.get_value(key + "-short") is None
+
+
+async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:
+    first = await bus.incarnation()
+    assert first
+    assert await bus.incarnation() == first

@@ -28,6 +28,7 @@ from protocol.messages import (
     MessageType,
     Progress,
     Redo,
+    Submit,
     Verdict,
     VerifyRequest,
     VerifyResponse,
@@ -76,6 +77,7 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "redo": REDO,
     "cancel": st.builds(Cancel, reason=TEXT, by=TEXT),
     "heartbeat": st.builds(Heartbeat, in_flight=MSGPACK_INTS),
+    "submit": st.builds(Submit, job=JSON_DICT, source=TEXT),
     "progress": st.builds(Progress, message=TEXT, fraction=st.none() | st.floats(min_value=0.0, max_value=1.0)),
 }
 
