@@ -161,6 +161,10 @@ class Orchestrator:
         run_id = await self.manager.submit(self.load(job))
         return Run(self.manager, run_id)
 
+    def attach(self, run_id: str) -> Run:
+        """A handle on a run this orchestrator's manager knows (submitted here, or resumed from its store)."""
+        return Run(self.manager, run_id)
+
     async def run(self, job: JobLike) -> RunResult:
         """Run a job to the end."""
         return await (await self.submit(job)).wait()

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from protocol.errors import JobError
 
@@ -38,6 +47,14 @@ class Spec(_Frozen):
     approval: Literal["auto", "human"] = "auto"
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_expect(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # ``expect: null`` is a real check; an absent ``expect`` is none. Keep them apart through a dump.
+        data: dict[str, Any] = handler(self)
+        if "expect" not in self.model_fields_set:
+            data.pop("expect", None)
+        return data
 
     @property
     def has_expect(self) -> bool:

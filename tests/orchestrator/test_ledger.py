@@ -1,0 +1,81 @@
+"""The SQLite ledger: records survive the process, and a new manager resumes unfinished runs from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator import Orchestrator
+from orchestrator.job import parse_job
+from orchestrator.ledger import SQLiteStore
+from orchestrator.records import RunRecord
+from protocol.bus import BusSettings, MemoryBus
+from workers import Task, Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Step(Worker):
+    capability = "step"
+    executions: list[tuple[str, int]] = []
+
+    async def handle(self, task: Task) -> Any:
+        Step.executions.append((task.task_id, task.attempt))
+        await anyio.sleep(0.05)
+        return task.task_id
+
+
+def chain(n: int) -> dict[str, Any]:
+    tasks = [{"id": f"s{i}", "capability": "step", **({"depends_on": [f"s{i - 1}"]} if i else {})} for i in range(n)]
+    return {"goal": "a chain", "tasks": tasks}
+
+
+async def test_records_and_events_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    async with Orchestrator(workers=[Step], store=SQLiteStore(path)) as orch:
+        result = await orch.run(chain(3))
+    assert result.accepted
+    async with SQLiteStore(path) as store:
+        run = await store.get_run(result.run_id)
+        events = await store.events(result.run_id)
+        assert await store.running_runs() == []
+    assert isinstance(run, RunRecord)
+    assert run.summary() == result.to_dict()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].event == "run_finished"
+
+
+async def test_a_new_manager_resumes_an_unfinished_run(tmp_path: Path) -> None:
+    Step.executions = []
+    path = tmp_path / "ledger.db"
+    bus = MemoryBus(BusSettings(lease_s=0.3, block_s=0.02))  # the "broker" outlives both managers
+    async with Orchestrator(bus=bus, workers=[Step], store=SQLiteStore(path)) as first:
+        run = await first.submit(chain(6))
+        accepted = 0
+        async for event in run.events():
+            accepted += event.to_state == "accepted"
+            if accepted == 2:
+                break  # the first manager "dies" here, mid-run
+    async with Orchestrator(bus=bus, workers=[Step], store=SQLiteStore(path)) as second:
+        result = await second.attach(run.run_id).wait()
+    assert result.accepted, result.reason
+    assert result.outputs == {f"s{i}": f"s{i}" for i in range(6)}
+    for i in range(6):
+        assert result.record.tasks[f"s{i}"].state == "accepted"
+    # every task is accepted exactly once in the history, even if some attempt ran twice
+    async with SQLiteStore(path) as store:
+        passes = [e.task_id for e in await store.events(run.run_id) if e.event == "pass"]
+    assert sorted(passes) == [f"s{i}" for i in range(6)]
+
+
+async def test_submitting_the_same_run_id_twice_starts_one_run(tmp_path: Path) -> None:
+    async with Orchestrator(workers=[Step], store=SQLiteStore(tmp_path / "l.db")) as orch:
+        job = parse_job(chain(1))
+        first = await orch.manager.submit(job, run_id="fixed-id")
+        second = await orch.manager.submit(job, run_id="fixed-id")
+        result = await orch.attach(first).wait()
+    assert first == second == "fixed-id"
+    assert result.accepted
