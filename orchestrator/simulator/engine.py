@@ -185,6 +185,7 @@ class Engine:
         if cfg.latency.jitter:
             seconds *= min(max(self._rng.gauss(1.0, cfg.latency.jitter), 0.3), 1.7)
         self.stats.steps += 1
+        self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
         self.stats.batch_sizes[len(plan)] += 1
         self.stats.prefill_computed_tokens += n_prefill
         return plan, seconds
@@ -194,10 +195,11 @@ class Engine:
         target = seq.prefill_target
         hit = self.pool.match(seq.hashes, (target - 1) // bs)  # the last prompt token is always computed
         need = math.ceil(target / bs) - hit
-        if not self.pool.allocate(need):
-            return False
         refs = seq.hashes[:hit]
-        self.pool.acquire_cached(refs)
+        self.pool.acquire_cached(refs)  # before allocating, so eviction cannot take the blocks we hit
+        if not self.pool.allocate(need):
+            self.pool.release(refs, 0)
+            return False
         seq.cached_refs = refs
         seq.private_blocks = need
         seq.computed = seq.kv_tokens = hit * bs

@@ -61,6 +61,7 @@ class SimStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     preemptions: int = 0
+    max_waiting: int = 0
     aborted: int = 0
     ttft: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
@@ -101,5 +102,6 @@ class SimStats:
             "prefix_cache_hits": self.prefix_cache_hits,
             "cache_hit_rate": self.cache_hit_rate,
             "preemptions": self.preemptions,
+            "max_waiting": self.max_waiting,
             "aborted": self.aborted,
         }
