@@ -24,14 +24,14 @@ def _settings(sim: SimulatedVLLM, **kw: object) -> InferenceSettings:
 
 async def test_continuous_batching_caps_running_and_queues() -> None:
     config = SimConfig(time_scale=0.5, max_num_seqs=4)
-    async with SimulatedVLLM(config) as sim, InferenceClient(_settings(sim)) as client:
-        async with anyio.create_task_group() as tg:
-            for _ in range(16):
-                tg.start_soon(client.chat, HELLO)
-            loads = []
-            for _ in range(5):
-                await anyio.sleep(0.01)
-                loads.append(await client.server_load())
+    loads = []
+    async with SimulatedVLLM(config) as sim, InferenceClient(_settings(sim)) as client, \
+            anyio.create_task_group() as tg:
+        for _ in range(16):
+            tg.start_soon(client.chat, HELLO)
+        for _ in range(5):
+            await anyio.sleep(0.01)
+            loads.append(await client.server_load())
     assert max(load.running for load in loads) == 4
     assert max(load.waiting for load in loads) > 0
     assert sim.stats.max_batch_size == 4
@@ -97,11 +97,11 @@ def test_block_pool_evicts_idle_cached_blocks() -> None:
 
 async def test_preemption_when_kv_is_small() -> None:
     config = SimConfig(time_scale=0.005, kv_cache_tokens=16 * 12, block_size=16, max_model_len=180)
-    async with SimulatedVLLM(config) as sim, InferenceClient(_settings(sim)) as client:
-        async with anyio.create_task_group() as tg:
-            for i in range(6):
-                msgs = [{"role": "user", "content": f"request {i} " + "pad " * 30}]
-                tg.start_soon(lambda m=msgs: client.chat(m, max_tokens=60))
+    async with SimulatedVLLM(config) as sim, InferenceClient(_settings(sim)) as client, \
+            anyio.create_task_group() as tg:
+        for i in range(6):
+            msgs = [{"role": "user", "content": f"request {i} " + "pad " * 30}]
+            tg.start_soon(lambda m=msgs: client.chat(m, max_tokens=60))
     assert sim.stats.preemptions > 0
     assert sim.stats.completed == 6
 
