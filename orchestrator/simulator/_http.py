@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -54,6 +55,13 @@ class StreamingResponse:
 def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     """Serialize ``payload`` as the JSON body."""
     return Response(status, json.dumps(payload, separators=(",", ":")).encode(), headers or [])
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class DropConnection(Exception):
@@ -134,13 +142,13 @@ class HttpServer:
                    *response.headers]
         if isinstance(response, Response):
             headers.append(("content-length", str(len(response.body))))
-            await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))))
             if response.truncate:
                 await stream.send(conn.send(h11.Data(data=response.body[: len(response.body) // 2])) or b"")
                 return False
             await stream.send((conn.send(h11.Data(data=response.body)) or b"") + (conn.send(h11.EndOfMessage()) or b""))
             return True
-        await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))))
         chunks = response.chunks
         try:
             async for chunk in chunks:
