@@ -192,3 +192,12 @@ async def test_fault_admin_endpoint(sim_llm: SimulatedVLLM) -> None:
         state = (await http.get("/_sim/state")).json()
     assert state["faults_injected"] == {"server_error": 1}
     assert state["completed"] == 1
+
+
+def test_cli_parser_builds_a_config() -> None:
+    from orchestrator.simulator.cli import build_parser
+
+    args = build_parser().parse_args(["--port", "8123", "--api-key", "a", "--max-num-seqs", "64",
+                                      "--time-scale", "0.1", "--fault-5xx", "0.2"])
+    assert (args.port, args.api_key, args.max_num_seqs, args.time_scale, args.fault_5xx) == (8123, ["a"], 64, 0.1,
+                                                                                              0.2)
