@@ -1,0 +1,542 @@
+"""``InferenceClient``: the one client per process through which every agent calls vLLM.
+
+- A pooled ``httpx.AsyncClient`` sized for hundreds of concurrent calls, and an
+  ``anyio.CapacityLimiter`` shared by all agents in the process.
+- Retries with exponential backoff and full jitter on connection errors, timeouts, 429, 5xx
+  and unreadable bodies; never on other 4xx. A 400 about the context length raises
+  ``ContextLengthExceeded``.
+- JSON-schema output is requested with ``response_format={"type": "json_schema", ...}``: vLLM maps
+  it onto its structured-outputs engine on every version, and OpenAI-compatible gateways understand
+  it. ``structured_outputs={"json": schema}`` (vLLM >= 0.10.2) is available by setting; the legacy
+  ``guided_json`` is never sent, because vLLM >= 0.12 ignores it silently and answers unconstrained.
+- Token usage is recorded per (run_id, task_id) in a ``UsageLedger``.
+- Optional back-pressure: new requests wait while ``vllm:num_requests_waiting`` is over a threshold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import anyio
+import httpx
+import jsonschema
+import structlog
+
+from ._sse import iter_sse_data
+from .errors import BadCompletion, ContextLengthExceeded, InferenceError, InferenceTimeout, InferenceUnavailable
+from .inference_settings import InferenceSettings
+from .usage import Usage, UsageLedger
+
+__all__ = ("ChatResult", "InferenceClient", "InferenceSettings", "ModelInfo", "ServerLoad", "StreamEvent")
+
+log = structlog.get_logger(__name__)
+
+Messages = Sequence[Mapping[str, Any]]
+
+_SHARD_CONNECTIONS = 8
+_CONTEXT_MARKERS = ("maximum context length", "cannot be greater than max_model_len")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What ``check()`` found: the model to call and its context window."""
+
+    model: str
+    max_model_len: int | None
+    served: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """One completion: its text, why it stopped, its usage, and the parsed JSON for schema calls."""
+
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    model: str = ""
+    id: str = ""
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """A streamed text delta; the last event has ``text=""``, the usage and the finish reason."""
+
+    text: str
+    usage: Usage | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLoad:
+    """Queue gauges scraped from ``/metrics``."""
+
+    running: float
+    waiting: float
+    kv_cache_usage: float
+
+
+class _Retry(Exception):
+    """An attempt failed in a way worth retrying; ``error`` is what to raise when retries run out."""
+
+    def __init__(self, error: InferenceError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+@dataclass
+class _LoadCache:
+    load: ServerLoad | None = None
+    at: float = 0.0
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+class InferenceClient(anyio.AsyncContextManagerMixin):
+    """Async client for vLLM's OpenAI-compatible API; share one per process.
+
+    ``async with InferenceClient(InferenceSettings.from_env()) as llm: await llm.check()``
+    """
+
+    def __init__(
+        self,
+        settings: InferenceSettings | None = None,
+        *,
+        ledger: UsageLedger | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings or InferenceSettings()
+        self.usage = ledger or UsageLedger()
+        self.limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
+        self._transport = transport
+        self._shards: list[httpx.AsyncClient] = []
+        self._next_shard: Iterator[httpx.AsyncClient] = iter(())
+        self._model = self.settings.model
+        self._load = _LoadCache()
+        self._rng = random.Random()
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        s = self.settings
+        pool = s.max_connections or s.max_concurrency + 16
+        # httpcore scans its whole pool on every request event (O(connections) each), which costs
+        # milliseconds of CPU per call at hundreds of connections; shards of <= 32 keep it cheap.
+        n_shards = max(1, math.ceil(pool / _SHARD_CONNECTIONS))
+        per_shard = math.ceil(pool / n_shards) + 4  # slack for round-robin imbalance
+        # one TLS context for all shards (each default one costs ~17 ms of CPU to load certificates)
+        verify: ssl.SSLContext | bool = ssl.create_default_context() if s.url.startswith("https:") else False
+        headers = {"user-agent": "orchestrator-inference"}
+        if s.api_key is not None:
+            headers["authorization"] = f"Bearer {s.api_key.get_secret_value()}"
+        async with AsyncExitStack() as stack:
+            self._shards = [
+                await stack.enter_async_context(httpx.AsyncClient(
+                    base_url=s.url,
+                    headers=headers,
+                    # httpx's defaults (100 connections, 5 s timeout) would throttle hundreds of agents
+                    limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                    timeout=httpx.Timeout(s.timeout, connect=s.connect_timeout, pool=None),
+                    transport=self._transport,
+                    verify=verify,
+                ))
+                for _ in range(n_shards)
+            ]
+            self._next_shard = itertools.cycle(self._shards)
+            try:
+                yield self
+            finally:
+                self._shards = []
+
+    @property
+    def model(self) -> str:
+        """The model name requests carry (known after ``check()`` when settings give none)."""
+        return self._model or ""
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """A pooled HTTP client to the server (inside ``async with`` only); successive calls rotate shards."""
+        if not self._shards:
+            raise InferenceError("InferenceClient is not open; use `async with InferenceClient(...)`")
+        return next(self._next_shard)
+
+    # -- startup ----------------------------------------------------------------------------------
+
+    async def check(self) -> ModelInfo:
+        """Fail fast: raise ``InferenceUnavailable`` unless /health is 200 and /v1/models serves the model."""
+        url = self.settings.url
+        try:
+            health = await self.http.get("/health", timeout=self.settings.connect_timeout + 5)
+        except httpx.HTTPError as exc:
+            raise InferenceUnavailable(f"cannot reach the LLM server at {url!r}: {exc!r}") from exc
+        if health.status_code != 200:
+            raise InferenceUnavailable(f"LLM server at {url!r} is unhealthy: GET /health -> {health.status_code}")
+        try:
+            resp = await self.http.get("/v1/models", timeout=self.settings.connect_timeout + 5)
+        except httpx.HTTPError as exc:
+            raise InferenceUnavailable(f"cannot list models at {url!r}: {exc!r}") from exc
+        if resp.status_code == 401:
+            raise InferenceUnavailable(f"LLM server at {url!r} rejected the API key (set ORCH_LLM_API_KEY)")
+        if resp.status_code != 200:
+            raise InferenceUnavailable(f"GET {url}/v1/models -> {resp.status_code}: {_error_message(resp)}")
+        data = [m for m in resp.json().get("data", []) if isinstance(m, dict)]
+        served = tuple(str(m.get("id")) for m in data)
+        if not served:
+            raise InferenceUnavailable(f"LLM server at {url!r} serves no model")
+        wanted = self.settings.model or served[0]
+        if wanted not in served:
+            raise InferenceUnavailable(f"LLM server at {url!r} does not serve model {wanted!r}; it serves {served!r}")
+        self._model = wanted
+        entry = next(m for m in data if m.get("id") == wanted)
+        info = ModelInfo(wanted, entry.get("max_model_len"), served)
+        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len)
+        return info
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    async def chat(
+        self,
+        messages: Messages,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        schema_name: str = "output",
+        run_id: str | None = None,
+        task_id: str | None = None,
+        ledger: UsageLedger | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ChatResult:
+        """One chat completion. With ``json_schema`` the answer is parsed, validated and put in ``data``.
+
+        Raises:
+            ContextLengthExceeded: the prompt plus max_tokens do not fit the model.
+            BadCompletion: empty, cut off by max_tokens (with a schema), or not valid for the schema.
+            InferenceTimeout / InferenceUnavailable / InferenceError: after retries.
+        """
+        body = self._chat_body(messages, max_tokens, temperature, stop, json_schema, schema_name, extra_body)
+        payload = await self._post("/v1/chat/completions", body)
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BadCompletion(f"chat completion without a message: {str(payload)[:200]!r}") from exc
+        result = self._result(payload, text, choice.get("finish_reason"), run_id, task_id, ledger)
+        if json_schema is not None:
+            return _with_json(result, json_schema)
+        return result
+
+    async def chat_json(self, messages: Messages, schema: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Chat constrained to ``schema``; returns the validated JSON value."""
+        result = await self.chat(messages, json_schema=schema, **kwargs)
+        return result.data
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        run_id: str | None = None,
+        task_id: str | None = None,
+        ledger: UsageLedger | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ChatResult:
+        """One legacy text completion (/v1/completions)."""
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt,
+                                "max_tokens": max_tokens or self.settings.default_max_tokens}
+        _put(body, temperature=temperature, stop=stop)
+        body.update(extra_body or {})
+        payload = await self._post("/v1/completions", body)
+        try:
+            choice = payload["choices"][0]
+            text = choice.get("text") or ""
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BadCompletion(f"completion without text: {str(payload)[:200]!r}") from exc
+        return self._result(payload, text, choice.get("finish_reason"), run_id, task_id, ledger)
+
+    async def stream_chat(
+        self,
+        messages: Messages,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        run_id: str | None = None,
+        task_id: str | None = None,
+        ledger: UsageLedger | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream text deltas; the final event carries usage. Retries only before the first delta.
+
+        Close it early with ``contextlib.aclosing`` to release the connection and the limiter slot.
+        """
+        body = self._chat_body(messages, max_tokens, temperature, stop, None, "", extra_body)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        attempt = 0
+        while True:
+            started = False
+            try:
+                await self._wait_for_room()
+                async with self.limiter, self.http.stream(
+                    "POST", "/v1/chat/completions", json=body,
+                    timeout=httpx.Timeout(self.settings.stream_idle_timeout, connect=self.settings.connect_timeout,
+                                          pool=None),
+                ) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        _raise_for_status(resp)
+                    usage: Usage | None = None
+                    finish: str | None = None
+                    done = False
+                    async for data in iter_sse_data(resp):
+                        if data == "[DONE]":
+                            done = True
+                            break
+                        chunk = _parse_json(data, "stream chunk")
+                        if "error" in chunk:
+                            error = InferenceError(f"stream failed: {_message_of(chunk)}")
+                            raise error if started else _Retry(error)
+                        for choice in chunk.get("choices") or ():
+                            text = (choice.get("delta") or {}).get("content")
+                            finish = choice.get("finish_reason") or finish
+                            if text:
+                                started = True
+                                yield StreamEvent(text)
+                        if chunk.get("usage"):
+                            usage = Usage.from_openai(chunk["usage"])
+                    if not done or finish is None:
+                        error = BadCompletion("stream ended without finish_reason or [DONE]")
+                        raise error if started else _Retry(error)
+                usage = usage or Usage(requests=1)
+                (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
+                yield StreamEvent("", usage, finish)
+                return
+            except _Retry as retry:
+                if started:  # the caller already has part of the answer; a retry would repeat it
+                    raise retry.error from retry
+                attempt = await self._backoff(attempt, retry)
+            except BadCompletion as exc:
+                if started:
+                    raise
+                attempt = await self._backoff(attempt, _Retry(exc))
+            except httpx.HTTPError as exc:
+                if started:
+                    raise InferenceError(f"stream broke after output began: {exc!r}") from exc
+                attempt = await self._backoff(attempt, _Retry(_transport_error(exc, self.settings.url)))
+
+    async def warm(self, messages: Messages) -> None:
+        """Compute a shared prefix once (``max_tokens=1``) before fanning out many calls that share it.
+
+        vLLM caches a block only after it is computed, so N calls sent together with a new prefix
+        would each compute it; one warm-up call lets the other N hit the cache.
+        """
+        await self.chat(messages, max_tokens=1, run_id="_warmup")
+
+    async def count_tokens(self, messages: Messages) -> int:
+        """Prompt tokens of ``messages`` as the server counts them (POST /tokenize)."""
+        resp = await self.http.post("/tokenize", json={"model": self.model, "messages": list(messages)})
+        if resp.status_code != 200:
+            _raise_for_status(resp)
+        return int(resp.json()["count"])
+
+    async def server_load(self) -> ServerLoad:
+        """Scrape running/waiting/KV gauges from /metrics (both current and older names)."""
+        resp = await self.http.get("/metrics", timeout=self.settings.connect_timeout + 5)
+        values: dict[str, float] = {}
+        for line in resp.text.splitlines():
+            if line.startswith("vllm:"):
+                name, _, rest = line.partition("{")
+                value = rest.rpartition("}")[2].strip() if rest else line.split()[-1]
+                try:
+                    values[name] = values.get(name, 0.0) + float(value)
+                except ValueError:
+                    continue
+        return ServerLoad(
+            running=values.get("vllm:num_requests_running", 0.0),
+            waiting=values.get("vllm:num_requests_waiting", 0.0),
+            kv_cache_usage=values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc", 0.0)),
+        )
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _chat_body(
+        self,
+        messages: Messages,
+        max_tokens: int | None,
+        temperature: float | None,
+        stop: str | Sequence[str] | None,
+        json_schema: Mapping[str, Any] | None,
+        schema_name: str,
+        extra_body: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        # always send max_tokens: vLLM's chat default is the whole remaining context
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages),
+                                "max_tokens": max_tokens or self.settings.default_max_tokens}
+        _put(body, temperature=temperature, stop=stop)
+        if json_schema is not None:
+            if self.settings.structured_output == "structured_outputs":
+                body["structured_outputs"] = {"json": dict(json_schema)}
+            else:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": schema_name, "schema": dict(json_schema),
+                                                           "strict": True}}
+        body.update(extra_body or {})
+        return body
+
+    def _result(self, payload: Mapping[str, Any], text: str, finish: str | None, run_id: str | None,
+                task_id: str | None, ledger: UsageLedger | None) -> ChatResult:
+        usage = Usage.from_openai(payload.get("usage"))
+        (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
+        return ChatResult(text, finish, usage, str(payload.get("model", "")), str(payload.get("id", "")))
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(path, body)
+            except _Retry as retry:
+                attempt = await self._backoff(attempt, retry)
+
+    async def _attempt(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        await self._wait_for_room()
+        try:
+            async with self.limiter:
+                with anyio.fail_after(self.settings.timeout):
+                    resp = await self.http.post(path, json=body)
+        except TimeoutError as exc:
+            raise _Retry(InferenceTimeout(f"no answer from {self.settings.url} in {self.settings.timeout} s")) from exc
+        except httpx.HTTPError as exc:
+            raise _Retry(_transport_error(exc, self.settings.url)) from exc
+        if resp.status_code != 200:
+            _raise_for_status(resp)
+        try:
+            payload = resp.json()
+        except ValueError as exc:
+            raise _Retry(BadCompletion(f"unreadable JSON from {path}: {resp.text[:120]!r}")) from exc
+        if not isinstance(payload, dict):
+            raise _Retry(BadCompletion(f"unexpected body from {path}: {resp.text[:120]!r}"))
+        return payload
+
+    async def _backoff(self, attempt: int, retry: _Retry) -> int:
+        attempt += 1
+        if attempt > self.settings.max_retries:
+            log.warning("inference_retries_exhausted", attempts=attempt, error=str(retry.error))
+            raise retry.error from retry
+        cap = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
+        delay = self._rng.uniform(0, cap)  # full jitter: agents that failed together retry apart
+        if retry.retry_after is not None:
+            delay = max(delay, min(retry.retry_after, self.settings.backoff_max))
+        log.info("inference_retried", attempt=attempt, delay_s=round(delay, 3), error=str(retry.error))
+        await anyio.sleep(delay)
+        return attempt
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: wait while the server's waiting queue is over ``max_waiting``."""
+        s = self.settings
+        if not s.backpressure:
+            return
+        while True:
+            load = await self._cached_load()
+            if load is None or load.waiting <= s.max_waiting:
+                return
+            await anyio.sleep(s.metrics_interval * self._rng.uniform(0.5, 1.0))
+
+    async def _cached_load(self) -> ServerLoad | None:
+        cache = self._load
+        if time.monotonic() - cache.at < self.settings.metrics_interval:
+            return cache.load
+        async with cache.lock:
+            if time.monotonic() - cache.at >= self.settings.metrics_interval:  # single flight
+                try:
+                    cache.load = await self.server_load()
+                except httpx.HTTPError:
+                    cache.load = None  # no metrics is no reason to stop calling
+                cache.at = time.monotonic()
+        return cache.load
+
+
+def _put(body: dict[str, Any], **values: Any) -> None:
+    for key, value in values.items():
+        if value is not None:
+            body[key] = value if isinstance(value, str | int | float) else list(value)
+
+
+def _with_json(result: ChatResult, schema: Mapping[str, Any]) -> ChatResult:
+    if result.finish_reason == "length":
+        raise BadCompletion("structured answer cut off by max_tokens (finish_reason='length')")
+    data = _parse_json(result.text, "structured answer", retry=False)
+    try:
+        jsonschema.validate(data, dict(schema))
+    except jsonschema.ValidationError as exc:
+        raise BadCompletion(f"structured answer does not match the schema: {exc.message}") from exc
+    return ChatResult(result.text, result.finish_reason, result.usage, result.model, result.id, data)
+
+
+def _parse_json(text: str, what: str, *, retry: bool = True) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        error = BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")
+        raise (_Retry(error) if retry else error) from exc
+
+
+def _message_of(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+        if "detail" in body:
+            return str(body["detail"])
+    return str(body)[:300]
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return _message_of(resp.json())
+    except ValueError:
+        return resp.text[:300]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _raise_for_status(resp: httpx.Response) -> None:
+    status = resp.status_code
+    message = _error_message(resp)
+    if status == 429 or status >= 500:
+        error: InferenceError = (InferenceUnavailable if status in (502, 503, 504) else InferenceError)(
+            f"LLM server answered {status}: {message}")
+        raise _Retry(error, _retry_after(resp))
+    if status == 400 and any(marker in message for marker in _CONTEXT_MARKERS):
+        raise ContextLengthExceeded(message)
+    if status == 401:
+        raise InferenceUnavailable("LLM server rejected the API key (401); set ORCH_LLM_API_KEY")
+    if status == 404 and "model" in message.lower():
+        raise InferenceUnavailable(f"LLM server does not serve the model: {message}")
+    raise InferenceError(f"LLM server refused the request ({status}): {message}")
+
+
+def _transport_error(exc: httpx.HTTPError, url: str) -> InferenceError:
+    if isinstance(exc, httpx.TimeoutException):
+        return InferenceTimeout(f"timed out talking to {url}: {exc!r}")
+    return InferenceUnavailable(f"cannot talk to {url}: {exc!r}")

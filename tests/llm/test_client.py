@@ -1,0 +1,268 @@
+"""InferenceClient against the simulator over real HTTP (nothing patched)."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import anyio
+import pytest
+
+from orchestrator.simulator import RulesPolicy, SimConfig, SimulatedVLLM
+from protocol.errors import (
+    BadCompletion,
+    ContextLengthExceeded,
+    InferenceError,
+    InferenceTimeout,
+    InferenceUnavailable,
+)
+from protocol.inference import InferenceClient, InferenceSettings
+from protocol.prompts import build_messages
+from protocol.usage import UsageLedger
+
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+def fast(sim: SimulatedVLLM, **overrides: object) -> InferenceSettings:
+    values: dict[str, object] = {"url": sim.url, "model": sim.model, "timeout": 5.0, "backoff_initial": 0.01,
+                                 "backoff_max": 0.05}
+    values.update(overrides)
+    return InferenceSettings.model_validate(values)
+
+
+async def test_chat_returns_text_and_usage(inference_client: InferenceClient) -> None:
+    result = await inference_client.chat(HELLO, max_tokens=50)
+    assert result.text
+    assert result.finish_reason == "stop"
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.completion_tokens > 0
+
+
+async def test_retries_5xx_then_succeeds(sim_llm: SimulatedVLLM, inference_client: InferenceClient) -> None:
+    sim_llm.script_faults(["server_error", "unavailable", "rate_limited"])
+    result = await inference_client.chat(HELLO)
+    assert result.text
+    assert sim_llm.stats.requests_by_status[500] == 1
+    assert sim_llm.stats.requests_by_status[503] == 1
+    assert sim_llm.stats.requests_by_status[429] == 1
+    assert sim_llm.stats.requests_by_status[200] == 1
+
+
+async def test_gives_up_after_max_retries(sim_llm: SimulatedVLLM) -> None:
+    sim_llm.script_faults(["server_error"] * 3)
+    async with InferenceClient(fast(sim_llm, max_retries=2)) as client:
+        with pytest.raises(InferenceError, match="500"):
+            await client.chat(HELLO)
+    assert sim_llm.stats.requests_by_status[500] == 3
+
+
+async def test_backoff_grows_between_retries(sim_llm: SimulatedVLLM) -> None:
+    sim_llm.script_faults(["server_error"] * 4)
+    async with InferenceClient(fast(sim_llm, max_retries=4, backoff_initial=0.05, backoff_max=1.0)) as client:
+        start = anyio.current_time()
+        await client.chat(HELLO)
+        # full jitter: each delay is uniform in [0, 0.05 * 2**k]; the sum's mean is 0.375 s
+        assert anyio.current_time() - start < 2.0
+
+
+async def test_no_retry_on_400(sim_llm: SimulatedVLLM, inference_client: InferenceClient) -> None:
+    with pytest.raises(InferenceError, match="400"):
+        await inference_client.chat(HELLO, extra_body={"stream_options": {"include_usage": True}})
+    assert sim_llm.stats.requests_by_status[400] == 1
+    assert sum(sim_llm.stats.requests_by_status.values()) == 1
+
+
+async def test_context_length_exceeded(sim_llm: SimulatedVLLM, inference_client: InferenceClient) -> None:
+    long = [{"role": "user", "content": "word " * 10_000}]
+    with pytest.raises(ContextLengthExceeded, match="maximum context length"):
+        await inference_client.chat(long)
+    with pytest.raises(ContextLengthExceeded):
+        await inference_client.chat(HELLO, max_tokens=sim_llm.config.max_model_len)
+    assert sim_llm.stats.requests_by_status[400] == 2
+
+
+async def test_timeout_when_server_hangs(sim_llm: SimulatedVLLM) -> None:
+    sim_llm.script_faults(["hang", "hang"])
+    async with InferenceClient(fast(sim_llm, timeout=0.3, max_retries=1)) as client:
+        with pytest.raises(InferenceTimeout):
+            await client.chat(HELLO)
+
+
+async def test_hang_then_success(sim_llm: SimulatedVLLM) -> None:
+    sim_llm.script_faults(["hang"])
+    async with InferenceClient(fast(sim_llm, timeout=0.3)) as client:
+        assert (await client.chat(HELLO)).text
+
+
+async def test_malformed_and_truncated_bodies_are_retried(sim_llm: SimulatedVLLM,
+                                                          inference_client: InferenceClient) -> None:
+    sim_llm.script_faults(["malformed", "truncate"])
+    assert (await inference_client.chat(HELLO)).text
+    assert sim_llm.stats.requests_by_status[200] == 3
+
+
+async def test_structured_output(inference_client: InferenceClient) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    data = await inference_client.chat_json(HELLO, schema)
+    assert set(data) == {"answer", "score"}
+    assert isinstance(data["score"], int)
+
+
+async def test_structured_output_via_structured_outputs_field(sim_llm: SimulatedVLLM) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    async with InferenceClient(fast(sim_llm, structured_output="structured_outputs")) as client:
+        assert await client.chat_json(HELLO, schema) == {"ok": False}
+
+
+async def test_structured_answer_cut_off_is_bad_completion(inference_client: InferenceClient) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 200}},
+              "required": ["answer"]}
+    with pytest.raises(BadCompletion, match="length"):
+        await inference_client.chat(HELLO, json_schema=schema, max_tokens=3)
+
+
+async def test_streaming_yields_deltas_then_usage(inference_client: InferenceClient) -> None:
+    events = [e async for e in inference_client.stream_chat(HELLO)]
+    text = "".join(e.text for e in events)
+    assert len(events) > 3
+    assert text.startswith("Simulated answer")
+    final = events[-1]
+    assert final.finish_reason == "stop"
+    assert final.usage is not None
+    assert final.usage.completion_tokens > 0
+
+
+async def test_streaming_retries_before_first_delta(sim_llm: SimulatedVLLM,
+                                                    inference_client: InferenceClient) -> None:
+    sim_llm.script_faults(["server_error"])
+    events = [e async for e in inference_client.stream_chat(HELLO)]
+    assert events[-1].usage is not None
+
+
+async def test_streaming_error_after_output_raises(sim_llm: SimulatedVLLM,
+                                                   inference_client: InferenceClient) -> None:
+    sim_llm.script_faults(["mid_stream_error"])
+
+    async def drain() -> None:
+        async with aclosing(inference_client.stream_chat(HELLO)) as stream:
+            async for _ in stream:
+                pass
+
+    with pytest.raises(InferenceError, match="stream"):
+        await drain()
+
+
+async def test_usage_accounted_per_task_and_run(inference_client: InferenceClient) -> None:
+    ledger = UsageLedger()
+    a = await inference_client.chat(HELLO, run_id="r1", task_id="t1", ledger=ledger)
+    b = await inference_client.chat(HELLO, run_id="r1", task_id="t2", ledger=ledger)
+    c = await inference_client.complete("Once upon", run_id="r2", task_id="t1", ledger=ledger)
+    events = [e async for e in inference_client.stream_chat(HELLO, run_id="r1", task_id="t1", ledger=ledger)]
+    streamed = events[-1].usage
+    assert streamed is not None
+    assert ledger.task("r1", "t1") == a.usage + streamed
+    assert ledger.run("r1") == a.usage + b.usage + streamed
+    assert ledger.run("r2") == c.usage
+    assert ledger.total.requests == 4
+    assert set(ledger.tasks("r1")) == {"t1", "t2"}
+    assert inference_client.usage.total.requests == 0  # an explicit ledger replaces the client's own
+
+
+async def test_check_finds_model(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(fast(sim_llm, model=None)) as client:
+        info = await client.check()
+        assert info.model == sim_llm.model
+        assert info.max_model_len == sim_llm.config.max_model_len
+        assert client.model == sim_llm.model
+
+
+async def test_check_unreachable() -> None:
+    async with InferenceClient(InferenceSettings(url="http://127.0.0.1:9", connect_timeout=0.5)) as client:
+        with pytest.raises(InferenceUnavailable, match="cannot reach"):
+            await client.check()
+
+
+async def test_check_wrong_model(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(fast(sim_llm, model="other")) as client:
+        with pytest.raises(InferenceUnavailable, match="does not serve model 'other'"):
+            await client.check()
+
+
+async def test_check_engine_dead(sim_llm: SimulatedVLLM) -> None:
+    sim_llm.kill_engine()
+    async with InferenceClient(fast(sim_llm)) as client:
+        with pytest.raises(InferenceUnavailable, match="unhealthy"):
+            await client.check()
+
+
+async def test_wrong_api_key() -> None:
+    async with SimulatedVLLM(SimConfig(time_scale=0.005, api_keys=("secret",))) as sim:
+        async with InferenceClient(fast(sim, api_key="wrong")) as client:
+            with pytest.raises(InferenceUnavailable, match="API key"):
+                await client.check()
+            with pytest.raises(InferenceUnavailable, match="API key"):
+                await client.chat(HELLO)
+        async with InferenceClient(fast(sim, api_key="secret")) as client:
+            await client.check()
+            assert (await client.chat(HELLO)).text
+
+
+async def test_unknown_model_is_not_retried(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(fast(sim_llm, model="nope")) as client:
+        with pytest.raises(InferenceUnavailable, match="does not exist"):
+            await client.chat(HELLO)
+    assert sim_llm.stats.requests_by_status[404] == 1
+
+
+async def test_concurrency_limit_caps_batch(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(fast(sim_llm, max_concurrency=8)) as client, anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(client.chat, HELLO)
+    assert sim_llm.stats.completed == 40
+    assert sim_llm.stats.max_batch_size <= 8
+
+
+async def test_backpressure_reads_queue_depth(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(fast(sim_llm, backpressure=True, max_waiting=0, metrics_interval=0.02)) as client:
+        load = await client.server_load()
+        assert load.waiting == 0
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(client.chat, HELLO)
+    assert sim_llm.stats.completed == 20
+
+
+async def test_count_tokens_matches_usage(inference_client: InferenceClient) -> None:
+    n = await inference_client.count_tokens(HELLO)
+    result = await inference_client.chat(HELLO)
+    assert n == result.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("sim_config", [SimConfig(time_scale=0.005, enable_prompt_tokens_details=True)])
+async def test_shared_prefix_layout_hits_cache(sim_llm: SimulatedVLLM, inference_client: InferenceClient) -> None:
+    system = "You are a careful worker in a multi-agent system. " * 20
+    spec = {"description": "Answer in three numbered points.", "max_words": 120}
+    for i in range(6):
+        messages = build_messages(system=system, role="[role: worker]", spec=spec, variable=f"Instruction: task {i}")
+        await inference_client.chat(messages, max_tokens=40)
+    assert sim_llm.stats.cache_hit_rate > 0.6
+    assert inference_client.usage.total.cached_tokens > 0
+
+
+def test_settings_from_env() -> None:
+    env = {"ORCH_LLM_URL": "http://gpu:8000/v1/", "ORCH_LLM_MODEL": "m", "ORCH_LLM_API_KEY": "k",
+           "ORCH_LLM_MAX_CONCURRENCY": "300"}
+    s = InferenceSettings.from_env(env, timeout=7)
+    assert s.url == "http://gpu:8000"
+    assert s.model == "m"
+    assert s.api_key is not None
+    assert s.api_key.get_secret_value() == "k"
+    assert s.max_concurrency == 300
+    assert s.timeout == 7
+
+
+async def test_rules_policy_answers() -> None:
+    policy = RulesPolicy([(r"capital of (\w+)", lambda req, m: f"The capital of {m.group(1)} is X.")])
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=policy) as sim, InferenceClient(fast(sim)) as client:
+        r = await client.chat([{"role": "user", "content": "What is the capital of Peru?"}])
+    assert r.text == "The capital of Peru is X."
