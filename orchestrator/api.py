@@ -10,12 +10,16 @@ from typing import Any, Self
 import anyio
 import structlog
 
-from orchestrator.job import Job, load_job, parse_job
+from orchestrator.job import Budget, Job, load_job, parse_job
+from orchestrator.judge import LLMJudge
 from orchestrator.manager import Judge, Manager, ManagerSettings
+from orchestrator.planner import Planner
 from orchestrator.records import Event, RunRecord, RunState
 from orchestrator.store import MemoryStore, Store
 from protocol.bus import Bus, MemoryBus
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, JobError
+from protocol.inference import InferenceClient
+from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
 from workers import registry
 from workers.base import Worker
@@ -104,13 +108,17 @@ class Orchestrator:
 
     def __init__(self, *, bus: Bus | None = None, store: Store | None = None,
                  workers: Iterable[WorkerLike] | None = None, host_workers: bool = True, concurrency: int = 8,
-                 judge: Judge | None = None, manager_settings: ManagerSettings | None = None) -> None:
+                 llm: InferenceSettings | InferenceClient | None = None, judge: Judge | None = None,
+                 manager_settings: ManagerSettings | None = None) -> None:
         self.bus = bus or MemoryBus()
         self.store = store or MemoryStore()
         self._worker_specs = list(workers) if workers is not None else None
         self._host_workers = host_workers
         self._concurrency = concurrency
+        self._llm = llm
+        self.inference: InferenceClient | None = llm if isinstance(llm, InferenceClient) else None
         self.workers: dict[str, Worker] = {}
+        self._unavailable: dict[str, str] = {}
         self.manager = Manager(self.bus, self.store, manager_settings, judge=judge)
         self._stack: AsyncExitStack | None = None
 
@@ -123,17 +131,24 @@ class Orchestrator:
         if not structlog.is_configured():
             # An application that did not set up logging gets warnings on stderr, not info lines on stdout.
             configure_logging("WARNING")
-        if self._host_workers:
-            self.workers = _instantiate(self._worker_specs)
         stack = AsyncExitStack()
         try:
+            if isinstance(self._llm, InferenceSettings):
+                self.inference = await stack.enter_async_context(InferenceClient(self._llm))
+            if self.inference is not None:
+                await self.inference.check()
+                if self.manager.judge is None:
+                    self.manager.judge = LLMJudge(self.inference)
+            if self._host_workers:
+                self.workers, self._unavailable = _instantiate(self._worker_specs, has_llm=self.inference is not None)
             await stack.enter_async_context(self.bus)
             await stack.enter_async_context(self.store)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             await tg.start(self.manager.serve)
             if self.workers:
-                runtime = WorkerRuntime(self.bus, self.workers, RuntimeSettings(concurrency=self._concurrency))
+                runtime = WorkerRuntime(self.bus, self.workers, RuntimeSettings(concurrency=self._concurrency),
+                                        inference=self.inference)
                 for worker in self.workers.values():
                     worker.context = runtime.context_for(worker.capability)
                 await stack.enter_async_context(runtime.running())
@@ -150,9 +165,20 @@ class Orchestrator:
 
     def load(self, job: JobLike) -> Job:
         """Validate a job (a Job, a mapping, or a path to a YAML file) against the capabilities served."""
-        if isinstance(job, str | Path):
-            return load_job(job, capabilities=self.capabilities)
-        return parse_job(job, capabilities=self.capabilities)
+        source = str(job) if isinstance(job, str | Path) else None
+        parsed = load_job(job) if isinstance(job, str | Path) else parse_job(job)
+        for t in parsed.tasks:
+            if t.capability in self._unavailable:
+                raise JobError(self._unavailable[t.capability], source=source, task_id=t.id, field="capability")
+        return parse_job(parsed, source=source, capabilities=self.capabilities)
+
+    async def plan(self, goal: str, *, budget: Budget | None = None) -> Job:
+        """Ask the language model to turn ``goal`` into a validated job (needs ``llm=``)."""
+        if self.inference is None:
+            raise ConfigError("planning a goal needs a language model: pass llm=InferenceSettings(...) "
+                              "or set ORCH_LLM_URL")
+        capabilities = [c for c, w in self.workers.items() if w.needs_inference] or ["llm"]
+        return await Planner(self.inference, capabilities=capabilities, budget=budget).plan(goal)
 
     async def submit(self, job: JobLike) -> Run:
         """Start a run and return at once; iterate ``run.events()`` or ``await run.wait()``."""
@@ -170,20 +196,26 @@ class Orchestrator:
         return await (await self.submit(job)).wait()
 
 
-def _instantiate(specs: list[WorkerLike] | None) -> dict[str, Worker]:
+def _instantiate(specs: list[WorkerLike] | None, *, has_llm: bool) -> tuple[dict[str, Worker], dict[str, str]]:
+    """The workers to host, and the capabilities left out with the reason (they need a language model)."""
     if specs is None:
         specs = list(registry.available())
     workers: dict[str, Worker] = {}
+    unavailable: dict[str, str] = {}
     for spec in specs:
         if isinstance(spec, Worker):
             worker = spec
         else:
             cls = registry.load(spec) if isinstance(spec, str) else spec
+            if cls.needs_inference and not has_llm:
+                unavailable[cls.capability] = (f"capability {cls.capability!r} needs a language model: pass "
+                                               "--llm-url (or set ORCH_LLM_URL), or llm= when embedding")
+                continue
             worker = cls()
         if worker.capability in workers:
             raise ConfigError(f"two workers serve capability {worker.capability!r}")
         workers[worker.capability] = worker
-    return workers
+    return workers, unavailable
 
 
 @asynccontextmanager

@@ -83,6 +83,7 @@ class TaskDef(_Frozen):
     input: Any = None
     depends_on: tuple[str, ...] = ()
     max_attempts: int | None = Field(default=None, ge=1, le=100)
+    max_tokens: int | None = Field(default=None, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
     config: dict[str, Any] = Field(default_factory=dict)
     spec: Spec = Field(default_factory=Spec)

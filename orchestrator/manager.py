@@ -282,9 +282,7 @@ class Manager:
         current.output, current.worker, current.finished = done.output, env.sender, time.time()
         await self._apply(run, task, TaskEvent.DONE, actor=env.sender,
                           detail={"output": _clip(done.output), "duration_s": round(done.duration_s, 4)})
-        budget = run.job.budget.max_tokens
-        if budget is not None and run.tokens > budget:
-            await self._exhaust_run(run, f"token budget spent: {run.tokens} tokens used of {budget}")
+        if await self._over_token_budget(run, task):
             return
         if previous is not _MISSING and done.output == previous:
             await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
@@ -314,6 +312,11 @@ class Manager:
     async def _on_verdict(self, run: RunRecord, task: TaskRecord, verdict: Verdict, *, after: str) -> None:
         """Continue the verification chain (spec -> worker -> judge) or act on a failure."""
         task.attempts[-1].verdict = verdict.model_dump(mode="json")
+        if verdict.tokens:
+            task.tokens += verdict.tokens
+            run.tokens += verdict.tokens
+            if await self._over_token_budget(run, task):
+                return
         if not verdict.passed:
             await self._reject(run, task, verdict)
             return
@@ -337,6 +340,18 @@ class Manager:
                 await self._settle(run)
         await self.store.sync()
         await self._publish_snapshot(run)
+
+    async def _over_token_budget(self, run: RunRecord, task: TaskRecord) -> bool:
+        """Fail the task (or the whole run) whose token budget is spent; True when it did."""
+        if task.max_tokens is not None and task.tokens > task.max_tokens:
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+                              reason=f"token budget spent: task used {task.tokens} tokens of {task.max_tokens}")
+            return True
+        budget = run.job.budget.max_tokens
+        if budget is not None and run.tokens > budget:
+            await self._exhaust_run(run, f"token budget spent: run used {run.tokens} tokens of {budget}")
+            return True
+        return False
 
     async def _reject(self, run: RunRecord, task: TaskRecord, verdict: Verdict) -> None:
         await self._apply(run, task, TaskEvent.REJECT, actor=verdict.verifier or self.name,

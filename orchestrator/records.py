@@ -47,6 +47,7 @@ class TaskRecord(BaseModel):
     depends_on: tuple[str, ...] = ()
     spec: Spec = Field(default_factory=Spec)
     max_attempts: int = 3
+    max_tokens: int | None = None
     timeout_s: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     state: TaskState = TaskState.NOT_DONE
@@ -65,7 +66,7 @@ class TaskRecord(BaseModel):
         """A fresh record for a job's task."""
         return cls(id=t.id, capability=t.capability, instruction=t.instruction, input=t.input,
                    depends_on=t.depends_on, spec=t.spec, max_attempts=t.max_attempts or default_attempts,
-                   timeout_s=t.timeout_s, config=t.config)
+                   max_tokens=t.max_tokens, timeout_s=t.timeout_s, config=t.config)
 
     @property
     def terminal(self) -> bool:

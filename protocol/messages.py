@@ -38,6 +38,7 @@ class Verdict(_Body):
     feedback: str = ""
     corrections: tuple[str, ...] = ()
     verifier: str = ""
+    tokens: int = 0  # what the verification itself cost (an LLM judge's tokens)
 
 
 class Redo(_Body):

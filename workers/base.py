@@ -91,6 +91,8 @@ class Worker(abc.ABC):
 
     capability: ClassVar[str]
     config_model: ClassVar[type[BaseModel]] = NoConfig
+    # Set by workers that call the language model: hosts hand them the shared InferenceClient.
+    needs_inference: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None, *,
                  context: WorkerContext | None = None) -> None:

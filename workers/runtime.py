@@ -28,6 +28,7 @@ from structlog.contextvars import bound_contextvars
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope, new_id
 from protocol.errors import LeaseLost, ProtocolError
+from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
 from workers.base import Task, Worker, WorkerContext
@@ -60,8 +61,10 @@ class _InFlight:
 class WorkerRuntime:
     """Serves ``workers`` (capability -> Worker instance) from ``bus`` until stopped."""
 
-    def __init__(self, bus: Bus, workers: Mapping[str, Worker], settings: RuntimeSettings | None = None) -> None:
+    def __init__(self, bus: Bus, workers: Mapping[str, Worker], settings: RuntimeSettings | None = None, *,
+                 inference: InferenceClient | None = None) -> None:
         self.bus = bus
+        self.inference = inference
         self.workers = dict(workers)
         self.settings = settings or RuntimeSettings()
         self.name = self.settings.name or f"worker-{new_id()[:8]}"
@@ -154,6 +157,7 @@ class WorkerRuntime:
         timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
         started = time.monotonic()
         log.info("task_received", type=env.type, capability=capability)
+        tokens_before = self._tokens(env)
         try:
             with anyio.fail_after(timeout):
                 if isinstance(body, VerifyRequest):
@@ -173,8 +177,14 @@ class WorkerRuntime:
         self.completed += 1
         duration = time.monotonic() - started
         log.info("task_finished", duration_s=round(duration, 4))
-        return env.reply(Done(output=output, duration_s=duration, self_check=worker.has_own_verify()),
-                         sender=self.name)
+        return env.reply(Done(output=output, duration_s=duration, self_check=worker.has_own_verify(),
+                              tokens=self._tokens(env) - tokens_before), sender=self.name)
+
+    def _tokens(self, env: Envelope) -> int:
+        """Tokens the shared inference client has spent on this task so far."""
+        if self.inference is None:
+            return 0
+        return self.inference.usage.task(env.run_id, env.task_id).total_tokens
 
     async def _commit(self, capability: str, delivery: Delivery, reply: Envelope) -> None:
         try:
@@ -236,7 +246,7 @@ class WorkerRuntime:
     def context_for(self, capability: str) -> WorkerContext:
         """The context a worker of ``capability`` hosted here should be built with."""
         return WorkerContext(name=self.name, logger=log.bind(worker=self.name, capability=capability),
-                             progress=self.report_progress)
+                             progress=self.report_progress, inference=self.inference)
 
 
 def _key(delivery: Delivery) -> tuple[str, str]:
