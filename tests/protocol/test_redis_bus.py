@@ -98,14 +98,18 @@ anyio.run(main, *sys.argv[1:])
 """
 
 
+def _spawn_zombie(url: str, namespace: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _ZOMBIE, url, namespace], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 async def test_commit_from_a_stale_owner_in_another_process_is_refused(redis_url: str) -> None:
     namespace = ns()
     async with RedisBus.from_url(redis_url, settings=FAST, namespace=namespace) as bus:
         await bus.publish("tasks.echo", assign(0))
-        with subprocess.Popen([sys.executable, "-c", _ZOMBIE, redis_url, namespace], cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
-            assert proc.stdout is not None and proc.stdin is not None
+        with _spawn_zombie(redis_url, namespace) as proc:
+            assert proc.stdout is not None
+            assert proc.stdin is not None
             line = await anyio.to_thread.run_sync(proc.stdout.readline)
             assert line.startswith("got ")
             [fresh] = await take(bus.consume("tasks.echo", group="g", consumer="c2"), 1)
@@ -114,7 +118,8 @@ async def test_commit_from_a_stale_owner_in_another_process_is_refused(redis_url
             proc.stdin.flush()
             verdict = await anyio.to_thread.run_sync(proc.stdout.readline)
             assert verdict.startswith("refused"), verdict
-            assert "zombie" in verdict and "c2" in verdict
+            assert "zombie" in verdict
+            assert "c2" in verdict
             await bus.commit(fresh, "results.echo", fresh.envelope.reply(Done(output="ok"), sender="c2"))
         results = bus.consume("results.echo", group="m", consumer="m1")
         [r] = await take(results, 1)
@@ -129,17 +134,21 @@ async def test_consume_survives_kill_9_and_restart_with_aof(tmp_path: Path) -> N
             for i in range(5):
                 await bus.publish("tasks.echo", assign(i))
             it = bus.consume("tasks.echo", group="g", consumer="c1")
+            want = {"t1", "t5"}
             first = await take(it, 5)
             for d in first:
                 if d.envelope.task_id != "t1":
                     await bus.ack(d)  # t1 stays pending across the crash
             await anyio.sleep(0.1)
             got: list[Delivery] = []
+            done = anyio.Event()
 
             async def keep_consuming() -> None:
                 async for d in it:
                     got.append(d)
                     await bus.ack(d)
+                    if {d.envelope.task_id for d in got} >= want:
+                        done.set()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(keep_consuming)
@@ -149,8 +158,7 @@ async def test_consume_survives_kill_9_and_restart_with_aof(tmp_path: Path) -> N
                 await anyio.to_thread.run_sync(server.start)
                 await bus.publish("tasks.echo", assign(5))
                 with anyio.fail_after(10):
-                    while {d.envelope.task_id for d in got} != {"t1", "t5"}:
-                        await anyio.sleep(0.05)
+                    await done.wait()
                 tg.cancel_scope.cancel()
             again = next(d for d in got if d.envelope.task_id == "t1")
             assert again.deliveries == 2  # the pending entry and its counter survived the crash
@@ -166,14 +174,18 @@ async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> 
         async with RedisBus.from_url(server.url, settings=FAST, namespace="empty", retry_budget_s=20) as bus:
             await bus.publish("tasks.echo", assign(0))
             it = bus.consume("tasks.echo", group="g", consumer="c1")
+            want = {"t1"}
             [d] = await take(it, 1)
             await bus.ack(d)
             got: list[Delivery] = []
+            done = anyio.Event()
 
             async def keep_consuming() -> None:
                 async for d in it:
                     got.append(d)
                     await bus.ack(d)
+                    if {d.envelope.task_id for d in got} >= want:
+                        done.set()
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(keep_consuming)
@@ -183,8 +195,7 @@ async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> 
                 await anyio.to_thread.run_sync(server.start)
                 await bus.publish("tasks.echo", assign(1))  # the group is gone; consume re-creates it
                 with anyio.fail_after(10):
-                    while not got:
-                        await anyio.sleep(0.05)
+                    await done.wait()
                 tg.cancel_scope.cancel()
             assert [d.envelope.task_id for d in got] == ["t1"]
     finally:
