@@ -21,6 +21,7 @@ See ``docs/bus.md``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
 from collections import deque
@@ -32,9 +33,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
@@ -57,6 +57,83 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class _Op:
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: tuple[Any, ...]) -> None:
+        self.item = item
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+_MAX_ITEMS = 256  # per script call, so one call never holds the server for long
+
+
+class _Batcher:
+    """Group commit: concurrent writes share one pipelined round trip on one connection.
+
+    Each caller queues its item and takes the lock; whoever holds the lock sends everything
+    queued so far: items for the same script, keys and fixed arguments become one EVALSHA (the
+    scripts loop over their items), and all of those go in one pipeline. Callers that arrive
+    while a batch is in flight go out together in the next one. A batch always completes
+    (shielded), bounded by socket timeouts and the retry budget.
+    """
+
+    def __init__(self, bus: RedisBus) -> None:
+        self._bus = bus
+        self._queue: dict[tuple[Any, ...], list[_Op]] = {}
+        self._lock: anyio.Lock | None = None
+
+    async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
+                  item: tuple[Any, ...]) -> Any:
+        op = _Op(item)
+        self._queue.setdefault((script, keys, fixed), []).append(op)
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if not op.done:
+                batch, self._queue = self._queue, {}
+                with anyio.CancelScope(shield=True):
+                    await self._flush(batch)
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def _flush(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
+        calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]] = []
+        for (script, keys, fixed), ops in batch.items():
+            for i in range(0, len(ops), _MAX_ITEMS):
+                calls.append((script, keys, fixed, ops[i:i + _MAX_ITEMS]))
+        try:
+            replies = await self._bus._call("write", lambda: self._send(calls))
+        except BaseException as exc:  # BusUnavailable, cancellation: every caller learns it
+            for *_, ops in calls:
+                for op in ops:
+                    op.error, op.done = exc, True
+            raise
+        for (*_, ops), reply in zip(calls, replies, strict=True):
+            for i, op in enumerate(ops):
+                if isinstance(reply, BaseException):
+                    op.error = reply
+                else:
+                    op.result = reply[i]
+                op.done = True
+
+    async def _send(self, calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]]) -> list[Any]:
+        bus = self._bus
+        for attempt in range(2):
+            pipe = bus._redis.pipeline(transaction=False)
+            for script, keys, fixed, ops in calls:
+                pipe.execute_command("EVALSHA", bus._sha[script.name], len(keys), *keys, *fixed,
+                                     *(a for op in ops for a in op.item))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
+        return replies
+
+
 class RedisBus(Bus):
     """A bus over Redis Streams; ``async with RedisBus.from_url(url) as bus``."""
 
@@ -72,13 +149,21 @@ class RedisBus(Bus):
             max_connections=rs.max_connections,
             client_name=f"orchestrator-bus-{rs.namespace}",
         )
-        self._scripts: dict[str, AsyncScript] = {
-            name: self._redis.register_script(src)
-            for name, src in (("commit", lua.COMMIT), ("renew", lua.RENEW), ("release", lua.RELEASE),
-                              ("ack", lua.ACK), ("bury", lua.BURY), ("reclaim", lua.RECLAIM),
-                              ("bounded_xadd", lua.BOUNDED_XADD))
-        }
+        self._sha = {script.name: hashlib.sha1(script.source.encode()).hexdigest() for script in lua.ALL}
         self._groups: set[tuple[str, str]] = set()
+        self._writes = _Batcher(self)
+
+    async def _load_scripts(self) -> None:
+        for script in lua.ALL:
+            await self._redis.script_load(script.source)
+
+    async def _eval(self, script: lua.Script, keys: list[str], args: list[Any]) -> Any:
+        """One unbatched script call, loading the scripts when Redis lost them."""
+        try:
+            return await self._redis.evalsha(self._sha[script.name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self._redis.evalsha(self._sha[script.name], len(keys), *keys, *args)
 
     @classmethod
     def from_url(cls, url: str, *, settings: BusSettings | None = None, namespace: str = "orch",
@@ -151,11 +236,10 @@ class RedisBus(Bus):
         key = self.key(stream)
         limit = self.redis_settings.max_task_stream_len
         if limit is None or not stream.startswith("tasks."):
-            return _s(await self._call("publish", lambda: self._redis.xadd(key, {b"f": frame})))
-        script = self._scripts["bounded_xadd"]
+            limit = 0
         while True:  # back-pressure: wait while the task stream is full
-            entry_id = await self._call("publish", lambda: script(keys=[key], args=[limit, frame]))
-            if entry_id is not None:
+            entry_id = await self._writes.run(lua.PUBLISH, (key,), (limit,), (frame,))
+            if entry_id:
                 return _s(entry_id)
             await anyio.sleep(self.redis_settings.backpressure_poll_s)
 
@@ -193,9 +277,9 @@ class RedisBus(Bus):
             now = time.monotonic()
             if now >= next_reclaim:
                 next_reclaim = now + reclaim_every
-                claimed = await read(lambda: self._scripts["reclaim"](
-                    keys=[key, dead],
-                    args=[group, consumer, lease_ms, rs.reclaim_count, bs.max_deliveries, rs.dead_letter_maxlen]))
+                claimed = await read(lambda: self._eval(
+                    lua.RECLAIM, [key, dead],
+                    [group, consumer, lease_ms, rs.reclaim_count, bs.max_deliveries, rs.dead_letter_maxlen]))
                 if claimed:
                     now = time.monotonic()
                     buffered.extend((now, _s(i), bytes(f), int(n)) for i, f, n in claimed)
@@ -218,40 +302,35 @@ class RedisBus(Bus):
             reason = f"undecodable frame: {exc}"
         else:
             return Delivery(stream, group, consumer, entry_id, envelope, deliveries)
-        args: list[Any] = [group, entry_id, reason, frame, deliveries, self.redis_settings.dead_letter_maxlen]
-        await self._call("dead-letter", lambda: self._scripts["bury"](keys=[key, dead], args=args))
+        await self._writes.run(lua.BURY, (key, dead), (group, self.redis_settings.dead_letter_maxlen),
+                               (entry_id, reason, frame, deliveries))
         log.warning("frame_dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
         return None
 
     # -- settling ------------------------------------------------------------------------------
 
-    async def _fenced(self, what: str, name: str, delivery: Delivery, keys: list[str], extra: list[Any]) -> Any:
-        args = [delivery.group, delivery.consumer, delivery.entry_id, delivery.deliveries, *extra]
-        try:
-            return await self._call(what, lambda: self._scripts[name](keys=keys, args=args))
-        except ResponseError as exc:
-            text = str(exc)
-            if not text.startswith("LEASELOST"):
-                raise
-            why = text.removeprefix("LEASELOST").strip()
+    async def _fenced(self, script: lua.Script, delivery: Delivery, keys: tuple[str, ...],
+                      fixed: tuple[Any, ...], *extra: Any) -> bytes:
+        item = (delivery.consumer, delivery.entry_id, delivery.deliveries, *extra)
+        reply: bytes = await self._writes.run(script, keys, (delivery.group, *fixed), item)
+        if reply.startswith(b"LEASELOST"):
+            why = reply.removeprefix(b"LEASELOST").strip().decode(errors="replace")
             raise LeaseLost(f"{delivery.consumer!r} no longer owns entry {delivery.entry_id} of "
-                            f"{delivery.stream!r}: {why}") from exc
+                            f"{delivery.stream!r}: {why}")
+        return reply
 
     async def ack(self, delivery: Delivery) -> None:
-        key = self.key(delivery.stream)
-        await self._call("ack", lambda: self._scripts["ack"](keys=[key], args=[delivery.group, delivery.entry_id]))
+        await self._writes.run(lua.ACK, (self.key(delivery.stream),), (delivery.group,), (delivery.entry_id,))
 
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
         frame = self.settings.codec.encode(envelope)
-        new_id = await self._fenced("commit", "commit", delivery, [self.key(delivery.stream), self.key(stream)],
-                                    [frame])
-        return _s(new_id)
+        return _s(await self._fenced(lua.COMMIT, delivery, (self.key(delivery.stream), self.key(stream)), (), frame))
 
     async def renew(self, delivery: Delivery) -> None:
-        await self._fenced("renew", "renew", delivery, [self.key(delivery.stream)], [])
+        await self._fenced(lua.RENEW, delivery, (self.key(delivery.stream),), ())
 
     async def release(self, delivery: Delivery) -> None:
-        await self._fenced("release", "release", delivery, [self.key(delivery.stream)], [_RELEASE_IDLE_MS])
+        await self._fenced(lua.RELEASE, delivery, (self.key(delivery.stream),), (_RELEASE_IDLE_MS,))
 
     # -- inspection ----------------------------------------------------------------------------
 
