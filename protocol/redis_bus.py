@@ -73,29 +73,35 @@ _MAX_ITEMS = 256  # per script call, so one call never holds the server for long
 class _Batcher:
     """Group commit: concurrent writes share one pipelined round trip on one connection.
 
-    Each caller queues its item and takes the lock; whoever holds the lock sends everything
-    queued so far: items for the same script, keys and fixed arguments become one EVALSHA (the
-    scripts loop over their items), and all of those go in one pipeline. Callers that arrive
-    while a batch is in flight go out together in the next one. A batch always completes
-    (shielded), bounded by socket timeouts and the retry budget.
+    A caller queues its item; if no batch is in flight it sends everything queued so far,
+    otherwise it waits for the batch in flight to finish and looks again. Items for the same
+    script, keys and fixed arguments become one EVALSHA (the scripts loop over their items),
+    and all of those go in one pipeline. A batch always completes once sent (shielded), bounded
+    by socket timeouts and the retry budget; a caller cancelled while its item waits in the
+    queue does not withdraw it.
     """
 
     def __init__(self, bus: RedisBus) -> None:
         self._bus = bus
         self._queue: dict[tuple[Any, ...], list[_Op]] = {}
-        self._lock: anyio.Lock | None = None
+        self._in_flight: anyio.Event | None = None
 
     async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
                   item: tuple[Any, ...]) -> Any:
         op = _Op(item)
         self._queue.setdefault((script, keys, fixed), []).append(op)
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            if not op.done:
-                batch, self._queue = self._queue, {}
+        while not op.done:
+            if self._in_flight is not None:
+                await self._in_flight.wait()
+                continue
+            self._in_flight = anyio.Event()
+            batch, self._queue = self._queue, {}
+            try:
                 with anyio.CancelScope(shield=True):
                     await self._flush(batch)
+            finally:
+                finished, self._in_flight = self._in_flight, None
+                finished.set()
         if op.error is not None:
             raise op.error
         return op.result
