@@ -13,12 +13,14 @@ Each measurement has the requester in this process and one worker in a separate 
 - round trip: one request at a time, from send until the reply is read; p50 and p99.
 
 Figures are medians over ``--repeats`` runs. A fresh key namespace is used for every run.
+``BUS_BENCH_NO_HIREDIS=1`` hides hiredis, to measure redis-py's pure-Python parser.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -28,16 +30,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+if os.environ.get("BUS_BENCH_NO_HIREDIS"):
+    sys.modules["hiredis"] = None  # type: ignore[assignment]  # makes redis-py fall back to its own parser
+
+# Imports below follow the optional hiredis switch and the sys.path fix on purpose.
 import anyio
 import anyio.abc
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol.bus import BusSettings  # noqa: E402 - after the sys.path fix above
-from protocol.envelope import Envelope  # noqa: E402
-from protocol.messages import Assign, Done  # noqa: E402
-from protocol.redis_bus import RedisBus  # noqa: E402
+from protocol.bus import BusSettings
+from protocol.envelope import Envelope
+from protocol.messages import Assign, Done
+from protocol.redis_bus import RedisBus
 
 PAYLOAD = b"x" * 300
 
@@ -56,7 +62,7 @@ def _raw_worker(url: str, ns: str, ready: Any) -> None:
                 continue
             entries = reply[0][1]
             pipe = r.pipeline(transaction=False)
-            for entry_id, fields in entries:
+            for _, fields in entries:
                 if fields[b"f"] == b"stop":
                     return
                 pipe.xadd(results, {b"f": fields[b"f"]})
@@ -223,12 +229,9 @@ async def main() -> None:
 
         server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
         url = server.url
-    try:
-        import hiredis  # noqa: F401
+    from redis.utils import HIREDIS_AVAILABLE
 
-        parser_name = "hiredis"
-    except ImportError:
-        parser_name = "pure-python parser"
+    parser_name = "hiredis" if HIREDIS_AVAILABLE else "pure-Python parser"
     print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; window {args.window}; {parser_name}")
     rows: dict[str, dict[str, list[float]]] = {"raw": {}, "bus": {}}
     for rep in range(args.repeats):
