@@ -17,7 +17,7 @@ from redis.crc import key_slot
 from protocol.bus import BusSettings, Delivery
 from protocol.envelope import Envelope
 from protocol.errors import BusUnavailable, LeaseLost
-from protocol.messages import Assign, Done
+from protocol.messages import Assign, Cancel, Done
 from protocol.redis_bus import RedisBus
 from tests._redis import RedisServer, free_port, redis_server_path
 
@@ -272,3 +272,71 @@ async def test_password_in_the_url_is_used(tmp_path: Path) -> None:
             await bus.renew(d)
     finally:
         server.kill()
+
+
+async def test_subscription_survives_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    message = Envelope(run_id="r", task_id="t", body=Cancel(reason="stop"))
+    try:
+        bus = RedisBus.from_url(server.url, settings=FAST, namespace="ps", retry_budget_s=10)
+        async with bus, bus.subscribe("control") as messages:
+            await bus.broadcast("control", message)
+            with anyio.fail_after(5):
+                assert await anext(aiter(messages)) == message
+            await anyio.to_thread.run_sync(server.kill)
+            await anyio.to_thread.run_sync(server.start)
+            got: list[Envelope] = []
+            async with anyio.create_task_group() as tg:
+
+                async def read_one() -> None:
+                    got.append(await anext(aiter(messages)))
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(read_one)
+                with anyio.fail_after(10):
+                    while True:  # Pub/Sub is at-most-once: repeat until the re-subscription is in place
+                        await bus.broadcast("control", message)
+                        await anyio.sleep(0.1)
+            assert got == [message]
+    finally:
+        server.kill()
+
+
+async def test_a_batch_refuses_only_the_stale_commit(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        for i in range(3):
+            await bus.publish("tasks.echo", assign(i))
+        held = await take(bus.consume("tasks.echo", group="g", consumer="w1"), 3)
+        stale = held[0]
+        await bus.release(stale)
+        [taken] = await take(bus.consume("tasks.echo", group="g", consumer="w2"), 1)
+        assert taken.entry_id == stale.entry_id
+        outcomes: dict[str, str] = {}
+
+        async def commit(d: Delivery) -> None:
+            try:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=1), sender=d.consumer))
+                outcomes[d.envelope.task_id] = "ok"
+            except LeaseLost:
+                outcomes[d.envelope.task_id] = "refused"
+
+        async with anyio.create_task_group() as tg:  # concurrent: one pipelined batch
+            for d in held:
+                tg.start_soon(commit, d)
+        assert outcomes == {"t0": "refused", "t1": "ok", "t2": "ok"}
+        assert await bus.depth("tasks.echo", "g") == 1  # only w2's entry is left
+
+
+async def test_writes_recover_when_redis_forgets_the_scripts(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        await bus.publish("tasks.echo", assign(0))
+        client = Redis.from_url(redis_url)
+        try:
+            await client.script_flush()  # this test's own throwaway server
+        finally:
+            await client.aclose()
+        await bus.publish("tasks.echo", assign(1))
+        got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 2)
+        for d in got:
+            await bus.commit(d, "results.echo", d.envelope.reply(Done(output=0), sender="c"))
+        assert await bus.depth("tasks.echo", "g") == 0
