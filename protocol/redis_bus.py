@@ -77,8 +77,8 @@ class _Batcher:
     otherwise it waits for the batch in flight to finish and looks again. Items for the same
     script, keys and fixed arguments become one EVALSHA (the scripts loop over their items),
     and all of those go in one pipeline. A batch always completes once sent (shielded), bounded
-    by socket timeouts and the retry budget; a caller cancelled while its item waits in the
-    queue does not withdraw it.
+    by socket timeouts and the retry budget; a caller cancelled while its item still waits in
+    the queue withdraws it.
     """
 
     def __init__(self, bus: RedisBus) -> None:
@@ -89,10 +89,17 @@ class _Batcher:
     async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
                   item: tuple[Any, ...]) -> Any:
         op = _Op(item)
-        self._queue.setdefault((script, keys, fixed), []).append(op)
+        group = (script, keys, fixed)
+        self._queue.setdefault(group, []).append(op)
         while not op.done:
             if self._in_flight is not None:
-                await self._in_flight.wait()
+                try:
+                    await self._in_flight.wait()
+                except BaseException:
+                    queued = self._queue.get(group, [])
+                    if op in queued:  # not sent yet: withdraw it
+                        queued.remove(op)
+                    raise
                 continue
             self._in_flight = anyio.Event()
             batch, self._queue = self._queue, {}

@@ -29,7 +29,7 @@ class RedisSettings(BaseModel):
     redis-py query options such as ``ssl_cert_reqs`` and ``ssl_ca_certs`` apply).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)  # URLs carry passwords
 
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = Field(default="orch", min_length=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -19,6 +20,7 @@ from protocol.envelope import Envelope
 from protocol.errors import BusUnavailable, LeaseLost
 from protocol.messages import Assign, Cancel, Done
 from protocol.redis_bus import RedisBus
+from protocol.settings import RedisSettings, redact_url
 from tests._redis import RedisServer, free_port, redis_server_path
 
 pytestmark = [
@@ -81,6 +83,7 @@ from protocol.bus import BusSettings
 from protocol.errors import LeaseLost
 from protocol.messages import Done
 from protocol.redis_bus import RedisBus
+from protocol.settings import RedisSettings, redact_url
 
 async def main(url, namespace):
     async with RedisBus.from_url(url, settings=BusSettings(lease_s=0.3, block_s=0.05), namespace=namespace) as bus:
@@ -340,3 +343,14 @@ async def test_writes_recover_when_redis_forgets_the_scripts(redis_url: str) -> 
         for d in got:
             await bus.commit(d, "results.echo", d.envelope.reply(Done(output=0), sender="c"))
         assert await bus.depth("tasks.echo", "g") == 0
+
+
+def test_settings_redact_passwords_and_refuse_bad_namespaces() -> None:
+    assert redact_url("rediss://user:pw@h:6380/1") == "rediss://user:***@h:6380/1"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert RedisSettings.from_url("redis://:pw@h:1/0").safe_url == "redis://:***@h:1/0"
+    with pytest.raises(ValidationError, match="namespace"):
+        RedisSettings(namespace="a{b}")
+    with pytest.raises(ValidationError, match="must start with") as info:
+        RedisSettings(url="http://:pw@h:1/")
+    assert "pw" not in str(info.value)
