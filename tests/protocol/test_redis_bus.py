@@ -354,3 +354,58 @@ def test_settings_redact_passwords_and_refuse_bad_namespaces() -> None:
     with pytest.raises(ValidationError, match="must start with") as info:
         RedisSettings(url="http://:pw@h:1/")
     assert "pw" not in str(info.value)
+
+
+_WORKER = """
+import sys, anyio
+from protocol.bus import BusSettings
+from protocol.errors import LeaseLost
+from protocol.messages import Done
+from protocol.redis_bus import RedisBus
+
+async def main(url, namespace, name):
+    settings = BusSettings(lease_s=0.5, max_deliveries=5, block_s=0.05)
+    async with RedisBus.from_url(url, settings=settings, namespace=namespace) as bus:
+        async for d in bus.consume("tasks.echo", group="workers", consumer=name):
+            await anyio.sleep(0.005)
+            try:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=name), sender=name))
+            except LeaseLost:
+                pass
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+def _spawn_worker(url: str, namespace: str, name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _WORKER, url, namespace, name], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+async def test_killed_worker_loses_no_task_and_duplicates_no_result(redis_url: str) -> None:
+    n, namespace = 200, ns()
+    settings = BusSettings(lease_s=0.5, max_deliveries=5, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=namespace) as bus:
+        for i in range(n):
+            await bus.publish("tasks.echo", assign(i))
+        workers = [_spawn_worker(redis_url, namespace, "a"), _spawn_worker(redis_url, namespace, "b")]
+        seen: dict[str, int] = {}
+        try:
+            with anyio.fail_after(30):
+                async for r in bus.consume("results.echo", group="manager", consumer="m"):
+                    seen[r.envelope.task_id] = seen.get(r.envelope.task_id, 0) + 1
+                    await bus.ack(r)
+                    if len(seen) == 40 and workers[0].poll() is None:
+                        workers[0].kill()  # kill -9 worker "a" with entries in flight
+                        workers.append(_spawn_worker(redis_url, namespace, "c"))
+                    if len(seen) == n:
+                        break
+        finally:
+            for proc in workers:
+                proc.kill()
+                proc.wait(timeout=10)
+        assert sorted(seen) == sorted(f"t{i}" for i in range(n))
+        assert max(seen.values()) == 1  # fencing: one committed result per task
+        assert await bus.depth("tasks.echo", "workers") == 0
+        assert await bus.dead_letters("tasks.echo") == []
