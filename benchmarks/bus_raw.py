@@ -229,6 +229,14 @@ async def main() -> None:
 
         server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
         url = server.url
+    try:
+        await _report(url, args)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _report(url: str, args: argparse.Namespace) -> None:
     from redis.utils import HIREDIS_AVAILABLE
 
     parser_name = "hiredis" if HIREDIS_AVAILABLE else "pure-Python parser"
@@ -251,8 +259,6 @@ async def main() -> None:
         print(f"{name:8}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
     r, b = med["raw"], med["bus"]
     print(f"{'bus/raw':8}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}{b['p99'] / r['p99']:10.2f}")
-    if server is not None:
-        server.stop()
 
 
 if __name__ == "__main__":
