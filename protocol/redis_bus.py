@@ -135,12 +135,20 @@ class _Batcher:
 
     async def _send(self, calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]]) -> list[Any]:
         bus = self._bus
+        commands = [("EVALSHA", bus._sha[script.name], len(keys), *keys, *fixed, *(a for op in ops for a in op.item))
+                    for script, keys, fixed, ops in calls]
         for attempt in range(2):
-            pipe = bus._redis.pipeline(transaction=False)
-            for script, keys, fixed, ops in calls:
-                pipe.execute_command("EVALSHA", bus._sha[script.name], len(keys), *keys, *fixed,
-                                     *(a for op in ops for a in op.item))
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies: list[Any]
+            if len(commands) == 1:  # the common idle case: skip the pipeline machinery
+                try:
+                    replies = [await bus._redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                pipe = bus._redis.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
