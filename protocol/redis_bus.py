@@ -34,7 +34,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
@@ -49,7 +49,16 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)  # BusyLoadingError (LOADING) is a ConnectionError
+# Replies that mean "this server cannot serve you right now" during a restart or failover: a blocked
+# XREADGROUP force-unblocked, a demoted primary, a replica without a primary, a cluster slot in migration.
+_TRANSIENT_REPLIES = ("UNBLOCKED", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _transient(reply: object) -> bool:
+    """True for an error reply that a retry after a short wait can cure."""
+    return isinstance(reply, ReadOnlyError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith(_TRANSIENT_REPLIES))
 _RELEASE_IDLE_MS = 365 * 24 * 3600 * 1000  # far past any lease a reclaimer could use
 
 
@@ -152,6 +161,8 @@ class _Batcher:
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
+        if all(_transient(r) for r in replies):
+            raise replies[0]  # nothing was applied (e.g. READONLY after a failover): _call retries the batch
         return replies
 
 
@@ -225,7 +236,9 @@ class RedisBus(Bus):
         while True:
             try:
                 return await fn()
-            except _RETRYABLE as exc:
+            except (*_RETRYABLE, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not _transient(exc):
+                    raise
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + rs.retry_budget_s

@@ -409,3 +409,25 @@ async def test_killed_worker_loses_no_task_and_duplicates_no_result(redis_url: s
         assert max(seen.values()) == 1  # fencing: one committed result per task
         assert await bus.depth("tasks.echo", "workers") == 0
         assert await bus.dead_letters("tasks.echo") == []
+
+
+async def test_writes_wait_out_a_readonly_server(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = Redis.from_url(server.url)
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="ro", retry_budget_s=10) as bus:
+            await bus.publish("tasks.echo", assign(0))
+            await admin.replicaof("127.0.0.1", str(free_port()))  # now a replica of nobody: writes get READONLY
+            async with anyio.create_task_group() as tg:
+
+                async def promote_later() -> None:
+                    await anyio.sleep(0.3)
+                    await admin.replicaof("NO", "ONE")
+
+                tg.start_soon(promote_later)
+                with anyio.fail_after(5):
+                    await bus.publish("tasks.echo", assign(1))  # retried until the server accepts writes
+            assert await bus.depth("tasks.echo", "g") == 2
+        await admin.aclose()
+    finally:
+        server.kill()
