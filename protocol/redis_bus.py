@@ -235,19 +235,23 @@ class RedisBus(Bus):
         delay = rs.backoff_base_s
         while True:
             try:
-                return await fn()
+                result = await fn()
             except (*_RETRYABLE, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and not _transient(exc):
                     raise
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + rs.retry_budget_s
-                    log.warning("redis_unreachable", url=rs.safe_url, op=what, error=str(exc))
+                    log.warning("redis_call_failed", url=rs.safe_url, op=what, error=str(exc))
                 if now >= deadline:
                     raise BusUnavailable(f"cannot reach Redis at {rs.safe_url!r} for {what} within "
                                          f"{rs.retry_budget_s:g}s: {exc}") from exc
                 await anyio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
                 delay = min(rs.backoff_cap_s, delay * 2)
+            else:
+                if deadline is not None:
+                    log.info("redis_call_recovered", url=rs.safe_url, op=what)
+                return result
 
     async def _ensure_group(self, key: str, group: str, *, force: bool = False) -> None:
         if (key, group) in self._groups and not force:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -38,9 +39,23 @@ _MARKS = {"redis": [pytest.mark.redis]}
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway redis-server on a free port (no persistence), stopped by pid at the end."""
+    """A throwaway redis-server on a free port (no persistence), stopped by pid at the end.
+
+    ``ORCH_TEST_REDIS_URL`` points the tests at an existing Redis instead (a CI service
+    container without the binary). Every test works in its own key namespace and nothing is
+    flushed, but use a server nothing else depends on.
+    """
+    external = os.environ.get("ORCH_TEST_REDIS_URL")
+    if external:
+        _redis_urls.append(external)
+        try:
+            yield external
+        finally:
+            _redis_urls.remove(external)
+        return
     if redis_server_path() is None:
-        pytest.skip("redis-server is not on PATH; install Redis 7 to run the redis tests")
+        pytest.skip("redis-server is not on PATH and ORCH_TEST_REDIS_URL is not set; install Redis 7 "
+                    "to run the redis tests")
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
     _redis_urls.append(server.url)
     try:
