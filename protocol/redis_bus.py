@@ -21,6 +21,7 @@ See ``docs/bus.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import time
@@ -291,6 +292,10 @@ class RedisBus(Bus):
         reclaim_every = min(bs.lease_s / 4, bs.block_s)
         buffered: deque[tuple[float, str, bytes, int]] = deque()
         next_reclaim = 0.0
+        # Adaptive prefetch: take one entry per read until the caller shows it drains a batch
+        # quickly, then double up to read_count; fall back to one as soon as it is slow. A slow
+        # consumer thus never sits on entries other consumers could run.
+        count, batch_at = 1, 0.0
         await self._call("consume", lambda: self._ensure_group(key, group))
 
         async def read(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -305,32 +310,51 @@ class RedisBus(Bus):
 
         while True:
             if buffered:
-                read_at, entry_id, frame, n = buffered.popleft()
-                if time.monotonic() - read_at >= bs.lease_s:
-                    continue  # held too long in the buffer; it will be reclaimed (by anyone)
+                read_at, entry_id, frame, n = buffered[0]
+                if time.monotonic() - read_at >= bs.lease_s / 2:
+                    # Held past half a lease: too little left to work on. Hand the whole buffer
+                    # back at once so any consumer (this one included) can reclaim it now.
+                    stale, count = [(e[1], e[3]) for e in buffered], 1
+                    buffered.clear()
+                    await self._hand_back(key, group, consumer, stale)
+                    continue
+                buffered.popleft()
                 delivery = await self._decode(stream, key, dead, group, consumer, entry_id, frame, n)
                 if delivery is not None:
                     yield delivery
                 continue
             now = time.monotonic()
+            if batch_at:
+                count = min(rs.read_count, count * 2) if now - batch_at < bs.lease_s / 8 else 1
+                batch_at = 0.0
             if now >= next_reclaim:
                 next_reclaim = now + reclaim_every
-                claimed = await read(lambda: self._eval(
-                    lua.RECLAIM, [key, dead],
-                    [group, consumer, lease_ms, rs.reclaim_count, bs.max_deliveries, rs.dead_letter_maxlen]))
+                claimed = await read(functools.partial(
+                    self._eval, lua.RECLAIM, [key, dead],
+                    [group, consumer, lease_ms, min(count, rs.reclaim_count), bs.max_deliveries,
+                     rs.dead_letter_maxlen]))
                 if claimed:
-                    now = time.monotonic()
-                    buffered.extend((now, _s(i), bytes(f), int(n)) for i, f, n in claimed)
+                    batch_at = time.monotonic()
+                    buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
                     continue
-            reply = await read(lambda: self._redis.xreadgroup(
-                group, consumer, {key: ">"}, count=rs.read_count, block=block_ms))
+            reply = await read(functools.partial(
+                self._redis.xreadgroup, group, consumer, {key: ">"}, count=count, block=block_ms))
             if not reply:
                 next_reclaim = 0.0  # idle: look for expired leases on every poll
                 continue
-            now = time.monotonic()
+            batch_at = time.monotonic()
             for _, entries in reply:
                 for entry_id, fields in entries:
-                    buffered.append((now, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+                    buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+
+    async def _hand_back(self, key: str, group: str, consumer: str, entries: list[tuple[str, int]]) -> None:
+        async def one(entry_id: str, deliveries: int) -> None:
+            await self._writes.run(lua.RELEASE, (key,), (group, _RELEASE_IDLE_MS), (consumer, entry_id, deliveries))
+
+        async with anyio.create_task_group() as tg:  # concurrent, so they share one batch
+            for entry_id, deliveries in entries:
+                tg.start_soon(one, entry_id, deliveries)
+        log.info("prefetched_entries_handed_back", key=key, consumer=consumer, count=len(entries))
 
     async def _decode(self, stream: str, key: str, dead: str, group: str, consumer: str, entry_id: str,
                       frame: bytes, deliveries: int) -> Delivery | None:

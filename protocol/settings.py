@@ -41,8 +41,9 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = Field(default=2.0, gt=0)
     # Socket read timeout on top of the blocking read time (XREADGROUP BLOCK holds the socket).
     socket_timeout_s: float = Field(default=10.0, gt=0)
-    # XREADGROUP COUNT: entries a consumer takes per read. Entries taken but not yet yielded
-    # when their lease runs out are dropped from the local buffer (and reclaimed).
+    # Most entries a consumer takes per read (XREADGROUP COUNT, and per reclaim). The actual
+    # count adapts: 1 while the caller is slow, doubling while it drains batches quickly.
+    # Entries buffered for half a lease without being yielded are handed back at once.
     read_count: int = Field(default=32, ge=1)
     reclaim_count: int = Field(default=32, ge=1)
     # Back-pressure: when set, ``publish`` to a ``tasks.*`` stream waits while the stream holds

@@ -439,3 +439,32 @@ async def test_writes_wait_out_a_readonly_server(tmp_path: Path) -> None:
         await admin.aclose()
     finally:
         server.kill()
+
+
+async def test_a_slow_consumer_does_not_hoard_entries(redis_url: str) -> None:
+    settings = BusSettings(lease_s=3.0, max_deliveries=3, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        for i in range(10):
+            await bus.publish("tasks.echo", assign(i))
+        slow = bus.consume("tasks.echo", group="g", consumer="slow")
+        [first] = await take(slow, 1)  # ... and then works on it for a long time
+        rest = await take(bus.consume("tasks.echo", group="g", consumer="fast"), 9, within=1.0)
+        assert {d.envelope.task_id for d in rest} == {f"t{i}" for i in range(10)} - {first.envelope.task_id}
+        assert all(d.deliveries == 1 for d in rest)
+
+
+async def test_prefetched_entries_are_handed_back_when_the_caller_stalls(redis_url: str) -> None:
+    settings = BusSettings(lease_s=1.0, max_deliveries=3, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        for i in range(15):
+            await bus.publish("tasks.echo", assign(i))
+        a = bus.consume("tasks.echo", group="g", consumer="a")
+        quick = await take(a, 8)  # reads of 1, 2, 4, then 8: seven entries wait in a's buffer
+        assert all(d.deliveries == 1 for d in quick)
+        await anyio.sleep(0.6)  # past half a lease
+        [again] = await take(a, 1)  # a hands its buffer back, then reclaims one of it
+        assert again.deliveries == 2
+        # The other six are claimable right away, long before their lease would have run out.
+        others = await take(bus.consume("tasks.echo", group="g", consumer="b"), 6, within=0.4)
+        assert all(d.deliveries == 2 for d in others)
+        assert len({d.entry_id for d in [*quick, again, *others]}) == 15
