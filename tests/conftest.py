@@ -2,27 +2,74 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from protocol.bus import Bus, BusSettings, MemoryBus
+from tests._redis import RedisServer, redis_server_path
 
 BusFactory = Callable[[BusSettings], Awaitable[Bus]]
 
 FAST = BusSettings(lease_s=0.3, max_deliveries=3, block_s=0.05)
+
+_redis_urls: list[str] = []  # set by the session-scoped ``redis_url`` fixture
 
 
 async def _memory_bus(settings: BusSettings) -> Bus:
     return MemoryBus(settings)
 
 
-BUS_FACTORIES: dict[str, BusFactory] = {"memory": _memory_bus}
+async def _redis_bus(settings: BusSettings) -> Bus:
+    from protocol.redis_bus import RedisBus
+
+    if not _redis_urls:
+        raise RuntimeError("request the redis_url fixture before building a RedisBus")
+    # A fresh namespace per bus isolates tests sharing the session's server.
+    return RedisBus.from_url(_redis_urls[-1], settings=settings, namespace=f"t{uuid.uuid4().hex[:10]}",
+                             retry_budget_s=5.0)
 
 
-@pytest.fixture(params=sorted(BUS_FACTORIES))
+BUS_FACTORIES: dict[str, BusFactory] = {"memory": _memory_bus, "redis": _redis_bus}
+_MARKS = {"redis": [pytest.mark.redis]}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on a free port (no persistence), stopped by pid at the end.
+
+    ``ORCH_TEST_REDIS_URL`` points the tests at an existing Redis instead (a CI service
+    container without the binary). Every test works in its own key namespace and nothing is
+    flushed, but use a server nothing else depends on.
+    """
+    external = os.environ.get("ORCH_TEST_REDIS_URL")
+    if external:
+        _redis_urls.append(external)
+        try:
+            yield external
+        finally:
+            _redis_urls.remove(external)
+        return
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not on PATH and ORCH_TEST_REDIS_URL is not set; install Redis 7 "
+                    "to run the redis tests")
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
+    _redis_urls.append(server.url)
+    try:
+        yield server.url
+    finally:
+        _redis_urls.remove(server.url)
+        server.stop()
+
+
+@pytest.fixture(params=[pytest.param(name, marks=_MARKS.get(name, [])) for name in sorted(BUS_FACTORIES)])
 def bus_factory(request: pytest.FixtureRequest) -> BusFactory:
     """Each bus implementation, by name."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_url")
     return BUS_FACTORIES[request.param]
 
 

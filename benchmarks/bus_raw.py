@@ -1,0 +1,265 @@
+"""Request/reply over Redis Streams: a raw redis-py baseline against the same workload through RedisBus.
+
+Run from the repository root::
+
+    python benchmarks/bus_raw.py                 # starts a throwaway redis-server on a free port
+    python benchmarks/bus_raw.py --url redis://127.0.0.1:6380/0 --tasks 20000 --repeats 3
+
+Each measurement has the requester in this process and one worker in a separate process:
+
+- throughput: the requester keeps ``--window`` requests in flight and counts completed replies
+  per second (raw: pipelined XADD batches, XREADGROUP COUNT, pipelined reply XADD + XACK;
+  bus: ``publish`` from concurrent senders -> ``consume`` -> ``commit`` -> manager ``consume`` -> ``ack``);
+- round trip: one request at a time, from send until the reply is read; p50 and p99.
+
+Figures are medians over ``--repeats`` runs. A fresh key namespace is used for every run.
+``BUS_BENCH_NO_HIREDIS=1`` hides hiredis, to measure redis-py's pure-Python parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if os.environ.get("BUS_BENCH_NO_HIREDIS"):
+    sys.modules["hiredis"] = None  # type: ignore[assignment]  # makes redis-py fall back to its own parser
+
+# Imports below follow the optional hiredis switch and the sys.path fix on purpose.
+import anyio
+import anyio.abc
+import redis.asyncio as aioredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from protocol.bus import BusSettings
+from protocol.envelope import Envelope
+from protocol.messages import Assign, Done
+from protocol.redis_bus import RedisBus
+
+PAYLOAD = b"x" * 300
+
+
+# -- raw redis-py ----------------------------------------------------------------------------------
+
+def _raw_worker(url: str, ns: str, ready: Any) -> None:
+    async def main() -> None:
+        r = aioredis.Redis.from_url(url)
+        tasks, results = f"{ns}:{{cap.raw}}:tasks", f"{ns}:{{cap.raw}}:results"
+        await r.xgroup_create(tasks, "workers", id="0", mkstream=True)
+        ready.set()
+        while True:
+            reply = await r.xreadgroup("workers", "w1", {tasks: ">"}, count=100, block=1000)
+            if not reply:
+                continue
+            entries = reply[0][1]
+            pipe = r.pipeline(transaction=False)
+            for _, fields in entries:
+                if fields[b"f"] == b"stop":
+                    return
+                pipe.xadd(results, {b"f": fields[b"f"]})
+            pipe.xack(tasks, "workers", *[e[0] for e in entries])
+            pipe.xdel(tasks, *[e[0] for e in entries])
+            await pipe.execute()
+
+    anyio.run(main)
+
+
+async def _raw_throughput(r: aioredis.Redis, ns: str, n: int, window: int) -> float:
+    tasks, results = f"{ns}:{{cap.raw}}:tasks", f"{ns}:{{cap.raw}}:results"
+    done = 0
+    sent = 0
+    start = time.perf_counter()
+    while done < n:
+        batch = min(100, n - sent, window - (sent - done))
+        if batch > 0:
+            pipe = r.pipeline(transaction=False)
+            for _ in range(batch):
+                pipe.xadd(tasks, {b"f": PAYLOAD})
+            await pipe.execute()
+            sent += batch
+        reply = await r.xreadgroup("manager", "m1", {results: ">"}, count=500, block=1000)
+        if reply:
+            ids = [e[0] for e in reply[0][1]]
+            pipe = r.pipeline(transaction=False)
+            pipe.xack(results, "manager", *ids)
+            pipe.xdel(results, *ids)
+            await pipe.execute()
+            done += len(ids)
+    return n / (time.perf_counter() - start)
+
+
+async def _raw_latency(r: aioredis.Redis, ns: str, n: int) -> list[float]:
+    tasks, results = f"{ns}:{{cap.raw}}:tasks", f"{ns}:{{cap.raw}}:results"
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await r.xadd(tasks, {b"f": PAYLOAD})
+        reply = await r.xreadgroup("manager", "m1", {results: ">"}, count=1, block=5000)
+        await r.xack(results, "manager", reply[0][1][0][0])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# -- RedisBus --------------------------------------------------------------------------------------
+
+def _bus_worker(url: str, ns: str, ready: Any) -> None:
+    async def main() -> None:
+        async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
+            it = bus.consume("tasks.bench", group="workers", consumer="w1")
+            ready.set()
+            async with anyio.create_task_group() as tg:
+                async for d in it:
+                    if d.envelope.body.instruction == "stop":  # type: ignore[union-attr]
+                        tg.cancel_scope.cancel()
+                        await bus.ack(d)
+                        return
+                    tg.start_soon(bus.commit, d, "results.bench", d.envelope.reply(Done(output=None), sender="w1"))
+
+    anyio.run(main)
+
+
+def _task(i: int, instruction: str | None = None) -> Envelope:
+    body = Assign(capability="bench", instruction=instruction or "x" * 190)
+    return Envelope(run_id="bench", task_id=f"t{i}", attempt=1, body=body)
+
+
+async def _bus_throughput(bus: RedisBus, n: int, window: int) -> float:
+    results = bus.consume("results.bench", group="manager", consumer="m1")
+    limiter = anyio.Semaphore(window)
+    done = 0
+    start = time.perf_counter()
+
+    async def send(tg: anyio.abc.TaskGroup) -> None:
+        for i in range(n):
+            await limiter.acquire()
+            tg.start_soon(bus.publish, "tasks.bench", _task(i))  # concurrent publishes share pipelines
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, tg)
+        async for d in results:
+            tg.start_soon(bus.ack, d)
+            limiter.release()
+            done += 1
+            if done == n:
+                break
+        elapsed = time.perf_counter() - start
+        tg.cancel_scope.cancel()
+    return n / elapsed
+
+
+async def _bus_latency(bus: RedisBus, n: int) -> list[float]:
+    results = bus.consume("results.bench", group="manager", consumer="m1")
+    out: list[float] = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await bus.publish("tasks.bench", _task(i))
+        d = await anext(results)
+        await bus.ack(d)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# -- harness ---------------------------------------------------------------------------------------
+
+def _with_worker(target: Callable[[str, str, Any], None], url: str, ns: str) -> mp.process.BaseProcess:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=target, args=(url, ns, ready), daemon=True)
+    proc.start()
+    if not ready.wait(30):
+        raise RuntimeError("worker did not start")
+    return proc
+
+
+async def _run_raw(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float]]:
+    ns = f"bench{uuid.uuid4().hex[:8]}"
+    proc = _with_worker(_raw_worker, url, ns)
+    r = aioredis.Redis.from_url(url)
+    await r.xgroup_create(f"{ns}:{{cap.raw}}:results", "manager", id="0", mkstream=True)
+    try:
+        await _raw_latency(r, ns, 50)  # warm-up
+        tput = await _raw_throughput(r, ns, n, window)
+        lat = await _raw_latency(r, ns, lat_n)
+        await r.xadd(f"{ns}:{{cap.raw}}:tasks", {b"f": b"stop"})
+    finally:
+        await r.aclose()
+    proc.join(10)
+    return tput, lat
+
+
+async def _run_bus(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float]]:
+    ns = f"bench{uuid.uuid4().hex[:8]}"
+    proc = _with_worker(_bus_worker, url, ns)
+    async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
+        await _bus_latency(bus, 50)  # warm-up
+        tput = await _bus_throughput(bus, n, window)
+        lat = await _bus_latency(bus, lat_n)
+        await bus.publish("tasks.bench", _task(-1, "stop"))
+    proc.join(10)
+    return tput, lat
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an existing Redis to use (default: start a throwaway redis-server)")
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=500, help="requests in flight in the throughput run")
+    parser.add_argument("--latency-tasks", type=int, default=2_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    server = None
+    url = args.url
+    if url is None:
+        from tests._redis import RedisServer
+
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+        url = server.url
+    try:
+        await _report(url, args)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _report(url: str, args: argparse.Namespace) -> None:
+    from redis.utils import HIREDIS_AVAILABLE
+
+    parser_name = "hiredis" if HIREDIS_AVAILABLE else "pure-Python parser"
+    print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; window {args.window}; {parser_name}")
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "bus": {}}
+    for rep in range(args.repeats):
+        for name, run in (("raw", _run_raw), ("bus", _run_bus)):
+            tput, lat = await run(url, args.tasks, args.window, args.latency_tasks)
+            row = rows[name]
+            row.setdefault("tput", []).append(tput)
+            row.setdefault("p50", []).append(_pct(lat, 0.50) * 1e6)
+            row.setdefault("p99", []).append(_pct(lat, 0.99) * 1e6)
+            print(f"  repeat {rep + 1} {name}: {tput:8.0f} tasks/s  p50 {row['p50'][-1]:6.0f} us  "
+                  f"p99 {row['p99'][-1]:6.0f} us")
+    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    print()
+    print(f"{'':8}{'tasks/s':>10}{'p50 us':>10}{'p99 us':>10}")
+    for name in ("raw", "bus"):
+        m = med[name]
+        print(f"{name:8}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
+    r, b = med["raw"], med["bus"]
+    print(f"{'bus/raw':8}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}{b['p99'] / r['p99']:10.2f}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)

@@ -1,0 +1,204 @@
+"""Server-side steps of the Redis bus, as Lua scripts run with EVALSHA.
+
+Scripts rather than Redis Functions: a script is sent again on ``NOSCRIPT`` (see
+``RedisBus._load_scripts``), so a Redis that restarted empty, or failed over to a replica
+without the script cache, needs no separate install step. Every script names all its keys in
+KEYS, and the keys of one call share a hash tag, so each call is legal on Cluster.
+
+Each write script takes a batch: ``ARGV`` holds the fixed arguments, then one group of
+``width`` arguments per item, and the reply is one string per item. Each item is handled
+exactly as if it were sent alone; batching only saves round trips and client-side parsing.
+A refused fenced item answers ``LEASELOST <why>``.
+
+Frames are stored in the field ``f``. Dead letters carry ``id`` (the original entry id),
+``reason``, ``f``, ``n`` (deliveries) and ``t`` (server time, seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ("ACK", "BURY", "COMMIT", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "Script")
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A batched script: ``fixed`` leading ARGV entries, then ``width`` per item."""
+
+    name: str
+    source: str
+    fixed: int
+    width: int
+
+
+_PRELUDE = r"""
+local function id_lt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+
+-- Why the entry is not (or no longer) owned by this consumer with this delivery count, or false.
+local function lost(key, group, id, consumer, deliveries)
+  local p = redis.pcall('XPENDING', key, group, id, id, 1)
+  if type(p) == 'table' and p.err then return 'its stream or group is gone (' .. p.err .. ')' end
+  if #p == 0 then return 'it is no longer pending (acknowledged, dead-lettered or lost)' end
+  local e = p[1]
+  if e[2] ~= consumer then return 'it was reclaimed by ' .. e[2] end
+  if tostring(e[4]) ~= deliveries then return 'it was delivered again (' .. e[4] .. ' deliveries)' end
+  return false
+end
+
+-- The other groups of a stream (their last-delivered-id does not move during this script).
+local function others(key, group)
+  local list = {}
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if type(groups) == 'table' and groups.err then return list end
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] ~= group then list[#list + 1] = info end
+  end
+  return list
+end
+
+-- Acknowledge; delete the entry once no group still needs it (passed by all, pending in none),
+-- so a stream holds only work waiting or in flight.
+local function settle(key, group, id, rest)
+  local acked = redis.call('XACK', key, group, id)
+  for _, info in ipairs(rest) do
+    if id_lt(info['last-delivered-id'], id) then return acked end
+    if #redis.call('XPENDING', key, info['name'], id, id, 1) > 0 then return acked end
+  end
+  redis.call('XDEL', key, id)
+  return acked
+end
+
+local function field(fields, name)
+  if not fields then return '' end
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return ''
+end
+
+local function frame_of(key, id)
+  local r = redis.call('XRANGE', key, id, id)
+  if #r == 0 then return '' end
+  return field(r[1][2], 'f')
+end
+
+local function bury(key, dead, group, id, reason, frame, n, maxlen, rest)
+  local t = redis.call('TIME')
+  redis.call('XADD', dead, 'MAXLEN', '~', maxlen, '*', 'id', id, 'reason', reason, 'f', frame, 'n', n,
+             't', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+  settle(key, group, id, rest)
+end
+"""
+
+# KEYS: stream. ARGV: limit (0 = none) | frame. The new id, or '' while the stream holds `limit` entries.
+PUBLISH = Script("publish", r"""
+local limit = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  if limit > 0 and redis.call('XLEN', KEYS[1]) >= limit then
+    out[#out + 1] = ''
+  else
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'f', ARGV[i])
+  end
+end
+return out
+""", fixed=1, width=1)
+
+# KEYS: tasks, reply stream. ARGV: group | consumer, id, deliveries, frame. The reply's id.
+COMMIT = Script("commit", _PRELUDE + r"""
+local group, rest, out = ARGV[1], nil, {}
+for i = 2, #ARGV, 4 do
+  local why = lost(KEYS[1], group, ARGV[i + 1], ARGV[i], ARGV[i + 2])
+  if why then
+    out[#out + 1] = 'LEASELOST ' .. why
+  else
+    out[#out + 1] = redis.call('XADD', KEYS[2], '*', 'f', ARGV[i + 3])
+    rest = rest or others(KEYS[1], group)
+    settle(KEYS[1], group, ARGV[i + 1], rest)
+  end
+end
+return out
+""", fixed=1, width=4)
+
+# KEYS: stream. ARGV: group | consumer, id, deliveries. Resets idle time; JUSTID keeps the counter.
+RENEW = Script("renew", _PRELUDE + r"""
+local out = {}
+for i = 2, #ARGV, 3 do
+  local why = lost(KEYS[1], ARGV[1], ARGV[i + 1], ARGV[i], ARGV[i + 2])
+  if why then
+    out[#out + 1] = 'LEASELOST ' .. why
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[i], 0, ARGV[i + 1], 'JUSTID')
+    out[#out + 1] = '1'
+  end
+end
+return out
+""", fixed=1, width=3)
+
+# KEYS: stream. ARGV: group, idle_ms | consumer, id, deliveries. Marks the entry idle far past any
+# lease, so the next reclaim (by any consumer) takes it at once; '0' when no longer owned.
+RELEASE = Script("release", _PRELUDE + r"""
+local out = {}
+for i = 3, #ARGV, 3 do
+  if lost(KEYS[1], ARGV[1], ARGV[i + 1], ARGV[i], ARGV[i + 2]) then
+    out[#out + 1] = '0'
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[i], 0, ARGV[i + 1], 'IDLE', ARGV[2], 'JUSTID')
+    out[#out + 1] = '1'
+  end
+end
+return out
+""", fixed=2, width=3)
+
+# KEYS: stream. ARGV: group | id. Unfenced, like MemoryBus.ack.
+ACK = Script("ack", _PRELUDE + r"""
+local rest, out = others(KEYS[1], ARGV[1]), {}
+for i = 2, #ARGV do
+  out[#out + 1] = tostring(settle(KEYS[1], ARGV[1], ARGV[i], rest))
+end
+return out
+""", fixed=1, width=1)
+
+# KEYS: stream, dead. ARGV: group, dead maxlen | id, reason, frame, deliveries.
+BURY = Script("bury", _PRELUDE + r"""
+local rest, out = others(KEYS[1], ARGV[1]), {}
+for i = 3, #ARGV, 4 do
+  bury(KEYS[1], KEYS[2], ARGV[1], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[2], rest)
+  out[#out + 1] = '1'
+end
+return out
+""", fixed=2, width=4)
+
+# Not batched. KEYS: stream, dead. ARGV: group, consumer, min_idle_ms, count, max_deliveries, dead maxlen.
+# Entries idle past the lease: dead-letter those already delivered max_deliveries times, claim
+# the others for this consumer (XCLAIM re-checks min-idle and bumps the delivery counter).
+# Returns {{id, frame, deliveries}, ...}.
+RECLAIM = Script("reclaim", _PRELUDE + r"""
+local out = {}
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
+local rest = nil
+for _, e in ipairs(p) do
+  local id, owner, n = e[1], e[2], e[4]
+  if n >= tonumber(ARGV[5]) then
+    rest = rest or others(KEYS[1], ARGV[1])
+    bury(KEYS[1], KEYS[2], ARGV[1], id,
+         'delivered ' .. n .. " times without acknowledgement (last consumer '" .. owner .. "')",
+         frame_of(KEYS[1], id), n, ARGV[6], rest)
+  else
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)
+    if #c > 0 and c[1] then
+      out[#out + 1] = {id, field(c[1][2], 'f'), n + 1}
+    end
+  end
+end
+return out
+""", fixed=6, width=0)
+
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM)

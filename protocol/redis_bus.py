@@ -1,0 +1,472 @@
+"""``RedisBus``: the :class:`~protocol.bus.Bus` contract over Redis Streams and consumer groups.
+
+Key layout (``ns`` is :attr:`RedisSettings.namespace`, default ``orch``)::
+
+    tasks.<cap>      -> ns:{cap.<cap>}:tasks         stream, one consumer group per reader set
+    results.<cap>    -> ns:{cap.<cap>}:results
+    <stream> dead    -> <stream key>:dead            dead letters of that stream (same hash tag)
+    other names      -> ns:{s.<name>}:stream
+    topic            -> ns:ctl:<topic>               Pub/Sub channel (control messages only)
+
+A capability's task, result and dead-letter streams share the ``{cap.<cap>}`` hash tag, hence
+one Cluster slot, so ``commit`` (reply XADD + XACK) is one legal atomic script there.
+
+Delivery is at-least-once. ``consume`` reclaims entries idle past the lease (dead-lettering
+those delivered ``max_deliveries`` times) before reading new ones; ``commit``, ``renew`` and
+``release`` are Lua scripts that first check the entry is still pending for this consumer with
+the same delivery count (fencing). Acknowledged entries are deleted once no group needs them.
+See ``docs/bus.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Self, TypeVar, cast
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from protocol import _redis_lua as lua
+from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
+from protocol.envelope import Envelope
+from protocol.errors import BusUnavailable, LeaseLost, ProtocolError
+from protocol.settings import RedisSettings
+
+__all__ = ("RedisBus",)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)  # BusyLoadingError (LOADING) is a ConnectionError
+# Replies that mean "this server cannot serve you right now" during a restart or failover: a blocked
+# XREADGROUP force-unblocked, a demoted primary, a replica without a primary, a cluster slot in migration.
+_TRANSIENT_REPLIES = ("UNBLOCKED", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _transient(reply: object) -> bool:
+    """True for an error reply that a retry after a short wait can cure."""
+    return isinstance(reply, ReadOnlyError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith(_TRANSIENT_REPLIES))
+_RELEASE_IDLE_MS = 365 * 24 * 3600 * 1000  # far past any lease a reclaimer could use
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Op:
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: tuple[Any, ...]) -> None:
+        self.item = item
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+_MAX_ITEMS = 256  # per script call, so one call never holds the server for long
+
+
+class _Batcher:
+    """Group commit: concurrent writes share one pipelined round trip on one connection.
+
+    A caller queues its item; if no batch is in flight it sends everything queued so far,
+    otherwise it waits for the batch in flight to finish and looks again. Items for the same
+    script, keys and fixed arguments become one EVALSHA (the scripts loop over their items),
+    and all of those go in one pipeline. A batch always completes once sent (shielded), bounded
+    by socket timeouts and the retry budget; a caller cancelled while its item still waits in
+    the queue withdraws it.
+    """
+
+    def __init__(self, bus: RedisBus) -> None:
+        self._bus = bus
+        self._queue: dict[tuple[Any, ...], list[_Op]] = {}
+        self._in_flight: anyio.Event | None = None
+
+    async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
+                  item: tuple[Any, ...]) -> Any:
+        op = _Op(item)
+        group = (script, keys, fixed)
+        self._queue.setdefault(group, []).append(op)
+        while not op.done:
+            if self._in_flight is not None:
+                try:
+                    await self._in_flight.wait()
+                except BaseException:
+                    queued = self._queue.get(group, [])
+                    if op in queued:  # not sent yet: withdraw it
+                        queued.remove(op)
+                    raise
+                continue
+            self._in_flight = anyio.Event()
+            batch, self._queue = self._queue, {}
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._flush(batch)
+            finally:
+                finished, self._in_flight = self._in_flight, None
+                finished.set()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def _flush(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
+        calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]] = []
+        for (script, keys, fixed), ops in batch.items():
+            for i in range(0, len(ops), _MAX_ITEMS):
+                calls.append((script, keys, fixed, ops[i:i + _MAX_ITEMS]))
+        try:
+            replies = await self._bus._call("write", lambda: self._send(calls))
+        except BaseException as exc:  # BusUnavailable, cancellation: every caller learns it
+            for *_, ops in calls:
+                for op in ops:
+                    op.error, op.done = exc, True
+            raise
+        for (*_, ops), reply in zip(calls, replies, strict=True):
+            for i, op in enumerate(ops):
+                if isinstance(reply, BaseException):
+                    op.error = reply
+                else:
+                    op.result = reply[i]
+                op.done = True
+
+    async def _send(self, calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]]) -> list[Any]:
+        bus = self._bus
+        commands = [("EVALSHA", bus._sha[script.name], len(keys), *keys, *fixed, *(a for op in ops for a in op.item))
+                    for script, keys, fixed, ops in calls]
+        for attempt in range(2):
+            replies: list[Any]
+            if len(commands) == 1:  # the common idle case: skip the pipeline machinery
+                try:
+                    replies = [await bus._redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                pipe = bus._redis.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
+        if all(_transient(r) for r in replies):
+            raise replies[0]  # nothing was applied (e.g. READONLY after a failover): _call retries the batch
+        return replies
+
+
+class RedisBus(Bus):
+    """A bus over Redis Streams; ``async with RedisBus.from_url(url) as bus``."""
+
+    def __init__(self, redis_settings: RedisSettings | None = None, settings: BusSettings | None = None) -> None:
+        self.settings = settings or BusSettings()
+        self.redis_settings = rs = redis_settings or RedisSettings()
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            rs.url,
+            decode_responses=False,
+            socket_connect_timeout=rs.connect_timeout_s,
+            socket_timeout=rs.socket_timeout_s + self.settings.block_s,
+            retry=Retry(NoBackoff(), 0),  # one retry policy, ours: see _call
+            max_connections=rs.max_connections,
+            client_name=f"orchestrator-bus-{rs.namespace}",
+        )
+        self._sha = {script.name: hashlib.sha1(script.source.encode()).hexdigest() for script in lua.ALL}
+        self._groups: set[tuple[str, str]] = set()
+        self._writes = _Batcher(self)
+
+    async def _load_scripts(self) -> None:
+        for script in lua.ALL:
+            await self._redis.script_load(script.source)
+
+    async def _eval(self, script: lua.Script, keys: list[str], args: list[Any]) -> Any:
+        """One unbatched script call, loading the scripts when Redis lost them."""
+        try:
+            return await self._redis.evalsha(self._sha[script.name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self._redis.evalsha(self._sha[script.name], len(keys), *keys, *args)
+
+    @classmethod
+    def from_url(cls, url: str, *, settings: BusSettings | None = None, namespace: str = "orch",
+                 **redis_overrides: Any) -> Self:
+        """A bus on ``url`` (``redis://`` or ``rediss://``, password in the URL if any)."""
+        return cls(RedisSettings.from_url(url, namespace=namespace, **redis_overrides), settings)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        with anyio.CancelScope(shield=True):
+            await self._redis.aclose()
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def key(self, stream: str) -> str:
+        """The Redis key of a logical stream name (see the module docstring)."""
+        ns = self.redis_settings.namespace
+        kind, _, cap = stream.partition(".")
+        if kind in ("tasks", "results") and cap:
+            return f"{ns}:{{cap.{cap}}}:{kind}"
+        return f"{ns}:{{s.{stream}}}:stream"
+
+    def dead_key(self, stream: str) -> str:
+        """The Redis key of a stream's dead letters."""
+        return self.key(stream) + ":dead"
+
+    def channel(self, topic: str) -> str:
+        """The Pub/Sub channel of a control topic."""
+        return f"{self.redis_settings.namespace}:ctl:{topic}"
+
+    # -- retries -------------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn``, retrying connection failures with capped, jittered exponential backoff."""
+        rs = self.redis_settings
+        deadline: float | None = None
+        delay = rs.backoff_base_s
+        while True:
+            try:
+                result = await fn()
+            except (*_RETRYABLE, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not _transient(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + rs.retry_budget_s
+                    log.warning("redis_call_failed", url=rs.safe_url, op=what, error=str(exc))
+                if now >= deadline:
+                    raise BusUnavailable(f"cannot reach Redis at {rs.safe_url!r} for {what} within "
+                                         f"{rs.retry_budget_s:g}s: {exc}") from exc
+                await anyio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
+                delay = min(rs.backoff_cap_s, delay * 2)
+            else:
+                if deadline is not None:
+                    log.info("redis_call_recovered", url=rs.safe_url, op=what)
+                return result
+
+    async def _ensure_group(self, key: str, group: str, *, force: bool = False) -> None:
+        if (key, group) in self._groups and not force:
+            return
+        try:
+            await self._redis.xgroup_create(key, group, id="0", mkstream=True)
+            if force:
+                log.warning("redis_group_recreated", key=key, group=group)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((key, group))
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, stream: str, envelope: Envelope) -> str:
+        return await self.publish_frame(stream, self.settings.codec.encode(envelope))
+
+    async def publish_frame(self, stream: str, frame: bytes) -> str:
+        key = self.key(stream)
+        limit = self.redis_settings.max_task_stream_len
+        if limit is None or not stream.startswith("tasks."):
+            limit = 0
+        while True:  # back-pressure: wait while the task stream is full
+            entry_id = await self._writes.run(lua.PUBLISH, (key,), (limit,), (frame,))
+            if entry_id:
+                return _s(entry_id)
+            await anyio.sleep(self.redis_settings.backpressure_poll_s)
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    async def consume(self, stream: str, *, group: str, consumer: str) -> AsyncIterator[Delivery]:
+        key, dead = self.key(stream), self.dead_key(stream)
+        rs, bs = self.redis_settings, self.settings
+        lease_ms = max(1, int(bs.lease_s * 1000))
+        block_ms = max(1, int(bs.block_s * 1000))
+        reclaim_every = min(bs.lease_s / 4, bs.block_s)
+        buffered: deque[tuple[float, str, bytes, int]] = deque()
+        next_reclaim = 0.0
+        # Adaptive prefetch: take one entry per read until the caller shows it drains a batch
+        # quickly, then double up to read_count; fall back to one as soon as it is slow. A slow
+        # consumer thus never sits on entries other consumers could run.
+        count, batch_at = 1, 0.0
+        await self._call("consume", lambda: self._ensure_group(key, group))
+
+        async def read(fn: Callable[[], Awaitable[Any]]) -> Any:
+            try:
+                return await self._call("consume", fn)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis lost the stream or the group (restart without persistence, flush): recreate.
+                await self._call("consume", lambda: self._ensure_group(key, group, force=True))
+                return None
+
+        while True:
+            if buffered:
+                read_at, entry_id, frame, n = buffered[0]
+                if time.monotonic() - read_at >= bs.lease_s / 2:
+                    # Held past half a lease: too little left to work on. Hand the whole buffer
+                    # back at once so any consumer (this one included) can reclaim it now.
+                    stale, count = [(e[1], e[3]) for e in buffered], 1
+                    buffered.clear()
+                    await self._hand_back(key, group, consumer, stale)
+                    continue
+                buffered.popleft()
+                delivery = await self._decode(stream, key, dead, group, consumer, entry_id, frame, n)
+                if delivery is not None:
+                    yield delivery
+                continue
+            now = time.monotonic()
+            if batch_at:
+                count = min(rs.read_count, count * 2) if now - batch_at < bs.lease_s / 8 else 1
+                batch_at = 0.0
+            if now >= next_reclaim:
+                next_reclaim = now + reclaim_every
+                claimed = await read(functools.partial(
+                    self._eval, lua.RECLAIM, [key, dead],
+                    [group, consumer, lease_ms, min(count, rs.reclaim_count), bs.max_deliveries,
+                     rs.dead_letter_maxlen]))
+                if claimed:
+                    batch_at = time.monotonic()
+                    buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
+                    continue
+            reply = await read(functools.partial(
+                self._redis.xreadgroup, group, consumer, {key: ">"}, count=count, block=block_ms))
+            if not reply:
+                next_reclaim = 0.0  # idle: look for expired leases on every poll
+                continue
+            batch_at = time.monotonic()
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+
+    async def _hand_back(self, key: str, group: str, consumer: str, entries: list[tuple[str, int]]) -> None:
+        async def one(entry_id: str, deliveries: int) -> None:
+            await self._writes.run(lua.RELEASE, (key,), (group, _RELEASE_IDLE_MS), (consumer, entry_id, deliveries))
+
+        async with anyio.create_task_group() as tg:  # concurrent, so they share one batch
+            for entry_id, deliveries in entries:
+                tg.start_soon(one, entry_id, deliveries)
+        log.info("prefetched_entries_handed_back", key=key, consumer=consumer, count=len(entries))
+
+    async def _decode(self, stream: str, key: str, dead: str, group: str, consumer: str, entry_id: str,
+                      frame: bytes, deliveries: int) -> Delivery | None:
+        try:
+            envelope = self.settings.codec.decode(frame)
+        except ProtocolError as exc:
+            reason = f"undecodable frame: {exc}"
+        else:
+            return Delivery(stream, group, consumer, entry_id, envelope, deliveries)
+        await self._writes.run(lua.BURY, (key, dead), (group, self.redis_settings.dead_letter_maxlen),
+                               (entry_id, reason, frame, deliveries))
+        log.warning("frame_dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
+        return None
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def _fenced(self, script: lua.Script, delivery: Delivery, keys: tuple[str, ...],
+                      fixed: tuple[Any, ...], *extra: Any) -> bytes:
+        item = (delivery.consumer, delivery.entry_id, delivery.deliveries, *extra)
+        reply: bytes = await self._writes.run(script, keys, (delivery.group, *fixed), item)
+        if reply.startswith(b"LEASELOST"):
+            why = reply.removeprefix(b"LEASELOST").strip().decode(errors="replace")
+            raise LeaseLost(f"{delivery.consumer!r} no longer owns entry {delivery.entry_id} of "
+                            f"{delivery.stream!r}: {why}")
+        return reply
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._writes.run(lua.ACK, (self.key(delivery.stream),), (delivery.group,), (delivery.entry_id,))
+
+    async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
+        frame = self.settings.codec.encode(envelope)
+        return _s(await self._fenced(lua.COMMIT, delivery, (self.key(delivery.stream), self.key(stream)), (), frame))
+
+    async def renew(self, delivery: Delivery) -> None:
+        await self._fenced(lua.RENEW, delivery, (self.key(delivery.stream),), ())
+
+    async def release(self, delivery: Delivery) -> None:
+        await self._fenced(lua.RELEASE, delivery, (self.key(delivery.stream),), (_RELEASE_IDLE_MS,))
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    async def dead_letters(self, stream: str) -> list[DeadLetter]:
+        entries: Any = await self._call("dead_letters", lambda: self._redis.xrange(self.dead_key(stream)))
+        out: list[DeadLetter] = []
+        for _, fields in entries:
+            out.append(DeadLetter(stream=stream, entry_id=_s(fields[b"id"]), reason=_s(fields[b"reason"]),
+                                  frame=bytes(fields[b"f"]), deliveries=int(fields[b"n"]),
+                                  time=float(fields[b"t"])))
+        return out
+
+    async def depth(self, stream: str, group: str) -> int:
+        key = self.key(stream)
+
+        async def count() -> int:
+            try:
+                groups = await self._redis.xinfo_groups(key)
+            except ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return 0
+                raise
+            info = next((g for g in groups if _s(g["name"]) == group), None)
+            if info is None:
+                return int(await self._redis.xlen(key))
+            pending = int(info["pending"])
+            if info.get("lag") is not None:
+                return pending + int(info["lag"])
+            # lag is unknown (after a restart, or deletions past last-delivered-id): count the tail.
+            waiting, start = 0, "(" + _s(info["last-delivered-id"])
+            while True:
+                batch: Any = await self._redis.xrange(key, min=start, count=1000)
+                waiting += len(batch)
+                if len(batch) < 1000:
+                    return pending + waiting
+                start = "(" + _s(batch[-1][0])
+
+        return await self._call("depth", count)
+
+    # -- control messages ----------------------------------------------------------------------
+
+    async def broadcast(self, topic: str, envelope: Envelope) -> None:
+        frame = self.settings.codec.encode(envelope)
+        await self._call("broadcast", lambda: self._redis.publish(self.channel(topic), frame))
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[Envelope]]:
+        channel = self.channel(topic)
+        pubsub = self._redis.pubsub()
+        try:
+            await self._call("subscribe", lambda: self._subscribed(pubsub, channel))
+            yield self._messages(pubsub, topic)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+
+    async def _subscribed(self, pubsub: Any, channel: str) -> None:
+        """Subscribe and wait for the server's confirmation, so nothing published after is missed."""
+        await pubsub.subscribe(channel)
+        with anyio.fail_after(self.redis_settings.socket_timeout_s):
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "subscribe":
+                    return
+
+    async def _messages(self, pubsub: Any, topic: str) -> AsyncIterator[Envelope]:
+        timeout = max(self.settings.block_s, 0.01)
+        while True:
+            message = await self._call(
+                "subscribe", lambda: cast(Awaitable[Any], pubsub.get_message(ignore_subscribe_messages=True,
+                                                                              timeout=timeout)))
+            if message is None or message["type"] != "message":
+                continue
+            try:
+                yield self.settings.codec.decode(message["data"])
+            except ProtocolError as exc:
+                log.warning("control_message_dropped", topic=topic, error=str(exc))

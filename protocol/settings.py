@@ -1,0 +1,78 @@
+"""Connection settings, read once at the edge (``api``/``cli``) and passed down explicitly."""
+
+from __future__ import annotations
+
+from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ("RedisSettings", "redact_url")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class RedisSettings(BaseModel):
+    """How :class:`~protocol.redis_bus.RedisBus` reaches Redis and maps names to keys.
+
+    ``url`` accepts ``redis://[user:password@]host:port/db`` and ``rediss://`` (TLS; the usual
+    redis-py query options such as ``ssl_cert_reqs`` and ``ssl_ca_certs`` apply).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)  # URLs carry passwords
+
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field(default="orch", min_length=1)
+    # Every operation retries connection errors with capped exponential backoff for this long,
+    # then raises BusUnavailable. Consume loops use the same budget per attempt.
+    retry_budget_s: float = Field(default=30.0, ge=0)
+    backoff_base_s: float = Field(default=0.05, gt=0)
+    backoff_cap_s: float = Field(default=2.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    # Socket read timeout on top of the blocking read time (XREADGROUP BLOCK holds the socket).
+    socket_timeout_s: float = Field(default=10.0, gt=0)
+    # Most entries a consumer takes per read (XREADGROUP COUNT, and per reclaim). The actual
+    # count adapts: 1 while the caller is slow, doubling while it drains batches quickly.
+    # Entries buffered for half a lease without being yielded are handed back at once.
+    read_count: int = Field(default=32, ge=1)
+    reclaim_count: int = Field(default=32, ge=1)
+    # Back-pressure: when set, ``publish`` to a ``tasks.*`` stream waits while the stream holds
+    # this many entries (waiting plus in flight, since acknowledged entries are deleted).
+    max_task_stream_len: int | None = Field(default=None, ge=1)
+    backpressure_poll_s: float = Field(default=0.05, gt=0)
+    dead_letter_maxlen: int = Field(default=100_000, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
+
+    @field_validator("namespace")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        if any(c in value for c in "{}: "):
+            raise ValueError(f"namespace {value!r} must not contain braces, colons or spaces")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"URL {redact_url(value)!r} must start with redis://, rediss:// or unix://")
+        return value
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Settings for ``url``, with keyword overrides of any other field."""
+        return cls(url=url, **overrides)
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password redacted."""
+        return redact_url(self.url)

@@ -1,0 +1,470 @@
+"""RedisBus beyond the shared contract: fencing across processes, Redis restarts, trimming, errors, keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from protocol.bus import BusSettings, Delivery
+from protocol.envelope import Envelope
+from protocol.errors import BusUnavailable, LeaseLost
+from protocol.messages import Assign, Cancel, Done
+from protocol.redis_bus import RedisBus
+from protocol.settings import RedisSettings, redact_url
+from tests._redis import RedisServer, free_port, redis_server_path
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+# Tests that start, kill and restart their own server need the binary, not just a URL.
+own_server = pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not on PATH; install Redis 7")
+
+FAST = BusSettings(lease_s=0.3, max_deliveries=3, block_s=0.05)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def assign(n: int) -> Envelope:
+    return Envelope(run_id="r", task_id=f"t{n}", attempt=1, body=Assign(capability="echo", instruction=f"i{n}"))
+
+
+def ns() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+async def take(it: AsyncIterator[Delivery], n: int, within: float = 10.0) -> list[Delivery]:
+    out: list[Delivery] = []
+    with anyio.fail_after(within):
+        async for d in it:
+            out.append(d)
+            if len(out) == n:
+                break
+    return out
+
+
+def test_key_names_carry_a_capability_hash_tag() -> None:
+    bus = RedisBus.from_url("redis://127.0.0.1:1/0", namespace="orch")
+    assert bus.key("tasks.echo") == "orch:{cap.echo}:tasks"
+    assert bus.key("results.echo") == "orch:{cap.echo}:results"
+    assert bus.dead_key("tasks.echo") == "orch:{cap.echo}:tasks:dead"
+    slots = {key_slot(k.encode()) for k in (bus.key("tasks.echo"), bus.key("results.echo"),
+                                            bus.dead_key("tasks.echo"), bus.dead_key("results.echo"))}
+    assert len(slots) == 1
+    assert key_slot(bus.key("tasks.echo").encode()) == key_slot(b"{cap.echo}")
+    assert bus.key("audit") == "orch:{s.audit}:stream"
+
+
+async def test_bus_unavailable_names_the_url_without_the_password() -> None:
+    port = free_port()  # nothing listens here
+    bus = RedisBus.from_url(f"redis://:s3cret@127.0.0.1:{port}/0", settings=FAST, retry_budget_s=0.3)
+    async with bus:
+        with anyio.fail_after(5), pytest.raises(BusUnavailable) as info:
+            await bus.publish("tasks.echo", assign(0))
+        text = str(info.value)
+        assert f"127.0.0.1:{port}" in text
+        assert "s3cret" not in text
+        assert "***" in text
+        with anyio.fail_after(5), pytest.raises(BusUnavailable):
+            await anext(aiter(bus.consume("tasks.echo", group="g", consumer="c")))
+
+
+_ZOMBIE = """
+import sys, anyio
+from protocol.bus import BusSettings
+from protocol.errors import LeaseLost
+from protocol.messages import Done
+from protocol.redis_bus import RedisBus
+from protocol.settings import RedisSettings, redact_url
+
+async def main(url, namespace):
+    async with RedisBus.from_url(url, settings=BusSettings(lease_s=0.3, block_s=0.05), namespace=namespace) as bus:
+        async for d in bus.consume("tasks.echo", group="g", consumer="zombie"):
+            break
+        print("got", d.entry_id, flush=True)
+        sys.stdin.readline()  # paused past the lease until the parent says go
+        try:
+            await bus.commit(d, "results.echo", d.envelope.reply(Done(output="late"), sender="zombie"))
+            print("committed", flush=True)
+        except LeaseLost as exc:
+            print("refused", exc, flush=True)
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+def _spawn_zombie(url: str, namespace: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _ZOMBIE, url, namespace], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def test_commit_from_a_stale_owner_in_another_process_is_refused(redis_url: str) -> None:
+    namespace = ns()
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=namespace) as bus:
+        await bus.publish("tasks.echo", assign(0))
+        with _spawn_zombie(redis_url, namespace) as proc:
+            assert proc.stdout is not None
+            assert proc.stdin is not None
+            line = await anyio.to_thread.run_sync(proc.stdout.readline)
+            assert line.startswith("got ")
+            [fresh] = await take(bus.consume("tasks.echo", group="g", consumer="c2"), 1)
+            assert fresh.deliveries == 2
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            verdict = await anyio.to_thread.run_sync(proc.stdout.readline)
+            assert verdict.startswith("refused"), verdict
+            assert "zombie" in verdict
+            assert "c2" in verdict
+            await bus.commit(fresh, "results.echo", fresh.envelope.reply(Done(output="ok"), sender="c2"))
+        results = bus.consume("results.echo", group="m", consumer="m1")
+        [r] = await take(results, 1)
+        assert r.envelope.body == Done(output="ok")
+        assert await bus.depth("results.echo", "m") == 1  # only the one reply, still unacknowledged
+
+
+@own_server
+async def test_consume_survives_kill_9_and_restart_with_aof(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendonly=True).start()
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="aof", retry_budget_s=20) as bus:
+            for i in range(5):
+                await bus.publish("tasks.echo", assign(i))
+            it = bus.consume("tasks.echo", group="g", consumer="c1")
+            want = {"t1", "t5"}
+            first = await take(it, 5)
+            for d in first:
+                if d.envelope.task_id != "t1":
+                    await bus.ack(d)  # t1 stays pending across the crash
+            await anyio.sleep(0.1)
+            got: list[Delivery] = []
+            done = anyio.Event()
+
+            async def keep_consuming() -> None:
+                async for d in it:
+                    got.append(d)
+                    await bus.ack(d)
+                    if {d.envelope.task_id for d in got} >= want:
+                        done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_consuming)
+                await anyio.sleep(0.2)  # the consumer is blocked in XREADGROUP
+                await anyio.to_thread.run_sync(server.kill)
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(server.start)
+                await bus.publish("tasks.echo", assign(5))
+                with anyio.fail_after(10):
+                    await done.wait()
+                tg.cancel_scope.cancel()
+            again = next(d for d in got if d.envelope.task_id == "t1")
+            assert again.deliveries == 2  # the pending entry and its counter survived the crash
+            assert sorted(d.envelope.task_id for d in got) == ["t1", "t5"]
+            assert await bus.depth("tasks.echo", "g") == 0
+    finally:
+        server.kill()
+
+
+@own_server
+async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendonly=False).start()
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="empty", retry_budget_s=20) as bus:
+            await bus.publish("tasks.echo", assign(0))
+            it = bus.consume("tasks.echo", group="g", consumer="c1")
+            want = {"t1"}
+            [d] = await take(it, 1)
+            await bus.ack(d)
+            got: list[Delivery] = []
+            done = anyio.Event()
+
+            async def keep_consuming() -> None:
+                async for d in it:
+                    got.append(d)
+                    await bus.ack(d)
+                    if {d.envelope.task_id for d in got} >= want:
+                        done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_consuming)
+                await anyio.sleep(0.2)
+                await anyio.to_thread.run_sync(server.kill)
+                server.wipe()
+                await anyio.to_thread.run_sync(server.start)
+                await bus.publish("tasks.echo", assign(1))  # the group is gone; consume re-creates it
+                with anyio.fail_after(10):
+                    await done.wait()
+                tg.cancel_scope.cancel()
+            assert [d.envelope.task_id for d in got] == ["t1"]
+    finally:
+        server.kill()
+
+
+async def test_streams_stay_small_after_many_acknowledged_messages(redis_url: str) -> None:
+    n = 300
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        for i in range(n):
+            await bus.publish("tasks.echo", assign(i))
+        tasks = bus.consume("tasks.echo", group="workers", consumer="w1")
+        for d in await take(tasks, n):
+            await bus.commit(d, "results.echo", d.envelope.reply(Done(output=d.envelope.task_id), sender="w1"))
+        results = bus.consume("results.echo", group="manager", consumer="m1")
+        for r in await take(results, n):
+            await bus.ack(r)
+        client = Redis.from_url(redis_url)
+        try:
+            assert await client.xlen(bus.key("tasks.echo")) == 0
+            assert await client.xlen(bus.key("results.echo")) == 0
+        finally:
+            await client.aclose()
+
+
+async def test_an_entry_is_kept_until_every_group_has_acknowledged_it(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        [a] = [d async for d in _first(bus.consume("results.echo", group="a", consumer="x"))] or [None]
+        assert a is None
+        await bus.publish("results.echo", assign(0))
+        [b] = await take(bus.consume("results.echo", group="b", consumer="y"), 1)
+        await bus.ack(b)
+        [a2] = await take(bus.consume("results.echo", group="a", consumer="x"), 1)  # not deleted by b's ack
+        assert a2.envelope.task_id == "t0"
+        await bus.ack(a2)
+        client = Redis.from_url(redis_url)
+        try:
+            assert await client.xlen(bus.key("results.echo")) == 0
+        finally:
+            await client.aclose()
+
+
+async def _first(it: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+    with anyio.move_on_after(0.1):  # just long enough to create group "a" before anything is published
+        async for d in it:
+            yield d
+            return
+
+
+async def test_publish_waits_while_the_task_stream_is_full(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns(), max_task_stream_len=2) as bus:
+        await bus.publish("tasks.echo", assign(0))
+        await bus.publish("tasks.echo", assign(1))
+        with anyio.move_on_after(0.3) as scope:
+            await bus.publish("tasks.echo", assign(2))
+        assert scope.cancelled_caught
+        [d] = await take(bus.consume("tasks.echo", group="g", consumer="c"), 1)
+        await bus.ack(d)
+        with anyio.fail_after(2):
+            await bus.publish("tasks.echo", assign(2))
+        await bus.publish("results.echo", assign(3))  # result streams are never bounded
+        await bus.publish("results.echo", assign(4))
+        await bus.publish("results.echo", assign(5))
+
+
+@own_server
+async def test_password_in_the_url_is_used(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="pw-123").start()
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="auth") as bus:
+            await bus.publish("tasks.echo", assign(0))
+            [d] = await take(bus.consume("tasks.echo", group="g", consumer="c"), 1)
+            with pytest.raises(LeaseLost):
+                await bus.renew(Delivery(d.stream, d.group, "someone-else", d.entry_id, d.envelope, 1))
+            await bus.renew(d)
+    finally:
+        server.kill()
+
+
+@own_server
+async def test_subscription_survives_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    message = Envelope(run_id="r", task_id="t", body=Cancel(reason="stop"))
+    try:
+        bus = RedisBus.from_url(server.url, settings=FAST, namespace="ps", retry_budget_s=10)
+        async with bus, bus.subscribe("control") as messages:
+            await bus.broadcast("control", message)
+            with anyio.fail_after(5):
+                assert await anext(aiter(messages)) == message
+            await anyio.to_thread.run_sync(server.kill)
+            await anyio.to_thread.run_sync(server.start)
+            got: list[Envelope] = []
+            async with anyio.create_task_group() as tg:
+
+                async def read_one() -> None:
+                    got.append(await anext(aiter(messages)))
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(read_one)
+                with anyio.fail_after(10):
+                    while True:  # Pub/Sub is at-most-once: repeat until the re-subscription is in place
+                        await bus.broadcast("control", message)
+                        await anyio.sleep(0.1)
+            assert got == [message]
+    finally:
+        server.kill()
+
+
+async def test_a_batch_refuses_only_the_stale_commit(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        for i in range(3):
+            await bus.publish("tasks.echo", assign(i))
+        held = await take(bus.consume("tasks.echo", group="g", consumer="w1"), 3)
+        stale = held[0]
+        await bus.release(stale)
+        [taken] = await take(bus.consume("tasks.echo", group="g", consumer="w2"), 1)
+        assert taken.entry_id == stale.entry_id
+        outcomes: dict[str, str] = {}
+
+        async def commit(d: Delivery) -> None:
+            try:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=1), sender=d.consumer))
+                outcomes[d.envelope.task_id] = "ok"
+            except LeaseLost:
+                outcomes[d.envelope.task_id] = "refused"
+
+        async with anyio.create_task_group() as tg:  # concurrent: one pipelined batch
+            for d in held:
+                tg.start_soon(commit, d)
+        assert outcomes == {"t0": "refused", "t1": "ok", "t2": "ok"}
+        assert await bus.depth("tasks.echo", "g") == 1  # only w2's entry is left
+
+
+@own_server
+async def test_writes_recover_when_redis_forgets_the_scripts(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="noscript") as bus:
+            await bus.publish("tasks.echo", assign(0))
+            client = Redis.from_url(server.url)
+            try:
+                await client.script_flush()  # this test's own server
+            finally:
+                await client.aclose()
+            await bus.publish("tasks.echo", assign(1))
+            got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 2)
+            for d in got:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=0), sender="c"))
+            assert await bus.depth("tasks.echo", "g") == 0
+    finally:
+        server.kill()
+
+
+def test_settings_redact_passwords_and_refuse_bad_namespaces() -> None:
+    assert redact_url("rediss://user:pw@h:6380/1") == "rediss://user:***@h:6380/1"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert RedisSettings.from_url("redis://:pw@h:1/0").safe_url == "redis://:***@h:1/0"
+    with pytest.raises(ValidationError, match="namespace"):
+        RedisSettings(namespace="a{b}")
+    with pytest.raises(ValidationError, match="must start with") as info:
+        RedisSettings(url="http://:pw@h:1/")
+    assert "pw" not in str(info.value)
+
+
+_WORKER = """
+import sys, anyio
+from protocol.bus import BusSettings
+from protocol.errors import LeaseLost
+from protocol.messages import Done
+from protocol.redis_bus import RedisBus
+
+async def main(url, namespace, name):
+    settings = BusSettings(lease_s=0.5, max_deliveries=5, block_s=0.05)
+    async with RedisBus.from_url(url, settings=settings, namespace=namespace) as bus:
+        async for d in bus.consume("tasks.echo", group="workers", consumer=name):
+            await anyio.sleep(0.005)
+            try:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=name), sender=name))
+            except LeaseLost:
+                pass
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+def _spawn_worker(url: str, namespace: str, name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _WORKER, url, namespace, name], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+async def test_killed_worker_loses_no_task_and_duplicates_no_result(redis_url: str) -> None:
+    n, namespace = 200, ns()
+    settings = BusSettings(lease_s=0.5, max_deliveries=5, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=namespace) as bus:
+        for i in range(n):
+            await bus.publish("tasks.echo", assign(i))
+        workers = [_spawn_worker(redis_url, namespace, "a"), _spawn_worker(redis_url, namespace, "b")]
+        seen: dict[str, int] = {}
+        try:
+            with anyio.fail_after(30):
+                async for r in bus.consume("results.echo", group="manager", consumer="m"):
+                    seen[r.envelope.task_id] = seen.get(r.envelope.task_id, 0) + 1
+                    await bus.ack(r)
+                    if len(seen) == 40 and workers[0].poll() is None:
+                        workers[0].kill()  # kill -9 worker "a" with entries in flight
+                        workers.append(_spawn_worker(redis_url, namespace, "c"))
+                    if len(seen) == n:
+                        break
+        finally:
+            for proc in workers:
+                proc.kill()
+                proc.wait(timeout=10)
+        assert sorted(seen) == sorted(f"t{i}" for i in range(n))
+        assert max(seen.values()) == 1  # fencing: one committed result per task
+        assert await bus.depth("tasks.echo", "workers") == 0
+        assert await bus.dead_letters("tasks.echo") == []
+
+
+@own_server
+async def test_writes_wait_out_a_readonly_server(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = Redis.from_url(server.url)
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="ro", retry_budget_s=10) as bus:
+            await bus.publish("tasks.echo", assign(0))
+            await admin.replicaof("127.0.0.1", str(free_port()))  # now a replica of nobody: writes get READONLY
+            async with anyio.create_task_group() as tg:
+
+                async def promote_later() -> None:
+                    await anyio.sleep(0.3)
+                    await admin.replicaof("NO", "ONE")
+
+                tg.start_soon(promote_later)
+                with anyio.fail_after(5):
+                    await bus.publish("tasks.echo", assign(1))  # retried until the server accepts writes
+            assert await bus.depth("tasks.echo", "g") == 2
+        await admin.aclose()
+    finally:
+        server.kill()
+
+
+async def test_a_slow_consumer_does_not_hoard_entries(redis_url: str) -> None:
+    settings = BusSettings(lease_s=3.0, max_deliveries=3, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        for i in range(10):
+            await bus.publish("tasks.echo", assign(i))
+        slow = bus.consume("tasks.echo", group="g", consumer="slow")
+        [first] = await take(slow, 1)  # ... and then works on it for a long time
+        rest = await take(bus.consume("tasks.echo", group="g", consumer="fast"), 9, within=1.0)
+        assert {d.envelope.task_id for d in rest} == {f"t{i}" for i in range(10)} - {first.envelope.task_id}
+        assert all(d.deliveries == 1 for d in rest)
+
+
+async def test_prefetched_entries_are_handed_back_when_the_caller_stalls(redis_url: str) -> None:
+    settings = BusSettings(lease_s=1.0, max_deliveries=3, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        for i in range(15):
+            await bus.publish("tasks.echo", assign(i))
+        a = bus.consume("tasks.echo", group="g", consumer="a")
+        quick = await take(a, 8)  # reads of 1, 2, 4, then 8: seven entries wait in a's buffer
+        assert all(d.deliveries == 1 for d in quick)
+        await anyio.sleep(0.6)  # past half a lease
+        [again] = await take(a, 1)  # a hands its buffer back, then reclaims one of it
+        assert again.deliveries == 2
+        # The other six are claimable right away, long before their lease would have run out.
+        others = await take(bus.consume("tasks.echo", group="g", consumer="b"), 6, within=0.4)
+        assert all(d.deliveries == 2 for d in others)
+        assert len({d.entry_id for d in [*quick, again, *others]}) == 15
