@@ -14,7 +14,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, get_args
 
-import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
+import msgpack
 from pydantic import ValidationError
 
 from protocol.envelope import PROTOCOL_VERSION, Envelope

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar, cast
@@ -433,6 +434,29 @@ class RedisBus(Bus):
         return await self._call("depth", count)
 
     # -- control messages ----------------------------------------------------------------------
+
+    async def incarnation(self) -> str:
+        # The first caller after Redis lost its data writes a new id; everyone then reads the same one.
+        key = f"{self.redis_settings.namespace}:incarnation"
+        fresh = uuid.uuid4().hex
+
+        async def read() -> str:
+            await self._redis.set(key, fresh, nx=True)
+            return _s(await self._redis.get(key) or fresh)
+
+        return await self._call("incarnation", read)
+
+    async def put_value(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        await self._call("put_value", lambda: self._redis.set(self.value_key(key), value, px=px))
+
+    async def get_value(self, key: str) -> bytes | None:
+        value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))
+        return None if value is None else bytes(value)
+
+    def value_key(self, key: str) -> str:
+        """The Redis key of a stored value (run snapshots)."""
+        return f"{self.redis_settings.namespace}:value:{key}"
 
     async def broadcast(self, topic: str, envelope: Envelope) -> None:
         frame = self.settings.codec.encode(envelope)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from orchestrator import Orchestrator
-from orchestrator.planner import Planner, PlanError
+from orchestrator.planner import PlanError, Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.simulator.policy import DefaultPolicy, RulesPolicy, SimRequest
 from protocol.inference import InferenceClient
@@ -132,7 +132,7 @@ async def test_planner_gives_up_after_its_bounded_attempts() -> None:
                       "spec": {"description": "d"}}]}
     async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r".", bad)])) as sim, \
             InferenceClient(settings(sim)) as client:
-        with pytest.raises(PlanError, match="after 2 attempts.*unknown capability 'teleport'"):
+        with pytest.raises(PlanError, match=r"after 2 attempts.*unknown capability 'teleport'"):
             await Planner(client, capabilities={"llm"}, max_asks=2).plan("a goal")
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint
 
 import pytest
-from workers.builtin.python import PythonWorker
 
 from protocol.errors import PluginLoadError
 from workers import Worker
+from workers.builtin.python import PythonWorker
 from workers.registry import ENTRY_POINT_GROUP, available, load, load_entry_point
 
 

@@ -1,0 +1,132 @@
+"""The long-running processes behind ``orchestrator manager`` and ``orchestrator worker``, and the
+client side of ``submit`` and ``status``: everything that talks to a shared Redis bus.
+
+Signals are handled here, at the process edge: SIGTERM and SIGINT stop a worker gracefully
+(finish or hand back in-flight work) and a manager cleanly (release its lease).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from orchestrator.job import Job
+from orchestrator.leader import LeaderLease
+from orchestrator.ledger import SQLiteStore
+from orchestrator.manager import Manager, ManagerSettings
+from protocol.bus import Bus, BusSettings
+from protocol.envelope import Envelope, new_id
+from protocol.errors import ConfigError
+from protocol.keys import JOBS_STREAM, run_snapshot_key
+from protocol.messages import Submit
+from protocol.redis_bus import RedisBus
+from protocol.settings import RedisSettings
+from workers import registry
+from workers.runtime import RuntimeSettings, WorkerRuntime
+
+__all__ = ("fetch_status", "run_manager", "run_worker", "submit_job", "wait_for_run")
+
+log = structlog.get_logger("orchestrator.processes")
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(cli_value: str | None) -> str:
+    """The Redis URL: the flag, else ``ORCH_REDIS_URL``, else localhost."""
+    return cli_value or os.environ.get("ORCH_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def default_name(role: str) -> str:
+    """A process name unique on this machine and readable in logs."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float = 30.0) -> RedisBus:
+    """A Redis bus with the process's lease and retry budget."""
+    settings = RedisSettings.from_url(url, namespace=namespace, retry_budget_s=retry_budget_s)
+    return RedisBus(settings, BusSettings(lease_s=lease_s))
+
+
+async def _until_signalled(scope: anyio.CancelScope, on_signal: Callable[[], None] | None = None) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            if on_signal is not None:
+                on_signal()
+            else:
+                scope.cancel()
+            return
+
+
+async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
+                      manager_lease_s: float, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Wait for leadership, then manage runs until a signal or the loss of the lease."""
+    lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_until_signalled, tg.cancel_scope)
+        epoch = await lease.acquire()
+        try:
+            async with open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store:
+                manager = Manager(bus, store, ManagerSettings(name=f"{name}@{epoch}"))
+                await tg.start(lease.hold)
+                await tg.start(manager.serve)
+                log.info("manager_ready", manager=manager.name, ledger=str(ledger))
+                if ready is not None:
+                    await ready()
+                await anyio.sleep_forever()
+        finally:
+            await lease.release()
+
+
+async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
+                     lease_s: float, config: dict[str, Any], drain_s: float, retry_budget_s: float) -> int:
+    """Serve one capability until SIGTERM (drain) or until Redis stays unreachable past the retry budget."""
+    worker_class = registry.load(plugin)
+    if worker_class.capability != capability:
+        raise ConfigError(f"plugin {plugin!r} serves capability {worker_class.capability!r}, not {capability!r}")
+    worker = worker_class(config)
+    async with open_bus(url, namespace=namespace, lease_s=lease_s, retry_budget_s=retry_budget_s) as bus:
+        runtime = WorkerRuntime(bus, {capability: worker},
+                                RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s))
+        worker.context = runtime.context_for(capability)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_signalled, tg.cancel_scope, runtime.stop)
+            await runtime.serve()
+            tg.cancel_scope.cancel()
+    return runtime.completed
+
+
+async def submit_job(bus: Bus, job: Job, *, source: str = "", run_id: str | None = None) -> str:
+    """Hand a validated job to the active manager; returns the run id at once."""
+    run_id = run_id or new_id()
+    data = job.model_dump(mode="json", by_alias=True)
+    await bus.publish(JOBS_STREAM, Envelope(run_id=run_id, sender=default_name("client"),
+                                            body=Submit(job=data, source=source)))
+    return run_id
+
+
+async def fetch_status(bus: Bus, run_id: str) -> dict[str, Any] | None:
+    """The manager's latest summary of a run (``run_id``, ``state``, ``tasks``), or None if unknown."""
+    raw = await bus.get_value(run_snapshot_key(run_id))
+    return None if raw is None else dict(json.loads(raw))
+
+
+async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2,
+                       on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Poll the run's summary until it has ended."""
+    while True:
+        status = await fetch_status(bus, run_id)
+        if status is not None:
+            if on_update is not None:
+                on_update(status)
+            if status["state"] != "running":
+                return status
+        await anyio.sleep(poll_s)
