@@ -56,11 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker", action="append", default=None, metavar="PLUGIN",
                      help="serve only these workers (entry point name or module:Class); repeatable")
     run.add_argument("--concurrency", type=int, default=8, help="tasks run at once per process (default: 8)")
-    _llm_flags(run)
+    _llm_flags(run, fallback="; without one, work that needs a model runs on the built-in vLLM simulator")
     run.set_defaults(func=_cmd_run)
 
     plugins = verbs.add_parser("plugins", help="list installed worker plugins")
     plugins.set_defaults(func=_cmd_plugins)
+
+    verbs.add_parser("sim-llm", add_help=False,
+                     help="serve the vLLM simulator over HTTP (flags follow `vllm serve`; see sim-llm --help)")
 
     manager = verbs.add_parser("manager", help="run the manager process against Redis (one leads, others stand by)")
     _redis_flags(manager)
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--name", default=None, help="manager name in logs and leases (default: manager-HOST-PID)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
+    _llm_flags(manager)
     manager.set_defaults(func=_cmd_manager)
 
     worker = verbs.add_parser("worker", help="run a worker process for one capability against Redis")
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight tasks may finish before they are handed back")
     worker.add_argument("--retry-budget-s", type=float, default=30.0,
                         help="how long Redis may be unreachable before the worker exits with an error")
+    _llm_flags(worker)
     worker.set_defaults(func=_cmd_worker)
 
     submit = verbs.add_parser("submit", help="submit a job to the running manager; prints the run id")
@@ -100,10 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _llm_flags(parser: argparse.ArgumentParser) -> None:
+def _llm_flags(parser: argparse.ArgumentParser, *, fallback: str = "") -> None:
     parser.add_argument("--llm-url", default=None, metavar="URL",
-                        help="OpenAI-compatible server, e.g. http://host:8000/v1 (env ORCH_LLM_URL); without one, "
-                             "work that needs a model runs on the built-in vLLM simulator")
+                        help=f"OpenAI-compatible server, e.g. http://host:8000/v1 (env ORCH_LLM_URL){fallback}")
     parser.add_argument("--model", default=None, help="served model name (env ORCH_LLM_MODEL; default: the first)")
     parser.add_argument("--api-key", default=None, help="the server's API key (env ORCH_LLM_API_KEY)")
 
@@ -127,6 +131,11 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim-llm"]:
+        from orchestrator.simulator.cli import serve  # its own flags, mirroring `vllm serve`
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
     try:
@@ -217,7 +226,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
     anyio.run(functools.partial(
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
-        manager_lease_s=args.manager_lease_s))
+        manager_lease_s=args.manager_lease_s, llm=_llm_settings(args)))
     return EXIT_ACCEPTED
 
 
@@ -234,7 +243,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         processes.run_worker, url=processes.redis_url(args.redis), capability=args.capability,
         plugin=args.plugin or args.capability, concurrency=args.concurrency,
         name=args.name or processes.default_name("worker"), namespace=args.namespace, lease_s=args.lease_s,
-        config=config, drain_s=args.drain_s, retry_budget_s=args.retry_budget_s))
+        config=config, drain_s=args.drain_s, retry_budget_s=args.retry_budget_s, llm=_llm_settings(args)))
     return EXIT_ACCEPTED
 
 

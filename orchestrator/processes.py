@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ import anyio
 import structlog
 
 from orchestrator.job import Job
+from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
 from protocol.errors import ConfigError
+from protocol.inference import InferenceClient
+from protocol.inference_settings import InferenceSettings
 from protocol.keys import JOBS_STREAM, run_snapshot_key
 from protocol.messages import Submit
 from protocol.redis_bus import RedisBus
@@ -66,16 +70,31 @@ async def _until_signalled(scope: anyio.CancelScope, on_signal: Callable[[], Non
             return
 
 
+async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None) -> InferenceClient | None:
+    """The process's one shared inference client, checked against the server, or None."""
+    if settings is None:
+        return None
+    client = await stack.enter_async_context(InferenceClient(settings))
+    await client.check()
+    return client
+
+
 async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
-                      manager_lease_s: float, ready: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Wait for leadership, then manage runs until a signal or the loss of the lease."""
+                      manager_lease_s: float, llm: InferenceSettings | None = None,
+                      ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Wait for leadership, then manage runs until a signal or the loss of the lease.
+
+    With ``llm`` the manager judges specs that have a ``description`` with the LLM judge.
+    """
     lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s)
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
         tg.start_soon(_until_signalled, tg.cancel_scope)
+        client = await _inference(stack, llm)
         epoch = await lease.acquire()
         try:
             async with open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store:
-                manager = Manager(bus, store, ManagerSettings(name=f"{name}@{epoch}"))
+                manager = Manager(bus, store, ManagerSettings(name=f"{name}@{epoch}"),
+                                  judge=LLMJudge(client) if client else None)
                 await tg.start(lease.hold)
                 await tg.start(manager.serve)
                 log.info("manager_ready", manager=manager.name, ledger=str(ledger))
@@ -87,15 +106,21 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
 
 
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
-                     lease_s: float, config: dict[str, Any], drain_s: float, retry_budget_s: float) -> int:
+                     lease_s: float, config: dict[str, Any], drain_s: float, retry_budget_s: float,
+                     llm: InferenceSettings | None = None) -> int:
     """Serve one capability until SIGTERM (drain) or until Redis stays unreachable past the retry budget."""
     worker_class = registry.load(plugin)
     if worker_class.capability != capability:
         raise ConfigError(f"plugin {plugin!r} serves capability {worker_class.capability!r}, not {capability!r}")
+    if worker_class.needs_inference and llm is None:
+        raise ConfigError(f"capability {capability!r} needs a language model: pass --llm-url or set ORCH_LLM_URL")
     worker = worker_class(config)
-    async with open_bus(url, namespace=namespace, lease_s=lease_s, retry_budget_s=retry_budget_s) as bus:
+    async with AsyncExitStack() as stack:
+        client = await _inference(stack, llm if worker_class.needs_inference else None)
+        bus = await stack.enter_async_context(open_bus(url, namespace=namespace, lease_s=lease_s,
+                                                       retry_budget_s=retry_budget_s))
         runtime = WorkerRuntime(bus, {capability: worker},
-                                RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s))
+                                RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client)
         worker.context = runtime.context_for(capability)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signalled, tg.cancel_scope, runtime.stop)
