@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ class Manager:
         self.name = self.settings.name
         self.judge = judge
         self._runs: dict[str, RunRecord] = {}
+        self._index: dict[str, _RunIndex] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._changed: dict[str, anyio.Event] = {}
         self._consuming: set[str] = set()
@@ -118,6 +119,7 @@ class Manager:
         return run.run_id
 
     def _track(self, run: RunRecord) -> None:
+        self._index[run.run_id] = _RunIndex.of(run)
         self._runs[run.run_id] = run
         self._locks[run.run_id] = anyio.Lock()
         self._changed[run.run_id] = anyio.Event()
@@ -381,8 +383,8 @@ class Manager:
 
     # -- scheduling --------------------------------------------------------------------------
 
-    async def _dispatch_ready(self, run: RunRecord) -> None:
-        for task in run.tasks.values():
+    async def _dispatch_ready(self, run: RunRecord, candidates: Iterable[TaskRecord] | None = None) -> None:
+        for task in run.tasks.values() if candidates is None else candidates:
             if task.attempt == 0 and task.state is TaskState.NOT_DONE and all(
                 run.tasks[d].state is TaskState.ACCEPTED for d in task.depends_on
             ):
@@ -405,22 +407,23 @@ class Manager:
                                         body=body))
 
     async def _settle(self, run: RunRecord) -> None:
-        """After any change: cancel dependents of failed tasks, dispatch what is ready, end the run if done."""
-        if run.state is not RunState.RUNNING:
-            return
-        changed = True
-        while changed:
-            changed = False
-            for task in run.tasks.values():
-                if task.terminal:
-                    continue
-                broken = [d for d in task.depends_on if run.tasks[d].state in (TaskState.FAILED, TaskState.CANCELLED)]
-                if broken:
+        """After a change: cancel dependents of failed tasks, dispatch what became ready, end the run if done.
+
+        Only the dependents of tasks that ended since the last settle are looked at, so a reply costs
+        work in proportion to its task's fan-out, not to the size of the run.
+        """
+        index = self._index[run.run_id]
+        while index.ended and run.state is RunState.RUNNING:
+            ended = run.tasks[index.ended.pop()]
+            dependents = [run.tasks[d] for d in index.dependents.get(ended.id, ())]
+            if ended.state is TaskState.ACCEPTED:
+                await self._dispatch_ready(run, dependents)
+                continue
+            for task in dependents:
+                if not task.terminal:
                     await self._apply(run, task, TaskEvent.CANCEL, actor=self.name,
-                                      reason=f"dependency {broken[0]!r} {run.tasks[broken[0]].state}")
-                    changed = True
-        await self._dispatch_ready(run)
-        if all(t.terminal for t in run.tasks.values()):
+                                      reason=f"dependency {ended.id!r} {ended.state}")
+        if run.state is RunState.RUNNING and index.unfinished == 0:
             await self._finish_run(run)
 
     async def _finish_run(self, run: RunRecord) -> None:
@@ -514,6 +517,10 @@ class Manager:
                      detail: dict[str, Any] | None = None) -> None:
         before = task.state
         task.state = transition(task.state, event, task_id=task.id)
+        if task.terminal:
+            index = self._index[run.run_id]
+            index.unfinished -= 1
+            index.ended.append(task.id)
         if reason:
             task.reason = reason
         detail = dict(detail or {})
@@ -544,6 +551,24 @@ class Manager:
 
 
 _MISSING: Any = object()
+
+
+@dataclass(slots=True)
+class _RunIndex:
+    """Derived from a run's records, kept so each reply does work proportional to its task, not the run."""
+
+    dependents: dict[str, list[str]]
+    unfinished: int
+    ended: list[str]  # tasks that became terminal and whose dependents are not settled yet
+
+    @classmethod
+    def of(cls, run: RunRecord) -> _RunIndex:
+        dependents: dict[str, list[str]] = {}
+        for task in run.tasks.values():
+            for dep in task.depends_on:
+                dependents.setdefault(dep, []).append(task.id)
+        ended = [t.id for t in run.tasks.values() if t.terminal]
+        return cls(dependents, len(run.tasks) - len(ended), ended)
 
 
 def _clip(value: Any, limit: int = 500) -> Any:
