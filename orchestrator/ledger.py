@@ -23,7 +23,7 @@ __all__ = ("SQLiteStore",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL,
-                                 record TEXT NOT NULL);
+                                 job TEXT NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (run_id TEXT NOT NULL, task_id TEXT NOT NULL, record TEXT NOT NULL,
                                   PRIMARY KEY (run_id, task_id));
 CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
@@ -36,15 +36,25 @@ def _dumps(model: Any) -> str:
     return json.dumps(model.model_dump(mode="json", by_alias=True), separators=(",", ":"))
 
 
+def _run_row(run: RunRecord, job: str) -> tuple[str, str, float, str, str]:
+    # The run row holds the run without its tasks (rows of their own) and its job (written once, at
+    # creation), so recording a transition costs the same in a run of 5 tasks or of 5,000.
+    body = run.model_dump(mode="json", by_alias=True, exclude={"tasks", "job"})
+    return run.run_id, str(run.state), run.created, job, json.dumps(body, separators=(",", ":"))
+
+
 class SQLiteStore(Store):
     """Runs, tasks and events in one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
-        self._runs: dict[str, tuple[str, str, float, str]] = {}
-        self._tasks: dict[tuple[str, str], str] = {}
-        self._events: list[tuple[str, int, str]] = []
+        # Buffered until the next sync: the latest object of each run and task (serialized once per
+        # batch, however often it changed), the new jobs, and every event.
+        self._runs: dict[str, RunRecord] = {}
+        self._tasks: dict[tuple[str, str], TaskRecord] = {}
+        self._events: list[Event] = []
+        self._jobs: dict[str, str] = {}
         self._lock = anyio.Lock()
 
     async def __aenter__(self) -> SQLiteStore:
@@ -74,40 +84,39 @@ class SQLiteStore(Store):
     # -- writes: buffered, then group-committed ----------------------------------------------
 
     async def create_run(self, run: RunRecord) -> None:
-        self._buffer_run(run)
+        self._jobs[run.run_id] = run.job.model_dump_json(by_alias=True)
+        self._runs[run.run_id] = run
         for task in run.tasks.values():
-            self._tasks[(run.run_id, task.id)] = _dumps(task)
+            self._tasks[(run.run_id, task.id)] = task
         await self.sync()
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
-        self._buffer_run(run)
+        self._runs[run.run_id] = run
         if task is not None:
-            self._tasks[(run.run_id, task.id)] = _dumps(task)
-        self._events.append((run.run_id, event.seq, _dumps(event)))
+            self._tasks[(run.run_id, task.id)] = task
+        self._events.append(event)
         await anyio.lowlevel.checkpoint()
-
-    def _buffer_run(self, run: RunRecord) -> None:
-        # The run row holds the run without its tasks (they have rows of their own).
-        body = run.model_dump(mode="json", by_alias=True, exclude={"tasks"})
-        self._runs[run.run_id] = (run.run_id, str(run.state), run.created, json.dumps(body, separators=(",", ":")))
 
     async def sync(self) -> None:
         async with self._lock:
             if not (self._runs or self._tasks or self._events):
                 return
-            runs, tasks, events = list(self._runs.values()), self._tasks, self._events
+            # Serialize here, in the event loop, so the batch is one consistent moment of the records.
+            runs = [_run_row(run, self._jobs.pop(run.run_id, "")) for run in self._runs.values()]
+            tasks = [(run_id, task_id, _dumps(task)) for (run_id, task_id), task in self._tasks.items()]
+            events = [(e.run_id, e.seq, _dumps(e)) for e in self._events]
             self._runs, self._tasks, self._events = {}, {}, []
             await anyio.to_thread.run_sync(self._write, runs, tasks, events)
 
-    def _write(self, runs: list[tuple[str, str, float, str]], tasks: dict[tuple[str, str], str],
+    def _write(self, runs: list[tuple[str, str, float, str, str]], tasks: list[tuple[str, str, str]],
                events: list[tuple[str, int, str]]) -> None:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO runs (run_id, state, created, record) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record", runs)
-            db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)",
-                           [(r, t, rec) for (r, t), rec in tasks.items()])
+            db.executemany("INSERT INTO runs (run_id, state, created, job, record) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record",
+                           runs)
+            db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", tasks)
             db.executemany("INSERT OR IGNORE INTO events (run_id, seq, record) VALUES (?, ?, ?)", events)
             db.execute("COMMIT")
         except BaseException:
@@ -121,10 +130,11 @@ class SQLiteStore(Store):
         return await anyio.to_thread.run_sync(self._get_run, run_id)
 
     def _get_run(self, run_id: str) -> RunRecord | None:
-        row = self.db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self.db.execute("SELECT record, job FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
         data = json.loads(row[0])
+        data["job"] = json.loads(row[1])
         data["tasks"] = {}
         # Tasks come back in the job's order, which the run's job keeps.
         stored = {task_id: json.loads(rec) for task_id, rec in

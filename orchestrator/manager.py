@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -50,6 +50,8 @@ log = structlog.get_logger("orchestrator.manager")
 Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
 
 _CONTEXT_CHARS = 2000
+_PUBLISH_CONCURRENCY = 256
+_FINISHED_LOGS_KEPT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class ManagerSettings:
     tick_s: float = 0.2  # how often deadlines are checked
     incarnation_check_s: float = 1.0  # how often to look for a bus that lost its data
     snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
+    snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
 
 
 class Manager:
@@ -75,7 +78,7 @@ class Manager:
         self._runs: dict[str, RunRecord] = {}
         self._index: dict[str, _RunIndex] = {}
         self._locks: dict[str, anyio.Lock] = {}
-        self._changed: dict[str, anyio.Event] = {}
+        self._logs: dict[str, _EventLog] = {}  # live events of runs in memory, for events() and wait()
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
         self._incarnation = ""
@@ -83,6 +86,7 @@ class Manager:
         # so many replies share one durable write (group commit).
         self._unacked: list[Delivery] = []
         self._touched: set[str] = set()
+        self._stale_snapshots: set[str] = set()
         self._wake_acker = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -97,6 +101,7 @@ class Manager:
             tg.start_soon(self._watch_incarnation)
             tg.start_soon(self._acknowledge)
             tg.start_soon(self._consume_jobs)
+            tg.start_soon(self._refresh_snapshots)
             log.info("manager_started", manager=self.name, resumed=len(self._runs))
             task_status.started()
             await anyio.sleep_forever()
@@ -110,7 +115,7 @@ class Manager:
         run = RunRecord.new(job, run_id)
         self._track(run)
         await self.store.create_run(run)
-        async with self._locks[run.run_id]:
+        async with self._lock(run.run_id):
             await self._emit(run, None, kind="run", event="run_started", detail={"goal": job.goal})
             if not run.tasks:
                 await self._finish_run(run)
@@ -121,41 +126,58 @@ class Manager:
     def _track(self, run: RunRecord) -> None:
         self._index[run.run_id] = _RunIndex.of(run)
         self._runs[run.run_id] = run
-        self._locks[run.run_id] = anyio.Lock()
-        self._changed[run.run_id] = anyio.Event()
+        self._logs[run.run_id] = _EventLog(first_seq=run.next_seq)
+        while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._runs:
+            del self._logs[oldest]
         for capability in {t.capability for t in run.tasks.values()}:
             self._consume_results_of(capability)
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
-        async for _ in self.events(run_id):
-            pass
+        if run_id in self._logs:
+            while not self._logs[run_id].finished:
+                await self._logs[run_id].changed.wait()
+        else:
+            async for _ in self.events(run_id):
+                pass
+        await self.store.sync()
         run = await self.store.get_run(run_id)
-        assert run is not None
+        if run is None:
+            raise ConfigError(f"unknown run {run_id!r}")
         return run
 
     async def events(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
-        """The run's history from ``after``, then new events as they happen, until the run ends."""
-        if await self.store.get_run(run_id) is None:
-            raise ConfigError(f"unknown run {run_id!r}")
-        while True:
-            changed = self._changed.get(run_id)
-            batch = await self.store.events(run_id, after)
-            for event in batch:
+        """The run's history from ``after``, then new events as they happen, until the run ends.
+
+        Runs this manager has in memory are served from memory; others from the store's history.
+        """
+        log_ = self._logs.get(run_id)
+        if log_ is None:
+            if await self.store.get_run(run_id) is None:
+                raise ConfigError(f"unknown run {run_id!r}")
+            for event in await self.store.events(run_id, after):
+                yield event
+            return
+        if log_.first_seq > after + 1:  # a resumed run: the part before this manager comes from the store
+            for event in await self.store.events(run_id, after):
+                if event.seq >= log_.first_seq:
+                    break
                 after = event.seq
                 yield event
-                if event.kind == "run" and event.event == "run_finished":
-                    return
-            if changed is None:  # not a live run of this manager: history only
+        while True:
+            changed = log_.changed
+            for event in log_.since(after):
+                after = event.seq
+                yield event
+            if log_.finished:
                 return
-            if not batch:
-                await changed.wait()
+            await changed.wait()
 
     async def cancel(self, run_id: str, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
         """Cancel one task, or every unfinished task of the run."""
         run = self._live(run_id)
         reason = reason or f"cancelled by {by}"
-        async with self._locks[run_id]:
+        async with self._lock(run_id):
             targets = [run.tasks[task_id]] if task_id else list(run.tasks.values())
             for task in targets:
                 if not task.terminal:
@@ -206,9 +228,7 @@ class Manager:
             await self.store.sync()
             for delivery in batch:
                 await self.bus.ack(delivery)
-            for run_id in touched:
-                if run_id in self._runs:
-                    await self._publish_snapshot(self._runs[run_id])
+            self._stale_snapshots |= touched
 
     async def _consume_jobs(self) -> None:
         """Start runs submitted by other processes (``orchestrator submit``)."""
@@ -232,6 +252,25 @@ class Manager:
         await self.store.create_run(run)
         await self._publish_snapshot(run)
 
+    async def _publish_final(self, run: RunRecord) -> None:
+        """A finished run's summary, once its end is durable, so ``status`` never reports an end it could lose.
+
+        Then the manager lets the run go: the store has it, and its events stay in memory a while for followers.
+        """
+        await self.store.sync()
+        await self._publish_snapshot(run)
+        for table in (self._runs, self._index, self._locks):
+            table.pop(run.run_id, None)
+
+    async def _refresh_snapshots(self) -> None:
+        """Refresh the summaries of runs that changed; a summary of a big run is too costly for every reply."""
+        while True:
+            await anyio.sleep(self.settings.snapshot_interval_s)
+            stale, self._stale_snapshots = self._stale_snapshots, set()
+            for run_id in stale:
+                if run_id in self._runs:
+                    await self._publish_snapshot(self._runs[run_id])
+
     async def _publish_snapshot(self, run: RunRecord) -> None:
         data = json.dumps(run.summary(), default=str).encode()
         await self.bus.put_value(run_snapshot_key(run.run_id), data, ttl_s=self.settings.snapshot_ttl_s)
@@ -247,7 +286,7 @@ class Manager:
             log.warning("reply_for_unknown_task_dropped", run_id=env.run_id, task_id=env.task_id)
             return
         with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt):
-            async with self._locks[run.run_id]:
+            async with self._lock(run.run_id):
                 await self._on_reply(run, task, env)
                 await self._settle(run)
 
@@ -336,7 +375,7 @@ class Manager:
             verdict = await self.judge(task, task.output)
         except Exception as exc:
             verdict = Verdict(passed=False, verifier="judge", feedback=f"judge failed: {type(exc).__name__}: {exc}")
-        async with self._locks[run.run_id]:
+        async with self._lock(run.run_id):
             if task.attempt == attempt and task.state is TaskState.VERIFY_DONE:
                 await self._on_verdict(run, task, verdict, after="judge")
                 await self._settle(run)
@@ -384,19 +423,23 @@ class Manager:
     # -- scheduling --------------------------------------------------------------------------
 
     async def _dispatch_ready(self, run: RunRecord, candidates: Iterable[TaskRecord] | None = None) -> None:
-        for task in run.tasks.values() if candidates is None else candidates:
-            if task.attempt == 0 and task.state is TaskState.NOT_DONE and all(
-                run.tasks[d].state is TaskState.ACCEPTED for d in task.depends_on
-            ):
-                await self._dispatch(run, task)
+        ready = [task for task in (run.tasks.values() if candidates is None else candidates)
+                 if task.attempt == 0 and task.state is TaskState.NOT_DONE
+                 and all(run.tasks[d].state is TaskState.ACCEPTED for d in task.depends_on)]
+        for task in ready:
+            await self._next_attempt(run, task)
+        await self._publish_assigns(run, ready)
 
     async def _dispatch(self, run: RunRecord, task: TaskRecord) -> None:
+        await self._next_attempt(run, task)
+        await self._publish_assign(run, task)
+
+    async def _next_attempt(self, run: RunRecord, task: TaskRecord) -> None:
         task.attempt += 1
         task.verify_stage = ""
         task.attempts.append(AttemptRecord(attempt=task.attempt))
         await self._emit(run, task, kind="dispatch", event="dispatched", actor=self.name,
                          detail={"capability": task.capability})
-        await self._publish_assign(run, task)
 
     async def _publish_assign(self, run: RunRecord, task: TaskRecord) -> None:
         body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
@@ -406,13 +449,31 @@ class Manager:
                                Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
                                         body=body))
 
+    async def _publish_assigns(self, run: RunRecord, tasks: list[TaskRecord]) -> None:
+        """Publish many assigns at once: concurrent publishes share the bus's round trips."""
+        if len(tasks) <= 1:
+            for task in tasks:
+                await self._publish_assign(run, task)
+            return
+        limit = anyio.Semaphore(_PUBLISH_CONCURRENCY)
+
+        async def publish(task: TaskRecord) -> None:
+            async with limit:
+                await self._publish_assign(run, task)
+
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                tg.start_soon(publish, task)
+
     async def _settle(self, run: RunRecord) -> None:
         """After a change: cancel dependents of failed tasks, dispatch what became ready, end the run if done.
 
         Only the dependents of tasks that ended since the last settle are looked at, so a reply costs
         work in proportion to its task's fan-out, not to the size of the run.
         """
-        index = self._index[run.run_id]
+        index = self._index.get(run.run_id)
+        if index is None:  # finished and let go
+            return
         while index.ended and run.state is RunState.RUNNING:
             ended = run.tasks[index.ended.pop()]
             dependents = [run.tasks[d] for d in index.dependents.get(ended.id, ())]
@@ -440,6 +501,8 @@ class Manager:
         run.finished = time.time()
         await self._emit(run, None, kind="run", event="run_finished",
                          detail={"state": str(run.state), "reason": run.reason})
+        assert self._tg is not None
+        self._tg.start_soon(self._publish_final, run)
         log.info("run_finished", run_id=run.run_id, state=str(run.state), reason=run.reason)
 
     async def _exhaust_run(self, run: RunRecord, reason: str) -> None:
@@ -454,17 +517,17 @@ class Manager:
         """Pick up the runs a previous manager left unfinished, and re-drive their in-flight tasks."""
         for run in await self.store.running_runs():
             self._track(run)
-            async with self._locks[run.run_id]:
+            async with self._lock(run.run_id):
                 await self._redrive(run)
                 await self._settle(run)
             log.info("run_resumed", run_id=run.run_id)
 
     async def _redrive(self, run: RunRecord) -> None:
         """Send again whatever a task waits for. Duplicates are harmless: replies are applied once per attempt."""
+        await self._publish_assigns(run, [t for t in run.tasks.values()
+                                          if t.state is TaskState.NOT_DONE and t.attempt > 0])
         for task in run.tasks.values():
-            if task.state is TaskState.NOT_DONE and task.attempt > 0:
-                await self._publish_assign(run, task)
-            elif task.state is TaskState.DONE:
+            if task.state is TaskState.DONE:
                 await self._apply(run, task, TaskEvent.VERIFY, actor=self.name)
                 await self._verify(run, task)
             elif task.state is TaskState.VERIFY_DONE:
@@ -493,7 +556,7 @@ class Manager:
             self._incarnation = current
             for run in list(self._runs.values()):
                 if run.state is RunState.RUNNING:
-                    async with self._locks[run.run_id]:
+                    async with self._lock(run.run_id):
                         await self._redrive(run)
                         await self._settle(run)
                     await self._publish_snapshot(run)
@@ -504,7 +567,7 @@ class Manager:
             now = time.time()
             for run in list(self._runs.values()):
                 if run.state is RunState.RUNNING and now >= run.deadline:
-                    async with self._locks[run.run_id]:
+                    async with self._lock(run.run_id):
                         if run.state is RunState.RUNNING:
                             await self._exhaust_run(run, f"run deadline of {run.job.budget.deadline_s:g} s passed")
                             await self._settle(run)
@@ -538,10 +601,14 @@ class Manager:
                        to_state=to_state, actor=actor or self.name, detail=detail or {})
         run.next_seq += 1
         await self.store.record(run, task, record)
-        changed = self._changed.get(run.run_id)
-        if changed is not None:
-            changed.set()
-            self._changed[run.run_id] = anyio.Event()
+        self._logs[run.run_id].append(record)
+
+    def _lock(self, run_id: str) -> anyio.Lock:
+        """The lock that serializes changes to one run."""
+        lock = self._locks.get(run_id)
+        if lock is None:
+            lock = self._locks[run_id] = anyio.Lock()
+        return lock
 
     def _live(self, run_id: str) -> RunRecord:
         run = self._runs.get(run_id)
@@ -551,6 +618,26 @@ class Manager:
 
 
 _MISSING: Any = object()
+
+
+@dataclass(slots=True)
+class _EventLog:
+    """A run's events since this manager took it over, with a wake-up for followers."""
+
+    first_seq: int
+    events: list[Event] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    finished: bool = False
+
+    def append(self, event: Event) -> None:
+        self.events.append(event)
+        if event.kind == "run" and event.event == "run_finished":
+            self.finished = True
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    def since(self, after: int) -> list[Event]:
+        return self.events[max(0, after + 1 - self.first_seq):]
 
 
 @dataclass(slots=True)

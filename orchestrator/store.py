@@ -88,7 +88,7 @@ class MemoryStore(Store):
 
     async def events(self, run_id: str, after: int = 0) -> list[Event]:
         await anyio.lowlevel.checkpoint()
-        return [e for e in self._events.get(run_id, ()) if e.seq > after]
+        return self._events.get(run_id, [])[after:]  # seq n is at index n - 1
 
     async def run_ids(self) -> list[str]:
         await anyio.lowlevel.checkpoint()

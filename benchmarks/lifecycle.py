@@ -1,0 +1,156 @@
+"""The full task lifecycle over Redis, beside a raw Redis Streams request/reply loop measured in the same run.
+
+Run from the repository root::
+
+    python benchmarks/lifecycle.py                  # starts a throwaway redis-server on a free port
+    python benchmarks/lifecycle.py --tasks 5000 --repeats 3
+
+The manager (with its SQLite ledger, WAL + fsync) runs in this process; one worker process
+(``WorkerRuntime`` with a no-op handler, concurrency 256) runs beside it, both on ``RedisBus``.
+
+- lifecycle throughput: one job of ``--tasks`` independent tasks with a 300-byte input and a
+  spec check (``expect``); time from submit to the run's end: assign, done, verify (spec check),
+  accept, ledger commit, for every task;
+- lifecycle latency: one-task jobs one after another; time from submit to ``accepted``;
+- baseline: ``bus_raw.py``'s raw redis-py request/reply (pipelined throughput and one-at-a-time
+  round trip) with the same payload, measured in the same run, and the ratios against it.
+
+Figures are medians over ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bus_raw import PAYLOAD, _pct, _run_raw  # noqa: E402 - after the path fix on purpose
+
+from orchestrator.ledger import SQLiteStore  # noqa: E402
+from orchestrator.manager import Manager  # noqa: E402
+from orchestrator.store import MemoryStore  # noqa: E402
+from orchestrator.job import parse_job  # noqa: E402
+from protocol.bus import BusSettings  # noqa: E402
+from protocol.redis_bus import RedisBus  # noqa: E402
+
+INPUT = PAYLOAD.decode()
+
+
+def _worker(url: str, ns: str, ready: Any) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from noop import NoopWorker
+
+    from protocol.logging import configure_logging
+    from workers.runtime import RuntimeSettings, WorkerRuntime
+
+    configure_logging("WARNING")
+
+    async def main() -> None:
+        async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
+            runtime = WorkerRuntime(bus, {"noop": NoopWorker()}, RuntimeSettings(concurrency=256, name="bench"))
+            async with anyio.create_task_group() as tg:
+                await tg.start(runtime.serve)
+                ready.set()
+
+    anyio.run(main)
+
+
+def _job(n: int) -> Any:
+    return parse_job({"goal": "bench", "budget": {"max_tasks": max(n, 1)}, "tasks": [
+        {"id": f"t{i}", "capability": "noop", "input": INPUT, "spec": {"expect": INPUT}} for i in range(n)]})
+
+
+async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, list[float]]:
+    ns = f"bench{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_worker, args=(url, ns, ready), daemon=True)
+    proc.start()
+    if not ready.wait(30):
+        raise RuntimeError("worker did not start")
+    try:
+        async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus, \
+                SQLiteStore(tmp / f"{ns}.db") as store, anyio.create_task_group() as tg:
+            manager = Manager(bus, store if not os.environ.get("BENCH_MEMORY_STORE") else MemoryStore())
+            await tg.start(manager.serve)
+            await manager.wait(await manager.submit(_job(20)))  # warm-up
+            one = _job(1)
+            latencies = []
+            for _ in range(lat_n):
+                start = time.perf_counter()
+                await manager.wait(await manager.submit(one))
+                latencies.append(time.perf_counter() - start)
+            job = _job(n)
+            start = time.perf_counter()
+            run_id = await manager.submit(job)
+            submitted = time.perf_counter() - start
+            record = await manager.wait(run_id)
+            elapsed = time.perf_counter() - start
+            if os.environ.get("BENCH_VERBOSE"):
+                print(f"    submit (dispatch of {n} tasks) took {submitted:.2f} s of {elapsed:.2f} s")
+            assert record.state == "accepted", record.reason
+            tg.cancel_scope.cancel()
+    finally:
+        proc.kill()
+        proc.join(10)
+    return n / elapsed, latencies
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an existing Redis (default: start a throwaway redis-server)")
+    parser.add_argument("--tasks", type=int, default=5_000)
+    parser.add_argument("--latency-tasks", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from protocol.logging import configure_logging
+
+    configure_logging("WARNING")
+    server = None
+    url = args.url
+    if url is None:
+        from tests._redis import RedisServer
+
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+        url = server.url
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "lifecycle": {}}
+    try:
+        print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; 300-byte payload")
+        for rep in range(args.repeats):
+            raw_tput, raw_lat = await _run_raw(url, args.tasks, 500, args.latency_tasks)
+            life_tput, life_lat = await _lifecycle(url, args.tasks, args.latency_tasks, tmp)
+            for name, tput, lat in (("raw", raw_tput, raw_lat), ("lifecycle", life_tput, life_lat)):
+                rows[name].setdefault("tput", []).append(tput)
+                rows[name].setdefault("p50", []).append(_pct(lat, 0.50) * 1e6)
+                rows[name].setdefault("p99", []).append(_pct(lat, 0.99) * 1e6)
+                print(f"  repeat {rep + 1} {name:9}: {tput:8.0f} tasks/s  p50 {rows[name]['p50'][-1]:7.0f} us  "
+                      f"p99 {rows[name]['p99'][-1]:7.0f} us")
+    finally:
+        if server is not None:
+            server.stop()
+    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    print()
+    print(f"{'':16}{'tasks/s':>10}{'p50 us':>10}{'p99 us':>10}")
+    for name in ("raw", "lifecycle"):
+        m = med[name]
+        print(f"{name:16}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
+    r, b = med["raw"], med["lifecycle"]
+    print(f"{'lifecycle/raw':16}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}{b['p99'] / r['p99']:10.2f}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
