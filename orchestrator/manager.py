@@ -226,8 +226,9 @@ class Manager:
             batch, self._unacked = self._unacked, []
             touched, self._touched = self._touched, set()
             await self.store.sync()
-            for delivery in batch:
-                await self.bus.ack(delivery)
+            async with anyio.create_task_group() as tg:  # concurrent acks share the bus's round trips
+                for delivery in batch:
+                    tg.start_soon(self.bus.ack, delivery)
             self._stale_snapshots |= touched
 
     async def _consume_jobs(self) -> None:
@@ -596,9 +597,11 @@ class Manager:
 
     async def _emit(self, run: RunRecord, task: TaskRecord | None, *, kind: str, event: str, actor: str = "",
                     detail: dict[str, Any] | None = None, from_state: str = "", to_state: str = "") -> None:
-        record = Event(seq=run.next_seq, run_id=run.run_id, task_id=task.id if task else "",
-                       attempt=task.attempt if task else 0, kind=kind, event=event, from_state=from_state,
-                       to_state=to_state, actor=actor or self.name, detail=detail or {})
+        # Built from values this manager already holds: skip validation on the hottest path.
+        record = Event.model_construct(seq=run.next_seq, run_id=run.run_id, task_id=task.id if task else "",
+                                       attempt=task.attempt if task else 0, time=time.time(), kind=kind, event=event,
+                                       from_state=from_state, to_state=to_state, actor=actor or self.name,
+                                       detail=detail or {})
         run.next_seq += 1
         await self.store.record(run, task, record)
         self._logs[run.run_id].append(record)
