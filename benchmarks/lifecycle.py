@@ -21,8 +21,8 @@ Figures are medians over ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
-import os
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -36,14 +36,14 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bus_raw import PAYLOAD, _pct, _run_raw  # noqa: E402 - after the path fix on purpose
+from bus_raw import PAYLOAD, _pct, _run_raw
 
-from orchestrator.ledger import SQLiteStore  # noqa: E402
-from orchestrator.manager import Manager  # noqa: E402
-from orchestrator.store import MemoryStore  # noqa: E402
-from orchestrator.job import parse_job  # noqa: E402
-from protocol.bus import BusSettings  # noqa: E402
-from protocol.redis_bus import RedisBus  # noqa: E402
+from orchestrator.job import parse_job
+from orchestrator.ledger import SQLiteStore
+from orchestrator.manager import Manager
+from orchestrator.store import MemoryStore
+from protocol.bus import BusSettings
+from protocol.redis_bus import RedisBus
 
 INPUT = PAYLOAD.decode()
 

@@ -91,6 +91,22 @@ class Run:
         """Cancel the run, or one of its tasks."""
         await self._manager.cancel(self.run_id, task_id, by=by, reason=reason)
 
+    async def approve(self, task_id: str, *, by: str = "api") -> None:
+        """Accept a task that waits for a person (``spec: {approval: human}``)."""
+        await self._manager.override(self.run_id, task_id, "approve", by=by)
+
+    async def reject(self, task_id: str, feedback: str, *, by: str = "api") -> None:
+        """Send a task's result back with feedback; the worker sees it in ``task.feedback``."""
+        await self._manager.override(self.run_id, task_id, "reject", feedback=feedback, by=by)
+
+    async def redo(self, task_id: str, feedback: str = "", *, by: str = "api") -> None:
+        """Force another attempt at a task, stopping the one in flight, with feedback for the worker."""
+        await self._manager.override(self.run_id, task_id, "redo", feedback=feedback, by=by)
+
+    async def accept(self, task_id: str, *, by: str = "api") -> None:
+        """Accept a task's result as it stands, whatever the checks would say."""
+        await self._manager.override(self.run_id, task_id, "accept", by=by)
+
 
 class Orchestrator:
     """Run jobs from Python.

@@ -9,9 +9,11 @@ import argparse
 import functools
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -102,7 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id")
     status.add_argument("--json", action="store_true", help="print the run as one JSON object")
     status.set_defaults(func=_cmd_status)
+    events = verbs.add_parser("events", help="print a run's full history: every transition, verdict and override")
+    _redis_flags(events)
+    events.add_argument("run_id")
+    events.add_argument("--json", action="store_true", help="print one JSON object per line")
+    events.set_defaults(func=_cmd_events)
+
+    watch = verbs.add_parser("watch", help="follow a run live as a tree of its tasks, then summarize it")
+    _redis_flags(watch)
+    watch.add_argument("run_id")
+    watch.set_defaults(func=_cmd_watch)
+
+    for verb, text in (("approve", "accept a task that waits for a person (spec approval: human)"),
+                       ("reject", "send a task's result back with feedback (a redo the worker sees)"),
+                       ("redo", "force another attempt at a task, with feedback"),
+                       ("accept", "accept a task's result as it stands"),
+                       ("cancel", "cancel a task, or the whole run when no task is given")):
+        override = verbs.add_parser(verb, help=text)
+        _redis_flags(override)
+        override.add_argument("run_id")
+        override.add_argument("task_id", nargs="?" if verb == "cancel" else None, default="",
+                              help="the job's task id")
+        override.add_argument("--feedback", required=verb == "reject", default="",
+                              help="what to change (the worker sees it in task.feedback)" if verb != "cancel"
+                              else "why (recorded as the reason)")
+        override.add_argument("--by", default=_default_person(), help="who decides (default: USER@HOST)")
+        override.set_defaults(func=_cmd_override, action=verb)
     return parser
+
+
+def _default_person() -> str:
+    return f"{os.environ.get('USER') or os.environ.get('USERNAME') or 'someone'}@{socket.gethostname()}"
 
 
 def _llm_flags(parser: argparse.ArgumentParser, *, fallback: str = "") -> None:
@@ -272,6 +304,65 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if result is None:
         raise ConfigError(f"unknown run {args.run_id!r} (no manager has reported it, or it expired)")
     _print_run(result, as_json=args.json)
+    return EXIT_ACCEPTED
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    async def go() -> list[Any]:
+        async with _client_bus(args) as bus:
+            return await processes.read_events(bus, args.run_id)
+
+    events = anyio.run(go)
+    if not events:
+        raise ConfigError(f"no history for run {args.run_id!r} (unknown, or expired)")
+    for event in events:
+        if args.json:
+            print(event.model_dump_json())  # noqa: T201 - CLI output
+        else:
+            print(_event_line(event))  # noqa: T201 - CLI output
+    return EXIT_ACCEPTED
+
+
+def _event_line(event: Any) -> str:
+    stamp = datetime.fromtimestamp(event.time, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+    where = f"{event.task_id}#{event.attempt}" if event.task_id else "run"
+    change = f"{event.from_state} -> {event.to_state}" if event.kind == "transition" else event.kind
+    extra = "  ".join(f"{k}={v}" for k, v in event.detail.items() if k in _SHOWN_DETAIL and v not in ("", None))
+    return f"{event.seq:>5} {stamp} {where:<20} {event.event:<18} {change:<24} by {event.actor:<24} {extra}"
+
+
+_SHOWN_DETAIL = ("verifier", "feedback", "reason", "guard", "error", "state", "message", "action")
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    console = Console()
+
+    async def go() -> dict[str, Any]:
+        async with _client_bus(args) as bus:
+            view = RunView()
+            with Live(render_table(view), console=console, refresh_per_second=4, transient=True) as live:
+                async for event in processes.follow_events(bus, args.run_id):
+                    view.apply(event)
+                    live.update(render_table(view, wide=console.width >= 120))
+            status = await processes.fetch_status(bus, args.run_id)
+        if status is None:
+            raise ConfigError(f"unknown run {args.run_id!r}")
+        console.print(render_summary(view, status, wide=console.width >= 120))
+        return status
+
+    status = anyio.run(go)
+    return EXIT_ACCEPTED if status["state"] == "accepted" else EXIT_FAILED
+
+
+def _cmd_override(args: argparse.Namespace) -> int:
+    async def go() -> None:
+        async with _client_bus(args) as bus:
+            await processes.send_override(bus, args.run_id, args.task_id or "", args.action, feedback=args.feedback,
+                                          by=args.by)
+
+    anyio.run(go)
+    target = f"task {args.task_id!r} of run {args.run_id}" if args.task_id else f"run {args.run_id}"
+    print(f"{args.action} sent for {target} by {args.by}")  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
 
 

@@ -35,6 +35,9 @@ class TaskView:
     finished: float | None = None
     note: str = ""
     redos: int = 0
+    tokens: int = 0
+    depends_on: tuple[str, ...] = ()
+    guard: str = ""
 
 
 @dataclass(slots=True)
@@ -56,6 +59,9 @@ class RunView:
             if event.event == "run_started":
                 self.goal = str(event.detail.get("goal", ""))
                 self.started = event.time
+                for t in event.detail.get("tasks", ()):
+                    self.tasks[t["id"]] = TaskView(t["id"], capability=t.get("capability", ""),
+                                                   depends_on=tuple(t.get("depends_on", ())))
             elif event.event == "run_finished":
                 self.state = str(event.detail.get("state", ""))
                 self.reason = str(event.detail.get("reason", ""))
@@ -67,10 +73,16 @@ class RunView:
             task.started = task.started or event.time
         elif event.kind == "progress":
             task.note = str(event.detail.get("message", ""))
+        elif event.kind == "note" and event.event == "awaiting_approval":
+            task.note = "waiting for a person to approve"
+        elif event.kind == "override":
+            feedback = event.detail.get("feedback") or event.detail.get("reason") or ""
+            task.note = f"{event.event} by {event.actor}" + (f": {feedback}" if feedback else "")
         elif event.kind == "transition":
             task.state = event.to_state
             if event.event == "done":
                 task.worker = event.actor
+                task.tokens += int(event.detail.get("tokens", 0) or 0)
             if event.event == "reject":
                 task.redos += 1
                 task.note = f"redo: {event.detail.get('feedback', '')}"
@@ -78,6 +90,7 @@ class RunView:
                                      f"{event.detail.get('verifier') or event.actor}: {event.detail.get('feedback', '')}")
             elif event.to_state in ("failed", "cancelled"):
                 task.note = str(event.detail.get("reason", ""))
+                task.guard = str(event.detail.get("guard", ""))
             elif event.to_state == "accepted":
                 task.note = ""
             if event.to_state in ("accepted", "failed", "cancelled"):
@@ -92,22 +105,47 @@ def _elapsed(task: TaskView, now: float) -> str:
 
 def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any] | None = None, *,
                  wide: bool = True) -> Table:
-    """One row per task: state, attempt, worker, elapsed time, and the latest note (or the output, at the end)."""
+    """The run as a tree: each task under the tasks it depends on, with state, attempt, worker, elapsed time,
+    tokens, and the latest note (or the output, at the end)."""
     now = now or time.time()
     table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("task", "capability", "state", "attempt", "elapsed"):
         table.add_column(column, no_wrap=True)
     if wide:
         table.add_column("worker", no_wrap=True)
+        table.add_column("tokens", no_wrap=True, justify="right")
     table.add_column("output" if outputs is not None else "note", overflow="fold", min_width=24, max_width=80)
-    for task in view.tasks.values():
+    depth = _depths(view)
+    for task in sorted(view.tasks.values(), key=lambda t: depth.get(t.id, 0)):
         last = task.note
         if outputs is not None and task.state == "accepted":
             last = _clip(outputs.get(task.id))
-        cells: list[str | Text] = [task.id, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
-                 str(task.attempt or ""), _elapsed(task, now), *([task.worker] if wide else []), last]
-        table.add_row(*cells)
+        if task.guard:
+            last = f"[{task.guard}] {last}"
+        name = ("  " * depth.get(task.id, 0) + "└ " if depth.get(task.id, 0) else "") + task.id
+        cells: list[str | Text] = [name, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
+                                   str(task.attempt or ""), _elapsed(task, now)]
+        if wide:
+            cells += [task.worker, str(task.tokens or "")]
+        table.add_row(*cells, last)
     return table
+
+
+def _depths(view: RunView) -> dict[str, int]:
+    """How many dependency levels sit above each task (0 for tasks that depend on nothing)."""
+    depth: dict[str, int] = {}
+
+    def of(task_id: str, seen: frozenset[str] = frozenset()) -> int:
+        if task_id in depth:
+            return depth[task_id]
+        task = view.tasks.get(task_id)
+        deps = [d for d in (task.depends_on if task else ()) if d not in seen]
+        depth[task_id] = 1 + max((of(d, seen | {task_id}) for d in deps), default=-1)
+        return depth[task_id]
+
+    for task_id in view.tasks:
+        of(task_id)
+    return depth
 
 
 def _clip(value: Any, limit: int = 120) -> str:

@@ -26,13 +26,24 @@ from orchestrator.verifier import check_spec
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
 from protocol.errors import ConfigError, OrchestratorError
-from protocol.keys import CONTROL_TOPIC, JOBS_STREAM, MANAGER_GROUP, results_stream, run_snapshot_key, tasks_stream
+from protocol.keys import (
+    CONTROL_TOPIC,
+    JOBS_STREAM,
+    MANAGER_GROUP,
+    OVERRIDES_STREAM,
+    events_stream,
+    results_stream,
+    run_snapshot_key,
+    tasks_stream,
+)
 from protocol.messages import (
     Assign,
     Cancel,
     Done,
     Failed,
     Heartbeat,
+    Override,
+    OverrideAction,
     Progress,
     Redo,
     Submit,
@@ -63,6 +74,7 @@ class ManagerSettings:
     incarnation_check_s: float = 1.0  # how often to look for a bus that lost its data
     snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
+    publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
 
 
 class Manager:
@@ -87,6 +99,7 @@ class Manager:
         self._unacked: list[Delivery] = []
         self._touched: set[str] = set()
         self._stale_snapshots: set[str] = set()
+        self._unpublished: list[Event] = []  # recorded events not yet mirrored to the bus
         self._wake_acker = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -101,6 +114,7 @@ class Manager:
             tg.start_soon(self._watch_incarnation)
             tg.start_soon(self._acknowledge)
             tg.start_soon(self._consume_jobs)
+            tg.start_soon(self._consume_overrides)
             tg.start_soon(self._refresh_snapshots)
             log.info("manager_started", manager=self.name, resumed=len(self._runs))
             task_status.started()
@@ -116,7 +130,9 @@ class Manager:
         self._track(run)
         await self.store.create_run(run)
         async with self._lock(run.run_id):
-            await self._emit(run, None, kind="run", event="run_started", detail={"goal": job.goal})
+            await self._emit(run, None, kind="run", event="run_started", detail={
+                "goal": job.goal,
+                "tasks": [{"id": t.id, "capability": t.capability, "depends_on": list(t.depends_on)} for t in job.tasks]})
             if not run.tasks:
                 await self._finish_run(run)
             await self._dispatch_ready(run)
@@ -188,6 +204,56 @@ class Manager:
         await self.store.sync()
         await self._publish_snapshot(run)
 
+    async def override(self, run_id: str, task_id: str, action: OverrideAction, *, feedback: str = "",
+                       by: str = "api") -> None:
+        """A person's decision about a task: approve, reject (with feedback), redo, accept or cancel.
+
+        Raises ConfigError naming the run, task and state when the action does not apply.
+        """
+        run = self._live(run_id)
+        if action == "cancel":
+            await self.cancel(run_id, task_id or None, by=by, reason=feedback or f"cancelled by {by}")
+            return
+        task = run.tasks.get(task_id)
+        if task is None:
+            raise ConfigError(f"run {run_id!r} has no task {task_id!r}")
+        async with self._lock(run_id):
+            await self._emit(run, task, kind="override", event=action, actor=by, detail={"feedback": feedback})
+            await self._apply_override(run, task, action, feedback, by)
+            await self._settle(run)
+        await self.store.sync()
+        await self._publish_snapshot(run)
+
+    async def _apply_override(self, run: RunRecord, task: TaskRecord, action: OverrideAction, feedback: str,
+                              by: str) -> None:
+        person = f"person:{by}"
+        state, stage = task.state, task.verify_stage
+        if action == "approve" and state is TaskState.VERIFY_DONE and stage == "human":
+            await self._apply(run, task, TaskEvent.PASS, actor=by, detail={"verifier": person})
+        elif action == "accept" and state in (TaskState.DONE, TaskState.VERIFY_DONE):
+            if state is TaskState.DONE:
+                await self._apply(run, task, TaskEvent.VERIFY, actor=by)
+            await self._apply(run, task, TaskEvent.PASS, actor=by, detail={"verifier": person})
+        elif action in ("reject", "redo") and state in (TaskState.DONE, TaskState.VERIFY_DONE):
+            if state is TaskState.DONE:
+                await self._apply(run, task, TaskEvent.VERIFY, actor=by)
+            await self._reject(run, task, Verdict(passed=False, verifier=person,
+                                                  feedback=feedback or f"rejected by {by}"))
+        elif action == "redo" and state is TaskState.NOT_DONE and task.attempt > 0:
+            # Stop the attempt in flight; the next one carries the person's feedback.
+            await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run.run_id, task_id=task.id, sender=self.name,
+                                                             body=Cancel(reason=f"redo requested by {by}", by=by)))
+            task.redo.append(Redo(plan=_plan(run, task), context=_context(task), feedback=feedback))
+            await self._apply(run, task, TaskEvent.RETRY, actor=by, detail={"feedback": feedback})
+            await self._dispatch(run, task)
+        elif action == "redo" and state in (TaskState.NOT_DONE, TaskState.REDO):
+            # Not started yet, or about to be redone: the next attempt carries the feedback too.
+            task.redo.append(Redo(plan=_plan(run, task), context=_context(task), feedback=feedback))
+        else:
+            waiting = " (waiting for approval)" if stage == "human" else ""
+            raise ConfigError(f"cannot {action} task {task.id!r} of run {run.run_id!r} in state "
+                              f"{str(state)!r}{waiting}")
+
     def snapshot(self, run_id: str) -> RunRecord:
         """The live record of a run this manager is running (a copy)."""
         return self._live(run_id).model_copy(deep=True)
@@ -225,10 +291,13 @@ class Manager:
             self._wake_acker = anyio.Event()
             batch, self._unacked = self._unacked, []
             touched, self._touched = self._touched, set()
+            events, self._unpublished = self._unpublished, []
             await self.store.sync()
-            async with anyio.create_task_group() as tg:  # concurrent acks share the bus's round trips
+            async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
                 for delivery in batch:
                     tg.start_soon(self.bus.ack, delivery)
+                for event in events:  # followers see only what is durable
+                    tg.start_soon(self.bus.publish, events_stream(event.run_id), event.to_envelope(self.name))
             self._stale_snapshots |= touched
 
     async def _consume_jobs(self) -> None:
@@ -246,6 +315,29 @@ class Manager:
             await self.store.sync()
             await self.bus.ack(delivery)
 
+    async def _consume_overrides(self) -> None:
+        """Apply overrides sent by people from any machine (``orchestrator approve`` and friends)."""
+        async for delivery in self.bus.consume(OVERRIDES_STREAM, group=MANAGER_GROUP, consumer=self.name):
+            env = delivery.envelope
+            if isinstance(env.body, Override):
+                try:
+                    await self.override(env.run_id, env.task_id, env.body.action, feedback=env.body.feedback,
+                                        by=env.body.by or env.sender)
+                except ConfigError as exc:
+                    log.warning("override_refused", run_id=env.run_id, task_id=env.task_id, action=env.body.action,
+                                by=env.body.by, reason=str(exc))
+                    await self._note_refused(env, str(exc))
+            await self.store.sync()
+            await self.bus.ack(delivery)
+
+    async def _note_refused(self, env: Envelope, reason: str) -> None:
+        run = self._runs.get(env.run_id)
+        if run is None or not isinstance(env.body, Override):
+            return
+        async with self._lock(run.run_id):
+            await self._emit(run, run.tasks.get(env.task_id), kind="override", event="refused", actor=env.body.by,
+                             detail={"action": env.body.action, "reason": reason})
+
     async def _record_rejected(self, run_id: str, submit: Submit, reason: str) -> None:
         goal = str(submit.job.get("goal") or "(invalid job)")
         run = RunRecord.new(Job(goal=goal), run_id or None)
@@ -260,6 +352,8 @@ class Manager:
         """
         await self.store.sync()
         await self._publish_snapshot(run)
+        if self.settings.publish_events:
+            await self.bus.expire(events_stream(run.run_id), self.settings.snapshot_ttl_s)
         for table in (self._runs, self._index, self._locks):
             table.pop(run.run_id, None)
 
@@ -323,11 +417,12 @@ class Manager:
         current = task.attempts[-1]
         current.output, current.worker, current.finished = done.output, env.sender, time.time()
         await self._apply(run, task, TaskEvent.DONE, actor=env.sender,
-                          detail={"output": _clip(done.output), "duration_s": round(done.duration_s, 4)})
+                          detail={"output": _clip(done.output), "duration_s": round(done.duration_s, 4),
+                                  "tokens": done.tokens})
         if await self._over_token_budget(run, task):
             return
         if previous is not _MISSING and done.output == previous:
-            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, guard="loop",
                               reason=f"loop: attempt {task.attempt} returned the same output as attempt "
                                      f"{rejected[-1].attempt}, which had failed verification")
             return
@@ -367,6 +462,11 @@ class Manager:
             assert self._tg is not None
             self._tg.start_soon(self._run_judge, run, task, task.attempt)
             return
+        if after != "human" and task.spec.approval == "human":
+            task.verify_stage = "human"  # waits in verify_done until a person approves or rejects
+            await self._emit(run, task, kind="note", event="awaiting_approval", actor=self.name,
+                             detail={"verifier": verdict.verifier})
+            return
         await self._apply(run, task, TaskEvent.PASS, actor=verdict.verifier or self.name,
                           detail={"verifier": verdict.verifier, "feedback": verdict.feedback})
 
@@ -386,12 +486,13 @@ class Manager:
     async def _over_token_budget(self, run: RunRecord, task: TaskRecord) -> bool:
         """Fail the task (or the whole run) whose token budget is spent; True when it did."""
         if task.max_tokens is not None and task.tokens > task.max_tokens:
-            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, guard="tokens",
                               reason=f"token budget spent: task used {task.tokens} tokens of {task.max_tokens}")
             return True
         budget = run.job.budget.max_tokens
         if budget is not None and run.tokens > budget:
-            await self._exhaust_run(run, f"token budget spent: run used {run.tokens} tokens of {budget}")
+            await self._exhaust_run(run, f"token budget spent: run used {run.tokens} tokens of {budget}",
+                                    guard="tokens")
             return True
         return False
 
@@ -399,10 +500,17 @@ class Manager:
         await self._apply(run, task, TaskEvent.REJECT, actor=verdict.verifier or self.name,
                           detail={"verifier": verdict.verifier, "feedback": verdict.feedback,
                                   "corrections": list(verdict.corrections)})
+        repeated = bool(task.redo) and bool(verdict.feedback) and task.redo[-1].feedback == verdict.feedback
         task.redo.append(Redo(plan=_plan(run, task), context=_context(task), feedback=verdict.feedback,
                               corrections=verdict.corrections))
+        if repeated and not verdict.verifier.startswith("person:"):
+            # The worker is not converging: the same objection twice means another attempt is wasted budget.
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, guard="repeated_feedback",
+                              reason=f"stuck: attempts {task.attempt - 1} and {task.attempt} got the same feedback: "
+                                     f"{verdict.feedback}")
+            return
         if task.attempt >= task.max_attempts:
-            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name,
+            await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, guard="attempts",
                               reason=f"failed verification on all {task.max_attempts} attempts; last feedback: "
                                      f"{verdict.feedback}")
             return
@@ -418,7 +526,7 @@ class Manager:
             await self._dispatch(run, task)
             return
         why = "not retryable" if not failed.retryable else f"attempt {task.attempt} of {task.max_attempts}"
-        await self._apply(run, task, TaskEvent.EXHAUST, actor=env.sender,
+        await self._apply(run, task, TaskEvent.EXHAUST, actor=env.sender, guard="attempts" if failed.retryable else "",
                           reason=f"worker failed ({why}): {failed.error}")
 
     # -- scheduling --------------------------------------------------------------------------
@@ -506,11 +614,11 @@ class Manager:
         self._tg.start_soon(self._publish_final, run)
         log.info("run_finished", run_id=run.run_id, state=str(run.state), reason=run.reason)
 
-    async def _exhaust_run(self, run: RunRecord, reason: str) -> None:
+    async def _exhaust_run(self, run: RunRecord, reason: str, *, guard: str) -> None:
         run.reason = reason
         for task in run.tasks.values():
             if not task.terminal:
-                await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, reason=reason)
+                await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, reason=reason, guard=guard)
         await self.bus.broadcast(CONTROL_TOPIC, Envelope(run_id=run.run_id, sender=self.name,
                                                          body=Cancel(reason=reason, by=self.name)))
 
@@ -570,7 +678,8 @@ class Manager:
                 if run.state is RunState.RUNNING and now >= run.deadline:
                     async with self._lock(run.run_id):
                         if run.state is RunState.RUNNING:
-                            await self._exhaust_run(run, f"run deadline of {run.job.budget.deadline_s:g} s passed")
+                            await self._exhaust_run(run, f"run deadline of {run.job.budget.deadline_s:g} s passed",
+                                                    guard="deadline")
                             await self._settle(run)
                     await self.store.sync()
                     await self._publish_snapshot(run)
@@ -578,7 +687,7 @@ class Manager:
     # -- the one place state changes ----------------------------------------------------------
 
     async def _apply(self, run: RunRecord, task: TaskRecord, event: TaskEvent, *, actor: str, reason: str = "",
-                     detail: dict[str, Any] | None = None) -> None:
+                     detail: dict[str, Any] | None = None, guard: str = "") -> None:
         before = task.state
         task.state = transition(task.state, event, task_id=task.id)
         if task.terminal:
@@ -590,6 +699,8 @@ class Manager:
         detail = dict(detail or {})
         if reason:
             detail["reason"] = reason
+        if guard:
+            detail["guard"] = guard  # which guard stopped the task: loop, repeated_feedback, attempts, tokens, deadline
         await self._emit(run, task, kind="transition", event=str(event), actor=actor, detail=detail,
                          from_state=str(before), to_state=str(task.state))
         log.info("task_transitioned", run_id=run.run_id, task_id=task.id, attempt=task.attempt, task_event=str(event),
@@ -605,6 +716,9 @@ class Manager:
         run.next_seq += 1
         await self.store.record(run, task, record)
         self._logs[run.run_id].append(record)
+        if self.settings.publish_events:
+            self._unpublished.append(record)
+            self._wake_acker.set()
 
     def _lock(self, run_id: str) -> anyio.Lock:
         """The lock that serializes changes to one run."""

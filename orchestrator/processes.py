@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -24,19 +24,21 @@ from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
+from orchestrator.records import Event
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
 from protocol.errors import ConfigError
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
-from protocol.keys import JOBS_STREAM, run_snapshot_key
-from protocol.messages import Submit
+from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, events_stream, run_snapshot_key
+from protocol.messages import Override, OverrideAction, Submit
 from protocol.redis_bus import RedisBus
 from protocol.settings import RedisSettings
 from workers import registry
 from workers.runtime import RuntimeSettings, WorkerRuntime
 
-__all__ = ("fetch_status", "run_manager", "run_worker", "submit_job", "wait_for_run")
+__all__ = ("fetch_status", "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
+           "wait_for_run")
 
 log = structlog.get_logger("orchestrator.processes")
 
@@ -155,3 +157,56 @@ async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2,
             if status["state"] != "running":
                 return status
         await anyio.sleep(poll_s)
+
+
+async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAction, *, feedback: str = "",
+                        by: str) -> dict[str, Any]:
+    """Send a person's decision to the active manager, after checking the run and task exist."""
+    status = await fetch_status(bus, run_id)
+    if status is None:
+        raise ConfigError(f"unknown run {run_id!r} (no manager has reported it, or it expired)")
+    if task_id and task_id not in {t["id"] for t in status["tasks"]}:
+        known = ", ".join(t["id"] for t in status["tasks"])
+        raise ConfigError(f"run {run_id!r} has no task {task_id!r} (tasks: {known})")
+    if status["state"] != "running":
+        raise ConfigError(f"run {run_id!r} has already ended ({status['state']})")
+    task = next((t for t in status["tasks"] if t["id"] == task_id), None)
+    allowed = _OVERRIDE_STATES[action]
+    # The snapshot may be half a second old: this catches mistakes early; the manager has the last word.
+    if task is not None and task["state"] not in allowed:
+        raise ConfigError(f"cannot {action} task {task_id!r} of run {run_id!r} in state {task['state']!r} "
+                          f"(it must be {' or '.join(sorted(allowed))})")
+    await bus.publish(OVERRIDES_STREAM, Envelope(run_id=run_id, task_id=task_id, sender=by,
+                                                 body=Override(action=action, feedback=feedback, by=by)))
+    return status
+
+
+_OVERRIDE_STATES: dict[str, frozenset[str]] = {
+    "approve": frozenset({"verify_done"}),
+    "accept": frozenset({"done", "verify_done"}),
+    "reject": frozenset({"done", "verify_done"}),
+    "redo": frozenset({"not_done", "done", "verify_done", "redo"}),
+    "cancel": frozenset({"not_done", "done", "verify_done", "redo"}),
+}
+
+
+async def read_events(bus: Bus, run_id: str) -> list[Event]:
+    """A run's history so far, in order, from the bus's copy of it."""
+    events: list[Event] = []
+    after = "0"
+    while batch := await bus.read(events_stream(run_id), after=after):
+        after = batch[-1][0]
+        events.extend(Event.from_envelope(env) for _, env in batch)
+    return events
+
+
+async def follow_events(bus: Bus, run_id: str, *, poll_s: float = 1.0) -> AsyncIterator[Event]:
+    """A run's history, then its new events as the manager records them, until the run ends."""
+    after = "0"
+    while True:
+        for entry_id, env in await bus.read(events_stream(run_id), after=after, block_s=poll_s):
+            after = entry_id
+            event = Event.from_envelope(env)
+            yield event
+            if event.kind == "run" and event.event == "run_finished":
+                return

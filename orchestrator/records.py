@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from orchestrator.job import Job, Spec, TaskDef
-from protocol.envelope import new_id
-from protocol.messages import Redo
+from protocol.envelope import Envelope, new_id
+from protocol.messages import Redo, RunEvent
 from protocol.states import TERMINAL, TaskState
 
 __all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord")
@@ -122,3 +122,19 @@ class Event(BaseModel):
     to_state: str = ""
     actor: str = ""
     detail: dict[str, Any] = Field(default_factory=dict)
+
+    def to_envelope(self, sender: str) -> Envelope:
+        """The event as a bus message, for followers on other machines."""
+        return Envelope(run_id=self.run_id, task_id=self.task_id, attempt=self.attempt, time=self.time, sender=sender,
+                        body=RunEvent(seq=self.seq, kind=self.kind, event=self.event, from_state=self.from_state,
+                                      to_state=self.to_state, actor=self.actor, detail=self.detail))
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> Event:
+        """The event a ``run_event`` message carries."""
+        body = env.body
+        if not isinstance(body, RunEvent):
+            raise TypeError(f"not a run event: {env.type!r}")
+        return cls(seq=body.seq, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, time=env.time,
+                   kind=body.kind, event=body.event, from_state=body.from_state, to_state=body.to_state,
+                   actor=body.actor, detail=body.detail)

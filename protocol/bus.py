@@ -126,6 +126,18 @@ class Bus(abc.ABC):
         """Send a control message to every current subscriber of ``topic``."""
 
     @abc.abstractmethod
+    async def read(self, stream: str, *, after: str = "0", count: int = 1000,
+                   block_s: float = 0.0) -> list[tuple[str, Envelope]]:
+        """Entries after entry id ``after``, oldest first, read as a log (no group, nothing acknowledged).
+
+        Waits up to ``block_s`` for the first new entry; entries that do not decode are skipped.
+        """
+
+    @abc.abstractmethod
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        """Let ``stream`` disappear ``ttl_s`` from now (the event log of a finished run)."""
+
+    @abc.abstractmethod
     async def incarnation(self) -> str:
         """An id of the bus's stored data that changes when that data is lost (a broker restarted empty)."""
 
@@ -304,6 +316,31 @@ class MemoryBus(Bus):
         for send in list(self._subscribers.get(topic, ())):
             with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
                 send.send_nowait(envelope)
+        await anyio.lowlevel.checkpoint()
+
+    async def read(self, stream: str, *, after: str = "0", count: int = 1000,
+                   block_s: float = 0.0) -> list[tuple[str, Envelope]]:
+        s = self._stream(stream)
+        start = int(after) if after.isdigit() else 0
+        if s.last_id <= start and block_s > 0:
+            with anyio.move_on_after(block_s):
+                await s.changed.wait()
+        out: list[tuple[str, Envelope]] = []
+        for entry_id in range(start + 1, s.last_id + 1):
+            frame = s.entries.get(entry_id)
+            if frame is None:
+                continue
+            try:
+                out.append((str(entry_id), self.settings.codec.decode(frame)))
+            except ProtocolError:
+                continue
+            if len(out) == count:
+                break
+        await anyio.lowlevel.checkpoint()
+        return out
+
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        # In process, a finished run's log lives as long as the bus; nothing to schedule.
         await anyio.lowlevel.checkpoint()
 
     async def incarnation(self) -> str:

@@ -6,10 +6,11 @@ capability's task and result streams share a Cluster slot and can be committed a
 
 from __future__ import annotations
 
-__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "JOBS_STREAM", "MANAGER_GROUP", "results_stream", "run_snapshot_key", "tasks_stream", "workers_group")
+__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "JOBS_STREAM", "MANAGER_GROUP", "OVERRIDES_STREAM", "events_stream", "results_stream", "run_snapshot_key", "tasks_stream", "workers_group")
 
 CONTROL_TOPIC = "control"
 JOBS_STREAM = "jobs"  # submissions from clients to the active manager
+OVERRIDES_STREAM = "overrides"  # a person's approve / reject / redo / accept / cancel, to the active manager
 MANAGER_GROUP = "manager"
 DEAD_LETTER_SUFFIX = ".dead"
 
@@ -32,3 +33,8 @@ def workers_group(capability: str) -> str:
 def run_snapshot_key(run_id: str) -> str:
     """Where the manager keeps a run's latest summary, readable by ``status`` from any machine."""
     return f"run.{run_id}"
+
+
+def events_stream(run_id: str) -> str:
+    """A run's history as the manager records it, for ``events`` and ``watch`` on any machine."""
+    return f"events.{run_id}"

@@ -18,8 +18,11 @@ __all__ = (
     "Failed",
     "Heartbeat",
     "MessageType",
+    "Override",
+    "OverrideAction",
     "Progress",
     "Redo",
+    "RunEvent",
     "Submit",
     "Verdict",
     "VerifyRequest",
@@ -128,6 +131,31 @@ class Submit(_Body):
     source: str = ""
 
 
+OverrideAction = Literal["approve", "reject", "redo", "accept", "cancel"]
+
+
+class Override(_Body):
+    """A person -> manager: approve, reject (with feedback), force a redo, accept, or cancel a task or run."""
+
+    type: Literal["override"] = "override"
+    action: OverrideAction
+    feedback: str = ""
+    by: str = ""
+
+
+class RunEvent(_Body):
+    """Manager -> anyone following a run: one entry of its history (the envelope carries ids and time)."""
+
+    type: Literal["run_event"] = "run_event"
+    seq: int
+    kind: str
+    event: str
+    from_state: str = ""
+    to_state: str = ""
+    actor: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
 class Progress(_Body):
     """Worker -> manager: a free-form progress note for displays."""
 
@@ -137,11 +165,12 @@ class Progress(_Body):
 
 
 Body = Annotated[
-    Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress | Submit,
+    Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress | Submit
+    | Override | RunEvent,
     Field(discriminator="type"),
 ]
 
 MessageType = Literal[
     "assign", "done", "failed", "verify_request", "verify_response", "redo", "cancel", "heartbeat", "progress",
-    "submit",
+    "submit", "override", "run_event",
 ]

@@ -435,6 +435,23 @@ class RedisBus(Bus):
 
     # -- control messages ----------------------------------------------------------------------
 
+    async def read(self, stream: str, *, after: str = "0", count: int = 1000,
+                   block_s: float = 0.0) -> list[tuple[str, Envelope]]:
+        key = self.key(stream)
+        block = int(block_s * 1000) if block_s > 0 else None
+        reply: Any = await self._call("read", lambda: self._redis.xread({key: after}, count=count, block=block))
+        out: list[tuple[str, Envelope]] = []
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                try:
+                    out.append((_s(entry_id), self.settings.codec.decode(bytes(fields[b"f"]))))
+                except (ProtocolError, KeyError):
+                    continue  # a log reader skips what it cannot read; the log's writer owns it
+        return out
+
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        await self._call("expire", lambda: self._redis.expire(self.key(stream), max(1, int(ttl_s))))
+
     async def incarnation(self) -> str:
         # The first caller after Redis lost its data writes a new id; everyone then reads the same one.
         key = f"{self.redis_settings.namespace}:incarnation"

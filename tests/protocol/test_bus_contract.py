@@ -194,3 +194,29 @@ async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:
     first = await bus.incarnation()
     assert first
     assert await bus.incarnation() == first
+
+
+async def test_read_returns_the_log_after_an_id_without_consuming(bus: Bus, stream: str) -> None:
+    for i in range(3):
+        await bus.publish(stream, assign(i))
+    first = await bus.read(stream)
+    assert [env.task_id for _, env in first] == ["t0", "t1", "t2"]
+    later = await bus.read(stream, after=first[0][0])
+    assert [env.task_id for _, env in later] == ["t1", "t2"]
+    assert await bus.read(stream, after=first[-1][0]) == []
+    [d] = await take(bus.consume(stream, group="g", consumer="c"), 1)  # reading took nothing from groups
+    assert d.envelope.task_id == "t0"
+
+
+async def test_read_waits_for_the_next_entry(bus: Bus, stream: str) -> None:
+    await bus.publish(stream, assign(0))
+    [(last, _)] = await bus.read(stream)
+
+    async def later() -> None:
+        await anyio.sleep(0.1)
+        await bus.publish(stream, assign(1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(later)
+        got = await bus.read(stream, after=last, block_s=5)
+    assert [env.task_id for _, env in got] == ["t1"]

@@ -26,8 +26,10 @@ from protocol.messages import (
     Failed,
     Heartbeat,
     MessageType,
+    Override,
     Progress,
     Redo,
+    RunEvent,
     Submit,
     Verdict,
     VerifyRequest,
@@ -78,6 +80,10 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "cancel": st.builds(Cancel, reason=TEXT, by=TEXT),
     "heartbeat": st.builds(Heartbeat, in_flight=MSGPACK_INTS),
     "submit": st.builds(Submit, job=JSON_DICT, source=TEXT),
+    "override": st.builds(Override, action=st.sampled_from(["approve", "reject", "redo", "accept", "cancel"]),
+                          feedback=TEXT, by=TEXT),
+    "run_event": st.builds(RunEvent, seq=MSGPACK_INTS, kind=TEXT, event=TEXT, from_state=TEXT, to_state=TEXT,
+                           actor=TEXT, detail=JSON_DICT),
     "progress": st.builds(Progress, message=TEXT, fraction=st.none() | st.floats(min_value=0.0, max_value=1.0)),
 }
 
