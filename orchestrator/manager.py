@@ -250,7 +250,7 @@ class Manager:
             # Not started yet, or about to be redone: the next attempt carries the feedback too.
             task.redo.append(Redo(plan=_plan(run, task), context=_context(task), feedback=feedback))
         else:
-            waiting = " (waiting for approval)" if stage == "human" else ""
+            waiting = " (waiting for approval)" if state is TaskState.VERIFY_DONE and stage == "human" else ""
             raise ConfigError(f"cannot {action} task {task.id!r} of run {run.run_id!r} in state "
                               f"{str(state)!r}{waiting}")
 
