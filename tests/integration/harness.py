@@ -26,7 +26,7 @@ from orchestrator.job import load_job
 from protocol.errors import OrchestratorError
 from protocol.redis_bus import RedisBus
 from tests._redis import RedisServer
-from tests.integration.checker import CheckResult, check_run
+from tests.integration.checker import CheckResult, Fault, check_run
 from tests.integration.effects import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +196,7 @@ class Cluster:
         finally:
             db.close()
 
-    def check(self, status: dict[str, Any], submitted: int, faults: list[float] = ()) -> CheckResult:  # type: ignore[assignment]
+    def check(self, status: dict[str, Any], submitted: int, faults: list[Fault] = ()) -> CheckResult:  # type: ignore[assignment]
         result = check_run(status, ledger=self.ledger, store=self.store, submitted=submitted, faults=list(faults))
         print(result.line())
         return result
