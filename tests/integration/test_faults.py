@@ -140,3 +140,155 @@ async def test_redis_restarts_empty(cluster: Cluster) -> None:
     dead = [p.name for p in cluster.procs if not p.alive]
     _assert_clean(result, f"exited={dead}")
     assert not dead, f"processes exited instead of reconnecting: {dead}"
+
+
+async def test_zombie_worker_commit_is_refused(cluster: Cluster) -> None:
+    """T5: a worker SIGSTOPped past its lease while holding a task; after SIGCONT its late commit is refused."""
+    cluster.manager()
+    workers = [cluster.worker(concurrency=1), cluster.worker(concurrency=1)]
+    run_id = await cluster.submit(cluster.write_job("zombie", effect_tasks(1, prefix="z", sleep=1.5)))
+    with anyio.fail_after(20):
+        while not (rows := cluster.executions(run_id)):
+            await anyio.sleep(0.02)
+    zombie = next(w for w in workers if w.pid == rows[0][2])
+    fault = time.time()
+    zombie.signal(signal.SIGSTOP)
+    status = await cluster.wait(run_id, timeout=20)  # the other worker reclaims it after the lease (1 s)
+    await anyio.sleep(max(0.0, fault + 4.0 - time.time()))  # paused for 4 leases in all
+    zombie.signal(signal.SIGCONT)
+    with anyio.fail_after(10):
+        while not any(e.get("event") == "commit_refused" for e in zombie.log_events()):
+            await anyio.sleep(0.05)
+    result = cluster.check(status, 1, [(fault, None)])
+    executions = cluster.executions(run_id)
+    print(f"zombie: executions={len(executions)} pids={sorted({r[2] for r in executions})}")
+    _assert_clean(result)
+    assert len(executions) == 2, executions  # re-executed once, the effect applied once (checked above)
+    assert status["tasks"][0]["worker"] != zombie.name
+
+
+async def test_poison_tasks_and_garbage_frames(cluster: Cluster) -> None:
+    """T7: a task that always raises fails with its error; one that kills its worker and a garbage frame are
+    dead-lettered with a reason; the workers stay up (restarted when they die) and the other tasks finish."""
+    cluster.manager()
+    for i in range(3):
+        cluster.supervised_worker(f"w{i}", concurrency=2)
+    good = effect_tasks(60, sleep=0.02)
+    raising = [{"id": "boom", "capability": "effect", "input": {"raise": True}, "max_attempts": 2},
+               *effect_tasks(5, prefix="ok")]
+    crashing = [{"id": "crash", "capability": "effect", "input": {"exit": True}}]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cluster.supervise)
+        async with cluster.bus() as bus:
+            crash_run = await cluster.submit(cluster.write_job("crash", crashing))
+            await bus._redis.xadd(bus.key("tasks.effect"), {b"f": b"\x00\xffnot an envelope"})
+            good_run = await cluster.submit(cluster.write_job("good", good))
+            raise_run = await cluster.submit(cluster.write_job("raise", raising))
+            good_status = await cluster.wait(good_run, timeout=40)
+            raise_status = await cluster.wait(raise_run, timeout=40)
+            with anyio.fail_after(40):
+                while len(dead := await bus.dead_letters("tasks.effect")) < 2:
+                    await anyio.sleep(0.2)
+        tg.cancel_scope.cancel()
+    result = cluster.check(good_status, len(good))
+    _assert_clean(result)
+    boom = next(t for t in raise_status["tasks"] if t["id"] == "boom")
+    assert raise_status["state"] == "failed"
+    assert boom["state"] == "failed" and boom["attempts"] == 2
+    assert "poison task boom always raises" in boom["reason"]
+    assert all(t["state"] == "accepted" for t in raise_status["tasks"] if t["id"] != "boom")
+    by_reason = {d.reason: d for d in dead}
+    print(f"dead letters: {[(d.reason, d.deliveries) for d in dead]}; worker restarts={cluster.restarts}")
+    garbage = [d for d in dead if d.reason.startswith("undecodable frame")]
+    crashed = [d for d in dead if not d.reason.startswith("undecodable frame")]
+    assert len(garbage) == 1 and garbage[0].frame == b"\x00\xffnot an envelope", by_reason
+    assert len(crashed) == 1 and b"crash" in crashed[0].frame, by_reason
+    assert crashed[0].deliveries == 5  # max_deliveries, then never delivered again
+    assert cluster.restarts == 5  # each delivery of the crasher killed one worker, and only that did
+    assert all(p.alive for p in cluster.slots.values())
+    assert crash_run  # the crash run itself waits for its deadline: the manager is not told of dead letters
+
+
+async def test_sigterm_half_the_workers_hands_work_back(cluster: Cluster) -> None:
+    """T8: SIGTERM half the workers under load: in-flight work finishes or is handed back at once.
+
+    The lease is 30 s, so the run finishing in a fraction of that proves the hand-back."""
+    cluster.manager()
+    workers = [cluster.worker(concurrency=4, lease_s=30.0, drain_s=0.3) for _ in range(4)]
+    n = 200
+    started = time.monotonic()
+    run_id = await cluster.submit(cluster.write_job("sigterm", effect_tasks(n, sleep=0.5)))
+    with anyio.fail_after(30):
+        while await cluster.accepted_count(run_id) < 40:
+            await anyio.sleep(0.05)
+    fault = time.time()
+    for w in workers[:2]:
+        w.signal(signal.SIGTERM)
+    status = await cluster.wait(run_id, timeout=60)
+    elapsed = time.monotonic() - started
+    result = cluster.check(status, n, [(fault, None)])
+    handed_back = _count_log(cluster, "worker", "task_handed_back")
+    codes = [w.popen.wait(10) for w in workers[:2]]
+    print(f"sigterm: run took {elapsed:.1f}s with lease 30s; handed back={handed_back}; exit codes={codes}")
+    _assert_clean(result)
+    assert codes == [0, 0]
+    assert result.recovery_s < 5.0 and elapsed < 25.0, f"released work waited for the lease: {result.line()}"
+
+
+async def test_standby_manager_takes_over(cluster: Cluster) -> None:
+    """A standby manager on the same ledger and Redis takes over within ~2 lease periods of a kill -9."""
+    leader = cluster.manager("leader")
+    with anyio.fail_after(20):
+        while not any(e.get("event") == "manager_ready" for e in leader.log_events()):
+            await anyio.sleep(0.05)
+    standby = cluster.manager("standby")
+    for i in range(3):
+        cluster.supervised_worker(f"w{i}")
+    n = 200
+    run_id = await cluster.submit(cluster.write_job("standby", effect_tasks(n, sleep=0.1)))
+    with anyio.fail_after(30):
+        while await cluster.accepted_count(run_id) < 60:
+            await anyio.sleep(0.05)
+    assert any(e.get("event") == "standing_by" for e in standby.log_events())
+    fault = time.time()
+    leader.signal(signal.SIGKILL)
+    status = await cluster.wait(run_id, timeout=60)
+    ready = next(e for e in standby.log_events() if e.get("event") == "manager_ready")
+    from datetime import datetime
+
+    takeover = datetime.fromisoformat(ready["timestamp"]).timestamp() - fault
+    result = cluster.check(status, n, [(fault, None)])
+    print(f"standby took over {takeover:.2f}s after the leader was killed (manager lease 1 s)")
+    _assert_clean(result)
+    assert takeover <= 2 * cluster.manager_lease_s + 0.5
+
+
+async def test_cli_submit_wait_json_and_status_from_another_process(cluster: Cluster) -> None:
+    """``orchestrator submit --wait --json`` and ``orchestrator status --json``, each a separate process."""
+    import json
+    import os
+    import sys
+
+    from tests.integration.harness import ROOT
+
+    cluster.manager()
+    cluster.worker()
+    job = cluster.write_job("cli", effect_tasks(10))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORCH_REDIS_URL": cluster.url}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    done = await anyio.run_process([*cli, "submit", str(job), "--wait", "--json"], cwd=ROOT, env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    result = json.loads(done.stdout)
+    assert {"run_id", "state", "tasks"} <= result.keys() and result["state"] == "accepted"
+    assert [t["id"] for t in result["tasks"]] == [f"t{i:03d}" for i in range(10)]
+    shown = await anyio.run_process([*cli, "status", result["run_id"], "--json"], cwd=ROOT, env=env, check=False)
+    assert shown.returncode == 0, shown.stderr.decode()
+    status = json.loads(shown.stdout)
+    assert {"run_id", "goal", "state", "reason", "tokens", "tasks"} <= status.keys()
+    assert status["run_id"] == result["run_id"] and status["state"] == "accepted"
+    for t in status["tasks"]:
+        assert {"id", "capability", "state", "attempts", "output", "reason", "worker"} <= t.keys()
+        assert t["state"] == "accepted" and t["output"] == t["id"] and t["capability"] == "effect"
+    _assert_clean(cluster.check(status, 10))
+    unknown = await anyio.run_process([*cli, "status", "nope", "--json"], cwd=ROOT, env=env, check=False)
+    assert unknown.returncode == 2
