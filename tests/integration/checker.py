@@ -25,6 +25,7 @@ Also reported, not judged: ``executions`` (handler runs, re-execution included) 
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections import Counter
@@ -98,7 +99,7 @@ def check_run(status: dict[str, Any], *, ledger: Path, store: Path, submitted: i
                 points = [fault, *(t for t in pass_times if t >= fault)]
                 if end is not None:
                     points.append(end)
-                gap = max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+                gap = max((b - a for a, b in itertools.pairwise(points)), default=0.0)
                 after = fault + gap
             else:
                 hit = {r[0] for r in db.execute("SELECT task_id FROM executions WHERE run_id = ? AND pid = ? "

@@ -194,15 +194,18 @@ async def test_poison_tasks_and_garbage_frames(cluster: Cluster) -> None:
     _assert_clean(result)
     boom = next(t for t in raise_status["tasks"] if t["id"] == "boom")
     assert raise_status["state"] == "failed"
-    assert boom["state"] == "failed" and boom["attempts"] == 2
+    assert boom["state"] == "failed"
+    assert boom["attempts"] == 2
     assert "poison task boom always raises" in boom["reason"]
     assert all(t["state"] == "accepted" for t in raise_status["tasks"] if t["id"] != "boom")
     by_reason = {d.reason: d for d in dead}
     print(f"dead letters: {[(d.reason, d.deliveries) for d in dead]}; worker restarts={cluster.restarts}")
     garbage = [d for d in dead if d.reason.startswith("undecodable frame")]
     crashed = [d for d in dead if not d.reason.startswith("undecodable frame")]
-    assert len(garbage) == 1 and garbage[0].frame == b"\x00\xffnot an envelope", by_reason
-    assert len(crashed) == 1 and b"crash" in crashed[0].frame, by_reason
+    assert len(garbage) == 1, by_reason
+    assert garbage[0].frame == b"\x00\xffnot an envelope"
+    assert len(crashed) == 1, by_reason
+    assert b"crash" in crashed[0].frame
     assert crashed[0].deliveries == 5  # max_deliveries, then never delivered again
     assert cluster.restarts == 5  # each delivery of the crasher killed one worker, and only that did
     assert all(p.alive for p in cluster.slots.values())
@@ -232,7 +235,8 @@ async def test_sigterm_half_the_workers_hands_work_back(cluster: Cluster) -> Non
     print(f"sigterm: run took {elapsed:.1f}s with lease 30s; handed back={handed_back}; exit codes={codes}")
     _assert_clean(result)
     assert codes == [0, 0]
-    assert result.recovery_s < 5.0 and elapsed < 25.0, f"released work waited for the lease: {result.line()}"
+    assert result.recovery_s < 5.0, f"released work waited for the lease: {result.line()}"
+    assert elapsed < 25.0, f"released work waited for the lease: {result.line()}"
 
 
 async def test_standby_manager_takes_over(cluster: Cluster) -> None:
@@ -279,16 +283,18 @@ async def test_cli_submit_wait_json_and_status_from_another_process(cluster: Clu
     done = await anyio.run_process([*cli, "submit", str(job), "--wait", "--json"], cwd=ROOT, env=env, check=False)
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(done.stdout)
-    assert {"run_id", "state", "tasks"} <= result.keys() and result["state"] == "accepted"
+    assert {"run_id", "state", "tasks"} <= result.keys()
+    assert result["state"] == "accepted"
     assert [t["id"] for t in result["tasks"]] == [f"t{i:03d}" for i in range(10)]
     shown = await anyio.run_process([*cli, "status", result["run_id"], "--json"], cwd=ROOT, env=env, check=False)
     assert shown.returncode == 0, shown.stderr.decode()
     status = json.loads(shown.stdout)
     assert {"run_id", "goal", "state", "reason", "tokens", "tasks"} <= status.keys()
-    assert status["run_id"] == result["run_id"] and status["state"] == "accepted"
+    assert status["run_id"] == result["run_id"]
+    assert status["state"] == "accepted"
     for t in status["tasks"]:
         assert {"id", "capability", "state", "attempts", "output", "reason", "worker"} <= t.keys()
-        assert t["state"] == "accepted" and t["output"] == t["id"] and t["capability"] == "effect"
+        assert (t["state"], t["output"], t["capability"]) == ("accepted", t["id"], "effect")
     _assert_clean(cluster.check(status, 10))
     unknown = await anyio.run_process([*cli, "status", "nope", "--json"], cwd=ROOT, env=env, check=False)
     assert unknown.returncode == 2
