@@ -21,7 +21,7 @@ import structlog
 
 from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
-from orchestrator.leader import LeaderLease
+from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
 from orchestrator.records import Event
@@ -84,27 +84,41 @@ async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None) 
 async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Wait for leadership, then manage runs until a signal or the loss of the lease.
+    """Wait for leadership, then manage runs until a signal.
 
     With ``llm`` the manager judges specs that have a ``description`` with the LLM judge.
+    A manager that loses its lease (another took over, or Redis was down or restarted empty for
+    longer than the lease, so the lease key expired or vanished) stops managing at once and goes
+    back to standing by: it leads again, from the ledger and under a new epoch, when the lease is
+    free. It does not exit, so a Redis outage longer than the lease needs no process restart.
     """
     lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s)
     async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
         tg.start_soon(_until_signalled, tg.cancel_scope)
-        client = await _inference(stack, llm)
-        epoch = await lease.acquire()
-        try:
-            async with open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store:
-                manager = Manager(bus, store, ManagerSettings(name=f"{name}@{epoch}"),
-                                  judge=LLMJudge(client) if client else None)
-                await tg.start(lease.hold)
-                await tg.start(manager.serve)
-                log.info("manager_ready", manager=manager.name, ledger=str(ledger))
-                if ready is not None:
-                    await ready()
-                await anyio.sleep_forever()
-        finally:
-            await lease.release()
+        judge = LLMJudge(client) if (client := await _inference(stack, llm)) else None
+        while True:
+            epoch = await lease.acquire()
+            try:
+                await _lead(lease, url=url, ledger=ledger, name=f"{name}@{epoch}", namespace=namespace,
+                            lease_s=lease_s, judge=judge, ready=ready)
+            except* LeadershipLost as lost:
+                log.warning("leadership_lost_standing_by", manager=name, epoch=epoch, error=str(lost.exceptions[0]))
+            finally:
+                await lease.release()
+
+
+async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
+                judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None) -> None:
+    """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
+    async with (open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store,
+                anyio.create_task_group() as tg):
+        manager = Manager(bus, store, ManagerSettings(name=name), judge=judge)
+        await tg.start(lease.hold)
+        await tg.start(manager.serve)
+        log.info("manager_ready", manager=manager.name, ledger=str(ledger))
+        if ready is not None:
+            await ready()
+        await anyio.sleep_forever()
 
 
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,

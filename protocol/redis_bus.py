@@ -309,44 +309,56 @@ class RedisBus(Bus):
                 await self._call("consume", lambda: self._ensure_group(key, group, force=True))
                 return None
 
-        while True:
+        try:
+            while True:
+                if buffered:
+                    read_at, entry_id, frame, n = buffered[0]
+                    if time.monotonic() - read_at >= bs.lease_s / 2:
+                        # Held past half a lease: too little left to work on. Hand the whole buffer
+                        # back at once so any consumer (this one included) can reclaim it now.
+                        stale, count = [(e[1], e[3]) for e in buffered], 1
+                        buffered.clear()
+                        await self._hand_back(key, group, consumer, stale)
+                        continue
+                    buffered.popleft()
+                    delivery = await self._decode(stream, key, dead, group, consumer, entry_id, frame, n)
+                    if delivery is not None:
+                        yield delivery
+                    continue
+                now = time.monotonic()
+                if batch_at:
+                    count = min(rs.read_count, count * 2) if now - batch_at < bs.lease_s / 8 else 1
+                    batch_at = 0.0
+                if now >= next_reclaim:
+                    next_reclaim = now + reclaim_every
+                    claimed = await read(functools.partial(
+                        self._eval, lua.RECLAIM, [key, dead],
+                        [group, consumer, lease_ms, min(count, rs.reclaim_count), bs.max_deliveries,
+                         rs.dead_letter_maxlen]))
+                    if claimed:
+                        batch_at = time.monotonic()
+                        buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
+                        continue
+                reply = await read(functools.partial(
+                    self._redis.xreadgroup, group, consumer, {key: ">"}, count=count, block=block_ms))
+                if not reply:
+                    next_reclaim = 0.0  # idle: look for expired leases on every poll
+                    continue
+                batch_at = time.monotonic()
+                for _, entries in reply:
+                    for entry_id, fields in entries:
+                        buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+        finally:
+            # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,
+            # or they would sit pending for this consumer until the lease ran out.
             if buffered:
-                read_at, entry_id, frame, n = buffered[0]
-                if time.monotonic() - read_at >= bs.lease_s / 2:
-                    # Held past half a lease: too little left to work on. Hand the whole buffer
-                    # back at once so any consumer (this one included) can reclaim it now.
-                    stale, count = [(e[1], e[3]) for e in buffered], 1
-                    buffered.clear()
-                    await self._hand_back(key, group, consumer, stale)
-                    continue
-                buffered.popleft()
-                delivery = await self._decode(stream, key, dead, group, consumer, entry_id, frame, n)
-                if delivery is not None:
-                    yield delivery
-                continue
-            now = time.monotonic()
-            if batch_at:
-                count = min(rs.read_count, count * 2) if now - batch_at < bs.lease_s / 8 else 1
-                batch_at = 0.0
-            if now >= next_reclaim:
-                next_reclaim = now + reclaim_every
-                claimed = await read(functools.partial(
-                    self._eval, lua.RECLAIM, [key, dead],
-                    [group, consumer, lease_ms, min(count, rs.reclaim_count), bs.max_deliveries,
-                     rs.dead_letter_maxlen]))
-                if claimed:
-                    batch_at = time.monotonic()
-                    buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
-                    continue
-            reply = await read(functools.partial(
-                self._redis.xreadgroup, group, consumer, {key: ">"}, count=count, block=block_ms))
-            if not reply:
-                next_reclaim = 0.0  # idle: look for expired leases on every poll
-                continue
-            batch_at = time.monotonic()
-            for _, entries in reply:
-                for entry_id, fields in entries:
-                    buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+                stale = [(e[1], e[3]) for e in buffered]
+                buffered.clear()
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + rs.socket_timeout_s):
+                    try:
+                        await self._hand_back(key, group, consumer, stale)
+                    except Exception as exc:  # the lease expires anyway
+                        log.warning("prefetched_entries_not_handed_back", key=key, error=str(exc))
 
     async def _hand_back(self, key: str, group: str, consumer: str, entries: list[tuple[str, int]]) -> None:
         async def one(entry_id: str, deliveries: int) -> None:

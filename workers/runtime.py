@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 import structlog
@@ -109,7 +109,15 @@ class WorkerRuntime:
 
     async def _consume(self, capability: str, worker: Worker, limiter: anyio.Semaphore,
                        tg: anyio.abc.TaskGroup) -> None:
-        deliveries = self.bus.consume(tasks_stream(capability), group=workers_group(capability), consumer=self.name)
+        # Closed explicitly when this loop ends (stop, cancel), so entries the bus read ahead and
+        # never handed out are given back at once instead of waiting for their lease to expire.
+        # (Every bus implements consume as an async generator.)
+        consume = self.bus.consume(tasks_stream(capability), group=workers_group(capability), consumer=self.name)
+        async with contextlib.aclosing(cast(AsyncGenerator[Delivery], consume)) as deliveries:
+            await self._pull(capability, worker, limiter, tg, deliveries)
+
+    async def _pull(self, capability: str, worker: Worker, limiter: anyio.Semaphore, tg: anyio.abc.TaskGroup,
+                    deliveries: AsyncGenerator[Delivery]) -> None:
         while self._accepting:
             await limiter.acquire()
             if not self._accepting:

@@ -468,3 +468,16 @@ async def test_prefetched_entries_are_handed_back_when_the_caller_stalls(redis_u
         others = await take(bus.consume("tasks.echo", group="g", consumer="b"), 6, within=0.4)
         assert all(d.deliveries == 2 for d in others)
         assert len({d.entry_id for d in [*quick, again, *others]}) == 15
+
+
+async def test_closing_a_consumer_hands_back_its_prefetched_entries(redis_url: str) -> None:
+    # A worker stopping (SIGTERM) closes its consume iterator: entries read ahead must not wait for the lease.
+    settings = BusSettings(lease_s=30.0, max_deliveries=3, block_s=0.05)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        for i in range(15):
+            await bus.publish("tasks.echo", assign(i))
+        a = bus.consume("tasks.echo", group="g", consumer="a")
+        quick = await take(a, 8)  # reads of 1, 2, 4, then 8: seven entries wait in a's buffer
+        await a.aclose()  # type: ignore[attr-defined]
+        others = await take(bus.consume("tasks.echo", group="g", consumer="b"), 7, within=1.0)
+        assert len({d.entry_id for d in [*quick, *others]}) == 15

@@ -1,0 +1,39 @@
+"""``run_manager`` against a real Redis: leadership lost while running is not the end of the process."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from orchestrator import processes
+
+pytestmark = pytest.mark.redis
+
+
+async def test_manager_that_loses_its_lease_stands_by_and_leads_again(redis_url: str, tmp_path: Path) -> None:
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    client = aioredis.Redis.from_url(redis_url)
+    leading = [anyio.Event(), anyio.Event()]
+
+    async def on_ready() -> None:
+        next(e for e in leading if not e.is_set()).set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: processes.run_manager(
+                url=redis_url, ledger=tmp_path / "ledger.db", name="m", namespace=namespace, lease_s=1.0,
+                manager_lease_s=0.3, ready=on_ready))
+            with anyio.fail_after(10):
+                await leading[0].wait()
+                # Redis forgets the lease (restarted empty, or the key expired during an outage)
+                await client.delete(f"{namespace}:{{mgr}}:lease")
+                await leading[1].wait()
+            assert int(await client.get(f"{namespace}:{{mgr}}:epoch")) == 2
+            assert (await client.get(f"{namespace}:{{mgr}}:lease")) == b"m@2"
+            tg.cancel_scope.cancel()
+    finally:
+        await client.aclose()
