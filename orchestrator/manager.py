@@ -100,6 +100,7 @@ class Manager:
         self._touched: set[str] = set()
         self._stale_snapshots: set[str] = set()
         self._unpublished: list[Event] = []  # recorded events not yet mirrored to the bus
+        self._dead_seen: dict[str, int] = {}  # dead letters already looked at, per task stream
         self._wake_acker = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -659,6 +660,7 @@ class Manager:
             except OrchestratorError as exc:
                 log.warning("bus_unreachable", error=str(exc))
                 continue
+            await self._check_dead_letters()
             if current == self._incarnation:
                 continue
             log.warning("bus_data_lost", previous=self._incarnation, current=current)
@@ -669,6 +671,28 @@ class Manager:
                         await self._redrive(run)
                         await self._settle(run)
                     await self._publish_snapshot(run)
+
+    async def _check_dead_letters(self) -> None:
+        """Fail the tasks whose messages the bus gave up on (poison), instead of letting their runs hang."""
+        for capability in list(self._consuming):
+            stream = tasks_stream(capability)
+            dead = await self.bus.dead_letters(stream)
+            seen = self._dead_seen.get(stream, 0)
+            self._dead_seen[stream] = len(dead)
+            for letter in dead[seen:]:
+                try:
+                    env = self.bus.settings.codec.decode(letter.frame)
+                except OrchestratorError:
+                    continue  # garbage that never was a task of ours
+                run = self._runs.get(env.run_id)
+                task = run.tasks.get(env.task_id) if run else None
+                if run is None or task is None or task.attempt != env.attempt or task.terminal:
+                    continue
+                async with self._lock(run.run_id):
+                    if task.attempt == env.attempt and not task.terminal:
+                        await self._apply(run, task, TaskEvent.EXHAUST, actor=self.name, guard="dead_letter",
+                                          reason=f"dead-lettered by the bus: {letter.reason}")
+                        await self._settle(run)
 
     async def _watch_deadlines(self) -> None:
         while True:

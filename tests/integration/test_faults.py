@@ -189,6 +189,7 @@ async def test_poison_tasks_and_garbage_frames(cluster: Cluster) -> None:
             with anyio.fail_after(40):
                 while len(dead := await bus.dead_letters("tasks.effect")) < 2:
                     await anyio.sleep(0.2)
+            crash_status = await cluster.wait(crash_run, timeout=20)  # the manager fails it, not its deadline
         tg.cancel_scope.cancel()
     result = cluster.check(good_status, len(good))
     _assert_clean(result)
@@ -209,7 +210,9 @@ async def test_poison_tasks_and_garbage_frames(cluster: Cluster) -> None:
     assert crashed[0].deliveries == 5  # max_deliveries, then never delivered again
     assert cluster.restarts == 5  # each delivery of the crasher killed one worker, and only that did
     assert all(p.alive for p in cluster.slots.values())
-    assert crash_run  # the crash run itself waits for its deadline: the manager is not told of dead letters
+    crash = crash_status["tasks"][0]
+    assert (crash_status["state"], crash["state"]) == ("failed", "failed")
+    assert crash["reason"].startswith("dead-lettered by the bus: delivered 5 times"), crash["reason"]
 
 
 async def test_sigterm_half_the_workers_hands_work_back(cluster: Cluster) -> None:

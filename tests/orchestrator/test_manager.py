@@ -248,3 +248,23 @@ async def test_events_are_numbered_without_gaps_and_end_with_run_finished() -> N
     assert events[-1].event == "run_finished"
     assert events[-1].detail["state"] == "accepted"
     assert result.accepted
+
+
+async def test_a_task_the_bus_dead_letters_fails_its_run_with_the_reason() -> None:
+    from protocol.bus import BusSettings, MemoryBus
+    from protocol.keys import tasks_stream, workers_group
+
+    bus = MemoryBus(BusSettings(lease_s=0.05, max_deliveries=2, block_s=0.02))
+    settings = ManagerSettings(incarnation_check_s=0.05)
+
+    async def crashing_worker() -> None:  # takes the task and dies with it, every time
+        async for _ in bus.consume(tasks_stream("ghost"), group=workers_group("ghost"), consumer="crasher"):
+            pass
+
+    async with Orchestrator(bus=bus, host_workers=False, manager_settings=settings) as orch:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(crashing_worker)
+            result = await orch.run({"goal": "g", "tasks": [{"id": "t", "capability": "ghost"}]})
+            tg.cancel_scope.cancel()
+    assert result.state == "failed"
+    assert result.record.tasks["t"].reason.startswith("dead-lettered by the bus: delivered 2 times")
