@@ -261,10 +261,10 @@ async def test_a_task_the_bus_dead_letters_fails_its_run_with_the_reason() -> No
         async for _ in bus.consume(tasks_stream("ghost"), group=workers_group("ghost"), consumer="crasher"):
             pass
 
-    async with Orchestrator(bus=bus, host_workers=False, manager_settings=settings) as orch:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(crashing_worker)
-            result = await orch.run({"goal": "g", "tasks": [{"id": "t", "capability": "ghost"}]})
-            tg.cancel_scope.cancel()
+    async with Orchestrator(bus=bus, host_workers=False, manager_settings=settings) as orch, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(crashing_worker)
+        result = await orch.run({"goal": "g", "tasks": [{"id": "t", "capability": "ghost"}]})
+        tg.cancel_scope.cancel()
     assert result.state == "failed"
     assert result.record.tasks["t"].reason.startswith("dead-lettered by the bus: delivered 2 times")
