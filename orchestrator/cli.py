@@ -231,7 +231,7 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
             settings = InferenceSettings(url=sim.url, model=sim.model)
             simulated = True
             console.print("[yellow]No LLM server configured (--llm-url or ORCH_LLM_URL): using the built-in vLLM "
-                          "simulator. Its answers are simulated.[/yellow]", highlight=False)
+                          "simulator. Its answers are simulated.[/yellow]", highlight=False, soft_wrap=True)
         orch = await stack.enter_async_context(Orchestrator(workers=args.worker, concurrency=args.concurrency,
                                                             llm=settings))
         job = await orch.plan(goal) if goal is not None else args.job
@@ -250,7 +250,7 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
         console.print(render_summary(view, result.to_dict(), wide=console.width >= 120))
     if simulated:
         console.print("[yellow]note: every model answer in this run came from the vLLM simulator.[/yellow]",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     return result
 
 

@@ -84,3 +84,20 @@ def test_missing_job_file_and_bad_usage_exit_2() -> None:
     proc = cli("run", "examples/quickstart.yaml", "--worker", "no_such_module:Worker")
     assert proc.returncode == 2
     assert "no_such_module:Worker" in proc.stderr
+
+
+def test_a_goal_is_planned_and_run_on_the_simulator_which_says_so() -> None:
+    proc = cli("run", "write a short market brief on heat pumps", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "using the built-in vLLM simulator. Its answers are simulated." in proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["state"] == "accepted"
+    assert len(data["tasks"]) >= 3
+    assert any(t["attempts"] >= 2 for t in data["tasks"]), "at least one redo"
+    assert all(t["tokens"] > 0 for t in data["tasks"])
+
+
+def test_an_unreachable_llm_server_fails_at_start_with_a_clear_message() -> None:
+    proc = cli("run", "a goal", "--llm-url", "http://127.0.0.1:9/v1")
+    assert proc.returncode == 1
+    assert "cannot reach the LLM server at 'http://127.0.0.1:9'" in proc.stderr
