@@ -116,19 +116,42 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
         table.add_column("tokens", no_wrap=True, justify="right")
     table.add_column("output" if outputs is not None else "note", overflow="fold", min_width=24, max_width=80)
     depth = _depths(view)
-    for task in sorted(view.tasks.values(), key=lambda t: depth.get(t.id, 0)):
+    for task in _tree_order(view, depth):
         last = task.note
         if outputs is not None and task.state == "accepted":
             last = _clip(outputs.get(task.id))
         if task.guard:
             last = f"[{task.guard}] {last}"
         name = ("  " * depth.get(task.id, 0) + "└ " if depth.get(task.id, 0) else "") + task.id
-        cells: list[str | Text] = [name, task.capability, Text(task.state, style=STATE_STYLE.get(task.state, "")),
+        cells: list[str | Text] = [Text(name), Text(task.capability), Text(task.state, style=STATE_STYLE.get(task.state, "")),
                                    str(task.attempt or ""), _elapsed(task, now)]
         if wide:
-            cells += [task.worker, str(task.tokens or "")]
-        table.add_row(*cells, last)
+            cells += [Text(task.worker), str(task.tokens or "")]
+        table.add_row(*cells, Text(last))  # Text, not markup: outputs and feedback may hold [brackets]
     return table
+
+
+def _tree_order(view: RunView, depth: dict[str, int]) -> list[TaskView]:
+    """Tasks in tree order: each right under the dependency that puts it deepest (its tree parent)."""
+    children: dict[str, list[TaskView]] = {}
+    roots: list[TaskView] = []
+    for task in view.tasks.values():
+        known = [d for d in task.depends_on if d in view.tasks]
+        if not known:
+            roots.append(task)
+        else:
+            parent = max(known, key=lambda d: depth.get(d, 0))  # max keeps the first of equals
+            children.setdefault(parent, []).append(task)
+    order: list[TaskView] = []
+
+    def visit(task: TaskView) -> None:
+        order.append(task)
+        for child in children.get(task.id, ()):
+            visit(child)
+
+    for root in roots:
+        visit(root)
+    return order
 
 
 def _depths(view: RunView) -> dict[str, int]:
@@ -163,7 +186,7 @@ def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True) 
     line = Text.assemble(("run ", ""), (result["state"], style),
                          (f"  {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; {redos} redo(s)", ""))
     for entry in view.redo_log:
-        line.append(f"\n  {entry}")
+        line.append(f"\n  {entry}")  # Text.append takes plain text, so brackets in feedback stay
     if result.get("reason"):
         line.append(f"\nreason: {result['reason']}")
     outputs = {t["id"]: t["output"] for t in result["tasks"]}

@@ -1,0 +1,70 @@
+"""``watch`` rendering: a recorded run replayed through the display, frame by frame, against a snapshot."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestrator.display import RunView, render_summary, render_table
+from orchestrator.records import Event
+
+DATA = Path(__file__).parent / "data"
+NOW = 1_800_000_010.0  # after the last recorded event, so elapsed times are fixed
+
+
+def recorded() -> list[Event]:
+    lines = (DATA / "recorded_run.jsonl").read_text().splitlines()
+    return [Event.model_validate(json.loads(line)) for line in lines]
+
+
+def frames() -> tuple[list[str], RunView]:
+    view = RunView()
+    out = []
+    for event in recorded():
+        view.apply(event)
+        console = Console(record=True, width=130, color_system=None, file=io.StringIO())
+        console.print(render_table(view, now=NOW))
+        out.append(console.export_text())
+    return out, view
+
+
+def final(view: RunView) -> str:
+    tasks = [{"id": t.id, "state": t.state, "output": f"{t.id}: a complete answer" if t.state == "accepted" else None}
+             for t in view.tasks.values()]
+    console = Console(record=True, width=130, color_system=None, file=io.StringIO())
+    console.print(render_summary(view, {"state": view.state, "reason": view.reason, "tasks": tasks}))
+    return console.export_text()
+
+
+def test_the_first_frame_shows_every_task_as_a_tree_before_anything_ran() -> None:
+    first = frames()[0][0]
+    assert "Write the quarterly report" in first
+    for line in ("research", "└ draft", "stuck", "└ publish"):
+        assert line in first
+    assert first.count("not_done") == 4
+
+
+def test_frames_follow_the_state_machine_and_show_why_a_task_was_redone_or_failed() -> None:
+    all_frames, _ = frames()
+    draft_rows = [next(line for line in frame.splitlines() if "draft" in line) for frame in all_frames]
+    seen = [state for row in draft_rows for state in ("not_done", "verify_done", "redo", "accepted") if f" {state} " in row]
+    compact = [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]
+    assert compact[:2] == ["not_done", "verify_done"]
+    assert "redo" in compact
+    assert compact[-1] == "accepted"
+    redo_frame = next(frame for frame in all_frames if " redo " in next(
+        line for line in frame.splitlines() if "draft" in line))
+    assert "redo: schema check failed" in redo_frame
+    last = all_frames[-1]
+    stuck = next(line for line in last.splitlines() if line.strip().startswith("stuck"))
+    assert " failed " in stuck
+    assert "[attempts] worker failed (attempt 2 of 2)" in stuck  # which guard stopped it
+    assert " cancelled " in next(line for line in last.splitlines() if "publish" in line)
+
+
+def test_the_closing_summary_matches_the_snapshot() -> None:
+    _, view = frames()
+    assert final(view) == (DATA / "watch_final.txt").read_text()
