@@ -131,9 +131,8 @@ class Manager:
         self._track(run)
         await self.store.create_run(run)
         async with self._lock(run.run_id):
-            await self._emit(run, None, kind="run", event="run_started", detail={
-                "goal": job.goal,
-                "tasks": [{"id": t.id, "capability": t.capability, "depends_on": list(t.depends_on)} for t in job.tasks]})
+            tasks = [{"id": t.id, "capability": t.capability, "depends_on": list(t.depends_on)} for t in job.tasks]
+            await self._emit(run, None, kind="run", event="run_started", detail={"goal": job.goal, "tasks": tasks})
             if not run.tasks:
                 await self._finish_run(run)
             await self._dispatch_ready(run)
@@ -193,6 +192,8 @@ class Manager:
     async def cancel(self, run_id: str, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
         """Cancel one task, or every unfinished task of the run."""
         run = self._live(run_id)
+        if task_id and task_id not in run.tasks:
+            raise ConfigError(f"run {run_id!r} has no task {task_id!r}")
         reason = reason or f"cancelled by {by}"
         async with self._lock(run_id):
             targets = [run.tasks[task_id]] if task_id else list(run.tasks.values())

@@ -156,3 +156,13 @@ async def test_the_same_feedback_twice_stops_the_task_and_says_which_guard() -> 
     assert task.reason.startswith("stuck: attempts 1 and 2 got the same feedback")
     failed = next(e for e in events if e.to_state == "failed")
     assert failed.detail["guard"] == "repeated_feedback"
+
+
+async def test_cancelling_an_unknown_task_is_refused_and_the_manager_keeps_going() -> None:
+    async with Orchestrator(workers=[Drafter]) as orch:
+        run = await orch.submit(job(approval="human"))
+        await until(run, lambda e: e.event == "awaiting_approval")
+        with pytest.raises(ConfigError, match="has no task 'ghost'"):
+            await run.cancel("ghost")
+        await run.approve("t")
+        assert (await run.wait()).accepted
