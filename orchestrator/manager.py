@@ -310,7 +310,7 @@ class Manager:
                 try:
                     job = parse_job(env.body.job, source=env.body.source or None)
                     await self.submit(job, run_id=env.run_id or None)
-                except OrchestratorError as exc:
+                except Exception as exc:
                     # The submitter validated the job; a job that still fails here is recorded as a failed run.
                     log.warning("submitted_job_rejected", run_id=env.run_id, error=str(exc))
                     await self._record_rejected(env.run_id, env.body, str(exc))
@@ -325,9 +325,9 @@ class Manager:
                 try:
                     await self.override(env.run_id, env.task_id, env.body.action, feedback=env.body.feedback,
                                         by=env.body.by or env.sender)
-                except ConfigError as exc:
+                except Exception as exc:  # a person's bad request must not stop the manager
                     log.warning("override_refused", run_id=env.run_id, task_id=env.task_id, action=env.body.action,
-                                by=env.body.by, reason=str(exc))
+                                by=env.body.by, reason=str(exc), error_type=type(exc).__name__)
                     await self._note_refused(env, str(exc))
             await self.store.sync()
             await self.bus.ack(delivery)
