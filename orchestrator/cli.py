@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id")
     status.add_argument("--json", action="store_true", help="print the run as one JSON object")
     status.set_defaults(func=_cmd_status)
+
+    from orchestrator.fleet.cli import add_fleet_parser  # fleet up | status | render
+
+    add_fleet_parser(verbs)
     return parser
 
 
