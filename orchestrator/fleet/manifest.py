@@ -52,8 +52,8 @@ __all__ = (
     "KIND",
     "FleetManifest",
     "FleetSpec",
-    "LedgerSpec",
     "LLMSpec",
+    "LedgerSpec",
     "ManagerSpec",
     "RedisSpec",
     "Resources",
@@ -348,10 +348,10 @@ def parse_manifest(data: object, *, source: str = "<manifest>",
     if not isinstance(data, dict):
         raise ManifestError(f"a manifest is a mapping with apiVersion, kind, metadata and spec, "
                             f"not {type(data).__name__}", source=source)
-    data = _deep_copy(data)
-    _apply_env(data, os.environ if environ is None else environ)
+    copied: dict[str, Any] = _deep_copy(data)
+    _apply_env(copied, os.environ if environ is None else environ)
     try:
-        return FleetManifest.model_validate(data)
+        return FleetManifest.model_validate(copied)
     except ValidationError as exc:
         first = exc.errors()[0]
         more = exc.error_count() - 1

@@ -139,7 +139,7 @@ def _claim(name: str, size: str) -> Doc:
 
 def _vllm(m: FleetManifest) -> list[Doc]:
     serve = m.spec.llm.serve
-    assert serve is not None  # noqa: S101 - only called when serving
+    assert serve is not None
     labels = _labels(m, "vllm")
     # In the image, `vllm serve` listens on every interface on port 8000.
     argv = vllm_command(serve.model_copy(update={"command": ("vllm",), "host": "0.0.0.0", "port": VLLM_PORT}),

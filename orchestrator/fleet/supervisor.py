@@ -136,8 +136,7 @@ class Supervisor:
                 self._stopping.set()
                 self._stop_llm.set()
         finally:
-            with anyio.CancelScope(shield=True):
-                self._write_state()
+            self._write_state()
         self._say("stopped" + (" (a process was given up; see above)" if self.exit_code else ""))
         return self.exit_code
 
@@ -153,7 +152,8 @@ class Supervisor:
 
     async def _wait_healthy(self, llm: ProcessState) -> bool:
         serve = self.manifest.spec.llm.serve
-        assert serve is not None and self.manifest.llm_url is not None  # noqa: S101 - an llm process implies serve
+        assert serve is not None  # an llm process implies serve
+        assert self.manifest.llm_url is not None
         url = self.manifest.llm_url + "/health"
         self._say(f"waiting for {url} (up to {serve.startup_timeout_seconds:g}s) before starting the workers")
         deadline = anyio.current_time() + serve.startup_timeout_seconds
@@ -257,7 +257,7 @@ class Supervisor:
         return code
 
     async def _pump(self, process: Process, proc: ProcessState, done: anyio.Event) -> None:
-        assert process.stdout is not None  # noqa: S101 - only called with a pipe
+        assert process.stdout is not None
         buffer = ""
         try:
             async for chunk in TextReceiveStream(process.stdout, errors="replace"):

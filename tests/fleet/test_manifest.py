@@ -54,7 +54,8 @@ def test_invalid_manifest_names_file_field_and_reason(tmp_path: Path, mutate: An
         load(path, plugins=False)
     assert str(info.value).startswith(f"{path}: {field}: "), str(info.value)
     assert reason in str(info.value)
-    assert info.value.field == field and info.value.source == str(path)
+    assert info.value.field == field
+    assert info.value.source == str(path)
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_unreachable_llm(tmp_path: Path, redis_url: str) -> None:
 def test_llm_worker_without_llm_is_refused(tmp_path: Path) -> None:
     data = base()
     data["spec"]["workers"].append({"capability": "llm"})
-    with pytest.raises(ManifestError, match="spec.llm: capability 'llm' needs a language model"):
+    with pytest.raises(ManifestError, match=r"spec\.llm: capability 'llm' needs a language model"):
         load(write(tmp_path, data))
 
 
@@ -116,9 +117,11 @@ def test_env_overrides_the_manifest(tmp_path: Path) -> None:
            "ORCH_LLM_API_KEY": "sk-env", "ORCH_LEDGER": "env.db", "ORCH_NAMESPACE": "envns"}
     m = load_manifest(path, environ=env, plugins=False, services=False)
     assert m.spec.redis.url == "redis://env:6379/1"
-    assert m.llm_url == "http://env:9000/v1" and m.llm_model == "m"
+    assert m.llm_url == "http://env:9000/v1"
+    assert m.llm_model == "m"
     assert m.api_key() == "sk-env"
-    assert m.spec.ledger.path == "env.db" and m.spec.namespace == "envns"
+    assert m.spec.ledger.path == "env.db"
+    assert m.spec.namespace == "envns"
     assert "sk-env" not in m.to_yaml()
 
 
@@ -126,7 +129,8 @@ def test_workers_as_a_map_and_api_key_from_env(tmp_path: Path) -> None:
     data = base(llm={"url": "http://x", "apiKeyFromEnv": "MY_KEY"})
     data["spec"]["workers"] = {"python": {"replicas": 3}}
     m = load(write(tmp_path, data), plugins=False)
-    assert m.spec.workers[0].capability == "python" and m.spec.workers[0].replicas == 3
+    assert m.spec.workers[0].capability == "python"
+    assert m.spec.workers[0].replicas == 3
     assert m.api_key({"MY_KEY": "k"}) == "k"
 
 

@@ -78,7 +78,8 @@ def test_workers_manager_redis_vllm(manifest: FleetManifest, k8s: list[dict[str,
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     assert vllm["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert vllm["args"][0] == "Qwen/Qwen2.5-1.5B-Instruct" and "--max-model-len" in vllm["args"]
+    assert vllm["args"][0] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert "--max-model-len" in vllm["args"]
     assert by(k8s, "Service", "demo-vllm")["spec"]["ports"][0]["port"] == 8000
     cm = by(k8s, "ConfigMap", "demo-manifest")
     assert yaml.safe_load(cm["data"]["fleet.yaml"])["kind"] == "Fleet"

@@ -87,7 +87,8 @@ async def test_fleet_survives_a_killed_worker_and_the_run_is_accepted(tmp_path: 
         {"id": "slug", "capability": "slugify", "input": "Hello Fleet", "spec": {"expect": "hello-fleet"}}]}))
     state_file = tmp_path / "state.json"
     fleet = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "fleet", "up", str(path), "--state-file",
-                              str(state_file), "--log-dir", str(tmp_path / "logs")], cwd=tmp_path, env=env())
+                              str(state_file), "--log-dir", str(tmp_path / "logs")],
+                             cwd=tmp_path, env=env())
     try:
         state = wait_state(state_file, lambda ps: len(ps) == 6 and all(p["state"] == "running" for p in ps.values()))
         assert {"vllm", "manager", "worker-python-0", "worker-slugify-0", "worker-slugify-1", "worker-llm-0"} == {
@@ -105,17 +106,20 @@ async def test_fleet_survives_a_killed_worker_and_the_run_is_accepted(tmp_path: 
             os.kill(victim["pid"], signal.SIGKILL)
             restarted = wait_state(state_file, lambda ps: ps["worker-python-0"]["restarts"] >= 1
                                    and ps["worker-python-0"]["state"] == "running")
-            assert restarted and next(p for p in restarted["processes"]
+            assert restarted
+            assert next(p for p in restarted["processes"]
                                       if p["name"] == "worker-python-0")["pid"] != victim["pid"]
             with anyio.fail_after(45):
                 result = await processes.wait_for_run(bus, run_id)
         assert result["state"] == "accepted", result
         out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "status", "--json", "--state-file",
-                              str(state_file)], capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=30)
+                              str(state_file)],
+                             capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=30)
         assert out.returncode == 0, out.stderr
         rows = {p["name"]: p for p in json.loads(out.stdout)["processes"]}
         assert {"name", "pid", "capability", "state", "restarts"} <= rows["worker-python-0"].keys()
-        assert rows["worker-python-0"]["restarts"] >= 1 and rows["worker-python-0"]["capability"] == "python"
+        assert rows["worker-python-0"]["restarts"] >= 1
+        assert rows["worker-python-0"]["capability"] == "python"
         pids = [p["pid"] for p in rows.values()]
     finally:
         if fleet.poll() is None:
@@ -151,5 +155,6 @@ async def test_a_plugin_that_crashes_on_import_is_given_up(tmp_path: Path, redis
     assert any(name == "fleet" and "worker-crashy-0" in line and "giving up" in line for name, line in lines)
     assert any(name == "worker-crashy-0" for name, _ in lines)  # its output streamed with its prefix
     state = {p["name"]: p for p in read_state(tmp_path / "state.json")["processes"]}
-    assert state["worker-crashy-0"]["state"] == "failed" and state["worker-python-0"]["state"] == "stopped"
+    assert state["worker-crashy-0"]["state"] == "failed"
+    assert state["worker-python-0"]["state"] == "stopped"
     assert supervisor.exit_code == 1
