@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                               else "why (recorded as the reason)")
         override.add_argument("--by", default=_default_person(), help="who decides (default: USER@HOST)")
         override.set_defaults(func=_cmd_override, action=verb)
+
+    from orchestrator.fleet.cli import add_fleet_parser  # fleet up | status | render
+
+    add_fleet_parser(verbs)
     return parser
 
 

@@ -1,22 +1,32 @@
-"""Pytest fixtures for code that calls the LLM: a running simulator and a client pointed at it.
+"""The plugin kit: pytest fixtures and helpers for testing workers and code that calls the LLM.
 
-Use as a plugin (``pytest_plugins = ["orchestrator.testing"]`` in the root conftest) or import
+Use as a plugin (``pytest_plugins = ["orchestrator.testing"]`` in your root conftest) or import
 the fixtures into a conftest. Override ``sim_config`` / ``inference_settings`` to tune them.
+
+- ``sim_llm``: a simulated vLLM server on a free port; ``inference_settings`` / ``inference_client``
+  point at it.
+- ``run_worker(worker, input_or_task)``: run one task through a worker class in process (manager,
+  in-memory bus, the worker's own ``verify``) and get a :class:`~orchestrator.api.RunResult`.
+- ``worker_harness``: a fixture that is ``run_worker`` with the simulator wired in for workers
+  that need a model.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
+from orchestrator.api import Orchestrator, RunResult
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.inference import InferenceClient, InferenceSettings
+from workers.base import Worker
 
-__all__ = ("held_in_task", "inference_client", "inference_settings", "sim_config", "sim_llm")
+__all__ = ("WorkerHarness", "held_in_task", "inference_client", "inference_settings", "run_worker", "sim_config",
+           "sim_llm", "worker_harness")
 
 T = TypeVar("T")
 
@@ -76,3 +86,56 @@ async def inference_client(inference_settings: InferenceSettings) -> AsyncIterat
     """An open ``InferenceClient`` talking to ``sim_llm``."""
     async with InferenceClient(inference_settings) as client:
         yield client
+
+
+async def run_worker(worker: type[Worker] | Worker | str, input: Any = None, *, instruction: str = "",
+                     spec: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+                     max_attempts: int = 3, llm: InferenceSettings | None = None,
+                     task: Mapping[str, Any] | None = None) -> RunResult:
+    """Run one task through ``worker`` in process and return how it ended.
+
+    ``config`` builds the worker with that config (validated by its ``config_model``). The worker
+    is hosted by an ``Orchestrator`` on the in-memory bus, exactly as in a fleet: the
+    manager checks ``spec`` (``expect``, ``schema``, ...) and then the worker's own ``verify``, and
+    sends failures back for redo up to ``max_attempts``. ``task`` gives the whole task definition
+    instead (its ``capability`` defaults to the worker's). ``llm`` is needed for workers with
+    ``needs_inference`` (use the ``worker_harness`` fixture to get the simulator's).
+    """
+    cls = worker if isinstance(worker, type | str) else type(worker)
+    if isinstance(cls, str):
+        from workers import registry
+
+        cls = registry.load(cls)
+    definition: dict[str, Any] = {"id": "t", "capability": cls.capability, "max_attempts": max_attempts}
+    if input is not None:
+        definition["input"] = input
+    if instruction:
+        definition["instruction"] = instruction
+    if spec is not None:
+        definition["spec"] = dict(spec)
+    definition.update(task or {})
+    hosted: Worker | type[Worker] = worker if isinstance(worker, Worker) else cls
+    if config is not None:
+        hosted = cls(dict(config))  # the worker's config, as a manifest's ``config`` gives it
+    async with Orchestrator(workers=[hosted], llm=llm) as orch:
+        return await orch.run({"goal": f"test {cls.capability}", "tasks": [definition]})
+
+
+class WorkerHarness(Protocol):
+    """``await worker_harness(WorkerClass, input, spec=..., config=...)`` -> ``RunResult``."""
+
+    async def __call__(self, worker: type[Worker] | Worker | str, input: Any = None, **kwargs: Any) -> RunResult:
+        """Run one task; keyword arguments as for :func:`run_worker`."""
+
+
+@pytest.fixture
+async def worker_harness(sim_llm: SimulatedVLLM) -> WorkerHarness:
+    """``run_worker`` with ``llm`` pointing at the ``sim_llm`` simulator."""
+    settings = InferenceSettings(url=sim_llm.url, model=sim_llm.model, timeout=10.0, backoff_initial=0.01,
+                                 backoff_max=0.1)
+
+    async def harness(worker: type[Worker] | Worker | str, input: Any = None, **kwargs: Any) -> RunResult:
+        kwargs.setdefault("llm", settings)
+        return await run_worker(worker, input, **kwargs)
+
+    return harness

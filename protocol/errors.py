@@ -3,7 +3,9 @@
 ```
 OrchestratorError
 ├ ConfigError          misuse or bad settings, found at startup
-│ └ JobError           an invalid job file or object (names file, task id, field)
+│ ├ JobError           an invalid job file or object (names file, task id, field)
+│ └ ManifestError      an invalid fleet manifest (names file, field path, reason)
+│   └ ServiceUnreachable  the manifest's Redis or LLM does not answer
 ├ ProtocolError        a frame that cannot be trusted
 │ ├ DecodeError        truncated, random or mistyped bytes
 │ ├ FrameTooLarge      over the configured size limit
@@ -48,10 +50,12 @@ __all__ = (
     "InferenceUnavailable",
     "JobError",
     "LeaseLost",
+    "ManifestError",
     "NoCapableWorker",
     "OrchestratorError",
     "PluginLoadError",
     "ProtocolError",
+    "ServiceUnreachable",
     "TaskError",
     "UnknownMessageType",
     "UnsupportedVersion",
@@ -80,6 +84,21 @@ class JobError(ConfigError):
         self.source = source
         self.task_id = task_id
         self.field = field
+
+
+class ManifestError(ConfigError):
+    """An invalid fleet manifest; the message names the file, the field path and the reason."""
+
+    def __init__(self, reason: str, *, source: str | None = None, field: str | None = None) -> None:
+        prefix = ": ".join(p for p in (source, field) if p)
+        super().__init__(f"{prefix}: {reason}" if prefix else reason)
+        self.reason = reason
+        self.source = source
+        self.field = field
+
+
+class ServiceUnreachable(ManifestError):
+    """A service the manifest names (Redis, the LLM server) did not answer the startup check."""
 
 
 class ProtocolError(OrchestratorError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 import anyio
@@ -20,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator sim-llm", description="Serve a simulated vLLM (scripted answers).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", nargs="+", default=["sim-model"])
+    p.add_argument("model", nargs="?", default=None,
+                   help="the model, as `vllm serve MODEL` takes it; the served name unless --served-model-name")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="default: MODEL, else sim-model")
     p.add_argument("--api-key", action="append", default=[], help="repeatable; guards /v1 like vLLM")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -54,9 +57,13 @@ def _load_policy(spec: str) -> Policy:
 
 def serve(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and serve until interrupted; returns an exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":  # `python -m orchestrator.simulator serve MODEL ...` stands in for `vllm serve`
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
+    served = args.served_model_name or [args.model or "sim-model"]
     config = SimConfig(
-        served_model_names=tuple(args.served_model_name), api_keys=tuple(args.api_key), host=args.host,
+        served_model_names=tuple(served), api_keys=tuple(args.api_key), host=args.host,
         port=args.port, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
         block_size=args.block_size, enable_prefix_caching=not args.no_enable_prefix_caching,

@@ -1,0 +1,145 @@
+"""``orchestrator fleet up | status | render``: the command-line glue (signals live here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from orchestrator.fleet.manifest import load_manifest
+from orchestrator.fleet.render import dump_documents, render_compose, render_kubernetes_files
+from orchestrator.fleet.supervisor import Supervisor, default_state_file, read_state
+from protocol.errors import ConfigError
+
+__all__ = ("add_fleet_parser",)
+
+HEADER = "# Rendered by `orchestrator fleet render {source} --target {target}`; edit the manifest, not this file.\n"
+
+
+def add_fleet_parser(verbs: Any) -> None:
+    """Add ``fleet`` and its sub-verbs to the CLI's sub-parsers."""
+    fleet = verbs.add_parser("fleet", help="run a fleet from a manifest here, or render it for Kubernetes/compose")
+    sub = fleet.add_subparsers(dest="fleet_verb", required=True, parser_class=type(fleet))
+
+    up = sub.add_parser("up", help="start and supervise the manager and every worker replica on this machine")
+    up.add_argument("manifest", help="fleet manifest (YAML), e.g. deploy/fleet.yaml")
+    up.add_argument("--log-dir", type=Path, default=None, help="write each process's output to DIR/NAME.log "
+                                                                "instead of streaming it with a [NAME] prefix")
+    up.add_argument("--state-file", type=Path, default=None,
+                    help="where to write the fleet's state (default .orchestrator/fleet-NAME.json)")
+    up.add_argument("--child-log-level", default="INFO", help="--log-level of the processes (default INFO)")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="list the fleet's processes: pid, capability, state, restarts")
+    status.add_argument("manifest", nargs="?", default=None,
+                        help="the manifest, to find its state file (default: the only .orchestrator/fleet-*.json)")
+    status.add_argument("--state-file", type=Path, default=None, help="the state file `fleet up` writes")
+    status.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    render = sub.add_parser("render", help="print Kubernetes objects or a compose file for the manifest")
+    render.add_argument("manifest", help="fleet manifest (YAML)")
+    render.add_argument("--target", required=True, choices=("kubernetes", "compose"))
+    render.add_argument("--output", type=Path, default=None, metavar="DIR",
+                        help="write files into DIR (kubernetes: one file per component; compose: compose.yaml)")
+    render.set_defaults(func=cmd_render)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """``fleet up``: check the manifest (plugins, Redis, LLM), then supervise until SIGINT/SIGTERM."""
+    manifest = load_manifest(args.manifest)
+    supervisor = Supervisor(manifest, state_file=args.state_file, log_dir=args.log_dir,
+                            child_log_level=args.child_log_level, manifest_path=args.manifest)
+
+    async def go() -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, supervisor, tg.cancel_scope)
+            code = await supervisor.run()
+            tg.cancel_scope.cancel()
+        return code
+
+    return anyio.run(go)
+
+
+async def _stop_on_signal(supervisor: Supervisor, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for _ in signals:
+            count += 1
+            if count == 1:
+                supervisor.stop()  # drain: SIGTERM, grace period, SIGKILL
+            else:
+                scope.cancel()  # a second Ctrl-C: do not wait for the grace period
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    if args.state_file is not None:
+        return Path(args.state_file)
+    if args.manifest is not None:
+        return default_state_file(load_manifest(args.manifest, plugins=False, services=False).name)
+    found = sorted(Path(".orchestrator").glob("fleet-*.json"))
+    if len(found) != 1:
+        raise ConfigError("name the fleet: `orchestrator fleet status MANIFEST` or --state-file F "
+                          f"({len(found)} state files in .orchestrator/)")
+    return found[0]
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``fleet status``: read the state file; processes of a supervisor that is gone show as ``gone``."""
+    path = _state_path(args)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: no fleet state ({exc}); is `orchestrator fleet up` running here?") from exc
+    state["supervisor_alive"] = _alive(state.get("supervisor_pid"))
+    if not state["supervisor_alive"]:
+        for p in state["processes"]:
+            if p["state"] not in ("stopped", "failed"):
+                p["state"] = "gone"
+    if args.json:
+        print(json.dumps(state))  # noqa: T201 - the --json contract is stdout
+        return 0
+    age = time.time() - float(state.get("updated_at", 0))
+    print(f"fleet {state['fleet']}  supervisor pid {state['supervisor_pid']} "  # noqa: T201 - CLI output
+          f"({'running' if state['supervisor_alive'] else 'not running'}), updated {age:.0f}s ago")
+    print(f"{'NAME':<28} {'PID':>8} {'CAPABILITY':<16} {'STATE':<10} {'RESTARTS':>8}  LAST ERROR")  # noqa: T201
+    for p in state["processes"]:
+        print(f"{p['name']:<28} {p['pid'] or '-':>8} {p['capability'] or '-':<16} {p['state']:<10} "  # noqa: T201
+              f"{p['restarts']:>8}  {(p.get('last_error') or '')[:80]}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """``fleet render``: print (or write) the rendered YAML; plugins are not loaded, services not checked."""
+    manifest = load_manifest(args.manifest, plugins=False, services=False)
+    header = HEADER.format(source=args.manifest, target=args.target)
+    if args.target == "kubernetes":
+        files = {name: dump_documents(docs, header=header) for name, docs in render_kubernetes_files(manifest).items()}
+    else:
+        files = {"compose.yaml": dump_documents([render_compose(manifest)], header=header)}
+    if args.output is None:
+        sys.stdout.write("---\n".join(files.values()))
+        return 0
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (args.output / name).write_text(text)
+    return 0

@@ -1,0 +1,130 @@
+"""``fleet render``: structure, Kubernetes API schemas, the compose schema, and deploy/ kept in sync."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from orchestrator.fleet.manifest import FleetManifest, load_manifest
+from orchestrator.fleet.render import render_compose, render_kubernetes
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "fleet.yaml"
+# The compose specification's JSON schema, as shipped in the docker-compose 1.29.2 wheel
+# (compose/config/compose_spec.json, Apache-2.0); no PyPI package ships a newer one.
+COMPOSE_SCHEMA = Path(__file__).with_name("compose_spec.json")
+K8S_VERSION = "1.30.0"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> FleetManifest:
+    return load_manifest(EXAMPLE, environ={}, plugins=False, services=False)
+
+
+@pytest.fixture(scope="module")
+def k8s(manifest: FleetManifest) -> list[dict[str, Any]]:
+    return render_kubernetes(manifest)
+
+
+def by(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_every_object_is_valid_against_the_kubernetes_api_schemas(k8s: list[dict[str, Any]]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in k8s:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_structure_selectors_match_labels_and_containers_have_images(k8s: list[dict[str, Any]]) -> None:
+    for doc in k8s:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys()
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+            assert all(c["image"] for c in doc["spec"]["template"]["spec"]["containers"])
+        if doc["kind"] == "Service":
+            pods = [d for d in k8s if d["kind"] in ("Deployment", "StatefulSet")
+                    and doc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert pods, f"service {doc['metadata']['name']} selects nothing"
+
+
+def test_workers_manager_redis_vllm(manifest: FleetManifest, k8s: list[dict[str, Any]]) -> None:
+    for w in manifest.spec.workers:
+        dep = by(k8s, "Deployment", f"demo-worker-{w.capability}")
+        assert dep["spec"]["replicas"] == w.replicas
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["requests"]["cpu"] == w.resources.cpu
+        assert container["resources"]["limits"]["memory"] == w.resources.memory
+        assert ["--plugin", w.plugin_ref] == container["args"][2:4]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["ORCH_REDIS_URL"] == "redis://demo-redis:6379/0"
+        assert env["ORCH_LLM_URL"] == "http://demo-vllm:8000"
+    manager = by(k8s, "StatefulSet", "demo-manager")
+    assert manager["spec"]["replicas"] == 1
+    assert manager["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "ledger"
+    redis = by(k8s, "StatefulSet", "demo-redis")
+    assert "--appendonly" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis["spec"]["volumeClaimTemplates"]
+    vllm = by(k8s, "Deployment", "demo-vllm")["spec"]["template"]["spec"]["containers"][0]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert vllm["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert vllm["args"][0] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert "--max-model-len" in vllm["args"]
+    assert by(k8s, "Service", "demo-vllm")["spec"]["ports"][0]["port"] == 8000
+    cm = by(k8s, "ConfigMap", "demo-manifest")
+    assert yaml.safe_load(cm["data"]["fleet.yaml"])["kind"] == "Fleet"
+
+
+def test_compose_is_valid_against_the_compose_spec(manifest: FleetManifest) -> None:
+    compose = json.loads(json.dumps(render_compose(manifest)))
+    jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text())).validate(compose)
+    services = compose["services"]
+    assert services["redis"]["command"][1:3] == ["--appendonly", "yes"]
+    assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["worker-python"]["deploy"]["replicas"] == 2
+    assert all("healthcheck" in services[s] for s in ("redis", "vllm"))
+    assert "ledger:/var/lib/orchestrator" in services["manager"]["volumes"]
+
+
+def test_compose_is_accepted_by_the_compose_spec_parser(manifest: FleetManifest) -> None:
+    compose_spec = pytest.importorskip("compose_spec")
+    compose_spec.PyCompose.from_yaml(yaml.safe_dump(render_compose(manifest)))
+
+
+def test_deploy_files_are_in_sync_with_the_manifest(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}  # no ORCH_* overrides
+    for target, out in (("kubernetes", tmp_path / "kubernetes"), ("compose", tmp_path)):
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "render", "deploy/fleet.yaml",
+                        "--target", target, "--output", str(out)], cwd=ROOT, check=True, env=env, timeout=60)
+    rendered = sorted(p.name for p in (tmp_path / "kubernetes").iterdir())
+    assert rendered == sorted(p.name for p in (ROOT / "deploy" / "kubernetes").iterdir())
+    stale = "re-run: orchestrator fleet render deploy/fleet.yaml --target {} --output {}"
+    for name in rendered:
+        assert (tmp_path / "kubernetes" / name).read_text() == (ROOT / "deploy" / "kubernetes" / name).read_text(), \
+            stale.format("kubernetes", "deploy/kubernetes")
+    assert (tmp_path / "compose.yaml").read_text() == (ROOT / "deploy" / "compose.yaml").read_text(), \
+        stale.format("compose", "deploy")
+
+
+def test_render_prints_to_stdout_and_never_leaks_the_api_key(tmp_path: Path) -> None:
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["spec"]["llm"].pop("apiKeyFromEnv")
+    data["spec"]["llm"]["apiKey"] = "sk-very-secret"
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for target in ("kubernetes", "compose"):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "render", str(path), "--target",
+                               target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "sk-very-secret" not in proc.stdout
+        assert list(yaml.safe_load_all(proc.stdout))
