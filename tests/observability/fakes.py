@@ -44,7 +44,8 @@ class Gate(Worker):
     entered: anyio.Event | None = None
 
     async def handle(self, task: Task) -> Any:
-        assert Gate.open is not None and Gate.entered is not None
+        assert Gate.open is not None
+        assert Gate.entered is not None
         Gate.entered.set()
         await Gate.open.wait()
         return "through"
