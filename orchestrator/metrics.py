@@ -17,7 +17,7 @@ from orchestrator.records import Event, RunRecord, TaskRecord
 from protocol.bus import Bus
 from protocol.errors import OrchestratorError
 from protocol.keys import results_stream, tasks_stream, workers_group
-from protocol.metrics import DURATION_BUCKETS, InferenceMetrics, MetricsServer, WorkerMetrics, serve_metrics
+from protocol.metrics import DURATION_BUCKETS, InferenceMetrics, MetricsServer, WorkerMetrics, children, serve_metrics
 
 __all__ = ("InferenceMetrics", "ManagerMetrics", "MetricsServer", "WorkerMetrics", "serve_metrics")
 
@@ -56,6 +56,15 @@ class ManagerMetrics:
         self.dead_letters = Gauge("orchestrator_dead_letters", "Messages the bus gave up on, per stream",
                                   ("stream",), registry=registry)
         self._seen: set[str] = set()  # runs whose tasks are counted in ``tasks``
+        # labelled children, cached: ``labels()`` validates and locks on every call, too slow for every event
+        self._task = children(self.tasks)
+        self._transition_of = children(self.transitions)
+        self._dispatch = children(self.dispatches)
+        self._redo = children(self.redos)
+        self._verification = children(self.verifications)
+        self._attempts = children(self.attempts)
+        self._latency = children(self.latency)
+        self._run = children(self.runs)
 
     def observe(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         """The manager observer: update the metrics an event changes."""
@@ -65,34 +74,34 @@ class ManagerMetrics:
         if kind == "transition" and task is not None:
             self._transition(run, task, event)
         elif kind == "dispatch" and task is not None:
-            self.dispatches.labels(task.capability).inc()
+            self._dispatch(task.capability).inc()
         elif kind == "run" and event.event == "run_finished":
-            self.runs.labels("running").dec()
-            self.runs.labels(str(event.detail.get("state", run.state))).inc()
+            self._run("running").dec()
+            self._run(str(event.detail.get("state", run.state))).inc()
             self._seen.discard(run.run_id)
 
     def _transition(self, run: RunRecord, task: TaskRecord, event: Event) -> None:
         name, before, after = event.event, event.from_state, event.to_state
-        self.transitions.labels(name, before, after).inc()
-        self.tasks.labels(task.capability, before).dec()
-        self.tasks.labels(task.capability, after).inc()
+        self._transition_of(name, before, after).inc()
+        self._task(task.capability, before).dec()
+        self._task(task.capability, after).inc()
         if name == "pass":
-            self.verifications.labels(str(event.detail.get("verifier") or "spec"), "pass").inc()
-            self.attempts.labels(task.capability).observe(task.attempt)
+            self._verification(str(event.detail.get("verifier") or "spec"), "pass").inc()
+            self._attempts(task.capability).observe(task.attempt)
             if task.attempts:
-                self.latency.labels(task.capability).observe(max(0.0, event.time - task.attempts[0].started))
+                self._latency(task.capability).observe(max(0.0, event.time - task.attempts[0].started))
         elif name == "reject":
-            self.verifications.labels(str(event.detail.get("verifier") or "spec"), "reject").inc()
-            self.redos.labels(task.capability).inc()
+            self._verification(str(event.detail.get("verifier") or "spec"), "reject").inc()
+            self._redo(task.capability).inc()
 
     def _adopt(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         """Count a run's tasks the first time it is seen: at its start, or when this manager resumed it."""
         self._seen.add(run.run_id)
-        self.runs.labels("running").inc()
+        self._run("running").inc()
         for t in run.tasks.values():
             # The task of this event has already moved: count it where it was.
             state = event.from_state if t is task and event.kind == "transition" else str(t.state)
-            self.tasks.labels(t.capability, state).inc()
+            self._task(t.capability, state).inc()
 
     async def watch_bus(self, bus: Bus, capabilities: Callable[[], Iterable[str]], *, interval_s: float = 5.0) -> None:
         """Refresh queue depth and dead-letter gauges every ``interval_s`` until cancelled."""

@@ -9,15 +9,18 @@ observer hooks of ``WorkerRuntime`` (``RuntimeObserver``) and ``InferenceClient`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protocol.envelope import Envelope
 from protocol.usage import Usage
 
-__all__ = ("InferenceMetrics", "MetricsServer", "WorkerMetrics", "serve_metrics")
+__all__ = ("InferenceMetrics", "MetricsServer", "WorkerMetrics", "children", "serve_metrics")
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 # Handlers and LLM calls take from milliseconds to many minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -48,6 +51,19 @@ def serve_metrics(port: int, registry: CollectorRegistry, *, host: str = "0.0.0.
     return MetricsServer(host, int(server.server_port), server)
 
 
+def children(metric: M) -> Callable[..., M]:
+    """``child(*label_values)``: ``metric.labels(...)`` cached per label values (a dict look-up after the first)."""
+    cache: dict[tuple[str, ...], M] = {}
+
+    def child(*values: str) -> M:
+        found = cache.get(values)
+        if found is None:
+            found = cache[values] = metric.labels(*values)
+        return found
+
+    return child
+
+
 class WorkerMetrics:
     """``orchestrator_worker_*``: tasks handled by outcome, handler duration, handlers in flight."""
 
@@ -60,15 +76,19 @@ class WorkerMetrics:
         self.in_flight = Gauge("orchestrator_worker_in_flight", "Handlers running now", ("capability",),
                                registry=registry)
 
+        self._handled = children(self.handled)
+        self._duration = children(self.duration)
+        self._in_flight = children(self.in_flight)
+
     def handler_started(self, capability: str, envelope: Envelope) -> None:
         """A handler began working on ``envelope``."""
-        self.in_flight.labels(capability).inc()
+        self._in_flight(capability).inc()
 
     def handler_finished(self, capability: str, envelope: Envelope, outcome: str, duration_s: float) -> None:
         """A handler ended (``outcome``) after ``duration_s``."""
-        self.in_flight.labels(capability).dec()
-        self.handled.labels(capability, outcome).inc()
-        self.duration.labels(capability).observe(duration_s)
+        self._in_flight(capability).dec()
+        self._handled(capability, outcome).inc()
+        self._duration(capability).observe(duration_s)
 
 
 class InferenceMetrics:
