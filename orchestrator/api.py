@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ import structlog
 
 from orchestrator.job import Budget, Job, load_job, parse_job
 from orchestrator.judge import LLMJudge
-from orchestrator.manager import Judge, Manager, ManagerSettings
+from orchestrator.manager import Judge, Manager, ManagerObserver, ManagerSettings
 from orchestrator.planner import Planner
 from orchestrator.records import Event, RunRecord, RunState
 from orchestrator.store import MemoryStore, Store
@@ -21,9 +22,10 @@ from protocol.errors import ConfigError, JobError
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
+from protocol.tracing import Tracing
 from workers import registry
 from workers.base import Worker
-from workers.runtime import RuntimeSettings, WorkerRuntime
+from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
 
 __all__ = ("Orchestrator", "Run", "RunResult")
 
@@ -120,12 +122,17 @@ class Orchestrator:
     worker for every installed plugin (entry point group ``orchestrator.workers``). Pass
     ``workers`` to choose them (instances, classes, entry point names or ``module:Class``),
     or ``host_workers=False`` when workers run as separate processes on a shared bus.
+
+    ``metrics_port`` serves Prometheus metrics of the manager, hosted workers and LLM client at
+    ``metrics_url`` (0 picks a free port; needs ``orchestrator[metrics]``). ``tracing`` turns on
+    OpenTelemetry spans with a given provider; by default they follow ``Tracing.detect()``.
     """
 
     def __init__(self, *, bus: Bus | None = None, store: Store | None = None,
                  workers: Iterable[WorkerLike] | None = None, host_workers: bool = True, concurrency: int = 8,
                  llm: InferenceSettings | InferenceClient | None = None, judge: Judge | None = None,
-                 manager_settings: ManagerSettings | None = None) -> None:
+                 manager_settings: ManagerSettings | None = None, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1", tracing: Tracing | None = None) -> None:
         self.bus = bus or MemoryBus()
         self.store = store or MemoryStore()
         self._worker_specs = list(workers) if workers is not None else None
@@ -135,7 +142,25 @@ class Orchestrator:
         self.inference: InferenceClient | None = llm if isinstance(llm, InferenceClient) else None
         self.workers: dict[str, Worker] = {}
         self._unavailable: dict[str, str] = {}
-        self.manager = Manager(self.bus, self.store, manager_settings, judge=judge)
+        self.tracing = tracing or Tracing.detect()
+        # Prometheus metrics (opt-in): one registry for the manager, hosted workers and the LLM client.
+        self.metrics_registry: Any = None
+        self.metrics_url = ""
+        self._metrics_at = (metrics_host, metrics_port)
+        self._manager_metrics: Any = None
+        observers: list[ManagerObserver] = []
+        if metrics_port is not None:
+            try:
+                from prometheus_client import CollectorRegistry
+
+                from orchestrator.metrics import ManagerMetrics
+            except ImportError as exc:
+                raise ConfigError("metrics_port needs prometheus-client: pip install 'orchestrator[metrics]'") from exc
+            self.metrics_registry = CollectorRegistry()
+            self._manager_metrics = ManagerMetrics(self.metrics_registry)
+            observers.append(self._manager_metrics.observe)
+        self.manager = Manager(self.bus, self.store, manager_settings, judge=judge, observers=observers,
+                               tracing=self.tracing)
         self._stack: AsyncExitStack | None = None
 
     @property
@@ -149,8 +174,19 @@ class Orchestrator:
             configure_logging("WARNING")
         stack = AsyncExitStack()
         try:
+            if self.metrics_registry is not None:
+                from protocol.metrics import InferenceMetrics, serve_metrics
+
+                host, port = self._metrics_at
+                server = serve_metrics(port or 0, self.metrics_registry, host=host)
+                stack.callback(server.close)
+                self.metrics_url = server.url
             if isinstance(self._llm, InferenceSettings):
-                self.inference = await stack.enter_async_context(InferenceClient(self._llm))
+                observer = InferenceMetrics(self.metrics_registry) if self.metrics_registry is not None else None
+                self.inference = await stack.enter_async_context(InferenceClient(self._llm, observer=observer,
+                                                                                 tracing=self.tracing))
+            elif self.inference is not None and self.metrics_registry is not None and self.inference.observer is None:
+                self.inference.observer = InferenceMetrics(self.metrics_registry)
             if self.inference is not None:
                 await self.inference.check()
                 if self.manager.judge is None:
@@ -162,9 +198,17 @@ class Orchestrator:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             await tg.start(self.manager.serve)
+            if self._manager_metrics is not None:
+                tg.start_soon(functools.partial(self._manager_metrics.watch_bus, self.bus,
+                                                lambda: self.manager.capabilities, interval_s=1.0))
             if self.workers:
+                worker_observers: list[RuntimeObserver] = []
+                if self.metrics_registry is not None:
+                    from protocol.metrics import WorkerMetrics
+
+                    worker_observers.append(WorkerMetrics(self.metrics_registry))
                 runtime = WorkerRuntime(self.bus, self.workers, RuntimeSettings(concurrency=self._concurrency),
-                                        inference=self.inference)
+                                        inference=self.inference, observers=worker_observers, tracing=self.tracing)
                 for worker in self.workers.values():
                     worker.context = runtime.context_for(worker.capability)
                 await stack.enter_async_context(runtime.running())

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
     _llm_flags(manager)
+    _observability_flags(manager)
     manager.set_defaults(func=_cmd_manager)
 
     worker = verbs.add_parser("worker", help="run a worker process for one capability against Redis")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--retry-budget-s", type=float, default=30.0,
                         help="how long Redis may be unreachable before the worker exits with an error")
     _llm_flags(worker)
+    _observability_flags(worker)
     worker.set_defaults(func=_cmd_worker)
 
     submit = verbs.add_parser("submit", help="submit a job to the running manager; prints the run id")
@@ -154,6 +156,24 @@ def _llm_settings(args: argparse.Namespace) -> InferenceSettings | None:
     if not overrides.get("url") and not os.environ.get("ORCH_LLM_URL"):
         return None
     return InferenceSettings.from_env(**overrides)
+
+
+def _observability_flags(parser: argparse.ArgumentParser) -> None:
+    env_port = os.environ.get("ORCH_METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(env_port) if env_port else None, metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (env ORCH_METRICS_PORT; "
+                             "default: no endpoint)")
+    parser.add_argument("--metrics-host", default=os.environ.get("ORCH_METRICS_HOST", "0.0.0.0"),
+                        help="address the metrics endpoint binds (env ORCH_METRICS_HOST; default 0.0.0.0)")
+    parser.add_argument("--trace", action="store_true",
+                        help="send OpenTelemetry traces to the exporter OTEL_TRACES_EXPORTER names (default otlp, "
+                             "to OTEL_EXPORTER_OTLP_ENDPOINT); needs orchestrator[tracing]")
+
+
+def _observability(args: argparse.Namespace) -> processes.Observability:
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port must be a port number, got {args.metrics_port}")
+    return processes.Observability(metrics_port=args.metrics_port, metrics_host=args.metrics_host, tracing=args.trace)
 
 
 def _redis_flags(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +282,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
     anyio.run(functools.partial(
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
-        manager_lease_s=args.manager_lease_s, llm=_llm_settings(args)))
+        manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args)))
     return EXIT_ACCEPTED
 
 
@@ -279,7 +299,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         processes.run_worker, url=processes.redis_url(args.redis), capability=args.capability,
         plugin=args.plugin or args.capability, concurrency=args.concurrency,
         name=args.name or processes.default_name("worker"), namespace=args.namespace, lease_s=args.lease_s,
-        config=config, drain_s=args.drain_s, retry_budget_s=args.retry_budget_s, llm=_llm_settings(args)))
+        config=config, drain_s=args.drain_s, retry_budget_s=args.retry_budget_s, llm=_llm_settings(args),
+        observability=_observability(args)))
     return EXIT_ACCEPTED
 
 

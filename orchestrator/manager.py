@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +52,18 @@ from protocol.messages import (
     VerifyResponse,
 )
 from protocol.states import TaskEvent, TaskState, transition
+from protocol.tracing import Tracing, end
 
-__all__ = ("Judge", "Manager", "ManagerSettings")
+__all__ = ("Judge", "Manager", "ManagerObserver", "ManagerSettings")
 
 log = structlog.get_logger("orchestrator.manager")
 
 # An LLM (or other) judge for specs with a ``description``: (task, output) -> verdict.
 Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
+
+# Called synchronously with every event the manager records, after it is recorded: (run, task or None, event).
+# It runs on the manager's hottest path, so it must be O(1), must not block, and must not change the records.
+ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 
 _CONTEXT_CHARS = 2000
 _PUBLISH_CONCURRENCY = 256
@@ -81,8 +86,12 @@ class Manager:
     """Runs jobs: dispatches ready tasks, verifies results, sends redos, enforces budgets."""
 
     def __init__(self, bus: Bus, store: Store, settings: ManagerSettings | None = None, *,
-                 judge: Judge | None = None) -> None:
+                 judge: Judge | None = None, observers: Sequence[ManagerObserver] = (),
+                 tracing: Tracing | None = None) -> None:
         self.bus = bus
+        self.observers = tuple(observers)
+        self.tracing = tracing or Tracing.detect()
+        self._spans: dict[tuple[str, str], Any] = {}  # the open span of each task's current attempt (tracing on)
         self.store = store
         self.settings = settings or ManagerSettings()
         self.name = self.settings.name
@@ -255,6 +264,11 @@ class Manager:
             waiting = " (waiting for approval)" if state is TaskState.VERIFY_DONE and stage == "human" else ""
             raise ConfigError(f"cannot {action} task {task.id!r} of run {run.run_id!r} in state "
                               f"{str(state)!r}{waiting}")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities this manager has sent tasks to (whose streams it reads)."""
+        return frozenset(self._consuming)
 
     def snapshot(self, run_id: str) -> RunRecord:
         """The live record of a run this manager is running (a copy)."""
@@ -444,7 +458,7 @@ class Manager:
 
     async def _request_worker_verify(self, run: RunRecord, task: TaskRecord) -> None:
         await self.bus.publish(tasks_stream(task.capability), Envelope(
-            run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
+            run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name, trace=self._trace(run, task),
             body=VerifyRequest(capability=task.capability, instruction=task.instruction, input=task.input,
                                output=task.output, spec_description=task.spec.description)))
 
@@ -549,8 +563,25 @@ class Manager:
         task.attempt += 1
         task.verify_stage = ""
         task.attempts.append(AttemptRecord(attempt=task.attempt))
+        if self.tracing.enabled:
+            self._trace_attempt(run, task)
         await self._emit(run, task, kind="dispatch", event="dispatched", actor=self.name,
                          detail={"capability": task.capability})
+
+    def _trace_attempt(self, run: RunRecord, task: TaskRecord) -> None:
+        """Start the span of the task's new attempt (ending the previous one): its context travels in envelopes."""
+        key = (run.run_id, task.id)
+        end(self._spans.pop(key, None), attributes={"orchestrator.outcome": "redone"})
+        self._spans[key] = self.tracing.start(
+            f"attempt {task.capability}", kind="producer",
+            attributes={"orchestrator.run_id": run.run_id, "orchestrator.task_id": task.id,
+                        "orchestrator.attempt": task.attempt, "orchestrator.capability": task.capability})
+
+    def _trace(self, run: RunRecord, task: TaskRecord) -> dict[str, str]:
+        """The trace context for envelopes about the task's current attempt (empty with tracing off)."""
+        if not self.tracing.enabled:
+            return {}
+        return self.tracing.inject(self._spans.get((run.run_id, task.id)))
 
     async def _publish_assign(self, run: RunRecord, task: TaskRecord) -> None:
         body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
@@ -558,7 +589,7 @@ class Manager:
                       dependencies={d: run.tasks[d].output for d in task.depends_on})
         await self.bus.publish(tasks_stream(task.capability),
                                Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
-                                        body=body))
+                                        trace=self._trace(run, task), body=body))
 
     async def _publish_assigns(self, run: RunRecord, tasks: list[TaskRecord]) -> None:
         """Publish many assigns at once: concurrent publishes share the bus's round trips."""
@@ -719,6 +750,9 @@ class Manager:
             index = self._index[run.run_id]
             index.unfinished -= 1
             index.ended.append(task.id)
+            if self.tracing.enabled:
+                end(self._spans.pop((run.run_id, task.id), None), attributes={"orchestrator.outcome": str(task.state)},
+                    error="" if task.state is TaskState.ACCEPTED else reason or str(task.state))
         if reason:
             task.reason = reason
         detail = dict(detail or {})
@@ -741,6 +775,11 @@ class Manager:
         run.next_seq += 1
         await self.store.record(run, task, record)
         self._logs[run.run_id].append(record)
+        for observer in self.observers:
+            try:
+                observer(run, task, record)
+            except Exception:  # a broken metrics hook must not stop runs
+                log.exception("observer_failed", observer=repr(observer), run_id=run.run_id)
         if self.settings.publish_events:
             self._unpublished.append(record)
             self._wake_acker.set()

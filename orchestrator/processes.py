@@ -7,12 +7,14 @@ Signals are handled here, at the process edge: SIGTERM and SIGINT stop a worker 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,11 @@ from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, events_stream, run_snap
 from protocol.messages import Override, OverrideAction, Submit
 from protocol.redis_bus import RedisBus
 from protocol.settings import RedisSettings
+from protocol.tracing import Tracing
 from workers import registry
-from workers.runtime import RuntimeSettings, WorkerRuntime
+from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
 
-__all__ = ("fetch_status", "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
+__all__ = ("Observability", "fetch_status", "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
            "wait_for_run")
 
 log = structlog.get_logger("orchestrator.processes")
@@ -72,18 +75,70 @@ async def _until_signalled(scope: anyio.CancelScope, on_signal: Callable[[], Non
             return
 
 
-async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None) -> InferenceClient | None:
+@dataclass(frozen=True, slots=True)
+class Observability:
+    """What a process exposes: a Prometheus endpoint (``metrics_port``; 0 picks a free port) and traces.
+
+    ``tracing=True`` configures OpenTelemetry from the environment (``protocol.tracing.configure``);
+    without it, traces are on only when the application set a tracer provider or ``ORCH_TRACING=1``.
+    """
+
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    tracing: bool = False
+    bus_refresh_s: float = 5.0
+
+
+NO_OBSERVABILITY = Observability()
+
+
+def _metrics_registry(stack: ExitStack, obs: Observability, role: str) -> Any:
+    """A fresh registry served on ``obs.metrics_port`` until ``stack`` closes, or None when no port is asked."""
+    if obs.metrics_port is None:
+        return None
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from protocol.metrics import serve_metrics
+    except ImportError as exc:
+        raise ConfigError("--metrics-port needs prometheus-client: pip install 'orchestrator[metrics]'") from exc
+    registry = CollectorRegistry()
+    try:
+        server = serve_metrics(obs.metrics_port, registry, host=obs.metrics_host)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {obs.metrics_host}:{obs.metrics_port}: {exc}") from exc
+    stack.callback(server.close)
+    log.info("metrics_serving", role=role, url=server.url)
+    return registry
+
+
+def _tracing(obs: Observability) -> Tracing:
+    if obs.tracing:
+        from protocol.tracing import configure
+
+        configure()
+    return Tracing.detect()
+
+
+async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None, *, registry: Any = None,
+                     tracing: Tracing | None = None) -> InferenceClient | None:
     """The process's one shared inference client, checked against the server, or None."""
     if settings is None:
         return None
-    client = await stack.enter_async_context(InferenceClient(settings))
+    observer = None
+    if registry is not None:
+        from protocol.metrics import InferenceMetrics
+
+        observer = InferenceMetrics(registry)
+    client = await stack.enter_async_context(InferenceClient(settings, observer=observer, tracing=tracing))
     await client.check()
     return client
 
 
 async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                       manager_lease_s: float, llm: InferenceSettings | None = None,
-                      ready: Callable[[], Awaitable[None]] | None = None) -> None:
+                      ready: Callable[[], Awaitable[None]] | None = None,
+                      observability: Observability = NO_OBSERVABILITY) -> None:
     """Wait for leadership, then manage runs until a signal.
 
     With ``llm`` the manager judges specs that have a ``description`` with the LLM judge.
@@ -93,28 +148,48 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
     free. It does not exit, so a Redis outage longer than the lease needs no process restart.
     """
     lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s)
-    async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
-        tg.start_soon(_until_signalled, tg.cancel_scope)
-        judge = LLMJudge(client) if (client := await _inference(stack, llm)) else None
-        while True:
-            epoch = await lease.acquire()
-            try:
-                await _lead(lease, url=url, ledger=ledger, name=f"{name}@{epoch}", namespace=namespace,
-                            lease_s=lease_s, judge=judge, ready=ready)
-            except* LeadershipLost as lost:
-                log.warning("leadership_lost_standing_by", manager=name, epoch=epoch, error=str(lost.exceptions[0]))
-            finally:
-                await lease.release()
+    with ExitStack() as sync_stack:
+        registry = _metrics_registry(sync_stack, observability, "manager")
+        tracing = _tracing(observability)
+        metrics = None
+        if registry is not None:
+            from orchestrator.metrics import ManagerMetrics
+
+            metrics = ManagerMetrics(registry)
+        async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
+            tg.start_soon(_until_signalled, tg.cancel_scope)
+            client = await _inference(stack, llm, registry=registry, tracing=tracing)
+            judge = LLMJudge(client) if client else None
+            lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
+                                     judge=judge, ready=ready, metrics=metrics, tracing=tracing,
+                                     bus_refresh_s=observability.bus_refresh_s)
+            await _lead_forever(lease, lead, name)
+
+
+async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]], name: str) -> None:
+    while True:
+        epoch = await lease.acquire()
+        try:
+            await lead(name=f"{name}@{epoch}")
+        except* LeadershipLost as lost:
+            log.warning("leadership_lost_standing_by", manager=name, epoch=epoch, error=str(lost.exceptions[0]))
+        finally:
+            await lease.release()
 
 
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
-                judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None) -> None:
+                judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
+                tracing: Tracing | None = None, bus_refresh_s: float = 5.0) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
-        manager = Manager(bus, store, ManagerSettings(name=name), judge=judge)
+        manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
+                          observers=[metrics.observe] if metrics is not None else [], tracing=tracing)
         await tg.start(lease.hold)
         await tg.start(manager.serve)
+        if metrics is not None:
+            tg.start_soon(functools.partial(metrics.watch_bus, bus, lambda: manager.capabilities,
+                                            interval_s=bus_refresh_s))
         log.info("manager_ready", manager=manager.name, ledger=str(ledger))
         if ready is not None:
             await ready()
@@ -123,7 +198,7 @@ async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namesp
 
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
                      lease_s: float, config: dict[str, Any], drain_s: float, retry_budget_s: float,
-                     llm: InferenceSettings | None = None) -> int:
+                     llm: InferenceSettings | None = None, observability: Observability = NO_OBSERVABILITY) -> int:
     """Serve one capability until SIGTERM (drain) or until Redis stays unreachable past the retry budget."""
     worker_class = registry.load(plugin)
     if worker_class.capability != capability:
@@ -131,12 +206,30 @@ async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int
     if worker_class.needs_inference and llm is None:
         raise ConfigError(f"capability {capability!r} needs a language model: pass --llm-url or set ORCH_LLM_URL")
     worker = worker_class(config)
+    with ExitStack() as sync_stack:
+        metrics_registry = _metrics_registry(sync_stack, observability, "worker")
+        tracing = _tracing(observability)
+        return await _serve_worker(worker, url=url, capability=capability, concurrency=concurrency, name=name,
+                                   namespace=namespace, lease_s=lease_s, drain_s=drain_s,
+                                   retry_budget_s=retry_budget_s, llm=llm if worker_class.needs_inference else None,
+                                   metrics_registry=metrics_registry, tracing=tracing)
+
+
+async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: int, name: str, namespace: str,
+                        lease_s: float, drain_s: float, retry_budget_s: float, llm: InferenceSettings | None,
+                        metrics_registry: Any, tracing: Tracing) -> int:
+    observers: list[RuntimeObserver] = []
+    if metrics_registry is not None:
+        from protocol.metrics import WorkerMetrics
+
+        observers.append(WorkerMetrics(metrics_registry))
     async with AsyncExitStack() as stack:
-        client = await _inference(stack, llm if worker_class.needs_inference else None)
+        client = await _inference(stack, llm, registry=metrics_registry, tracing=tracing)
         bus = await stack.enter_async_context(open_bus(url, namespace=namespace, lease_s=lease_s,
                                                        retry_budget_s=retry_budget_s))
         runtime = WorkerRuntime(bus, {capability: worker},
-                                RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client)
+                                RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client,
+                                observers=observers, tracing=tracing)
         worker.context = runtime.context_for(capability)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signalled, tg.cancel_scope, runtime.stop)

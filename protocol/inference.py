@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import httpx
@@ -34,9 +34,11 @@ import structlog
 from ._sse import iter_sse_data
 from .errors import BadCompletion, ContextLengthExceeded, InferenceError, InferenceTimeout, InferenceUnavailable
 from .inference_settings import InferenceSettings
+from .tracing import Tracing
 from .usage import Usage, UsageLedger
 
-__all__ = ("ChatResult", "InferenceClient", "InferenceSettings", "ModelInfo", "ServerLoad", "StreamEvent")
+__all__ = ("ChatResult", "InferenceClient", "InferenceObserver", "InferenceSettings", "ModelInfo", "ServerLoad",
+           "StreamEvent")
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +87,20 @@ class ServerLoad:
     kv_cache_usage: float
 
 
+class InferenceObserver(Protocol):
+    """Told about every request the client makes (``protocol.metrics.InferenceMetrics`` is one); must be cheap."""
+
+    def request_finished(self, endpoint: str, status: int | None, outcome: str, duration_s: float) -> None:
+        """One try at ``endpoint`` ended: HTTP ``status`` (None: no response) and ``outcome``
+        (``ok``, ``error``, ``timeout``, ``unavailable``)."""
+
+    def request_retried(self, error: Exception) -> None:
+        """A failed try will be tried again after a backoff."""
+
+    def usage_recorded(self, usage: Usage) -> None:
+        """A completion's token usage."""
+
+
 class _Retry(Exception):
     """An attempt failed in a way worth retrying; ``error`` is what to raise when retries run out."""
 
@@ -113,9 +129,13 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         *,
         ledger: UsageLedger | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer: InferenceObserver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings or InferenceSettings()
         self.usage = ledger or UsageLedger()
+        self.observer = observer
+        self.tracing = tracing or Tracing.detect()
         self.limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
         self._transport = transport
         self._shards: list[httpx.AsyncClient] = []
@@ -321,6 +341,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                         raise error if started else _Retry(error)
                 usage = usage or Usage(requests=1)
                 (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
+                if self.observer is not None:
+                    self.observer.usage_recorded(usage)
                 yield StreamEvent("", usage, finish)
                 return
             except _Retry as retry:
@@ -399,26 +421,49 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 task_id: str | None, ledger: UsageLedger | None) -> ChatResult:
         usage = Usage.from_openai(payload.get("usage"))
         (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
+        if self.observer is not None:
+            self.observer.usage_recorded(usage)
         return ChatResult(text, finish, usage, str(payload.get("model", "")), str(payload.get("id", "")))
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         attempt = 0
-        while True:
-            try:
-                return await self._attempt(path, body)
-            except _Retry as retry:
-                attempt = await self._backoff(attempt, retry)
+        with self.tracing.span(f"llm {path}", kind="client",
+                               attributes={"gen_ai.request.model": str(body.get("model", "")),
+                                           "url.path": path}) as span:
+            while True:
+                try:
+                    payload = await self._attempt(path, body)
+                except _Retry as retry:
+                    attempt = await self._backoff(attempt, retry)
+                    continue
+                if span is not None:
+                    usage = payload.get("usage") or {}
+                    span.set_attributes({"llm.retries": attempt,
+                                         "gen_ai.usage.input_tokens": int(usage.get("prompt_tokens") or 0),
+                                         "gen_ai.usage.output_tokens": int(usage.get("completion_tokens") or 0)})
+                return payload
 
     async def _attempt(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         await self._wait_for_room()
+        observer = self.observer
+        started = time.monotonic()
+        status: int | None = None
+        outcome = "error"
         try:
             async with self.limiter:
                 with anyio.fail_after(self.settings.timeout):
                     resp = await self.http.post(path, json=body)
+            status = resp.status_code
+            outcome = "ok" if status == 200 else "unavailable" if status == 429 or status >= 500 else "error"
         except TimeoutError as exc:
+            outcome = "timeout"
             raise _Retry(InferenceTimeout(f"no answer from {self.settings.url} in {self.settings.timeout} s")) from exc
         except httpx.HTTPError as exc:
+            outcome = "timeout" if isinstance(exc, httpx.TimeoutException) else "unavailable"
             raise _Retry(_transport_error(exc, self.settings.url)) from exc
+        finally:
+            if observer is not None:
+                observer.request_finished(path, status, outcome, time.monotonic() - started)
         if resp.status_code != 200:
             _raise_for_status(resp)
         try:
@@ -434,6 +479,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         if attempt > self.settings.max_retries:
             log.warning("inference_retries_exhausted", attempts=attempt, error=str(retry.error))
             raise retry.error from retry
+        if self.observer is not None:
+            self.observer.request_retried(retry.error)
         cap = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
         delay = self._rng.uniform(0, cap)  # full jitter: agents that failed together retry apart
         if retry.retry_after is not None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, Protocol, Self, cast
 
 import anyio
 import structlog
@@ -31,9 +31,10 @@ from protocol.errors import LeaseLost, ProtocolError
 from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
+from protocol.tracing import Tracing
 from workers.base import Task, Worker, WorkerContext
 
-__all__ = ("RuntimeSettings", "WorkerRuntime")
+__all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
 
 log = structlog.get_logger("workers.runtime")
 
@@ -51,6 +52,16 @@ class RuntimeSettings:
     name: str = ""
 
 
+class RuntimeObserver(Protocol):
+    """Told when each handler starts and ends (``protocol.metrics.WorkerMetrics`` is one); must be cheap."""
+
+    def handler_started(self, capability: str, envelope: Envelope) -> None:
+        """A handler began working on ``envelope`` (an assign or a verify request)."""
+
+    def handler_finished(self, capability: str, envelope: Envelope, outcome: str, duration_s: float) -> None:
+        """A handler ended: ``outcome`` is done, failed, timed_out, cancelled, verified or handed_back."""
+
+
 @dataclass(slots=True)
 class _InFlight:
     delivery: Delivery
@@ -62,8 +73,11 @@ class WorkerRuntime:
     """Serves ``workers`` (capability -> Worker instance) from ``bus`` until stopped."""
 
     def __init__(self, bus: Bus, workers: Mapping[str, Worker], settings: RuntimeSettings | None = None, *,
-                 inference: InferenceClient | None = None) -> None:
+                 inference: InferenceClient | None = None, observers: Sequence[RuntimeObserver] = (),
+                 tracing: Tracing | None = None) -> None:
         self.bus = bus
+        self.observers = tuple(observers)
+        self.tracing = tracing or Tracing.detect()
         self.inference = inference
         self.workers = dict(workers)
         self.settings = settings or RuntimeSettings()
@@ -135,8 +149,16 @@ class WorkerRuntime:
     async def _run(self, capability: str, worker: Worker, delivery: Delivery, scope: anyio.CancelScope,
                    limiter: anyio.Semaphore) -> None:
         env = delivery.envelope
+        for observer in self.observers:
+            observer.handler_started(capability, env)
+        started = time.monotonic()
+        outcome = "handed_back"
         try:
-            with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name):
+            with (bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name),
+                  self.tracing.span(f"{env.type} {capability}", parent=env.trace, kind="consumer",
+                                    attributes={"orchestrator.run_id": env.run_id, "orchestrator.task_id": env.task_id,
+                                                "orchestrator.attempt": env.attempt,
+                                                "orchestrator.worker": self.name}) as span):
                 with scope:
                     token = _current.set((env, capability))
                     try:
@@ -149,8 +171,15 @@ class WorkerRuntime:
                         return  # handed back during drain: another worker will redo it
                     reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
                                              retryable=False), sender=self.name)
+                outcome = _outcome(reply)
+                if span is not None:
+                    span.set_attribute("orchestrator.outcome", outcome)
                 await self._commit(capability, delivery, reply)
         finally:
+            if self.observers:
+                duration = time.monotonic() - started
+                for observer in self.observers:
+                    observer.handler_finished(capability, env, outcome, duration)
             self._in_flight.pop(_key(delivery), None)
             self._finished.set()
             limiter.release()
@@ -255,6 +284,17 @@ class WorkerRuntime:
         """The context a worker of ``capability`` hosted here should be built with."""
         return WorkerContext(name=self.name, logger=log.bind(worker=self.name, capability=capability),
                              progress=self.report_progress, inference=self.inference)
+
+
+def _outcome(reply: Envelope) -> str:
+    body = reply.body
+    if isinstance(body, Done):
+        return "done"
+    if isinstance(body, VerifyResponse):
+        return "verified"
+    if isinstance(body, Failed):
+        return {"TimeoutError": "timed_out", "Cancelled": "cancelled"}.get(body.error_type, "failed")
+    return "failed"
 
 
 def _key(delivery: Delivery) -> tuple[str, str]:
