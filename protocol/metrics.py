@@ -13,7 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from protocol.errors import ConfigError
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+except ImportError as exc:  # an optional extra: say how to get it instead of a bare traceback
+    raise ConfigError("metrics need prometheus-client: pip install 'orchestrator[metrics]'") from exc
 
 from protocol.envelope import Envelope
 from protocol.usage import Usage
