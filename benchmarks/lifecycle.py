@@ -40,7 +40,7 @@ from bus_raw import PAYLOAD, _pct, _run_raw
 
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
-from orchestrator.manager import Manager
+from orchestrator.manager import Manager, ManagerSettings
 from orchestrator.store import MemoryStore
 from protocol.bus import BusSettings
 from protocol.redis_bus import RedisBus
@@ -84,7 +84,8 @@ async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, li
     try:
         async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus, \
                 SQLiteStore(tmp / f"{ns}.db") as store, anyio.create_task_group() as tg:
-            manager = Manager(bus, store if not os.environ.get("BENCH_MEMORY_STORE") else MemoryStore())
+            manager = Manager(bus, store if not os.environ.get("BENCH_MEMORY_STORE") else MemoryStore(),
+                              ManagerSettings(publish_events=not os.environ.get("BENCH_NO_EVENTS")))
             await tg.start(manager.serve)
             await manager.wait(await manager.submit(_job(20)))  # warm-up
             one = _job(1)

@@ -312,8 +312,8 @@ class Manager:
             async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
                 for delivery in batch:
                     tg.start_soon(self.bus.ack, delivery)
-                for event in events:  # followers see only what is durable
-                    tg.start_soon(self.bus.publish, events_stream(event.run_id), event.to_envelope(self.name))
+                for run_id, chunks in _by_run(events).items():  # followers see only what is durable
+                    tg.start_soon(self._publish_history, run_id, chunks)
             self._stale_snapshots |= touched
 
     async def _consume_jobs(self) -> None:
@@ -372,6 +372,10 @@ class Manager:
             await self.bus.expire(events_stream(run.run_id), self.settings.snapshot_ttl_s)
         for table in (self._runs, self._index, self._locks):
             table.pop(run.run_id, None)
+
+    async def _publish_history(self, run_id: str, chunks: list[list[Event]]) -> None:
+        for chunk in chunks:  # in order: a follower reads the stream as the run's history
+            await self.bus.publish(events_stream(run_id), Event.to_envelope(run_id, chunk, self.name))
 
     async def _refresh_snapshots(self) -> None:
         """Refresh the summaries of runs that changed; a summary of a big run is too costly for every reply."""
@@ -799,6 +803,16 @@ class Manager:
 
 
 _MISSING: Any = object()
+_EVENTS_PER_MESSAGE = 500  # keeps a batch of history well under the frame size limit
+
+
+def _by_run(events: list[Event]) -> dict[str, list[list[Event]]]:
+    """Events grouped per run, in order, in chunks that fit a bus message."""
+    runs: dict[str, list[Event]] = {}
+    for event in events:
+        runs.setdefault(event.run_id, []).append(event)
+    return {run_id: [run_events[i:i + _EVENTS_PER_MESSAGE] for i in range(0, len(run_events), _EVENTS_PER_MESSAGE)]
+            for run_id, run_events in runs.items()}
 
 
 @dataclass(slots=True)

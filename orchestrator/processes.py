@@ -303,7 +303,8 @@ async def read_events(bus: Bus, run_id: str) -> list[Event]:
     after = "0"
     while batch := await bus.read(events_stream(run_id), after=after):
         after = batch[-1][0]
-        events.extend(Event.from_envelope(env) for _, env in batch)
+        for _, env in batch:
+            events.extend(Event.from_envelope(env))
     return events
 
 
@@ -313,7 +314,7 @@ async def follow_events(bus: Bus, run_id: str, *, poll_s: float = 1.0) -> AsyncI
     while True:
         for entry_id, env in await bus.read(events_stream(run_id), after=after, block_s=poll_s):
             after = entry_id
-            event = Event.from_envelope(env)
-            yield event
-            if event.kind == "run" and event.event == "run_finished":
-                return
+            for event in Event.from_envelope(env):
+                yield event
+                if event.kind == "run" and event.event == "run_finished":
+                    return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.job import Job, Spec, TaskDef
 from protocol.envelope import Envelope, new_id
-from protocol.messages import Redo, RunEvent
+from protocol.messages import Redo, RunEvent, RunEvents
 from protocol.states import TERMINAL, TaskState
 
 __all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord")
@@ -123,18 +124,20 @@ class Event(BaseModel):
     actor: str = ""
     detail: dict[str, Any] = Field(default_factory=dict)
 
-    def to_envelope(self, sender: str) -> Envelope:
-        """The event as a bus message, for followers on other machines."""
-        return Envelope(run_id=self.run_id, task_id=self.task_id, attempt=self.attempt, time=self.time, sender=sender,
-                        body=RunEvent(seq=self.seq, kind=self.kind, event=self.event, from_state=self.from_state,
-                                      to_state=self.to_state, actor=self.actor, detail=self.detail))
+    @staticmethod
+    def to_envelope(run_id: str, events: Sequence[Event], sender: str) -> Envelope:
+        """Events of one run as one bus message, for followers on other machines."""
+        body = RunEvents(events=tuple(RunEvent.model_construct(
+            seq=e.seq, task_id=e.task_id, attempt=e.attempt, time=e.time, kind=e.kind, event=e.event,
+            from_state=e.from_state, to_state=e.to_state, actor=e.actor, detail=e.detail) for e in events))
+        return Envelope(run_id=run_id, sender=sender, body=body)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Event:
-        """The event a ``run_event`` message carries."""
+    def from_envelope(cls, env: Envelope) -> list[Event]:
+        """The events a ``run_events`` message carries."""
         body = env.body
-        if not isinstance(body, RunEvent):
-            raise TypeError(f"not a run event: {env.type!r}")
-        return cls(seq=body.seq, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, time=env.time,
-                   kind=body.kind, event=body.event, from_state=body.from_state, to_state=body.to_state,
-                   actor=body.actor, detail=body.detail)
+        if not isinstance(body, RunEvents):
+            raise TypeError(f"not a run_events message: {env.type!r}")
+        return [cls(seq=e.seq, run_id=env.run_id, task_id=e.task_id, attempt=e.attempt, time=e.time, kind=e.kind,
+                    event=e.event, from_state=e.from_state, to_state=e.to_state, actor=e.actor, detail=e.detail)
+                for e in body.events]

@@ -23,6 +23,7 @@ __all__ = (
     "Progress",
     "Redo",
     "RunEvent",
+    "RunEvents",
     "Submit",
     "Verdict",
     "VerifyRequest",
@@ -144,16 +145,29 @@ class Override(_Body):
 
 
 class RunEvent(_Body):
-    """Manager -> anyone following a run: one entry of its history (the envelope carries ids and time)."""
+    """One entry of a run's history (ids and time included): an element of ``RunEvents``."""
 
-    type: Literal["run_event"] = "run_event"
     seq: int
+    task_id: str = ""
+    attempt: int = 0
+    time: float
     kind: str
     event: str
     from_state: str = ""
     to_state: str = ""
     actor: str = ""
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunEvents(_Body):
+    """Manager -> anyone following a run: the run's next entries of history, in order.
+
+    Events travel in batches (one message per run per group commit), so following a run costs
+    the bus a write per batch, not one per transition.
+    """
+
+    type: Literal["run_events"] = "run_events"
+    events: tuple[RunEvent, ...]
 
 
 class Progress(_Body):
@@ -166,11 +180,11 @@ class Progress(_Body):
 
 Body = Annotated[
     Assign | Done | Failed | VerifyRequest | VerifyResponse | Redo | Cancel | Heartbeat | Progress | Submit
-    | Override | RunEvent,
+    | Override | RunEvents,
     Field(discriminator="type"),
 ]
 
 MessageType = Literal[
     "assign", "done", "failed", "verify_request", "verify_response", "redo", "cancel", "heartbeat", "progress",
-    "submit", "override", "run_event",
+    "submit", "override", "run_events",
 ]

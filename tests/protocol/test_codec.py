@@ -30,6 +30,7 @@ from protocol.messages import (
     Progress,
     Redo,
     RunEvent,
+    RunEvents,
     Submit,
     Verdict,
     VerifyRequest,
@@ -82,8 +83,9 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "submit": st.builds(Submit, job=JSON_DICT, source=TEXT),
     "override": st.builds(Override, action=st.sampled_from(["approve", "reject", "redo", "accept", "cancel"]),
                           feedback=TEXT, by=TEXT),
-    "run_event": st.builds(RunEvent, seq=MSGPACK_INTS, kind=TEXT, event=TEXT, from_state=TEXT, to_state=TEXT,
-                           actor=TEXT, detail=JSON_DICT),
+    "run_events": st.builds(RunEvents, events=st.lists(st.builds(
+        RunEvent, seq=MSGPACK_INTS, task_id=TEXT, attempt=MSGPACK_INTS, time=FLOATS, kind=TEXT, event=TEXT,
+        from_state=TEXT, to_state=TEXT, actor=TEXT, detail=JSON_DICT), max_size=3).map(tuple)),
     "progress": st.builds(Progress, message=TEXT, fraction=st.none() | st.floats(min_value=0.0, max_value=1.0)),
 }
 
