@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.to_thread
+from pydantic import BaseModel
 
 from orchestrator.records import Event, RunRecord, TaskRecord
 from orchestrator.store import Store
@@ -32,8 +32,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def _dumps(model: Any) -> str:
-    return json.dumps(model.model_dump(mode="json", by_alias=True), separators=(",", ":"))
+def _dumps(model: BaseModel) -> str:
+    return model.model_dump_json(by_alias=True)
 
 
 def _run_row(run: RunRecord, job: str) -> tuple[str, str, float, str, str]:
