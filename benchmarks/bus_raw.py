@@ -251,14 +251,21 @@ async def _report(url: str, args: argparse.Namespace) -> None:
             row.setdefault("p99", []).append(_pct(lat, 0.99) * 1e6)
             print(f"  repeat {rep + 1} {name}: {tput:8.0f} tasks/s  p50 {row['p50'][-1]:6.0f} us  "
                   f"p99 {row['p99'][-1]:6.0f} us")
+    print_medians(rows, baseline="raw", measured="bus")
+
+
+def print_medians(rows: dict[str, dict[str, list[float]]], *, baseline: str, measured: str) -> None:
+    """The medians of each row, and the measured row as ratios of the baseline measured in the same run."""
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    width = max(16, len(measured) + len(baseline) + 2)
     print()
-    print(f"{'':8}{'tasks/s':>10}{'p50 us':>10}{'p99 us':>10}")
-    for name in ("raw", "bus"):
+    print(f"{'':{width}}{'tasks/s':>10}{'p50 us':>10}{'p99 us':>10}")
+    for name in (baseline, measured):
         m = med[name]
-        print(f"{name:8}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
-    r, b = med["raw"], med["bus"]
-    print(f"{'bus/raw':8}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}{b['p99'] / r['p99']:10.2f}")
+        print(f"{name:{width}}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
+    r, b = med[baseline], med[measured]
+    print(f"{measured + '/' + baseline:{width}}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}"
+          f"{b['p99'] / r['p99']:10.2f}")
 
 
 if __name__ == "__main__":

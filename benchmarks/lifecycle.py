@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bus_raw import PAYLOAD, _pct, _run_raw
+from bus_raw import PAYLOAD, _pct, _run_raw, print_medians
 
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
@@ -143,14 +142,7 @@ async def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
-    print()
-    print(f"{'':16}{'tasks/s':>10}{'p50 us':>10}{'p99 us':>10}")
-    for name in ("raw", "lifecycle"):
-        m = med[name]
-        print(f"{name:16}{m['tput']:10.0f}{m['p50']:10.0f}{m['p99']:10.0f}")
-    r, b = med["raw"], med["lifecycle"]
-    print(f"{'lifecycle/raw':16}{b['tput'] / r['tput']:10.2f}{b['p50'] / r['p50']:10.2f}{b['p99'] / r['p99']:10.2f}")
+    print_medians(rows, baseline="raw", measured="lifecycle")
 
 
 if __name__ == "__main__":

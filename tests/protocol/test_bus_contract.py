@@ -25,7 +25,7 @@ def stream() -> str:
     return f"tasks.test-{uuid.uuid4().hex[:8]}"
 
 
-async def take(it: AsyncIterator[Delivery], n: int, within: float = 5.0) -> list[Delivery]:
+async def take(it: AsyncIterator[Delivery], n: int, within: float = 10.0) -> list[Delivery]:
     out: list[Delivery] = []
     with anyio.fail_after(within):
         async for d in it:

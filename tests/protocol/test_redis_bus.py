@@ -22,6 +22,7 @@ from protocol.messages import Assign, Cancel, Done
 from protocol.redis_bus import RedisBus
 from protocol.settings import RedisSettings, redact_url
 from tests._redis import RedisServer, free_port, redis_server_path
+from tests.protocol.test_bus_contract import take
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 # Tests that start, kill and restart their own server need the binary, not just a URL.
@@ -37,16 +38,6 @@ def assign(n: int) -> Envelope:
 
 def ns() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-async def take(it: AsyncIterator[Delivery], n: int, within: float = 10.0) -> list[Delivery]:
-    out: list[Delivery] = []
-    with anyio.fail_after(within):
-        async for d in it:
-            out.append(d)
-            if len(out) == n:
-                break
-    return out
 
 
 def test_key_names_carry_a_capability_hash_tag() -> None:
