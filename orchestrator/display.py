@@ -109,7 +109,7 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
     tokens, and the latest note (or the output, at the end)."""
     now = now or time.time()
     table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("task", "capability", "state", "attempt", "elapsed"):
+    for column in ("task", "capability", "state", "attempt", "elapsed") if wide else ("task", "state", "try", "time"):
         table.add_column(column, no_wrap=True)
     if wide:
         table.add_column("worker", no_wrap=True)
@@ -123,8 +123,9 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
         if task.guard:
             last = f"[{task.guard}] {last}"
         name = ("  " * depth.get(task.id, 0) + "└ " if depth.get(task.id, 0) else "") + task.id
-        cells: list[str | Text] = [Text(name), Text(task.capability), Text(task.state, style=STATE_STYLE.get(task.state, "")),
-                                   str(task.attempt or ""), _elapsed(task, now)]
+        state = Text(task.state, style=STATE_STYLE.get(task.state, ""))
+        cells: list[str | Text] = ([Text(name), Text(task.capability), state] if wide else [Text(name), state])
+        cells += [str(task.attempt or ""), _elapsed(task, now)]
         if wide:
             cells += [Text(task.worker), str(task.tokens or "")]
         table.add_row(*cells, Text(last))  # Text, not markup: outputs and feedback may hold [brackets]
