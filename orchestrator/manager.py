@@ -66,7 +66,6 @@ Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
 ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 
 _CONTEXT_CHARS = 2000
-_PUBLISH_CONCURRENCY = 256
 _FINISHED_LOGS_KEPT = 100
 
 
@@ -161,7 +160,7 @@ class Manager:
         """Block until the run ends; returns its final record."""
         if run_id in self._logs:
             while not self._logs[run_id].finished:
-                await self._logs[run_id].changed.wait()
+                await self._logs[run_id].next_change().wait()
         else:
             async for _ in self.events(run_id):
                 pass
@@ -190,13 +189,15 @@ class Manager:
                 after = event.seq
                 yield event
         while True:
-            changed = log_.changed
-            for event in log_.since(after):
+            batch = log_.since(after)
+            for event in batch:
                 after = event.seq
                 yield event
+            if batch:
+                continue  # the consumer may have awaited between yields: look again before waiting
             if log_.finished:
                 return
-            await changed.wait()
+            await log_.next_change().wait()
 
     async def cancel(self, run_id: str, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
         """Cancel one task, or every unfinished task of the run."""
@@ -310,8 +311,7 @@ class Manager:
             events, self._unpublished = self._unpublished, []
             await self.store.sync()
             async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
-                for delivery in batch:
-                    tg.start_soon(self.bus.ack, delivery)
+                tg.start_soon(self.bus.ack_many, batch)
                 for run_id, chunks in _by_run(events).items():  # followers see only what is durable
                     tg.start_soon(self._publish_history, run_id, chunks)
             self._stale_snapshots |= touched
@@ -588,28 +588,22 @@ class Manager:
         return self.tracing.inject(self._spans.get((run.run_id, task.id)))
 
     async def _publish_assign(self, run: RunRecord, task: TaskRecord) -> None:
+        await self.bus.publish(tasks_stream(task.capability), self._assign(run, task))
+
+    def _assign(self, run: RunRecord, task: TaskRecord) -> Envelope:
         body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
                       spec_description=task.spec.description, timeout_s=task.timeout_s, redo=tuple(task.redo),
                       dependencies={d: run.tasks[d].output for d in task.depends_on})
-        await self.bus.publish(tasks_stream(task.capability),
-                               Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
-                                        trace=self._trace(run, task), body=body))
+        return Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
+                        trace=self._trace(run, task), body=body)
 
     async def _publish_assigns(self, run: RunRecord, tasks: list[TaskRecord]) -> None:
-        """Publish many assigns at once: concurrent publishes share the bus's round trips."""
-        if len(tasks) <= 1:
-            for task in tasks:
-                await self._publish_assign(run, task)
-            return
-        limit = anyio.Semaphore(_PUBLISH_CONCURRENCY)
-
-        async def publish(task: TaskRecord) -> None:
-            async with limit:
-                await self._publish_assign(run, task)
-
-        async with anyio.create_task_group() as tg:
-            for task in tasks:
-                tg.start_soon(publish, task)
+        """Publish many assigns at once, per capability: the bus sends them together."""
+        by_capability: dict[str, list[Envelope]] = {}
+        for task in tasks:
+            by_capability.setdefault(task.capability, []).append(self._assign(run, task))
+        for capability, envelopes in by_capability.items():
+            await self.bus.publish_many(tasks_stream(capability), envelopes)
 
     async def _settle(self, run: RunRecord) -> None:
         """After a change: cancel dependents of failed tasks, dispatch what became ready, end the run if done.
@@ -828,8 +822,13 @@ class _EventLog:
         self.events.append(event)
         if event.kind == "run" and event.event == "run_finished":
             self.finished = True
-        self.changed.set()
-        self.changed = anyio.Event()
+        self.changed.set()  # cheap when already set: a new event is made only when someone waits
+
+    def next_change(self) -> anyio.Event:
+        """An event set by the next append. Call it only after seeing that nothing new is there."""
+        if self.changed.is_set():
+            self.changed = anyio.Event()
+        return self.changed
 
     def since(self, after: int) -> list[Event]:
         return self.events[max(0, after + 1 - self.first_seq):]

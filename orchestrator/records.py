@@ -130,7 +130,7 @@ class Event(BaseModel):
         body = RunEvents(events=tuple(RunEvent.model_construct(
             seq=e.seq, task_id=e.task_id, attempt=e.attempt, time=e.time, kind=e.kind, event=e.event,
             from_state=e.from_state, to_state=e.to_state, actor=e.actor, detail=e.detail) for e in events))
-        return Envelope(run_id=run_id, sender=sender, body=body)
+        return Envelope.model_construct(run_id=run_id, sender=sender, body=body)  # built from checked values
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> list[Event]:

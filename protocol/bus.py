@@ -21,7 +21,7 @@ import abc
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -100,6 +100,15 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge an entry: it will not be delivered again."""
+
+    async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
+        """Append several envelopes in order; a bus may send them together. Returns the entry ids."""
+        return [await self.publish(stream, envelope) for envelope in envelopes]
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge several entries; a bus may send them together."""
+        for delivery in deliveries:
+            await self.ack(delivery)
 
     @abc.abstractmethod
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:

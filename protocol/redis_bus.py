@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Self, TypeVar, cast
 
 import anyio
@@ -99,17 +99,27 @@ class _Batcher:
 
     async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
                   item: tuple[Any, ...]) -> Any:
-        op = _Op(item)
-        group = (script, keys, fixed)
-        self._queue.setdefault(group, []).append(op)
-        while not op.done:
+        [result] = await self.run_many([(script, keys, fixed, item)])
+        return result
+
+    async def run_many(self, writes: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]]
+                       ) -> list[Any]:
+        """Queue several writes at once (one caller, one wait) and return their results in order."""
+        ops: list[tuple[tuple[Any, ...], _Op]] = []
+        for script, keys, fixed, item in writes:
+            group = (script, keys, fixed)
+            op = _Op(item)
+            self._queue.setdefault(group, []).append(op)
+            ops.append((group, op))
+        while not all(op.done for _, op in ops):
             if self._in_flight is not None:
                 try:
                     await self._in_flight.wait()
                 except BaseException:
-                    queued = self._queue.get(group, [])
-                    if op in queued:  # not sent yet: withdraw it
-                        queued.remove(op)
+                    for group, op in ops:
+                        queued = self._queue.get(group, [])
+                        if op in queued:  # not sent yet: withdraw it
+                            queued.remove(op)
                     raise
                 continue
             self._in_flight = anyio.Event()
@@ -120,9 +130,10 @@ class _Batcher:
             finally:
                 finished, self._in_flight = self._in_flight, None
                 finished.set()
-        if op.error is not None:
-            raise op.error
-        return op.result
+        for _, op in ops:
+            if op.error is not None:
+                raise op.error
+        return [op.result for _, op in ops]
 
     async def _flush(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
         calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]] = []
@@ -272,6 +283,16 @@ class RedisBus(Bus):
     async def publish(self, stream: str, envelope: Envelope) -> str:
         return await self.publish_frame(stream, self.settings.codec.encode(envelope))
 
+    async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
+        if not envelopes:
+            return []
+        key, limit = self.key(stream), self.redis_settings.max_task_stream_len
+        if limit is not None and stream.startswith("tasks."):
+            return await super().publish_many(stream, envelopes)  # back-pressure is per message
+        frames = [self.settings.codec.encode(envelope) for envelope in envelopes]
+        ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0,), (frame,)) for frame in frames])
+        return [_s(entry_id) for entry_id in ids]
+
     async def publish_frame(self, stream: str, frame: bytes) -> str:
         key = self.key(stream)
         limit = self.redis_settings.max_task_stream_len
@@ -396,6 +417,11 @@ class RedisBus(Bus):
 
     async def ack(self, delivery: Delivery) -> None:
         await self._writes.run(lua.ACK, (self.key(delivery.stream),), (delivery.group,), (delivery.entry_id,))
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await self._writes.run_many([(lua.ACK, (self.key(d.stream),), (d.group,), (d.entry_id,))
+                                         for d in deliveries])
 
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
         frame = self.settings.codec.encode(envelope)

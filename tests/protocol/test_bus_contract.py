@@ -220,3 +220,12 @@ async def test_read_waits_for_the_next_entry(bus: Bus, stream: str) -> None:
         tg.start_soon(later)
         got = await bus.read(stream, after=last, block_s=5)
     assert [env.task_id for _, env in got] == ["t1"]
+
+
+async def test_publish_many_keeps_order_and_ack_many_acknowledges_them_all(bus: Bus, stream: str) -> None:
+    ids = await bus.publish_many(stream, [assign(i) for i in range(5)])
+    assert len(ids) == 5
+    got = await take(bus.consume(stream, group="g", consumer="c"), 5)
+    assert [d.envelope.task_id for d in got] == [f"t{i}" for i in range(5)]
+    await bus.ack_many(got)
+    assert await bus.depth(stream, "g") == 0
