@@ -706,10 +706,10 @@ class Manager:
         """Fail the tasks whose messages the bus gave up on (poison), instead of letting their runs hang."""
         for capability in list(self._consuming):
             stream = tasks_stream(capability)
-            dead = await self.bus.dead_letters(stream)
-            seen = self._dead_seen.get(stream, 0)
-            self._dead_seen[stream] = len(dead)
-            for letter in dead[seen:]:
+            count = await self.bus.dead_letter_count(stream)  # cheap: most of the time nothing is new
+            seen = min(self._dead_seen.get(stream, 0), count)  # fewer than seen: trimmed, or the bus lost its data
+            self._dead_seen[stream] = count
+            for letter in await self.bus.dead_letters(stream, last=count - seen):
                 try:
                     env = self.bus.settings.codec.decode(letter.frame)
                 except OrchestratorError:

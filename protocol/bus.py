@@ -123,8 +123,12 @@ class Bus(abc.ABC):
         """Hand an unfinished entry back for prompt redelivery to another consumer (graceful drain)."""
 
     @abc.abstractmethod
-    async def dead_letters(self, stream: str) -> list[DeadLetter]:
-        """The entries moved out of ``stream`` as poison, oldest first."""
+    async def dead_letters(self, stream: str, *, last: int | None = None) -> list[DeadLetter]:
+        """The entries moved out of ``stream`` as poison, oldest first (only the newest ``last`` if given)."""
+
+    async def dead_letter_count(self, stream: str) -> int:
+        """How many dead letters ``stream`` has; a bus may answer without reading them."""
+        return len(await self.dead_letters(stream))
 
     @abc.abstractmethod
     async def depth(self, stream: str, group: str) -> int:
@@ -308,9 +312,10 @@ class MemoryBus(Bus):
             s.notify()
         await anyio.lowlevel.checkpoint()
 
-    async def dead_letters(self, stream: str) -> list[DeadLetter]:
+    async def dead_letters(self, stream: str, *, last: int | None = None) -> list[DeadLetter]:
         await anyio.lowlevel.checkpoint()
-        return list(self._stream(stream).dead)
+        dead = self._stream(stream).dead
+        return list(dead if last is None else dead[len(dead) - last:] if last > 0 else [])
 
     async def depth(self, stream: str, group: str) -> int:
         await anyio.lowlevel.checkpoint()

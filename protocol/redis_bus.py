@@ -435,14 +435,25 @@ class RedisBus(Bus):
 
     # -- inspection ----------------------------------------------------------------------------
 
-    async def dead_letters(self, stream: str) -> list[DeadLetter]:
-        entries: Any = await self._call("dead_letters", lambda: self._redis.xrange(self.dead_key(stream)))
+    async def dead_letters(self, stream: str, *, last: int | None = None) -> list[DeadLetter]:
+        key = self.dead_key(stream)
+        if last is None:
+            entries: Any = await self._call("dead_letters", lambda: self._redis.xrange(key))
+        elif last <= 0:
+            return []
+        else:
+            newest: Any = await self._call("dead_letters", lambda: self._redis.xrevrange(key, count=last))
+            entries = list(reversed(newest or []))
         out: list[DeadLetter] = []
         for _, fields in entries:
             out.append(DeadLetter(stream=stream, entry_id=_s(fields[b"id"]), reason=_s(fields[b"reason"]),
                                   frame=bytes(fields[b"f"]), deliveries=int(fields[b"n"]),
                                   time=float(fields[b"t"])))
         return out
+
+    async def dead_letter_count(self, stream: str) -> int:
+        count: Any = await self._call("dead_letter_count", lambda: self._redis.xlen(self.dead_key(stream)))
+        return int(count)
 
     async def depth(self, stream: str, group: str) -> int:
         key = self.key(stream)

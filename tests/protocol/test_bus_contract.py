@@ -137,6 +137,9 @@ async def test_entry_delivered_too_often_goes_to_dead_letters(bus: Bus, stream: 
     assert await nothing_within(bus.consume(stream, group="g", consumer="next"), bus.settings.lease_s * 2)
     [dead] = await bus.dead_letters(stream)
     assert "delivered 3 times" in dead.reason
+    assert await bus.dead_letter_count(stream) == 1
+    assert await bus.dead_letters(stream, last=1) == [dead]
+    assert await bus.dead_letters(stream, last=0) == []
     assert bus.settings.codec.decode(dead.frame).task_id == "t0"
 
 
