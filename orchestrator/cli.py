@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--ledger", default=os.environ.get("ORCH_LEDGER", "orchestrator-ledger.db"),
                          help="SQLite ledger path (env ORCH_LEDGER; default ./orchestrator-ledger.db)")
     manager.add_argument("--name", default=None, help="manager name in logs and leases (default: manager-HOST-PID)")
+    manager.add_argument("--max-queue", type=int, default=_env_int("ORCH_MAX_QUEUE"), metavar="N",
+                         help="back-pressure: dispatch waits while a capability has N tasks waiting or in flight "
+                              "(env ORCH_MAX_QUEUE; default: unbounded)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
     _llm_flags(manager)
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fleet_parser(verbs)
     return parser
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def _default_person() -> str:
@@ -279,10 +287,13 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
 
 
 def _cmd_manager(args: argparse.Namespace) -> int:
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
     anyio.run(functools.partial(
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
-        manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args)))
+        manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
+        max_queue=args.max_queue))
     return EXIT_ACCEPTED
 
 

@@ -58,9 +58,11 @@ def default_name(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float = 30.0) -> RedisBus:
-    """A Redis bus with the process's lease and retry budget."""
-    settings = RedisSettings.from_url(url, namespace=namespace, retry_budget_s=retry_budget_s)
+def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float = 30.0,
+             max_queue: int | None = None) -> RedisBus:
+    """A Redis bus with the process's lease and retry budget; ``max_queue`` bounds each capability's task stream."""
+    settings = RedisSettings.from_url(url, namespace=namespace, retry_budget_s=retry_budget_s,
+                                      max_task_stream_len=max_queue)
     return RedisBus(settings, BusSettings(lease_s=lease_s))
 
 
@@ -138,8 +140,11 @@ async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None, 
 async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
-                      observability: Observability = NO_OBSERVABILITY) -> None:
+                      observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None) -> None:
     """Wait for leadership, then manage runs until a signal.
+
+    ``max_queue`` is back-pressure: dispatching waits while a capability has that many tasks
+    waiting or in flight, so a slow capability does not pile up unbounded work in Redis.
 
     With ``llm`` the manager judges specs that have a ``description`` with the LLM judge.
     A manager that loses its lease (another took over, or Redis was down or restarted empty for
@@ -162,7 +167,7 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             judge = LLMJudge(client) if client else None
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
-                                     bus_refresh_s=observability.bus_refresh_s)
+                                     bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue)
             await _lead_forever(lease, lead, name)
 
 
@@ -179,9 +184,10 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
-                tracing: Tracing | None = None, bus_refresh_s: float = 5.0) -> None:
+                tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
-    async with (open_bus(url, namespace=namespace, lease_s=lease_s) as bus, SQLiteStore(ledger) as store,
+    async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue) as bus,
+                SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
         manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
                           observers=[metrics.observe] if metrics is not None else [], tracing=tracing)
