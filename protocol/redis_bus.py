@@ -35,8 +35,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
@@ -249,6 +249,9 @@ class RedisBus(Bus):
         while True:
             try:
                 result = await fn()
+            except (AuthenticationError, AuthorizationError) as exc:
+                # Waiting will not fix a wrong password or a missing ACL grant: say so at once.
+                raise BusUnavailable(f"Redis at {rs.safe_url!r} refused the credentials for {what}: {exc}") from exc
             except (*_RETRYABLE, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and not _transient(exc):
                     raise
