@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Self
 
@@ -276,10 +276,3 @@ def _instantiate(specs: list[WorkerLike] | None, *, has_llm: bool) -> tuple[dict
             raise ConfigError(f"two workers serve capability {worker.capability!r}")
         workers[worker.capability] = worker
     return workers, unavailable
-
-
-@asynccontextmanager
-async def embedded(**kwargs: Any) -> AsyncGenerator[Orchestrator]:
-    """``async with embedded() as orch``: shorthand for an all-in-process orchestrator."""
-    async with Orchestrator(**kwargs) as orch:
-        yield orch

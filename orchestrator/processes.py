@@ -259,14 +259,11 @@ async def fetch_status(bus: Bus, run_id: str) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
-async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2,
-                       on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2) -> dict[str, Any]:
     """Poll the run's summary until it has ended."""
     while True:
         status = await fetch_status(bus, run_id)
         if status is not None:
-            if on_update is not None:
-                on_update(status)
             if status["state"] != "running":
                 return status
         await anyio.sleep(poll_s)
