@@ -263,9 +263,8 @@ async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2) -> dict[st
     """Poll the run's summary until it has ended."""
     while True:
         status = await fetch_status(bus, run_id)
-        if status is not None:
-            if status["state"] != "running":
-                return status
+        if status is not None and status["state"] != "running":
+            return status
         await anyio.sleep(poll_s)
 
 

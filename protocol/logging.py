@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import TextIO, cast
 
 import structlog
 
@@ -19,14 +19,14 @@ __all__ = ("configure_logging",)
 
 def configure_logging(level: str | int = "INFO", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog once per process; ``json=None`` picks JSON unless ``stream`` is a terminal."""
-    stream = stream or sys.stderr
+    out: TextIO = stream or cast(TextIO, _Stderr())
     if json is None:
-        json = not stream.isatty()
+        json = not out.isatty()
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric, int):
         raise ConfigError(f"unknown log level {level!r}")
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[
@@ -37,6 +37,23 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None, st
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured.
+
+    Test runners and embedding applications swap ``sys.stderr``; a logger holding the old one
+    would write to a closed file.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
