@@ -21,7 +21,6 @@ Figures are medians over ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bus_raw import PAYLOAD, _pct, _run_raw, print_medians
+from bus_raw import PAYLOAD, _pct, _run_raw, _with_worker, print_medians
 
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
@@ -74,12 +73,7 @@ def _job(n: int) -> Any:
 
 async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, list[float]]:
     ns = f"bench{uuid.uuid4().hex[:8]}"
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_worker, args=(url, ns, ready), daemon=True)
-    proc.start()
-    if not ready.wait(30):
-        raise RuntimeError("worker did not start")
+    proc = _with_worker(_worker, url, ns)
     try:
         async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus, \
                 SQLiteStore(tmp / f"{ns}.db") as store, anyio.create_task_group() as tg:

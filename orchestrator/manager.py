@@ -120,7 +120,7 @@ class Manager:
             self._incarnation = await self.bus.incarnation()
             await self._resume()
             tg.start_soon(self._watch_deadlines)
-            tg.start_soon(self._watch_incarnation)
+            tg.start_soon(self._watch_bus)
             tg.start_soon(self._acknowledge)
             tg.start_soon(self._consume_jobs)
             tg.start_soon(self._consume_overrides)
@@ -681,8 +681,9 @@ class Manager:
                 await self._apply(run, task, TaskEvent.REDISPATCH, actor=self.name)
                 await self._dispatch(run, task)
 
-    async def _watch_incarnation(self) -> None:
-        """A bus that lost its data (Redis restarted empty) lost the in-flight messages: send them again."""
+    async def _watch_bus(self) -> None:
+        """Fail tasks the bus dead-lettered, and when the bus lost its data (Redis restarted empty), send
+        the in-flight messages again."""
         while True:
             await anyio.sleep(self.settings.incarnation_check_s)
             try:

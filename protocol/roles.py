@@ -2,8 +2,7 @@
 
 The planner, worker and judge agents import these constants; the simulator's default policy
 looks for them. A marker is one line of the system prompt, e.g. ``[role: planner]``. They live in
-``protocol/`` because workers may import only the contract; ``orchestrator.simulator.roles``
-re-exports them.
+``protocol/`` because workers may import only the contract.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ Its answers are scripted (``Policy``) and say they are simulated.
 
 from __future__ import annotations
 
+from protocol.roles import ROLE_JUDGE, ROLE_PLANNER, ROLE_WORKER, Role, detect_role, role_marker
+
 from .cli import serve
 from .config import FaultRates, LatencyModel, SimConfig
 from .faults import Fault, FaultInjector
 from .policy import Answer, DefaultPolicy, Policy, RulesPolicy, SimRequest
-from .roles import ROLE_JUDGE, ROLE_PLANNER, ROLE_WORKER, Role, detect_role, role_marker
 from .server import SimulatedVLLM
 from .stats import SimStats
 from .tokenizer import Tokenizer

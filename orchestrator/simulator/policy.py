@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .roles import ANSWER_HEADING, FEEDBACK_HEADING, GOAL_HEADING, INSTRUCTION_HEADING, Role, detect_role
+from protocol.roles import ANSWER_HEADING, FEEDBACK_HEADING, GOAL_HEADING, INSTRUCTION_HEADING, Role, detect_role
 
 __all__ = ("Answer", "DefaultPolicy", "Policy", "RulesPolicy", "SimRequest")
 
