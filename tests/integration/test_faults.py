@@ -39,7 +39,7 @@ async def test_kill_busy_worker_every_2s(cluster: Cluster) -> None:
     cluster.manager()
     for i in range(3):
         cluster.supervised_worker(f"w{i}")
-    n = 300
+    n = 600  # about 10 s of work for 3 workers x 4: room for the three kills the test needs
     run_id = await cluster.submit(cluster.write_job("kill-worker", effect_tasks(n, sleep=0.2)))
     rng = random.Random(1)
     faults: list[tuple[float, int | None]] = []
