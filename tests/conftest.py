@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +36,17 @@ async def _redis_bus(settings: BusSettings) -> Bus:
 
 BUS_FACTORIES: dict[str, BusFactory] = {"memory": _memory_bus, "redis": _redis_bus}
 _MARKS = {"redis": [pytest.mark.redis]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_per_module() -> Iterator[None]:
+    """Collect garbage as each module ends, so an unclosed socket or transport fails there.
+
+    Warnings are errors here, and a leak otherwise surfaces wherever the collector happens to
+    run next: in an unrelated test, in another module, depending on test order.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
