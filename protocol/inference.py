@@ -101,6 +101,23 @@ class InferenceObserver(Protocol):
         """A completion's token usage."""
 
 
+class _StreamTry:
+    """One streamed try as the observer counts it: from the request to the last chunk or the failure."""
+
+    def __init__(self, observer: InferenceObserver | None) -> None:
+        self.observer = observer
+        self.began = time.monotonic()
+        self.status: int | None = None
+        self.ended = False
+
+    def end(self, outcome: str) -> None:
+        """Report the try once, however many handlers see it end."""
+        if not self.ended and self.observer is not None:
+            self.observer.request_finished("/v1/chat/completions", self.status, outcome,
+                                           time.monotonic() - self.began)
+        self.ended = True
+
+
 class _Retry(Exception):
     """An attempt failed in a way worth retrying; ``error`` is what to raise when retries run out."""
 
@@ -307,6 +324,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         attempt = 0
         while True:
             started = False
+            tried = _StreamTry(self.observer)
+            outcome = "error"
             try:
                 await self._wait_for_room()
                 async with self.limiter, self.http.stream(
@@ -314,7 +333,9 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                     timeout=httpx.Timeout(self.settings.stream_idle_timeout, connect=self.settings.connect_timeout,
                                           pool=None),
                 ) as resp:
-                    if resp.status_code != 200:
+                    status = tried.status = resp.status_code
+                    if status != 200:
+                        outcome = "unavailable" if status == 429 or status >= 500 else "error"
                         await resp.aread()
                         _raise_for_status(resp)
                     usage: Usage | None = None
@@ -339,6 +360,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                     if not done or finish is None:
                         error = BadCompletion("stream ended without finish_reason or [DONE]")
                         raise error if started else _Retry(error)
+                    outcome = "ok"
+                tried.end(outcome)
                 usage = usage or Usage(requests=1)
                 (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
                 if self.observer is not None:
@@ -346,17 +369,27 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 yield StreamEvent("", usage, finish)
                 return
             except _Retry as retry:
+                tried.end(outcome)
                 if started:  # the caller already has part of the answer; a retry would repeat it
                     raise retry.error from retry
                 attempt = await self._backoff(attempt, retry)
             except BadCompletion as exc:
+                tried.end(outcome)
                 if started:
                     raise
                 attempt = await self._backoff(attempt, _Retry(exc))
             except httpx.HTTPError as exc:
+                timed_out = isinstance(exc, httpx.TimeoutException)
+                tried.end("timeout" if timed_out else "unavailable")
                 if started:
                     raise InferenceError(f"stream broke after output began: {exc!r}") from exc
                 attempt = await self._backoff(attempt, _Retry(_transport_error(exc, self.settings.url)))
+            except InferenceError:
+                tried.end(outcome)
+                raise
+            except (GeneratorExit, anyio.get_cancelled_exc_class()):
+                tried.end("cancelled")  # the caller stopped reading
+                raise
 
     async def warm(self, messages: Messages) -> None:
         """Compute a shared prefix once (``max_tokens=1``) before fanning out many calls that share it.

@@ -101,7 +101,7 @@ class InferenceMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("orchestrator_llm_requests", "HTTP requests to the LLM server (each try), by "
-                                "status code and outcome (ok, error, timeout, unavailable)",
+                                "status code and outcome (ok, error, timeout, unavailable, cancelled: a stream the caller stopped reading)",
                                 ("endpoint", "status", "outcome"), registry=registry)
         self.tokens = Counter("orchestrator_llm_tokens", "Tokens used, by kind (prompt, completion)", ("kind",),
                               registry=registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -10,9 +11,10 @@ import httpx
 import pytest
 
 from orchestrator.api import Orchestrator
+from orchestrator.simulator import SimulatedVLLM
 from protocol.bus import MemoryBus
 from protocol.envelope import Envelope
-from protocol.inference import InferenceClient, InferenceSettings
+from protocol.inference import InferenceClient
 from protocol.keys import results_stream, tasks_stream, workers_group
 from protocol.messages import Assign
 from tests.observability.fakes import JOB, Broken, Echo, Gate, Learner
@@ -163,26 +165,46 @@ async def test_llm_metrics_against_the_simulator(inference_client: InferenceClie
                                      {"endpoint": "/v1/chat/completions"}) == 2
 
 
-async def test_llm_retries_and_failed_requests_are_counted() -> None:
-    answers = [httpx.Response(503, json={"error": {"message": "busy"}}),
-               httpx.Response(200, json={"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
-                                         "usage": {"prompt_tokens": 5, "completion_tokens": 1}})]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return answers.pop(0)
-
+async def test_llm_retries_and_failed_requests_are_counted(sim_llm: SimulatedVLLM,
+                                                         inference_client: InferenceClient) -> None:
     registry = prometheus_client.CollectorRegistry()
-    settings = InferenceSettings(url="http://llm.invalid", model="m", backoff_initial=0.001, backoff_max=0.01)
-    async with InferenceClient(settings, transport=httpx.MockTransport(handler),
-                               observer=InferenceMetrics(registry)) as client:
-        result = await client.chat([{"role": "user", "content": "hi"}])
-    assert result.text == "hi"
+    inference_client.observer = InferenceMetrics(registry)
+    sim_llm.script_faults(["unavailable"])  # the first try gets a 503, the retry an answer
+    result = await inference_client.chat([{"role": "user", "content": "hi"}], max_tokens=8,
+                                         run_id="r", task_id="t")
+    assert result.text
     assert registry.get_sample_value("orchestrator_llm_retries_total") == 1
     assert registry.get_sample_value("orchestrator_llm_requests_total", {
         "endpoint": "/v1/chat/completions", "status": "503", "outcome": "unavailable"}) == 1
     assert registry.get_sample_value("orchestrator_llm_requests_total", {
         "endpoint": "/v1/chat/completions", "status": "200", "outcome": "ok"}) == 1
-    assert registry.get_sample_value("orchestrator_llm_tokens_total", {"kind": "prompt"}) == 5
+    assert registry.get_sample_value("orchestrator_llm_tokens_total",
+                                     {"kind": "prompt"}) == inference_client.usage.task("r", "t").prompt_tokens
+
+
+async def test_streamed_requests_are_counted_like_the_others(sim_llm: SimulatedVLLM,
+                                                             inference_client: InferenceClient) -> None:
+    registry = prometheus_client.CollectorRegistry()
+    inference_client.observer = InferenceMetrics(registry)
+    hello = [{"role": "user", "content": "count to three"}]
+    sim_llm.script_faults(["server_error"])  # retried before the first delta
+    events = [e async for e in inference_client.stream_chat(hello, max_tokens=16, run_id="r", task_id="t")]
+    async with aclosing(inference_client.stream_chat(hello, max_tokens=16)) as stream:
+        async for _ in stream:
+            break  # the caller stops reading after the first delta
+
+    def requests(status: str, outcome: str) -> float | None:
+        return registry.get_sample_value("orchestrator_llm_requests_total", {
+            "endpoint": "/v1/chat/completions", "status": status, "outcome": outcome})
+
+    assert requests("500", "unavailable") == 1
+    assert requests("200", "ok") == 1
+    assert requests("200", "cancelled") == 1
+    assert registry.get_sample_value("orchestrator_llm_request_duration_seconds_count",
+                                     {"endpoint": "/v1/chat/completions"}) == 3
+    assert events[-1].usage is not None
+    assert registry.get_sample_value("orchestrator_llm_tokens_total",
+                                     {"kind": "completion"}) == events[-1].usage.completion_tokens > 0
 
 
 def test_manager_observer_is_cheap() -> None:
