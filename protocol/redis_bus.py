@@ -35,14 +35,21 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
 from protocol.envelope import Envelope
-from protocol.errors import BusUnavailable, LeaseLost, ProtocolError
+from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
 from protocol.settings import RedisSettings
 
 __all__ = ("RedisBus",)
@@ -61,6 +68,13 @@ def _transient(reply: object) -> bool:
     """True for an error reply that a retry after a short wait can cure."""
     return isinstance(reply, ReadOnlyError) or (
         isinstance(reply, ResponseError) and str(reply).startswith(_TRANSIENT_REPLIES))
+
+
+def _forbidden(reply: ResponseError) -> bool:
+    """True when the ACL user lacks a command, key or channel (sent directly or called by a script)."""
+    return isinstance(reply, NoPermissionError) or "can't run this command" in str(reply)
+
+
 _RELEASE_IDLE_MS = 365 * 24 * 3600 * 1000  # far past any lease a reclaimer could use
 
 
@@ -130,7 +144,9 @@ class _Batcher:
             finally:
                 finished, self._in_flight = self._in_flight, None
                 finished.set()
-        for _, op in ops:
+        for (script, *_), op in ops:
+            if isinstance(op.error, ResponseError) and _forbidden(op.error):
+                raise self._bus._forbidden_error(script.name, op.error) from op.error
             if op.error is not None:
                 raise op.error
         return [op.result for _, op in ops]
@@ -253,6 +269,8 @@ class RedisBus(Bus):
                 # Waiting will not fix a wrong password or a missing ACL grant: say so at once.
                 raise BusUnavailable(f"Redis at {rs.safe_url!r} refused the credentials for {what}: {exc}") from exc
             except (*_RETRYABLE, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and _forbidden(exc):
+                    raise self._forbidden_error(what, exc) from exc
                 if isinstance(exc, ResponseError) and not _transient(exc):
                     raise
                 now = time.monotonic()
@@ -268,6 +286,11 @@ class RedisBus(Bus):
                 if deadline is not None:
                     log.info("redis_call_recovered", url=rs.safe_url, op=what)
                 return result
+
+    def _forbidden_error(self, what: str, exc: ResponseError) -> BusError:
+        # Waiting will not grant a permission either; name the operation and where the grants are listed.
+        return BusError(f"the Redis user at {self.redis_settings.safe_url!r} may not {what}: {exc} (the grants "
+                        "a user needs are in docs/bus.md, 'ACL grants')")
 
     async def _ensure_group(self, key: str, group: str, *, force: bool = False) -> None:
         if (key, group) in self._groups and not force:
