@@ -29,6 +29,8 @@ __all__ = ("dump_documents", "render_compose", "render_kubernetes", "render_kube
 
 LEDGER_DIR = "/var/lib/orchestrator"
 MANIFEST_DIR = "/etc/orchestrator"
+# deploy/Dockerfile's non-root user; fsGroup lets it write the ledger volume.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
 VLLM_PORT = 8000
 SECRET_KEY = "llm-api-key"
 
@@ -182,7 +184,7 @@ def _manager(m: FleetManifest) -> list[Doc]:
            "spec": {"serviceName": f"{m.name}-manager", "replicas": 1, "selector": {"matchLabels": labels},
                     "template": {"metadata": {"labels": labels}, "spec": {
                         "terminationGracePeriodSeconds": int(m.spec.supervisor.grace_period_seconds),
-                        "containers": [container], "volumes": [volume]}},
+                        "securityContext": POD_SECURITY, "containers": [container], "volumes": [volume]}},
                     "volumeClaimTemplates": [_claim("ledger", m.spec.ledger.storage)]}}
     return [_service(m, f"{m.name}-manager", "manager", 9000, headless=True), sts]
 
@@ -200,8 +202,8 @@ def _worker(m: FleetManifest, w: WorkerSpec) -> Doc:
             "metadata": _meta(m, f"{m.name}-worker-{_dns(w.capability)}", labels),
             "spec": {"replicas": w.replicas, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels}, "spec": {
-                         "terminationGracePeriodSeconds": int(grace), "containers": [container],
-                         "volumes": [volume]}}}}
+                         "terminationGracePeriodSeconds": int(grace), "securityContext": POD_SECURITY,
+                         "containers": [container], "volumes": [volume]}}}}
 
 
 def render_kubernetes_files(m: FleetManifest) -> dict[str, list[Doc]]:
@@ -297,7 +299,8 @@ def render_compose(m: FleetManifest) -> Doc:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # write shared dicts (labels, the security context) out in full: no &id001 anchors
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
