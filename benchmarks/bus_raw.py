@@ -10,7 +10,9 @@ Each measurement has the requester in this process and one worker in a separate 
 - throughput: the requester keeps ``--window`` requests in flight and counts completed replies
   per second (raw: pipelined XADD batches, XREADGROUP COUNT, pipelined reply XADD + XACK;
   bus: ``publish`` from concurrent senders -> ``consume`` -> ``commit`` -> manager ``consume`` -> ``ack``);
-- round trip: one request at a time, from send until the reply is read; p50 and p99.
+- round trip: one request at a time, from send until the reply is read; p50 and p99, and the
+  requester's CPU time per round trip (``time.process_time()``), which shows how much of the
+  latency is Python work rather than waiting.
 
 Figures are medians over ``--repeats`` runs. A fresh key namespace is used for every run.
 ``BUS_BENCH_NO_HIREDIS=1`` hides hiredis, to measure redis-py's pure-Python parser.
@@ -180,7 +182,8 @@ def _with_worker(target: Callable[[str, str, Any], None], url: str, ns: str) -> 
     return proc
 
 
-async def _run_raw(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float]]:
+async def _run_raw(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float], float]:
+    """Throughput, round-trip latencies, and the requester's CPU seconds per round trip."""
     ns = f"bench{uuid.uuid4().hex[:8]}"
     proc = _with_worker(_raw_worker, url, ns)
     r = aioredis.Redis.from_url(url)
@@ -188,24 +191,29 @@ async def _run_raw(url: str, n: int, window: int, lat_n: int) -> tuple[float, li
     try:
         await _raw_latency(r, ns, 50)  # warm-up
         tput = await _raw_throughput(r, ns, n, window)
+        cpu = time.process_time()
         lat = await _raw_latency(r, ns, lat_n)
+        cpu = (time.process_time() - cpu) / lat_n
         await r.xadd(f"{ns}:{{cap.raw}}:tasks", {b"f": b"stop"})
     finally:
         await r.aclose()
     proc.join(10)
-    return tput, lat
+    return tput, lat, cpu
 
 
-async def _run_bus(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float]]:
+async def _run_bus(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float], float]:
+    """Throughput, round-trip latencies, and the requester's CPU seconds per round trip."""
     ns = f"bench{uuid.uuid4().hex[:8]}"
     proc = _with_worker(_bus_worker, url, ns)
     async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
         await _bus_latency(bus, 50)  # warm-up
         tput = await _bus_throughput(bus, n, window)
+        cpu = time.process_time()
         lat = await _bus_latency(bus, lat_n)
+        cpu = (time.process_time() - cpu) / lat_n
         await bus.publish("tasks.bench", _task(-1, "stop"))
     proc.join(10)
-    return tput, lat
+    return tput, lat, cpu
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -244,14 +252,17 @@ async def _report(url: str, args: argparse.Namespace) -> None:
     rows: dict[str, dict[str, list[float]]] = {"raw": {}, "bus": {}}
     for rep in range(args.repeats):
         for name, run in (("raw", _run_raw), ("bus", _run_bus)):
-            tput, lat = await run(url, args.tasks, args.window, args.latency_tasks)
+            tput, lat, cpu = await run(url, args.tasks, args.window, args.latency_tasks)
             row = rows[name]
+            row.setdefault("cpu", []).append(cpu * 1e6)
             row.setdefault("tput", []).append(tput)
             row.setdefault("p50", []).append(_pct(lat, 0.50) * 1e6)
             row.setdefault("p99", []).append(_pct(lat, 0.99) * 1e6)
             print(f"  repeat {rep + 1} {name}: {tput:8.0f} tasks/s  p50 {row['p50'][-1]:6.0f} us  "
-                  f"p99 {row['p99'][-1]:6.0f} us")
+                  f"p99 {row['p99'][-1]:6.0f} us  requester CPU {row['cpu'][-1]:4.0f} us/round trip")
     print_medians(rows, baseline="raw", measured="bus")
+    raw_cpu, bus_cpu = (statistics.median(rows[name]["cpu"]) for name in ("raw", "bus"))
+    print(f"requester CPU per round trip: raw {raw_cpu:.0f} us, bus {bus_cpu:.0f} us ({bus_cpu / raw_cpu:.2f}x)")
 
 
 def print_medians(rows: dict[str, dict[str, list[float]]], *, baseline: str, measured: str) -> None:

@@ -125,7 +125,7 @@ async def main() -> None:
     try:
         print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; 300-byte payload")
         for rep in range(args.repeats):
-            raw_tput, raw_lat = await _run_raw(url, args.tasks, 500, args.latency_tasks)
+            raw_tput, raw_lat, _ = await _run_raw(url, args.tasks, 500, args.latency_tasks)
             life_tput, life_lat = await _lifecycle(url, args.tasks, args.latency_tasks, tmp)
             for name, tput, lat in (("raw", raw_tput, raw_lat), ("lifecycle", life_tput, life_lat)):
                 rows[name].setdefault("tput", []).append(tput)
