@@ -518,7 +518,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         delay = self._rng.uniform(0, cap)  # full jitter: agents that failed together retry apart
         if retry.retry_after is not None:
             delay = max(delay, min(retry.retry_after, self.settings.backoff_max))
-        log.info("inference_retried", attempt=attempt, delay_s=round(delay, 3), error=str(retry.error))
+        log.info("inference_retried", attempt=attempt, delay_s=round(delay, 3), cap_s=cap, error=str(retry.error))
         await anyio.sleep(delay)
         return attempt
 
