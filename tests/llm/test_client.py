@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import aclosing
 
 import anyio
 import pytest
+import structlog
 import structlog.testing
 
 from orchestrator.simulator import RulesPolicy, SimConfig, SimulatedVLLM
@@ -58,9 +60,14 @@ async def test_gives_up_after_max_retries(sim_llm: SimulatedVLLM) -> None:
 
 async def test_backoff_grows_between_retries(sim_llm: SimulatedVLLM) -> None:
     sim_llm.script_faults(["server_error"] * 4)
-    async with InferenceClient(fast(sim_llm, max_retries=4, backoff_initial=0.05, backoff_max=0.3)) as client:
-        with structlog.testing.capture_logs() as logs:
-            await client.chat(HELLO)
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))  # other tests set WARNING
+    try:
+        async with InferenceClient(fast(sim_llm, max_retries=4, backoff_initial=0.05, backoff_max=0.3)) as client:
+            with structlog.testing.capture_logs() as logs:
+                await client.chat(HELLO)
+    finally:
+        structlog.configure(**saved)
     retries = [entry for entry in logs if entry["event"] == "inference_retried"]
     # Full jitter: the k-th delay is uniform in [0, cap], the cap doubles per retry up to backoff_max.
     assert [entry["cap_s"] for entry in retries] == [0.05, 0.1, 0.2, 0.3]
