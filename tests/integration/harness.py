@@ -188,6 +188,12 @@ class Cluster:
         status = await self.status(run_id)
         return 0 if status is None else sum(1 for t in status["tasks"] if t["state"] == "accepted")
 
+    async def until_accepted(self, run_id: str, count: int, timeout: float = 30.0) -> None:
+        """Wait until at least ``count`` of the run's tasks are accepted (a fault then lands under load)."""
+        with anyio.fail_after(timeout):
+            while await self.accepted_count(run_id) < count:
+                await anyio.sleep(0.05)
+
     def executions(self, run_id: str) -> list[tuple[str, int, int]]:
         db = open_store(self.store)
         try:

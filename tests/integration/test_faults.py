@@ -79,10 +79,7 @@ async def test_kill_manager_three_times_under_load(cluster: Cluster) -> None:
         tg.start_soon(cluster.supervise)
         for _ in range(3):
             # wait for progress, so every kill lands under load with results flowing
-            before = await cluster.accepted_count(run_id)
-            with anyio.fail_after(30):
-                while await cluster.accepted_count(run_id) < before + rng.randint(10, 40):
-                    await anyio.sleep(0.05)
+            await cluster.until_accepted(run_id, await cluster.accepted_count(run_id) + rng.randint(10, 40))
             await anyio.sleep(rng.uniform(0.0, 0.3))
             faults.append((time.time(), None))
             manager.signal(signal.SIGKILL)
@@ -106,9 +103,7 @@ async def test_kill_redis_with_aof_and_restart(cluster: Cluster) -> None:
     n = 300
     run_id = await cluster.submit(cluster.write_job("kill-redis", effect_tasks(n, sleep=0.1)))
     faults: list[tuple[float, int | None]] = []
-    with anyio.fail_after(30):
-        while await cluster.accepted_count(run_id) < 80:
-            await anyio.sleep(0.05)
+    await cluster.until_accepted(run_id, 80)
     faults.append((time.time(), None))
     cluster.redis.kill()
     await anyio.sleep(1.5)
@@ -128,9 +123,7 @@ async def test_redis_restarts_empty(cluster: Cluster) -> None:
     n = 300
     run_id = await cluster.submit(cluster.write_job("empty-redis", effect_tasks(n, sleep=0.1)))
     faults: list[tuple[float, int | None]] = []
-    with anyio.fail_after(30):
-        while await cluster.accepted_count(run_id) < 80:
-            await anyio.sleep(0.05)
+    await cluster.until_accepted(run_id, 80)
     faults.append((time.time(), None))
     cluster.redis.kill()
     cluster.redis.dir = cluster.tmp / "redis-empty"  # a fresh, empty data dir
@@ -224,9 +217,7 @@ async def test_sigterm_half_the_workers_hands_work_back(cluster: Cluster) -> Non
     n = 200
     started = time.monotonic()
     run_id = await cluster.submit(cluster.write_job("sigterm", effect_tasks(n, sleep=0.5)))
-    with anyio.fail_after(30):
-        while await cluster.accepted_count(run_id) < 40:
-            await anyio.sleep(0.05)
+    await cluster.until_accepted(run_id, 40)
     fault = time.time()
     for w in workers[:2]:
         w.signal(signal.SIGTERM)
@@ -253,9 +244,7 @@ async def test_standby_manager_takes_over(cluster: Cluster) -> None:
         cluster.supervised_worker(f"w{i}")
     n = 200
     run_id = await cluster.submit(cluster.write_job("standby", effect_tasks(n, sleep=0.1)))
-    with anyio.fail_after(30):
-        while await cluster.accepted_count(run_id) < 60:
-            await anyio.sleep(0.05)
+    await cluster.until_accepted(run_id, 60)
     assert any(e.get("event") == "standing_by" for e in standby.log_events())
     fault = time.time()
     leader.signal(signal.SIGKILL)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -119,6 +119,29 @@ async def test_commit_from_a_stale_owner_in_another_process_is_refused(redis_url
         assert await bus.depth("results.echo", "m") == 1  # only the one reply, still unacknowledged
 
 
+async def consume_through(bus: RedisBus, it: AsyncIterator[Delivery], want: set[str],
+                          outage: Callable[[], Awaitable[None]]) -> list[Delivery]:
+    """Keep consuming (and acking) from ``it`` while ``outage`` runs, until every id in ``want`` came."""
+    got: list[Delivery] = []
+    done = anyio.Event()
+
+    async def keep_consuming() -> None:
+        async for d in it:
+            got.append(d)
+            await bus.ack(d)
+            if {d.envelope.task_id for d in got} >= want:
+                done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keep_consuming)
+        await anyio.sleep(0.2)  # the consumer is blocked in XREADGROUP
+        await outage()
+        with anyio.fail_after(10):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    return got
+
+
 @own_server
 async def test_consume_survives_kill_9_and_restart_with_aof(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, appendonly=True).start()
@@ -133,26 +156,14 @@ async def test_consume_survives_kill_9_and_restart_with_aof(tmp_path: Path) -> N
                 if d.envelope.task_id != "t1":
                     await bus.ack(d)  # t1 stays pending across the crash
             await anyio.sleep(0.1)
-            got: list[Delivery] = []
-            done = anyio.Event()
 
-            async def keep_consuming() -> None:
-                async for d in it:
-                    got.append(d)
-                    await bus.ack(d)
-                    if {d.envelope.task_id for d in got} >= want:
-                        done.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(keep_consuming)
-                await anyio.sleep(0.2)  # the consumer is blocked in XREADGROUP
+            async def crash_and_restart() -> None:
                 await anyio.to_thread.run_sync(server.kill)
                 await anyio.sleep(0.5)
                 await anyio.to_thread.run_sync(server.start)
                 await bus.publish("tasks.echo", assign(5))
-                with anyio.fail_after(10):
-                    await done.wait()
-                tg.cancel_scope.cancel()
+
+            got = await consume_through(bus, it, want, crash_and_restart)
             again = next(d for d in got if d.envelope.task_id == "t1")
             assert again.deliveries == 2  # the pending entry and its counter survived the crash
             assert sorted(d.envelope.task_id for d in got) == ["t1", "t5"]
@@ -171,26 +182,14 @@ async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> 
             want = {"t1"}
             [d] = await take(it, 1)
             await bus.ack(d)
-            got: list[Delivery] = []
-            done = anyio.Event()
 
-            async def keep_consuming() -> None:
-                async for d in it:
-                    got.append(d)
-                    await bus.ack(d)
-                    if {d.envelope.task_id for d in got} >= want:
-                        done.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(keep_consuming)
-                await anyio.sleep(0.2)
+            async def restart_empty() -> None:
                 await anyio.to_thread.run_sync(server.kill)
                 server.wipe()
                 await anyio.to_thread.run_sync(server.start)
                 await bus.publish("tasks.echo", assign(1))  # the group is gone; consume re-creates it
-                with anyio.fail_after(10):
-                    await done.wait()
-                tg.cancel_scope.cancel()
+
+            got = await consume_through(bus, it, want, restart_empty)
             assert [d.envelope.task_id for d in got] == ["t1"]
     finally:
         server.kill()
