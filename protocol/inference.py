@@ -335,7 +335,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 ) as resp:
                     status = tried.status = resp.status_code
                     if status != 200:
-                        outcome = "unavailable" if status == 429 or status >= 500 else "error"
+                        outcome = _outcome(status)
                         await resp.aread()
                         _raise_for_status(resp)
                     usage: Usage | None = None
@@ -363,9 +363,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                     outcome = "ok"
                 tried.end(outcome)
                 usage = usage or Usage(requests=1)
-                (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
-                if self.observer is not None:
-                    self.observer.usage_recorded(usage)
+                self._record_usage(usage, run_id, task_id, ledger)
                 yield StreamEvent("", usage, finish)
                 return
             except _Retry as retry:
@@ -450,12 +448,16 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         body.update(extra_body or {})
         return body
 
-    def _result(self, payload: Mapping[str, Any], text: str, finish: str | None, run_id: str | None,
-                task_id: str | None, ledger: UsageLedger | None) -> ChatResult:
-        usage = Usage.from_openai(payload.get("usage"))
+    def _record_usage(self, usage: Usage, run_id: str | None, task_id: str | None,
+                      ledger: UsageLedger | None) -> None:
         (ledger or self.usage).record(usage, run_id=run_id, task_id=task_id)
         if self.observer is not None:
             self.observer.usage_recorded(usage)
+
+    def _result(self, payload: Mapping[str, Any], text: str, finish: str | None, run_id: str | None,
+                task_id: str | None, ledger: UsageLedger | None) -> ChatResult:
+        usage = Usage.from_openai(payload.get("usage"))
+        self._record_usage(usage, run_id, task_id, ledger)
         return ChatResult(text, finish, usage, str(payload.get("model", "")), str(payload.get("id", "")))
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -487,7 +489,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 with anyio.fail_after(self.settings.timeout):
                     resp = await self.http.post(path, json=body)
             status = resp.status_code
-            outcome = "ok" if status == 200 else "unavailable" if status == 429 or status >= 500 else "error"
+            outcome = _outcome(status)
         except TimeoutError as exc:
             outcome = "timeout"
             raise _Retry(InferenceTimeout(f"no answer from {self.settings.url} in {self.settings.timeout} s")) from exc
@@ -598,6 +600,13 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return float(resp.headers["retry-after"])
     except (KeyError, ValueError):
         return None
+
+
+def _outcome(status: int) -> str:
+    """The observer's outcome for an HTTP answer: ``ok``, ``unavailable`` (retried) or ``error``."""
+    if status == 200:
+        return "ok"
+    return "unavailable" if status == 429 or status >= 500 else "error"
 
 
 def _raise_for_status(resp: httpx.Response) -> None:
