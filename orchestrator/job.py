@@ -6,7 +6,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -18,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.yaml_file import read_yaml
 from protocol.errors import JobError
 
 __all__ = ("Budget", "Job", "Spec", "TaskDef", "load_job", "parse_job")
@@ -187,17 +187,8 @@ def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[
 
 def load_job(path: str | Path, *, capabilities: Collection[str] | None = None) -> Job:
     """Read and validate a YAML (or JSON) job file."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise JobError(f"cannot read job file: {exc.strerror}", source=source) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobError(f"not valid YAML: {exc}", source=source) from exc
-    return parse_job(data, source=source, capabilities=capabilities)
+    data = read_yaml(path, JobError, what="job file")
+    return parse_job(data, source=str(path), capabilities=capabilities)
 
 
 def _job_error(exc: ValidationError, data: Mapping[str, Any], source: str | None) -> JobError:

@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -42,6 +41,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from orchestrator.yaml_file import read_yaml
 from protocol.errors import ManifestError, PluginLoadError, ServiceUnreachable
 from protocol.settings import redact_url
 from workers import registry
@@ -416,14 +416,7 @@ def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
     ``services=False`` skips the Redis and LLM checks.
     """
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ManifestError(f"cannot read: {exc.strerror or exc}", source=source) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"not valid YAML: {exc}", source=source) from exc
+    data = read_yaml(path, ManifestError, what="the manifest")
     manifest = parse_manifest(data, source=source, environ=environ)
     if plugins:
         check_plugins(manifest, source=source)
