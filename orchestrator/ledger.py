@@ -28,7 +28,6 @@ CREATE TABLE IF NOT EXISTS tasks (run_id TEXT NOT NULL, task_id TEXT NOT NULL, r
                                   PRIMARY KEY (run_id, task_id));
 CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
                                    PRIMARY KEY (run_id, seq));
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -162,14 +161,3 @@ class SQLiteStore(Store):
             query, args = "SELECT run_id FROM runs WHERE state = ? ORDER BY created", (state,)  # type: ignore[assignment]
         rows = await anyio.to_thread.run_sync(lambda: self.db.execute(query, args).fetchall())
         return [r[0] for r in rows]
-
-    async def get_meta(self, key: str) -> str | None:
-        """A manager setting kept with the ledger (e.g. the bus incarnation it last saw)."""
-        row = await anyio.to_thread.run_sync(
-            lambda: self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
-        return None if row is None else str(row[0])
-
-    async def set_meta(self, key: str, value: str) -> None:
-        """Store a manager setting durably."""
-        await anyio.to_thread.run_sync(
-            lambda: self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
