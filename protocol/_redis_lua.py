@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "BURY", "COMMIT", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "Script")
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "LIVE", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "Script")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,4 +201,22 @@ end
 return out
 """, fixed=6, width=0)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM)
+# Presence: one sorted set per capability, member = worker name, score = when its announcement
+# expires (server time, ms), so every client agrees on who is live whatever its own clock says.
+ANNOUNCE = Script("announce", r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+""", fixed=2, width=0)
+
+LIVE = Script("live", r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+""", fixed=0, width=0)
+
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE)

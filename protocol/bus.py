@@ -21,7 +21,7 @@ import abc
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -163,6 +163,14 @@ class Bus(abc.ABC):
         """The value stored under ``key``, or None."""
 
     @abc.abstractmethod
+    async def announce(self, worker: str, capabilities: Iterable[str], *, ttl_s: float) -> None:
+        """Say that ``worker`` serves ``capabilities`` for the next ``ttl_s`` seconds (workers repeat it)."""
+
+    @abc.abstractmethod
+    async def served(self, capabilities: Iterable[str]) -> dict[str, int]:
+        """How many live workers announced each capability (0 for none)."""
+
+    @abc.abstractmethod
     def subscribe(self, topic: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Envelope]]:
         """``async with bus.subscribe(topic) as messages``: subscribed on entry, so nothing sent after is missed."""
 
@@ -201,6 +209,7 @@ class MemoryBus(Bus):
         self._streams: dict[str, _Stream] = {}
         self._subscribers: dict[str, set[MemoryObjectSendStream[Envelope]]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
+        self._presence: dict[str, dict[str, float]] = {}  # capability -> worker -> monotonic expiry
         self._incarnation = uuid.uuid4().hex
 
     def _stream(self, name: str) -> _Stream:
@@ -372,6 +381,17 @@ class MemoryBus(Bus):
             self._values.pop(key, None)
             return None
         return value
+
+    async def announce(self, worker: str, capabilities: Iterable[str], *, ttl_s: float) -> None:
+        expires = time.monotonic() + ttl_s
+        for capability in capabilities:
+            self._presence.setdefault(capability, {})[worker] = expires
+        await anyio.lowlevel.checkpoint()
+
+    async def served(self, capabilities: Iterable[str]) -> dict[str, int]:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        return {c: sum(expiry > now for expiry in self._presence.get(c, {}).values()) for c in capabilities}
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[Envelope]]:

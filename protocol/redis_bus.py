@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Self, TypeVar, cast
 
 import anyio
@@ -549,6 +549,23 @@ class RedisBus(Bus):
     def value_key(self, key: str) -> str:
         """The Redis key of a stored value (run snapshots)."""
         return f"{self.redis_settings.namespace}:value:{key}"
+
+    def presence_key(self, capability: str) -> str:
+        """Where a capability's live workers are announced (in the capability's hash slot)."""
+        return f"{self.redis_settings.namespace}:{{cap.{capability}}}:presence"
+
+    async def announce(self, worker: str, capabilities: Iterable[str], *, ttl_s: float) -> None:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        for capability in capabilities:
+            key = self.presence_key(capability)
+            await self._call("announce", lambda key=key: self._eval(lua.ANNOUNCE, [key], [worker, ttl_ms]))  # type: ignore[misc]
+
+    async def served(self, capabilities: Iterable[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for capability in capabilities:
+            key = self.presence_key(capability)
+            counts[capability] = int(await self._call("served", lambda key=key: self._eval(lua.LIVE, [key], [])))  # type: ignore[misc]
+        return counts
 
     async def broadcast(self, topic: str, envelope: Envelope) -> None:
         frame = self.settings.codec.encode(envelope)

@@ -27,7 +27,7 @@ from structlog.contextvars import bound_contextvars
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope, new_id
-from protocol.errors import LeaseLost, ProtocolError
+from protocol.errors import LeaseLost, OrchestratorError, ProtocolError
 from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
@@ -50,6 +50,7 @@ class RuntimeSettings:
     default_timeout_s: float = 300.0
     drain_s: float = 10.0
     name: str = ""
+    presence_ttl_s: float = 10.0  # how long one announcement of this worker's capabilities lasts
 
 
 class RuntimeObserver(Protocol):
@@ -108,6 +109,7 @@ class WorkerRuntime:
         async with anyio.create_task_group() as tg, self.bus.subscribe(CONTROL_TOPIC) as control:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
+            tg.start_soon(self._announce)
             limiter = anyio.Semaphore(self.settings.concurrency)
             async with anyio.create_task_group() as consumers:
                 for capability, worker in self.workers.items():
@@ -245,6 +247,16 @@ class WorkerRuntime:
                     entry.cancelled_by = env.body.reason or f"cancelled by {env.body.by or env.sender}"
                     entry.scope.cancel()
                     log.info("task_cancelled", run_id=target.run_id, task_id=target.task_id, by=env.body.by)
+
+    async def _announce(self) -> None:
+        """Tell managers which capabilities this process serves, so they can say when nobody does."""
+        ttl = self.settings.presence_ttl_s
+        while True:
+            try:
+                await self.bus.announce(self.name, self.workers, ttl_s=ttl)
+            except OrchestratorError as exc:  # the bus rides out outages; presence resumes with it
+                log.warning("presence_announce_failed", worker=self.name, error=str(exc))
+            await anyio.sleep(ttl / 3)
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.bus.settings.lease_s / 3)
