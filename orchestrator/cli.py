@@ -13,7 +13,6 @@ import socket
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,7 +24,7 @@ from rich.table import Table
 
 from orchestrator import processes
 from orchestrator.api import Orchestrator, RunResult
-from orchestrator.display import RunView, render_summary, render_table
+from orchestrator.display import RunView, event_line, render_summary, render_table
 from orchestrator.job import load_job
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
@@ -355,19 +354,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
         if args.json:
             print(event.model_dump_json())  # noqa: T201 - CLI output
         else:
-            print(_event_line(event))  # noqa: T201 - CLI output
+            print(event_line(event))  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
-
-
-def _event_line(event: Any) -> str:
-    stamp = datetime.fromtimestamp(event.time, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
-    where = f"{event.task_id}#{event.attempt}" if event.task_id else "run"
-    change = f"{event.from_state} -> {event.to_state}" if event.kind == "transition" else event.kind
-    extra = "  ".join(f"{k}={v}" for k, v in event.detail.items() if k in _SHOWN_DETAIL and v not in ("", None))
-    return f"{event.seq:>5} {stamp} {where:<20} {event.event:<18} {change:<24} by {event.actor:<24} {extra}"
-
-
-_SHOWN_DETAIL = ("verifier", "feedback", "reason", "guard", "error", "state", "message", "action")
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:

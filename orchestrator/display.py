@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from rich import box
@@ -12,9 +12,22 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.records import Event
+from protocol.history import (
+    Dispatched,
+    HistoryEvent,
+    OverrideGiven,
+    OverrideRefused,
+    ProgressNoted,
+    RunFinished,
+    RunFold,
+    RunStarted,
+    TaskFold,
+    Transitioned,
+    VerdictGiven,
+    WaitingChanged,
+)
 
-__all__ = ("RunView", "render_summary", "render_table")
+__all__ = ("RunView", "event_line", "render_summary", "render_table")
 
 STATE_STYLE = {
     "not_done": "cyan", "done": "blue", "verify_done": "magenta", "redo": "yellow",
@@ -22,79 +35,9 @@ STATE_STYLE = {
 }
 
 
-@dataclass(slots=True)
-class TaskView:
-    """What the display knows about one task, folded from events."""
-
-    id: str
-    capability: str = ""
-    state: str = "not_done"
-    attempt: int = 0
-    worker: str = ""
-    started: float | None = None
-    finished: float | None = None
-    note: str = ""
-    redos: int = 0
-    tokens: int = 0
-    depends_on: tuple[str, ...] = ()
-    guard: str = ""
-
-
-@dataclass(slots=True)
-class RunView:
-    """A run as seen through its events; feed it events in order."""
-
-    run_id: str = ""
-    goal: str = ""
-    state: str = "running"
-    reason: str = ""
-    tasks: dict[str, TaskView] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    redo_log: list[str] = field(default_factory=list)
-
-    def apply(self, event: Event) -> None:
-        """Fold one event into the view."""
-        self.run_id = event.run_id
-        if event.kind == "run":
-            if event.event == "run_started":
-                self.goal = str(event.detail.get("goal", ""))
-                self.started = event.time
-                for t in event.detail.get("tasks", ()):
-                    self.tasks[t["id"]] = TaskView(t["id"], capability=t.get("capability", ""),
-                                                   depends_on=tuple(t.get("depends_on", ())))
-            elif event.event == "run_finished":
-                self.state = str(event.detail.get("state", ""))
-                self.reason = str(event.detail.get("reason", ""))
-            return
-        task = self.tasks.setdefault(event.task_id, TaskView(event.task_id))
-        task.attempt = max(task.attempt, event.attempt)
-        if event.kind == "dispatch":
-            task.capability = str(event.detail.get("capability", task.capability))
-            task.started = task.started or event.time
-        elif event.kind == "progress":
-            task.note = str(event.detail.get("message", ""))
-        elif event.kind == "note" and event.event == "awaiting_approval":
-            task.note = "waiting for a person to approve"
-        elif event.kind == "override":
-            feedback = event.detail.get("feedback") or event.detail.get("reason") or ""
-            task.note = f"{event.event} by {event.actor}" + (f": {feedback}" if feedback else "")
-        elif event.kind == "transition":
-            task.state = event.to_state
-            if event.event == "done":
-                task.worker = event.actor
-                task.tokens += int(event.detail.get("tokens", 0) or 0)
-            if event.event == "reject":
-                task.redos += 1
-                task.note = f"redo: {event.detail.get('feedback', '')}"
-                self.redo_log.append(f"{task.id} attempt {event.attempt} rejected by "
-                                     f"{event.detail.get('verifier') or event.actor}: {event.detail.get('feedback', '')}")
-            elif event.to_state in ("failed", "cancelled"):
-                task.note = str(event.detail.get("reason", ""))
-                task.guard = str(event.detail.get("guard", ""))
-            elif event.to_state == "accepted":
-                task.note = ""
-            if event.to_state in ("accepted", "failed", "cancelled"):
-                task.finished = event.time
+# The display is a fold of the run's history, like every other reader of it.
+RunView = RunFold
+TaskView = TaskFold
 
 
 def _elapsed(task: TaskView, now: float) -> str:
@@ -117,13 +60,13 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
     table.add_column("output" if outputs is not None else "note", overflow="fold", min_width=24, max_width=80)
     depth = _depths(view)
     for task in _tree_order(view, depth):
-        last = task.note
+        last = task.waiting.describe() if task.waiting is not None else task.note
         if outputs is not None and task.state == "accepted":
             last = _clip(outputs.get(task.id))
         if task.guard:
             last = f"[{task.guard}] {last}"
         name = ("  " * depth.get(task.id, 0) + "└ " if depth.get(task.id, 0) else "") + task.id
-        state = Text(task.state, style=STATE_STYLE.get(task.state, ""))
+        state = Text(str(task.state), style=STATE_STYLE.get(task.state, ""))
         cells: list[str | Text] = ([Text(name), Text(task.capability), state] if wide else [Text(name), state])
         cells += [str(task.attempt or ""), _elapsed(task, now)]
         if wide:
@@ -192,3 +135,38 @@ def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True) 
         line.append(f"\nreason: {result['reason']}")
     outputs = {t["id"]: t["output"] for t in result["tasks"]}
     return Group(render_table(view, outputs=outputs, wide=wide), line)
+
+
+def event_line(event: HistoryEvent) -> str:
+    """One history event as a line of ``orchestrator events``."""
+    stamp = datetime.fromtimestamp(event.time, tz=UTC).strftime("%H:%M:%S.%f")[:-3]
+    where = f"{event.task_id}#{event.attempt}" if event.task_id else "run"
+    body = event.body
+    name: str = body.kind
+    change = extra = ""
+    match body:
+        case Transitioned():
+            name, change = str(body.event), f"{body.from_state} -> {body.to_state}"
+            extra = _pairs(guard=body.guard, reason=body.reason, error=body.error)
+        case VerdictGiven():
+            change = f"{body.stage}: {'pass' if body.passed else 'reject'}"
+            extra = _pairs(verifier=body.verifier, feedback=body.feedback)
+        case Dispatched():
+            change = body.capability
+        case WaitingChanged():
+            change = body.waiting.describe() if body.waiting is not None else "moving"
+        case OverrideGiven():
+            change, extra = body.action, _pairs(feedback=body.feedback)
+        case OverrideRefused():
+            change, extra = body.action, _pairs(reason=body.reason)
+        case ProgressNoted():
+            extra = _pairs(message=body.message)
+        case RunFinished():
+            change, extra = str(body.state), _pairs(reason=body.reason)
+        case RunStarted():
+            change = f"{len(body.tasks)} task(s)"
+    return f"{event.seq:>5} {stamp} {where:<20} {name:<18} {change:<24} by {event.actor:<24} {extra}".rstrip()
+
+
+def _pairs(**values: object) -> str:
+    return "  ".join(f"{k}={v}" for k, v in values.items() if v not in ("", None))

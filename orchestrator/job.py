@@ -96,6 +96,10 @@ class Budget(_Frozen):
     max_tasks: int = Field(default=200, ge=1)
     deadline_s: float = Field(default=3600.0, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
+    # How long a task may wait for a capability that no live worker serves before it fails (guard no_worker).
+    no_worker_s: float = Field(default=300.0, gt=0)
+    # Delay before the next attempt after a worker's retryable failure; doubles per attempt (0: at once).
+    retry_backoff_s: float = Field(default=0.0, ge=0)
 
 
 class Job(_Frozen):

@@ -16,8 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from orchestrator.records import Event, RunRecord, TaskRecord
 from protocol.bus import Bus
 from protocol.errors import OrchestratorError
+from protocol.history import Dispatched, RunFinished, Transitioned, VerdictGiven
 from protocol.keys import results_stream, tasks_stream, workers_group
 from protocol.metrics import DURATION_BUCKETS, InferenceMetrics, MetricsServer, WorkerMetrics, children, serve_metrics
+from protocol.states import TaskEvent
 
 __all__ = ("InferenceMetrics", "ManagerMetrics", "MetricsServer", "WorkerMetrics", "serve_metrics")
 
@@ -43,7 +45,7 @@ class ManagerMetrics:
         self.redos = Counter("orchestrator_task_redos", "Results rejected by verification and sent back for a redo",
                              ("capability",), registry=registry)
         self.verifications = Counter("orchestrator_verifications", "Verification outcomes (pass, reject) by "
-                                     "verifier (spec, judge, the worker's capability, person:NAME)",
+                                     "verifier stage (spec, worker, judge, human)",
                                      ("verifier", "outcome"), registry=registry)
         self.attempts = Histogram("orchestrator_task_attempts", "Attempts an accepted task took", ("capability",),
                                   buckets=ATTEMPT_BUCKETS, registry=registry)
@@ -70,38 +72,38 @@ class ManagerMetrics:
         """The manager observer: update the metrics an event changes."""
         if run.run_id not in self._seen:
             self._adopt(run, task, event)
-        kind = event.kind
-        if kind == "transition" and task is not None:
-            self._transition(run, task, event)
-        elif kind == "dispatch" and task is not None:
+        body = event.body
+        if task is not None and isinstance(body, Transitioned):
+            self._transition(task, event, body)
+        elif task is not None and isinstance(body, VerdictGiven):
+            self._verification(str(body.stage), "pass" if body.passed else "reject").inc()
+        elif task is not None and isinstance(body, Dispatched):
             self._dispatch(task.capability).inc()
-        elif kind == "run" and event.event == "run_finished":
+        elif isinstance(body, RunFinished):
             self._run("running").dec()
-            self._run(str(event.detail.get("state", run.state))).inc()
+            self._run(str(body.state)).inc()
             self._seen.discard(run.run_id)
 
-    def _transition(self, run: RunRecord, task: TaskRecord, event: Event) -> None:
-        name, before, after = event.event, event.from_state, event.to_state
-        self._transition_of(name, before, after).inc()
+    def _transition(self, task: TaskRecord, event: Event, body: Transitioned) -> None:
+        before, after = str(body.from_state), str(body.to_state)
+        self._transition_of(str(body.event), before, after).inc()
         self._task(task.capability, before).dec()
         self._task(task.capability, after).inc()
-        if name == "pass":
-            self._verification(str(event.detail.get("verifier") or "spec"), "pass").inc()
+        if body.event is TaskEvent.PASS:
             self._attempts(task.capability).observe(task.attempt)
             if task.attempts:
                 self._latency(task.capability).observe(max(0.0, event.time - task.attempts[0].started))
-        elif name == "reject":
-            self._verification(str(event.detail.get("verifier") or "spec"), "reject").inc()
+        elif body.event is TaskEvent.REJECT:
             self._redo(task.capability).inc()
 
     def _adopt(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         """Count a run's tasks the first time it is seen: at its start, or when this manager resumed it."""
         self._seen.add(run.run_id)
         self._run("running").inc()
+        moved = event.body.from_state if isinstance(event.body, Transitioned) else None
         for t in run.tasks.values():
             # The task of this event has already moved: count it where it was.
-            state = event.from_state if t is task and event.kind == "transition" else str(t.state)
-            self._task(t.capability, state).inc()
+            self._task(t.capability, str(moved if t is task and moved is not None else t.state)).inc()
 
     async def watch_bus(self, bus: Bus, capabilities: Callable[[], Iterable[str]], *, interval_s: float = 5.0) -> None:
         """Refresh queue depth and dead-letter gauges every ``interval_s`` until cancelled."""

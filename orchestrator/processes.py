@@ -26,16 +26,18 @@ from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
-from orchestrator.records import Event
+from orchestrator.records import Event, events_of
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
 from protocol.errors import ConfigError
+from protocol.history import RunFinished
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, events_stream, run_snapshot_key
 from protocol.messages import Override, OverrideAction, Submit
 from protocol.redis_bus import RedisBus
 from protocol.settings import RedisSettings
+from protocol.states import OVERRIDE_RULES, TaskState, VerifyStage, override_allowed
 from protocol.tracing import Tracing
 from workers import registry
 from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
@@ -280,23 +282,16 @@ async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAct
     if status["state"] != "running":
         raise ConfigError(f"run {run_id!r} has already ended ({status['state']})")
     task = next((t for t in status["tasks"] if t["id"] == task_id), None)
-    allowed = _OVERRIDE_STATES[action]
     # The snapshot may be half a second old: this catches mistakes early; the manager has the last word.
-    if task is not None and task["state"] not in allowed:
-        raise ConfigError(f"cannot {action} task {task_id!r} of run {run_id!r} in state {task['state']!r} "
-                          f"(it must be {' or '.join(sorted(allowed))})")
+    if task is not None:
+        state, stage = TaskState(task["state"]), VerifyStage(task["stage"]) if task.get("stage") else None
+        if not override_allowed(action, state, stage):
+            allowed = " or ".join(f"{s}" + (f" (at {want})" if want else "") for s, want in OVERRIDE_RULES[action])
+            raise ConfigError(f"cannot {action} task {task_id!r} of run {run_id!r} in state {task['state']!r} "
+                              f"(it must be {allowed})")
     await bus.publish(OVERRIDES_STREAM, Envelope(run_id=run_id, task_id=task_id, sender=by,
                                                  body=Override(action=action, feedback=feedback, by=by)))
     return status
-
-
-_OVERRIDE_STATES: dict[str, frozenset[str]] = {
-    "approve": frozenset({"verify_done"}),
-    "accept": frozenset({"done", "verify_done"}),
-    "reject": frozenset({"done", "verify_done"}),
-    "redo": frozenset({"not_done", "done", "verify_done", "redo"}),
-    "cancel": frozenset({"not_done", "done", "verify_done", "redo"}),
-}
 
 
 async def read_events(bus: Bus, run_id: str) -> list[Event]:
@@ -306,7 +301,7 @@ async def read_events(bus: Bus, run_id: str) -> list[Event]:
     while batch := await bus.read(events_stream(run_id), after=after):
         after = batch[-1][0]
         for _, env in batch:
-            events.extend(Event.from_envelope(env))
+            events.extend(events_of(env))
     return events
 
 
@@ -316,7 +311,7 @@ async def follow_events(bus: Bus, run_id: str, *, poll_s: float = 1.0) -> AsyncI
     while True:
         for entry_id, env in await bus.read(events_stream(run_id), after=after, block_s=poll_s):
             after = entry_id
-            for event in Event.from_envelope(env):
+            for event in events_of(env):
                 yield event
-                if event.kind == "run" and event.event == "run_finished":
+                if isinstance(event.body, RunFinished):
                     return

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from orchestrator.job import Job, Spec, TaskDef
 from protocol.envelope import Envelope, new_id
-from protocol.messages import Redo, RunEvent, RunEvents
-from protocol.states import TERMINAL, TaskState
+from protocol.history import HistoryEvent, Waiting
+from protocol.messages import Redo, RunEvents
+from protocol.states import TERMINAL, RunState, TaskState, VerifyStage
 
-__all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord")
-
-
-class RunState(StrEnum):
-    """Where a run stands."""
-
-    RUNNING = "running"
-    ACCEPTED = "accepted"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+__all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord", "events_envelope", "events_of")
 
 
 class AttemptRecord(BaseModel):
@@ -34,7 +25,7 @@ class AttemptRecord(BaseModel):
     output: Any = None
     error: str = ""
     verdict: dict[str, Any] | None = None
-    started: float = Field(default_factory=time.time)
+    started: float = 0.0
     finished: float | None = None
 
 
@@ -57,10 +48,16 @@ class TaskRecord(BaseModel):
     reason: str = ""
     worker: str = ""
     tokens: int = 0
-    verify_stage: str = ""  # where a verify_done task is: "spec", "worker" or "judge"
+    verify_stage: VerifyStage | None = None  # which verifier a verify_done task is with
     self_check: bool = False  # the worker said it can verify its own results
+    waiting: Waiting | None = None  # what the task waits for when it is not moving
     redo: list[Redo] = Field(default_factory=list)
     attempts: list[AttemptRecord] = Field(default_factory=list)
+
+    @field_validator("verify_stage", mode="before")
+    @classmethod
+    def _no_stage(cls, value: Any) -> Any:
+        return value or None  # 0.1 ledgers wrote "" for no stage
 
     @classmethod
     def from_def(cls, t: TaskDef, default_attempts: int) -> TaskRecord:
@@ -77,7 +74,9 @@ class TaskRecord(BaseModel):
     def summary(self) -> dict[str, Any]:
         """The per-task object of ``--json`` output."""
         return {"id": self.id, "capability": self.capability, "state": str(self.state), "attempts": self.attempt,
-                "output": self.output, "reason": self.reason, "worker": self.worker, "tokens": self.tokens}
+                "output": self.output, "reason": self.reason, "worker": self.worker, "tokens": self.tokens,
+                "stage": None if self.verify_stage is None else str(self.verify_stage),
+                "waiting": None if self.waiting is None else self.waiting.model_dump(mode="json", by_alias=True)}
 
 
 class RunRecord(BaseModel):
@@ -89,19 +88,20 @@ class RunRecord(BaseModel):
     state: RunState = RunState.RUNNING
     tasks: dict[str, TaskRecord]
     created: float = Field(default_factory=time.time)
-    deadline: float
+    # Time a manager has run this run, on a monotonic clock: what ``budget.deadline_s`` is measured
+    # against, so neither a wall-clock jump nor a stopped manager spends it.
+    elapsed_s: float = 0.0
     finished: float | None = None
     reason: str = ""
     tokens: int = 0
     next_seq: int = 1
 
     @classmethod
-    def new(cls, job: Job, run_id: str | None = None) -> RunRecord:
+    def new(cls, job: Job, run_id: str | None = None, *, now: float | None = None) -> RunRecord:
         """A run of ``job`` that has not started any task."""
-        now = time.time()
         tasks = {t.id: TaskRecord.from_def(t, job.budget.max_attempts) for t in job.tasks}
-        return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks, created=now,
-                   deadline=now + job.budget.deadline_s)
+        return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
+                   created=time.time() if now is None else now)
 
     def summary(self) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""
@@ -109,35 +109,18 @@ class RunRecord(BaseModel):
                 "tokens": self.tokens, "tasks": [t.summary() for t in self.tasks.values()]}
 
 
-class Event(BaseModel):
-    """One entry of a run's history: a transition, a dispatch, a note."""
+Event = HistoryEvent  # the name readers of orchestrator have used; one model everywhere
 
-    seq: int
-    run_id: str
-    task_id: str = ""
-    attempt: int = 0
-    time: float = Field(default_factory=time.time)
-    kind: str  # "transition", "dispatch", "progress", "run"
-    event: str
-    from_state: str = ""
-    to_state: str = ""
-    actor: str = ""
-    detail: dict[str, Any] = Field(default_factory=dict)
 
-    @staticmethod
-    def to_envelope(run_id: str, events: Sequence[Event], sender: str) -> Envelope:
-        """Events of one run as one bus message, for followers on other machines."""
-        body = RunEvents(events=tuple(RunEvent.model_construct(
-            seq=e.seq, task_id=e.task_id, attempt=e.attempt, time=e.time, kind=e.kind, event=e.event,
-            from_state=e.from_state, to_state=e.to_state, actor=e.actor, detail=e.detail) for e in events))
-        return Envelope.model_construct(run_id=run_id, sender=sender, body=body)  # built from checked values
+def events_envelope(run_id: str, events: Sequence[HistoryEvent], sender: str) -> Envelope:
+    """Events of one run as one bus message, for followers on other machines."""
+    return Envelope.model_construct(run_id=run_id, sender=sender,  # built from checked values
+                                    body=RunEvents.model_construct(events=tuple(events)))
 
-    @classmethod
-    def from_envelope(cls, env: Envelope) -> list[Event]:
-        """The events a ``run_events`` message carries."""
-        body = env.body
-        if not isinstance(body, RunEvents):
-            raise TypeError(f"not a run_events message: {env.type!r}")
-        return [cls(seq=e.seq, run_id=env.run_id, task_id=e.task_id, attempt=e.attempt, time=e.time, kind=e.kind,
-                    event=e.event, from_state=e.from_state, to_state=e.to_state, actor=e.actor, detail=e.detail)
-                for e in body.events]
+
+def events_of(env: Envelope) -> list[HistoryEvent]:
+    """The events a ``run_events`` message carries (only those of the envelope's run)."""
+    body = env.body
+    if not isinstance(body, RunEvents):
+        raise TypeError(f"not a run_events message: {env.type!r}")
+    return [e for e in body.events if e.run_id == env.run_id]

@@ -3,6 +3,7 @@
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery, MemoryBus
 from protocol.codec import Codec
 from protocol.envelope import PROTOCOL_VERSION, Envelope
+from protocol.history import HistoryEvent
 from protocol.messages import (
     Assign,
     Cancel,
@@ -12,14 +13,13 @@ from protocol.messages import (
     Override,
     Progress,
     Redo,
-    RunEvent,
     RunEvents,
     Submit,
     Verdict,
     VerifyRequest,
     VerifyResponse,
 )
-from protocol.states import TaskEvent, TaskState, transition
+from protocol.states import RunState, TaskEvent, TaskState, VerifyStage, transition
 
 __all__ = (
     "PROTOCOL_VERSION",
@@ -34,17 +34,19 @@ __all__ = (
     "Envelope",
     "Failed",
     "Heartbeat",
+    "HistoryEvent",
     "MemoryBus",
     "Override",
     "Progress",
     "Redo",
-    "RunEvent",
     "RunEvents",
+    "RunState",
     "Submit",
     "TaskEvent",
     "TaskState",
     "Verdict",
     "VerifyRequest",
     "VerifyResponse",
+    "VerifyStage",
     "transition",
 )

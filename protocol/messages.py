@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.history import HistoryEvent
+
 __all__ = (
     "Assign",
     "Body",
@@ -22,7 +24,6 @@ __all__ = (
     "OverrideAction",
     "Progress",
     "Redo",
-    "RunEvent",
     "RunEvents",
     "Submit",
     "Verdict",
@@ -144,21 +145,6 @@ class Override(_Body):
     by: str = ""
 
 
-class RunEvent(_Body):
-    """One entry of a run's history (ids and time included): an element of ``RunEvents``."""
-
-    seq: int
-    task_id: str = ""
-    attempt: int = 0
-    time: float
-    kind: str
-    event: str
-    from_state: str = ""
-    to_state: str = ""
-    actor: str = ""
-    detail: dict[str, Any] = Field(default_factory=dict)
-
-
 class RunEvents(_Body):
     """Manager -> anyone following a run: the run's next entries of history, in order.
 
@@ -167,7 +153,7 @@ class RunEvents(_Body):
     """
 
     type: Literal["run_events"] = "run_events"
-    events: tuple[RunEvent, ...]
+    events: tuple[HistoryEvent, ...]
 
 
 class Progress(_Body):

@@ -19,7 +19,18 @@ from types import MappingProxyType
 
 from protocol.errors import IllegalTransition
 
-__all__ = ("TERMINAL", "TRANSITIONS", "TaskEvent", "TaskState", "transition")
+__all__ = (
+    "OVERRIDE_RULES",
+    "TERMINAL",
+    "TRANSITIONS",
+    "VERIFY_CHAIN",
+    "RunState",
+    "TaskEvent",
+    "TaskState",
+    "VerifyStage",
+    "override_allowed",
+    "transition",
+)
 
 
 class TaskState(StrEnum):
@@ -32,6 +43,29 @@ class TaskState(StrEnum):
     ACCEPTED = "accepted"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class RunState(StrEnum):
+    """Where a run stands."""
+
+    RUNNING = "running"
+    ACCEPTED = "accepted"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class VerifyStage(StrEnum):
+    """Which verifier a ``verify_done`` task is with."""
+
+    SPEC = "spec"      # expect, schema and check: the cheap, deterministic ones
+    WORKER = "worker"  # the worker's own ``verify`` (when it said it has one)
+    JUDGE = "judge"    # an LLM judge against the spec's description
+    HUMAN = "human"    # a person approves or rejects
+
+
+# The order verification runs in; a stage that does not apply to a task is skipped, and a
+# result is accepted once it passed the last stage that applies.
+VERIFY_CHAIN: tuple[VerifyStage, ...] = (VerifyStage.SPEC, VerifyStage.WORKER, VerifyStage.JUDGE, VerifyStage.HUMAN)
 
 
 class TaskEvent(StrEnum):
@@ -70,3 +104,19 @@ def transition(state: TaskState, event: TaskEvent, *, task_id: str | None = None
         return TRANSITIONS[TaskState(state)][TaskEvent(event)]
     except (KeyError, ValueError):
         raise IllegalTransition(str(state), str(event), task_id=task_id) from None
+
+
+# Which override a person may give in which (state, verify stage); None matches any stage.
+# The manager applies overrides by this table and the CLI explains refusals from it.
+OVERRIDE_RULES: MappingProxyType[str, tuple[tuple[TaskState, VerifyStage | None], ...]] = MappingProxyType({
+    "approve": ((S.VERIFY_DONE, VerifyStage.HUMAN),),
+    "accept": ((S.DONE, None), (S.VERIFY_DONE, None)),
+    "reject": ((S.DONE, None), (S.VERIFY_DONE, None)),
+    "redo": ((S.NOT_DONE, None), (S.DONE, None), (S.VERIFY_DONE, None), (S.REDO, None)),
+    "cancel": ((S.NOT_DONE, None), (S.DONE, None), (S.VERIFY_DONE, None), (S.REDO, None)),
+})
+
+
+def override_allowed(action: str, state: TaskState, stage: VerifyStage | None) -> bool:
+    """Whether a person's ``action`` applies to a task in ``state`` (at verify ``stage``)."""
+    return any(state == s and (want is None or want == stage) for s, want in OVERRIDE_RULES.get(action, ()))

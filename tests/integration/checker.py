@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.records import Event
+from protocol.history import RunFinished
+from tests._history import transitions
 
 __all__ = ("CheckResult", "check_run", "ledger_events")
 
@@ -87,10 +89,10 @@ def check_run(status: dict[str, Any], *, ledger: Path, store: Path, submitted: i
     run_id = status["run_id"]
     accepted = sum(1 for t in status["tasks"] if t["state"] == "accepted")
     events = ledger_events(ledger, run_id)
-    passes = Counter(e.task_id for e in events if e.kind == "transition" and e.event == "pass")
-    pass_times = sorted(e.time for e in events if e.kind == "transition" and e.event == "pass")
-    end = next((e.time for e in events if e.kind == "run" and e.event == "run_finished"), None)
-    passed_at = {e.task_id: e.time for e in events if e.kind == "transition" and e.event == "pass"}
+    passes = Counter(e.task_id for e in transitions(events, "pass"))
+    pass_times = sorted(e.time for e in transitions(events, "pass"))
+    end = next((e.time for e in events if isinstance(e.body, RunFinished)), None)
+    passed_at = {e.task_id: e.time for e in transitions(events, "pass")}
     db = _read_only(store)
     try:
         recovery = 0.0

@@ -10,8 +10,10 @@ from orchestrator import Orchestrator
 from orchestrator.planner import PlanError, Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.simulator.policy import DefaultPolicy, RulesPolicy, SimRequest
+from protocol.history import Transitioned, VerdictGiven
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
+from tests._history import of, transitions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,11 +33,11 @@ async def test_goal_is_planned_worked_judged_and_redone_until_accepted(sim_llm: 
         events = [e async for e in run.events()]
         result = await run.wait()
     assert result.accepted, result.reason
-    rejects = [e for e in events if e.event == "reject"]
+    rejects = [(e, v) for e, v in of(events, VerdictGiven) if not v.passed]
     assert rejects, "the simulated worker's first draft of the brief is sent back"
-    assert rejects[0].detail["verifier"] == "llm-judge"
-    assert "draft" in rejects[0].detail["feedback"]
-    redone = result.record.tasks[rejects[0].task_id]
+    assert rejects[0][1].verifier == "llm-judge"
+    assert "draft" in rejects[0][1].feedback
+    redone = result.record.tasks[rejects[0][0].task_id]
     assert redone.attempt == 2
     assert redone.output.startswith("Revised answer")
     assert all(t.tokens > 0 for t in result.record.tasks.values())
@@ -95,8 +97,9 @@ async def test_an_empty_answer_is_a_failed_attempt_then_retried(sim_llm: Simulat
         events = [e async for e in run.events()]
         result = await run.wait()
     assert result.accepted, result.reason
-    retry = next(e for e in events if e.event == "retry")
-    assert "empty answer" in retry.detail["error"]
+    retry = transitions(events, "retry")[0].body
+    assert isinstance(retry, Transitioned)
+    assert "empty answer" in retry.error
 
 
 async def test_token_budget_fails_the_run_with_that_reason(sim_llm: SimulatedVLLM) -> None:

@@ -83,7 +83,7 @@ def test_manager_and_worker_serve_metrics_of_a_real_run(redis_url: str, tmp_path
                 proc.wait()
         for log in logs:
             log.close()
-    transitions = Counter(e["event"] for e in events if e["kind"] == "transition")
+    transitions = Counter(e["body"]["event"] for e in events if e["body"]["kind"] == "transition")
     assert transitions["reject"] == 1  # the quickstart has one redo
     for name, count in transitions.items():
         got = sum(v for (n, labels), v in manager.items()

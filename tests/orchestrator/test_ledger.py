@@ -13,6 +13,8 @@ from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
 from orchestrator.records import RunRecord
 from protocol.bus import BusSettings, MemoryBus
+from protocol.history import RunFinished, Transitioned
+from tests._history import transitions
 from workers import Task, Worker
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,7 +47,7 @@ async def test_records_and_events_survive_reopening(tmp_path: Path) -> None:
     assert isinstance(run, RunRecord)
     assert run.summary() == result.to_dict()
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert events[-1].event == "run_finished"
+    assert isinstance(events[-1].body, RunFinished)
 
 
 async def test_a_new_manager_resumes_an_unfinished_run(tmp_path: Path) -> None:
@@ -56,7 +58,7 @@ async def test_a_new_manager_resumes_an_unfinished_run(tmp_path: Path) -> None:
         run = await first.submit(chain(6))
         accepted = 0
         async for event in run.events():
-            accepted += event.to_state == "accepted"
+            accepted += isinstance(event.body, Transitioned) and event.body.to_state == "accepted"
             if accepted == 2:
                 break  # the first manager "dies" here, mid-run
     async with Orchestrator(bus=bus, workers=[Step], store=SQLiteStore(path)) as second:
@@ -67,7 +69,7 @@ async def test_a_new_manager_resumes_an_unfinished_run(tmp_path: Path) -> None:
         assert result.record.tasks[f"s{i}"].state == "accepted"
     # every task is accepted exactly once in the history, even if some attempt ran twice
     async with SQLiteStore(path) as store:
-        passes = [e.task_id for e in await store.events(run.run_id) if e.event == "pass"]
+        passes = [e.task_id for e in transitions(await store.events(run.run_id), "pass")]
     assert sorted(passes) == [f"s{i}" for i in range(6)]
 
 

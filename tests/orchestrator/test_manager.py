@@ -11,6 +11,8 @@ import pytest
 from orchestrator.api import Orchestrator
 from orchestrator.manager import ManagerSettings
 from protocol.errors import JobError
+from protocol.history import Dispatched, RunFinished, Transitioned
+from tests._history import verdicts
 from workers import Task, Verdict, Worker
 
 pytestmark = pytest.mark.timeout(30)
@@ -96,7 +98,8 @@ async def run_job(data: dict[str, Any], **kwargs: Any) -> Any:
 
 
 def transitions(events: list[Any], task_id: str) -> list[tuple[int, str, str]]:
-    return [(e.attempt, e.event, e.to_state) for e in events if e.task_id == task_id and e.kind == "transition"]
+    return [(e.attempt, str(e.body.event), str(e.body.to_state)) for e in events
+            if e.task_id == task_id and isinstance(e.body, Transitioned)]
 
 
 async def test_every_result_goes_through_done_and_verify_done() -> None:
@@ -106,7 +109,7 @@ async def test_every_result_goes_through_done_and_verify_done() -> None:
     assert transitions(events, "a") == [(1, "done", "done"), (1, "verify", "verify_done"), (1, "pass", "accepted")]
     assert result.to_dict()["tasks"] == [{"id": "a", "capability": "echo", "state": "accepted", "attempts": 1,
                                           "output": 4, "reason": "", "worker": result.record.tasks["a"].worker,
-                                          "tokens": 0}]
+                                          "tokens": 0, "stage": None, "waiting": None}]
 
 
 async def test_dependencies_run_in_order_and_independent_tasks_in_parallel() -> None:
@@ -146,8 +149,7 @@ async def test_failed_verification_redoes_with_feedback_the_worker_sees() -> Non
         (1, "done", "done"), (1, "verify", "verify_done"), (1, "reject", "redo"), (1, "redispatch", "not_done"),
         (2, "done", "done"), (2, "verify", "verify_done"), (2, "pass", "accepted"),
     ]
-    reject = next(e for e in events if e.event == "reject")
-    assert reject.detail["feedback"] == "18 characters; keep it to 10"
+    assert verdicts(events, passed=False)[0].feedback == "18 characters; keep it to 10"
     assert result.record.tasks["t"].redo[0].feedback == "18 characters; keep it to 10"
 
 
@@ -174,8 +176,8 @@ async def test_handler_exception_becomes_failed_and_is_retried() -> None:
     result, events = await run_job(job({"id": "t", "capability": "flaky"}))
     assert result.accepted
     assert result.outputs == {"t": 2}
-    retry = next(e for e in events if e.event == "retry")
-    assert retry.detail["error"] == "ValueError: disk on fire"
+    retry = next(e.body for e in events if isinstance(e.body, Transitioned) and e.body.event == "retry")
+    assert retry.error == "ValueError: disk on fire"
 
 
 async def test_handler_exception_on_every_attempt_fails_the_run_with_the_error() -> None:
@@ -207,8 +209,8 @@ async def test_failed_dependency_cancels_dependents() -> None:
 async def test_worker_own_verify_is_asked_and_its_feedback_drives_the_redo() -> None:
     result, events = await run_job(job({"id": "t", "capability": "selfcheck"}))
     assert result.accepted
-    reject = next(e for e in events if e.event == "reject")
-    assert reject.detail["feedback"] == "missing 'ok'"
+    reject = verdicts(events, passed=False)[0]
+    assert (reject.feedback, reject.verifier, reject.stage) == ("missing 'ok'", "worker:selfcheck", "worker")
     assert result.record.tasks["t"].attempt == 2
 
 
@@ -228,7 +230,7 @@ async def test_cancel_stops_a_running_task_and_ends_the_run_cancelled() -> None:
     async with Orchestrator(workers=ALL) as orch:
         run = await orch.submit(job({"id": "t", "capability": "sleeper"}))
         async for event in run.events():
-            if event.kind == "dispatch":
+            if isinstance(event.body, Dispatched):
                 break
         await run.cancel(by="alice", reason="not needed")
         result = await run.wait()
@@ -245,8 +247,8 @@ async def test_unknown_capability_is_rejected_before_anything_runs() -> None:
 async def test_events_are_numbered_without_gaps_and_end_with_run_finished() -> None:
     result, events = await run_job(job({"id": "a", "capability": "echo"}, {"id": "b", "capability": "echo"}))
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert events[-1].event == "run_finished"
-    assert events[-1].detail["state"] == "accepted"
+    assert isinstance(events[-1].body, RunFinished)
+    assert events[-1].body.state == "accepted"
     assert result.accepted
 
 

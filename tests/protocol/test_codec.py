@@ -19,6 +19,22 @@ from protocol.errors import (
     UnknownMessageType,
     UnsupportedVersion,
 )
+from protocol.history import (
+    Dispatched,
+    Guard,
+    HistoryEvent,
+    OverrideGiven,
+    OverrideRefused,
+    ProgressNoted,
+    RunFinished,
+    RunStarted,
+    TaskOutline,
+    Transitioned,
+    VerdictGiven,
+    Waiting,
+    WaitingChanged,
+    WaitingFor,
+)
 from protocol.messages import (
     Assign,
     Cancel,
@@ -29,13 +45,13 @@ from protocol.messages import (
     Override,
     Progress,
     Redo,
-    RunEvent,
     RunEvents,
     Submit,
     Verdict,
     VerifyRequest,
     VerifyResponse,
 )
+from protocol.states import RunState, TaskEvent, TaskState, VerifyStage
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PER_TYPE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,6 +75,24 @@ JSON_DICT = st.dictionaries(TEXT, JSON, max_size=4)
 REDO = st.builds(Redo, plan=TEXT, context=TEXT, feedback=TEXT, corrections=STRS)
 VERDICT = st.builds(Verdict, passed=st.booleans(), feedback=TEXT, corrections=STRS, verifier=TEXT)
 
+
+NAMES = st.lists(TEXT, max_size=3).map(tuple)
+HISTORY_BODIES = st.one_of(
+    st.builds(RunStarted, goal=TEXT, tasks=st.lists(st.builds(TaskOutline, id=TEXT, capability=TEXT,
+                                                                depends_on=NAMES), max_size=3).map(tuple)),
+    st.builds(Dispatched, capability=TEXT),
+    st.builds(Transitioned, event=st.sampled_from(TaskEvent), from_state=st.sampled_from(TaskState),
+              to_state=st.sampled_from(TaskState), reason=TEXT, guard=st.none() | st.sampled_from(get_args(Guard)),
+              output=JSON, tokens=MSGPACK_INTS, duration_s=FLOATS, error=TEXT),
+    st.builds(VerdictGiven, stage=st.sampled_from(VerifyStage), passed=st.booleans(), verifier=TEXT, feedback=TEXT,
+              corrections=NAMES, tokens=MSGPACK_INTS),
+    st.builds(OverrideGiven, action=TEXT, feedback=TEXT),
+    st.builds(OverrideRefused, action=TEXT, reason=TEXT),
+    st.builds(WaitingChanged, waiting=st.none() | st.builds(
+        Waiting, for_=st.sampled_from(get_args(WaitingFor)), since=FLOATS, capability=TEXT, on=NAMES)),
+    st.builds(ProgressNoted, message=TEXT, fraction=st.none() | st.floats(min_value=0.0, max_value=1.0)),
+    st.builds(RunFinished, state=st.sampled_from(RunState), reason=TEXT),
+)
 BODIES: dict[str, st.SearchStrategy[Any]] = {
     "assign": st.builds(
         Assign,
@@ -84,8 +118,8 @@ BODIES: dict[str, st.SearchStrategy[Any]] = {
     "override": st.builds(Override, action=st.sampled_from(["approve", "reject", "redo", "accept", "cancel"]),
                           feedback=TEXT, by=TEXT),
     "run_events": st.builds(RunEvents, events=st.lists(st.builds(
-        RunEvent, seq=MSGPACK_INTS, task_id=TEXT, attempt=MSGPACK_INTS, time=FLOATS, kind=TEXT, event=TEXT,
-        from_state=TEXT, to_state=TEXT, actor=TEXT, detail=JSON_DICT), max_size=3).map(tuple)),
+        HistoryEvent, seq=MSGPACK_INTS, run_id=TEXT, task_id=TEXT, attempt=MSGPACK_INTS, time=FLOATS, actor=TEXT,
+        body=HISTORY_BODIES), max_size=3).map(tuple)),
     "progress": st.builds(Progress, message=TEXT, fraction=st.none() | st.floats(min_value=0.0, max_value=1.0)),
 }
 

@@ -1,0 +1,78 @@
+"""Group commit for the manager: make effects durable, then acknowledge and publish them.
+
+A reply is acknowledged on the bus only after the store's next sync covers what it changed, so a
+crash between the two redelivers the reply instead of losing it (and the engine's attempt check
+makes the second delivery a no-op). Many replies share one sync; followers on other machines see
+a run's history only once it is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+
+from orchestrator.records import Event, events_envelope
+from orchestrator.store import Store
+from protocol.bus import Bus, Delivery
+from protocol.keys import events_stream
+
+__all__ = ("Acknowledger",)
+
+_EVENTS_PER_MESSAGE = 500  # keeps a batch of history well under the frame size limit
+
+
+class Acknowledger:
+    """Collects deliveries to acknowledge and events to mirror; ``run`` commits them in batches."""
+
+    def __init__(self, bus: Bus, store: Store, *, sender: str, publish_events: bool,
+                 on_committed: Callable[[set[str]], None]) -> None:
+        self.bus = bus
+        self.store = store
+        self.sender = sender
+        self.publish_events = publish_events
+        self.on_committed = on_committed  # told which runs changed, once their changes are durable
+        self._deliveries: list[Delivery] = []
+        self._events: list[Event] = []
+        self._touched: set[str] = set()
+        self._wake = anyio.Event()
+
+    def defer(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` after the next sync."""
+        self._deliveries.append(delivery)
+        self._touched.add(delivery.envelope.run_id)
+        self._wake.set()
+
+    def mirror(self, event: Event) -> None:
+        """Publish ``event`` to the run's history stream after the next sync."""
+        if self.publish_events:
+            self._events.append(event)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Commit batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            deliveries, self._deliveries = self._deliveries, []
+            events, self._events = self._events, []
+            touched, self._touched = self._touched, set()
+            await self.store.sync()
+            async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
+                tg.start_soon(self.bus.ack_many, deliveries)
+                for run_id, chunks in _by_run(events).items():
+                    tg.start_soon(self._publish, run_id, chunks)
+            self.on_committed(touched)
+
+    async def _publish(self, run_id: str, chunks: list[list[Event]]) -> None:
+        for chunk in chunks:  # in order: a follower reads the stream as the run's history
+            await self.bus.publish(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
+
+
+def _by_run(events: list[Event]) -> dict[str, list[list[Event]]]:
+    """Events grouped per run, in order, in chunks that fit a bus message."""
+    runs: dict[str, list[Event]] = {}
+    for event in events:
+        runs.setdefault(event.run_id, []).append(event)
+    return {run_id: [run_events[i:i + _EVENTS_PER_MESSAGE] for i in range(0, len(run_events), _EVENTS_PER_MESSAGE)]
+            for run_id, run_events in runs.items()}

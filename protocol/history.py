@@ -1,0 +1,264 @@
+"""A run's history: one typed event union, used on the wire, in the ledger and by every reader.
+
+Each entry is a ``HistoryEvent`` (sequence number, ids, time, actor) around a body that says
+what happened, a discriminated union on ``kind``. Nobody matches strings: readers match on the
+body's type. A run's state is a fold of its history (``RunFold``), so a follower on another
+machine, a display and a replay test all see the same run the manager saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.states import TERMINAL, RunState, TaskEvent, TaskState, VerifyStage
+
+__all__ = (
+    "Dispatched",
+    "Guard",
+    "HistoryBody",
+    "HistoryEvent",
+    "OverrideGiven",
+    "OverrideRefused",
+    "ProgressNoted",
+    "RunFinished",
+    "RunFold",
+    "RunStarted",
+    "TaskFold",
+    "TaskOutline",
+    "Transitioned",
+    "VerdictGiven",
+    "Waiting",
+    "WaitingChanged",
+    "WaitingFor",
+)
+
+# Which budget or safety rule ended a task.
+Guard = Literal["attempts", "tokens", "deadline", "loop", "repeated_feedback", "dead_letter", "no_worker",
+                "not_retryable"]
+
+WaitingFor = Literal["worker", "person", "dependency", "retry"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Waiting(_Model):
+    """What an unfinished task that is not moving waits for, and since when (wall-clock seconds)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    for_: WaitingFor = Field(alias="for")
+    since: float
+    capability: str = ""  # for ``worker``: the capability no live worker serves
+    on: tuple[str, ...] = ()  # for ``dependency``: the tasks not accepted yet
+
+    def describe(self) -> str:
+        """A short sentence for a person."""
+        match self.for_:
+            case "worker":
+                return f"waiting for a worker of capability {self.capability!r}"
+            case "person":
+                return "waiting for a person to approve"
+            case "dependency":
+                return f"waiting for {', '.join(self.on)}"
+            case _:
+                return "waiting to retry"
+
+
+class TaskOutline(_Model):
+    """A task as the run starts: enough for a follower to draw the tree."""
+
+    id: str
+    capability: str
+    depends_on: tuple[str, ...] = ()
+
+
+class RunStarted(_Model):
+    kind: Literal["run_started"] = "run_started"
+    goal: str
+    tasks: tuple[TaskOutline, ...] = ()
+
+
+class Dispatched(_Model):
+    """A new attempt of the task was sent to its capability."""
+
+    kind: Literal["dispatched"] = "dispatched"
+    capability: str
+
+
+class Transitioned(_Model):
+    """The task's state changed by ``event``; what came with it rides along."""
+
+    kind: Literal["transition"] = "transition"
+    event: TaskEvent
+    from_state: TaskState
+    to_state: TaskState
+    reason: str = ""
+    guard: Guard | None = None  # set when a budget or safety rule ended the task
+    output: Any = None  # on ``done``: the output, clipped for display
+    tokens: int = 0  # on ``done``: what the attempt cost
+    duration_s: float = 0.0  # on ``done``: how long the worker took
+    error: str = ""  # on ``retry`` and worker failures: the worker's error
+
+
+class VerdictGiven(_Model):
+    """One verifier's verdict on the current attempt."""
+
+    kind: Literal["verdict"] = "verdict"
+    stage: VerifyStage
+    passed: bool
+    verifier: str
+    feedback: str = ""
+    corrections: tuple[str, ...] = ()
+    tokens: int = 0
+
+
+class OverrideGiven(_Model):
+    """A person's decision, as applied. The event's ``actor`` is who gave it."""
+
+    kind: Literal["override"] = "override"
+    action: str
+    feedback: str = ""
+
+
+class OverrideRefused(_Model):
+    """A person's decision that did not apply, and why."""
+
+    kind: Literal["override_refused"] = "override_refused"
+    action: str
+    reason: str
+
+
+class WaitingChanged(_Model):
+    """The task started waiting for something (or stopped: ``waiting`` is None)."""
+
+    kind: Literal["waiting"] = "waiting"
+    waiting: Waiting | None
+
+
+class ProgressNoted(_Model):
+    """A worker's progress note."""
+
+    kind: Literal["progress"] = "progress"
+    message: str = ""
+    fraction: float | None = None
+
+
+class RunFinished(_Model):
+    kind: Literal["run_finished"] = "run_finished"
+    state: RunState
+    reason: str = ""
+
+
+HistoryBody = Annotated[
+    RunStarted | Dispatched | Transitioned | VerdictGiven | OverrideGiven | OverrideRefused | WaitingChanged
+    | ProgressNoted | RunFinished,
+    Field(discriminator="kind"),
+]
+
+
+class HistoryEvent(_Model):
+    """One entry of a run's history."""
+
+    seq: int
+    run_id: str
+    task_id: str = ""
+    attempt: int = 0
+    time: float  # wall clock, for people; budgets run on a monotonic clock
+    actor: str = ""
+    body: HistoryBody
+
+    @property
+    def kind(self) -> str:
+        return self.body.kind
+
+
+@dataclass(slots=True)
+class TaskFold:
+    """One task as its history tells it."""
+
+    id: str
+    capability: str = ""
+    depends_on: tuple[str, ...] = ()
+    state: TaskState = TaskState.NOT_DONE
+    attempt: int = 0
+    worker: str = ""
+    tokens: int = 0
+    waiting: Waiting | None = None
+    reason: str = ""
+    guard: str = ""
+    note: str = ""
+    redos: int = 0
+    started: float | None = None
+    finished: float | None = None
+
+
+@dataclass(slots=True)
+class RunFold:
+    """A run folded from its history; feed it events in order with ``apply``."""
+
+    run_id: str = ""
+    goal: str = ""
+    state: RunState = RunState.RUNNING
+    reason: str = ""
+    started: float | None = None
+    tokens: int = 0
+    tasks: dict[str, TaskFold] = field(default_factory=dict)
+    redo_log: list[str] = field(default_factory=list)
+    last_seq: int = 0
+
+    def apply(self, event: HistoryEvent) -> None:
+        """Fold one event in."""
+        self.run_id, self.last_seq = event.run_id, event.seq
+        body = event.body
+        if isinstance(body, RunStarted):
+            self.goal, self.started = body.goal, event.time
+            for t in body.tasks:
+                self.tasks[t.id] = TaskFold(t.id, capability=t.capability, depends_on=t.depends_on)
+            return
+        if isinstance(body, RunFinished):
+            self.state, self.reason = body.state, body.reason
+            return
+        task = self.tasks.setdefault(event.task_id, TaskFold(event.task_id))
+        task.attempt = max(task.attempt, event.attempt)
+        match body:
+            case Dispatched():
+                task.capability = body.capability
+                task.started = task.started or event.time
+            case Transitioned():
+                self._transition(task, event, body)
+            case VerdictGiven():
+                self.tokens += body.tokens
+                task.tokens += body.tokens
+                if not body.passed:
+                    self.redo_log.append(f"{task.id} attempt {event.attempt} rejected by {body.verifier}: "
+                                         f"{body.feedback}")
+                    task.note = f"redo: {body.feedback}"
+            case OverrideGiven():
+                task.note = f"{body.action} by {event.actor}" + (f": {body.feedback}" if body.feedback else "")
+            case OverrideRefused():
+                task.note = f"{body.action} by {event.actor} refused: {body.reason}"
+            case WaitingChanged():
+                task.waiting = body.waiting
+            case ProgressNoted():
+                task.note = body.message
+
+    def _transition(self, task: TaskFold, event: HistoryEvent, body: Transitioned) -> None:
+        task.state = body.to_state
+        if body.error:  # a worker's failure: the worker is the actor
+            task.worker = event.actor
+        if body.event is TaskEvent.DONE:
+            task.worker = event.actor
+            task.tokens += body.tokens
+            self.tokens += body.tokens
+        elif body.event is TaskEvent.REJECT:
+            task.redos += 1
+        if body.to_state in TERMINAL:
+            task.finished = event.time
+            task.waiting = None
+            task.reason, task.guard = body.reason, body.guard or ""
+            task.note = body.reason if body.to_state is not TaskState.ACCEPTED else ""
