@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 # docs/bus.md, "ACL grants": what the client sends, then what the scripts call.
 CLIENT_COMMANDS = ("evalsha", "script|load", "xreadgroup", "xgroup|create", "xinfo|groups", "xlen", "xrange",
                    "publish", "subscribe", "client|setname", "ping")
-SCRIPT_COMMANDS = ("xadd", "xack", "xdel", "xclaim", "xpending", "xinfo", "xrange", "xlen", "time")
+SCRIPT_COMMANDS = ("xadd", "xack", "xdel", "xclaim", "xpending", "xinfo", "xrange", "xlen", "time", "zadd",
+                   "zremrangebyscore", "pexpire")
 
 
 def with_user(url: str, user: str, password: str) -> str:
@@ -58,6 +59,7 @@ async def test_a_worker_with_only_the_documented_grants_serves_a_run(redis_url: 
                             workers=[], host_workers=False) as orch, \
             worker_bus, WorkerRuntime(worker_bus, {"echo": Echo()}).running():
         result = await (await orch.submit(job)).wait()
+        assert await orch.bus.served(["echo"]) == {"echo": 1}  # its presence announcements got through
     assert result.accepted, result.record.state
     assert {t.output for t in result.record.tasks.values()} == set(range(5))
 
