@@ -7,18 +7,29 @@ commits the reply and the acknowledgement in one step. While a handler runs, its
 renewed and a heartbeat is sent. A ``cancel`` control message stops the matching handlers.
 On stop, it takes no new work, lets in-flight handlers finish for ``drain_s``, and hands
 back whatever is still running so another worker picks it up at once.
+
+A task's ``config:`` is merged over the worker's own config (``Worker.task_config``); one the
+worker's ``config_model`` refuses fails the task at once (not retryable). An ``async def``
+handler runs on the event loop: each stretch of it that holds the loop longer than
+``block_warn_s`` is logged (``event_loop_blocked``), and a result that comes back after the
+time limit counts as timed out. A plain ``def`` handler runs in a worker thread; when the time
+limit passes (or the task is cancelled) the failure is sent at once and the thread, which
+cannot be stopped, is left to finish and its result dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import types
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import anyio
 import structlog
@@ -27,7 +38,7 @@ from structlog.contextvars import bound_contextvars
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope, new_id
-from protocol.errors import LeaseLost, ProtocolError
+from protocol.errors import ConfigError, LeaseLost, ProtocolError
 from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
@@ -38,18 +49,25 @@ __all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
 
 log = structlog.get_logger("workers.runtime")
 
+_T = TypeVar("_T")
+
 # The envelope a handler is working on, so a worker can report progress without passing ids around.
 _current: ContextVar[tuple[Envelope, str] | None] = ContextVar("orchestrator_current_task", default=None)
 
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
-    """How a runtime behaves; the defaults suit an embedded run."""
+    """How a runtime behaves; the defaults suit an embedded run.
+
+    ``block_warn_s``: an ``async def`` handler that holds the event loop longer than this in one
+    stretch (a blocking call) is logged with its capability and task.
+    """
 
     concurrency: int = 8
     default_timeout_s: float = 300.0
     drain_s: float = 10.0
     name: str = ""
+    block_warn_s: float = 1.0
 
 
 class RuntimeObserver(Protocol):
@@ -105,6 +123,8 @@ class WorkerRuntime:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; ready (subscribed to control messages) when started."""
+        # Plain ``def`` handlers run in threads of their own pool, so they never starve other to_thread users.
+        self._threads = anyio.CapacityLimiter(self.settings.concurrency)
         async with anyio.create_task_group() as tg, self.bus.subscribe(CONTROL_TOPIC) as control:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
@@ -190,32 +210,59 @@ class WorkerRuntime:
             log.warning("unexpected_message_dropped", type=env.type)
             return env.reply(Failed(error=f"workers do not handle {env.type!r} messages", retryable=False),
                              sender=self.name)
-        task = Task.from_assign(body, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt)
+        log.info("task_received", type=env.type, capability=capability)
+        try:
+            config = worker.task_config(body.config) if isinstance(body, Assign) else worker.config
+        except ConfigError as exc:
+            log.warning("task_config_rejected", capability=capability, error=str(exc))
+            return env.reply(Failed(error=str(exc), error_type="ConfigError", retryable=False), sender=self.name)
+        task = Task.from_assign(body, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, config=config)
         timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
         started = time.monotonic()
-        log.info("task_received", type=env.type, capability=capability)
         tokens_before = self._tokens(env)
+        call = _Call(capability=capability, task_id=env.task_id, block_warn_s=self.settings.block_warn_s)
         try:
-            with anyio.fail_after(timeout):
+            with anyio.move_on_after(timeout) as limit:
                 if isinstance(body, VerifyRequest):
-                    verdict = await worker.verify(task, body.output)
-                    if isinstance(verdict, bool):
-                        verdict = Verdict(passed=verdict, verifier=capability)
-                    return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
-                output = await worker.handle(task)
-        except TimeoutError:
-            log.warning("task_timed_out", timeout_s=timeout)
-            return env.reply(Failed(error=f"handler ran past its {_seconds(timeout)} time limit",
-                                    error_type="TimeoutError"), sender=self.name)
+                    verdict = _attributed(await self._invoke(call, worker.verify, task, body.output), capability)
+                else:
+                    output = await self._invoke(call, worker.handle, task)
+            # A handler that blocked the loop past the limit and then returned without a checkpoint
+            # was never cancelled; its result is just as late.
+            late = limit.cancelled_caught or anyio.current_time() >= limit.deadline
         except Exception as exc:
             log.warning("task_raised", error_type=type(exc).__name__, error=str(exc))
             return env.reply(Failed(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__),
                              sender=self.name)
+        finally:
+            if call.abandoned:
+                log.warning("handler_thread_abandoned", capability=capability, task_id=env.task_id)
+        if late:
+            log.warning("task_timed_out", capability=capability, task_id=env.task_id, timeout_s=timeout,
+                        blocked_s=round(call.longest_block_s, 3) if call.blocked else None)
+            return env.reply(Failed(error=_timeout_text(timeout, call), error_type="TimeoutError"), sender=self.name)
+        if isinstance(body, VerifyRequest):
+            return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
         self.completed += 1
         duration = time.monotonic() - started
         log.info("task_finished", duration_s=round(duration, 4))
         return env.reply(Done(output=output, duration_s=duration, self_check=worker.has_own_verify(),
                               tokens=self._tokens(env) - tokens_before), sender=self.name)
+
+    async def _invoke(self, call: _Call, fn: Callable[..., Any], *args: Any) -> Any:
+        """Await an ``async def`` handler on the loop, timing each step; run a plain ``def`` in a thread."""
+        if inspect.iscoroutinefunction(fn):
+            return await _timed(fn(*args), call)
+        call.in_thread = True
+        try:
+            result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
+                                                    limiter=self._threads)
+        except anyio.get_cancelled_exc_class():
+            call.abandoned = True  # the thread runs on; what it returns goes nowhere
+            raise
+        if inspect.isawaitable(result):  # a plain def that returned a coroutine (a decorated async handler)
+            result = await _timed(result, call)
+        return result
 
     def _tokens(self, env: Envelope) -> int:
         """Tokens the shared inference client has spent on this task so far."""
@@ -284,6 +331,76 @@ class WorkerRuntime:
         """The context a worker of ``capability`` hosted here should be built with."""
         return WorkerContext(name=self.name, logger=log.bind(worker=self.name, capability=capability),
                              progress=self.report_progress, inference=self.inference)
+
+
+@dataclass(slots=True)
+class _Call:
+    """One handler call: how long it held the event loop at most, and whether its thread was left behind."""
+
+    capability: str
+    task_id: str
+    block_warn_s: float
+    longest_block_s: float = 0.0
+    in_thread: bool = False
+    abandoned: bool = False
+
+    @property
+    def blocked(self) -> bool:
+        return self.longest_block_s > self.block_warn_s
+
+    def stepped(self, seconds: float) -> None:
+        self.longest_block_s = max(self.longest_block_s, seconds)
+        if seconds > self.block_warn_s:
+            log.warning("event_loop_blocked", capability=self.capability, task_id=self.task_id,
+                        blocked_s=round(seconds, 3),
+                        hint="a blocking call in an async handler stalls every task of this process; "
+                             "make handle a plain def (it then runs in a thread) or use anyio.to_thread")
+
+
+@types.coroutine
+def _timed(awaitable: Awaitable[_T], call: _Call) -> Generator[Any, Any, _T]:
+    """Drive ``awaitable`` step by step (as ``await`` would), telling ``call`` how long each step held the loop."""
+    inner = awaitable.__await__()
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        started = time.monotonic()
+        try:
+            step = inner.send(value) if error is None else inner.throw(error)
+        except StopIteration as stop:
+            call.stepped(time.monotonic() - started)
+            return cast(_T, stop.value)
+        except BaseException:
+            call.stepped(time.monotonic() - started)
+            raise
+        call.stepped(time.monotonic() - started)
+        try:
+            value, error = (yield step), None
+        except GeneratorExit:
+            inner.close()
+            raise
+        except BaseException as exc:  # a cancellation (or anything else) thrown in: hand it to the handler
+            value, error = None, exc
+
+
+def _timeout_text(timeout: float, call: _Call) -> str:
+    text = f"handler ran past its {_seconds(timeout)} time limit"
+    if call.abandoned:
+        return (f"{text}; it runs in a thread, which cannot be stopped: the thread was left to finish and "
+                "its result will be dropped")
+    if call.blocked:
+        return (f"{text}; it blocked the event loop for {call.longest_block_s:.1f} s at once (a blocking call in "
+                "an async handler: make handle a plain def, or use anyio.to_thread)")
+    return text
+
+
+def _attributed(verdict: Any, capability: str) -> Verdict:
+    """A worker's own verdict, attributed to ``worker:<capability>`` unless it names its verifier."""
+    if isinstance(verdict, bool):
+        return Verdict(passed=verdict, verifier=f"worker:{capability}")
+    if not isinstance(verdict, Verdict):
+        raise TypeError(f"verify returned {type(verdict).__name__}, not a Verdict or a bool")
+    return verdict if verdict.verifier else verdict.model_copy(update={"verifier": f"worker:{capability}"})
 
 
 def _outcome(reply: Envelope) -> str:
