@@ -220,7 +220,8 @@ class WorkerRuntime:
         timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
         started = time.monotonic()
         tokens_before = self._tokens(env)
-        call = _Call(capability=capability, task_id=env.task_id, block_warn_s=self.settings.block_warn_s)
+        call = _Call(capability=capability, task_id=env.task_id, block_warn_s=self.settings.block_warn_s,
+                     deadline=time.monotonic() + timeout)
         try:
             with anyio.move_on_after(timeout) as limit:
                 if isinstance(body, VerifyRequest):
@@ -239,7 +240,7 @@ class WorkerRuntime:
                 log.warning("handler_thread_abandoned", capability=capability, task_id=env.task_id)
         if late:
             log.warning("task_timed_out", capability=capability, task_id=env.task_id, timeout_s=timeout,
-                        blocked_s=round(call.longest_block_s, 3) if call.blocked else None)
+                        held_loop_s=round(call.held_past_deadline_s, 3) or None)
             return env.reply(Failed(error=_timeout_text(timeout, call), error_type="TimeoutError"), sender=self.name)
         if isinstance(body, VerifyRequest):
             return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
@@ -253,7 +254,6 @@ class WorkerRuntime:
         """Await an ``async def`` handler on the loop, timing each step; run a plain ``def`` in a thread."""
         if inspect.iscoroutinefunction(fn):
             return await _timed(fn(*args), call)
-        call.in_thread = True
         try:
             result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
                                                     limiter=self._threads)
@@ -335,21 +335,20 @@ class WorkerRuntime:
 
 @dataclass(slots=True)
 class _Call:
-    """One handler call: how long it held the event loop at most, and whether its thread was left behind."""
+    """One handler call: whether a step held the event loop across its deadline, whether its thread was left behind."""
 
     capability: str
     task_id: str
     block_warn_s: float
-    longest_block_s: float = 0.0
-    in_thread: bool = False
+    deadline: float  # time.monotonic()
+    held_past_deadline_s: float = 0.0
     abandoned: bool = False
 
-    @property
-    def blocked(self) -> bool:
-        return self.longest_block_s > self.block_warn_s
-
-    def stepped(self, seconds: float) -> None:
-        self.longest_block_s = max(self.longest_block_s, seconds)
+    def stepped(self, started: float) -> None:
+        ended = time.monotonic()
+        seconds = ended - started
+        if started < self.deadline <= ended:  # nothing could cancel it: the loop was not running
+            self.held_past_deadline_s = seconds
         if seconds > self.block_warn_s:
             log.warning("event_loop_blocked", capability=self.capability, task_id=self.task_id,
                         blocked_s=round(seconds, 3),
@@ -368,12 +367,12 @@ def _timed(awaitable: Awaitable[_T], call: _Call) -> Generator[Any, Any, _T]:
         try:
             step = inner.send(value) if error is None else inner.throw(error)
         except StopIteration as stop:
-            call.stepped(time.monotonic() - started)
+            call.stepped(started)
             return cast(_T, stop.value)
         except BaseException:
-            call.stepped(time.monotonic() - started)
+            call.stepped(started)
             raise
-        call.stepped(time.monotonic() - started)
+        call.stepped(started)
         try:
             value, error = (yield step), None
         except GeneratorExit:
@@ -388,9 +387,10 @@ def _timeout_text(timeout: float, call: _Call) -> str:
     if call.abandoned:
         return (f"{text}; it runs in a thread, which cannot be stopped: the thread was left to finish and "
                 "its result will be dropped")
-    if call.blocked:
-        return (f"{text}; it blocked the event loop for {call.longest_block_s:.1f} s at once (a blocking call in "
-                "an async handler: make handle a plain def, or use anyio.to_thread)")
+    if call.held_past_deadline_s:
+        return (f"{text}; it blocked the event loop for {call.held_past_deadline_s:.1f} s at once, so it could not "
+                "be stopped in time (a blocking call in an async handler: make handle a plain def, or use "
+                "anyio.to_thread)")
     return text
 
 
