@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import structlog
-from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, SerializeAsAny, ValidationError
 
 from protocol.errors import ConfigError
 from protocol.messages import Assign, Verdict, VerifyRequest
@@ -50,7 +50,7 @@ class Task(BaseModel):
     context: str = ""
     spec_description: str = ""
     dependencies: dict[str, Any] = {}
-    config: BaseModel | None = None
+    config: SerializeAsAny[BaseModel] | None = None  # dumped with its own fields, not the base's (none)
     config_overrides: dict[str, Any] = {}
     timeout_s: float | None = None
 

@@ -11,8 +11,9 @@ back whatever is still running so another worker picks it up at once.
 A task's ``config:`` is merged over the worker's own config (``Worker.task_config``); one the
 worker's ``config_model`` refuses fails the task at once (not retryable). An ``async def``
 handler runs on the event loop: each stretch of it that holds the loop longer than
-``block_warn_s`` is logged (``event_loop_blocked``), and a result that comes back after the
-time limit counts as timed out. A plain ``def`` handler runs in a worker thread; when the time
+``block_warn_s`` is logged (``event_loop_still_blocked`` by a watchdog thread while it lasts,
+``event_loop_blocked`` when it ends), and a result that comes back after the time limit
+counts as timed out. A plain ``def`` handler runs in a worker thread; when the time
 limit passes (or the task is cancelled) the failure is sent at once and the thread, which
 cannot be stopped, is left to finish and its result dropped.
 """
@@ -23,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import math
+import threading
 import time
 import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
@@ -104,6 +106,7 @@ class WorkerRuntime:
         self._accepting = True
         self._stopped = anyio.Event()
         self._finished = anyio.Event()  # set whenever an in-flight handler ends
+        self._calls: set[_Call] = set()  # handler calls under way, for the loop watchdog
         self.completed = 0
 
     @asynccontextmanager
@@ -125,6 +128,10 @@ class WorkerRuntime:
         """Run until ``stop()``; ready (subscribed to control messages) when started."""
         # Plain ``def`` handlers run in threads of their own pool, so they never starve other to_thread users.
         self._threads = anyio.CapacityLimiter(self.settings.concurrency)
+        with _LoopWatchdog(self._calls, self.settings.block_warn_s, name=f"{self.name} loop watchdog"):
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg, self.bus.subscribe(CONTROL_TOPIC) as control:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
@@ -220,8 +227,9 @@ class WorkerRuntime:
         timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
         started = time.monotonic()
         tokens_before = self._tokens(env)
-        call = _Call(capability=capability, task_id=env.task_id, block_warn_s=self.settings.block_warn_s,
-                     deadline=time.monotonic() + timeout)
+        call = _Call(capability=capability, run_id=env.run_id, task_id=env.task_id,
+                     block_warn_s=self.settings.block_warn_s, deadline=time.monotonic() + timeout)
+        self._calls.add(call)
         try:
             with anyio.move_on_after(timeout) as limit:
                 if isinstance(body, VerifyRequest):
@@ -236,6 +244,7 @@ class WorkerRuntime:
             return env.reply(Failed(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__),
                              sender=self.name)
         finally:
+            self._calls.discard(call)
             if call.abandoned:
                 log.warning("handler_thread_abandoned", capability=capability, task_id=env.task_id)
         if late:
@@ -333,27 +342,63 @@ class WorkerRuntime:
                              progress=self.report_progress, inference=self.inference)
 
 
-@dataclass(slots=True)
+_BLOCKED_HINT = ("a blocking call in an async handler stalls every task of this process; "
+                 "make handle a plain def (it then runs in a thread) or use anyio.to_thread")
+
+
+@dataclass(slots=True, eq=False)
 class _Call:
-    """One handler call: whether a step held the event loop across its deadline, whether its thread was left behind."""
+    """One handler call under way: its step on the loop now, a step that overran the deadline, an abandoned thread."""
 
     capability: str
+    run_id: str
     task_id: str
     block_warn_s: float
     deadline: float  # time.monotonic()
+    step_started: float | None = None  # read by the watchdog thread
+    reported_step: float | None = None
     held_past_deadline_s: float = 0.0
     abandoned: bool = False
 
     def stepped(self, started: float) -> None:
         ended = time.monotonic()
+        self.step_started = None
         seconds = ended - started
         if started < self.deadline <= ended:  # nothing could cancel it: the loop was not running
             self.held_past_deadline_s = seconds
         if seconds > self.block_warn_s:
             log.warning("event_loop_blocked", capability=self.capability, task_id=self.task_id,
-                        blocked_s=round(seconds, 3),
-                        hint="a blocking call in an async handler stalls every task of this process; "
-                             "make handle a plain def (it then runs in a thread) or use anyio.to_thread")
+                        blocked_s=round(seconds, 3), hint=_BLOCKED_HINT)
+
+
+class _LoopWatchdog:
+    """A thread that names the handler holding the event loop while it holds it (nothing on the loop can)."""
+
+    def __init__(self, calls: set[_Call], warn_s: float, *, name: str) -> None:
+        self._calls = calls
+        self._warn_s = warn_s
+        self._interval = max(0.05, warn_s / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            for call in list(self._calls):  # copied in one step under the GIL
+                started = call.step_started
+                if started is None or now - started <= self._warn_s or call.reported_step == started:
+                    continue
+                call.reported_step = started
+                log.warning("event_loop_still_blocked", capability=call.capability, run_id=call.run_id,
+                            task_id=call.task_id, blocked_s=round(now - started, 3), hint=_BLOCKED_HINT)
 
 
 @types.coroutine
@@ -363,7 +408,7 @@ def _timed(awaitable: Awaitable[_T], call: _Call) -> Generator[Any, Any, _T]:
     value: Any = None
     error: BaseException | None = None
     while True:
-        started = time.monotonic()
+        started = call.step_started = time.monotonic()
         try:
             step = inner.send(value) if error is None else inner.throw(error)
         except StopIteration as stop:

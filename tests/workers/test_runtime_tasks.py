@@ -214,6 +214,30 @@ async def test_an_async_handler_that_blocks_the_loop_is_logged_with_its_task(bus
     assert warning["blocked_s"] >= 0.3
 
 
+async def test_a_handler_blocking_the_loop_is_named_while_it_blocks(bus: Bus) -> None:
+    class Stuck(Worker):
+        """Holds the loop until the watchdog has named it (at most 10 s), so the test needs no timing."""
+
+        capability = "stuck"
+
+        async def handle(self, task: Task) -> Any:
+            await anyio.lowlevel.checkpoint()
+            for _ in range(1000):
+                if any(e["event"] == "event_loop_still_blocked" for e in logs):
+                    return "named"
+                threading.Event().wait(0.01)
+            return "never named"
+
+    with capture_logs() as logs:
+        reply = await one_reply(bus, Stuck(), Assign(capability="stuck", instruction=""),
+                                RuntimeSettings(block_warn_s=0.1))
+    assert isinstance(reply.body, Done)
+    assert reply.body.output == "named"
+    [warning] = [e for e in logs if e["event"] == "event_loop_still_blocked"]
+    assert (warning["log_level"], warning["capability"], warning["task_id"]) == ("warning", "stuck", "t")
+    assert warning["blocked_s"] > 0.1
+
+
 async def test_an_async_handler_that_blocks_past_its_limit_times_out(bus: Bus) -> None:
     # The handler never reaches a checkpoint after its deadline, so no cancellation reaches it:
     # the runtime still refuses the late result.
