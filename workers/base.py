@@ -138,8 +138,11 @@ class Worker(abc.ABC):
         """
         raise NotImplementedError
 
-    def config_for(self, task: Task) -> BaseModel:
-        """The config this task runs with: ``task.config``, or the worker's own when the task carries none."""
+    def config_for(self, task: Task) -> Any:
+        """The config this task runs with: ``task.config``, or the worker's own when the task carries none.
+
+        Typed ``Any`` like a subclass's ``config``: annotate it, ``config: MyConfig = self.config_for(task)``.
+        """
         return task.config if task.config is not None else self.config
 
     def task_config(self, overrides: Mapping[str, Any]) -> BaseModel:
