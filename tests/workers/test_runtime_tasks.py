@@ -197,7 +197,7 @@ class Blocker(Worker):
     capability = "blocker"
 
     async def handle(self, task: Task) -> Any:
-        await anyio.lowlevel.checkpoint()
+        # From its first step, so the step is on the loop when the deadline passes, however slow the machine.
         threading.Event().wait(float(task.input))  # a blocking call, like time.sleep
         return "woke"
 
@@ -211,7 +211,7 @@ async def test_an_async_handler_that_blocks_the_loop_is_logged_with_its_task(bus
     assert warning["log_level"] == "warning"
     assert warning["capability"] == "blocker"
     assert warning["task_id"] == "t"
-    assert warning["blocked_s"] >= 0.3
+    assert warning["blocked_s"] > 0.2
 
 
 async def test_a_handler_blocking_the_loop_is_named_while_it_blocks(bus: Bus) -> None:
@@ -235,7 +235,7 @@ async def test_a_handler_blocking_the_loop_is_named_while_it_blocks(bus: Bus) ->
     assert reply.body.output == "named"
     [warning] = [e for e in logs if e["event"] == "event_loop_still_blocked"]
     assert (warning["log_level"], warning["capability"], warning["task_id"]) == ("warning", "stuck", "t")
-    assert warning["blocked_s"] > 0.1
+    assert warning["blocked_s"] >= 0.1  # rounded to the millisecond
 
 
 async def test_an_async_handler_that_blocks_past_its_limit_times_out(bus: Bus) -> None:
