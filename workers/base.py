@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, SerializeAsAny, ValidationError
 
+from protocol.errors import ConfigError
 from protocol.messages import Assign, Verdict, VerifyRequest
 
 __all__ = ("NoConfig", "Task", "Verdict", "Worker", "WorkerContext")
@@ -27,6 +28,12 @@ class Task(BaseModel):
     ``feedback`` and ``corrections`` hold what earlier failed verifications said, oldest first;
     both are empty on attempt 1. ``dependencies`` maps each ``depends_on`` task id to its
     accepted output.
+
+    ``config`` is the worker's own config with the task's ``config:`` merged over it, an instance
+    of the worker's ``config_model`` (the runtime always sets it; ``None`` only in a Task built by
+    hand, see ``Worker.config_for``). ``config_overrides`` holds the keys the task's ``config:``
+    gave, as given. ``timeout_s`` is the task's own time limit per attempt, ``None`` when the job
+    gave none.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -43,13 +50,18 @@ class Task(BaseModel):
     context: str = ""
     spec_description: str = ""
     dependencies: dict[str, Any] = {}
+    config: SerializeAsAny[BaseModel] | None = None  # dumped with its own fields, not the base's (none)
+    config_overrides: dict[str, Any] = {}
+    timeout_s: float | None = None
 
     @classmethod
-    def from_assign(cls, body: Assign | VerifyRequest, *, run_id: str, task_id: str, attempt: int) -> Task:
-        """Build the worker's view of an assign (or verify) message."""
+    def from_assign(cls, body: Assign | VerifyRequest, *, run_id: str, task_id: str, attempt: int,
+                    config: BaseModel | None = None) -> Task:
+        """Build the worker's view of an assign (or verify) message; ``config`` is the merged config."""
         if isinstance(body, VerifyRequest):
             return cls(run_id=run_id, task_id=task_id, attempt=attempt, capability=body.capability,
-                       instruction=body.instruction, input=body.input, spec_description=body.spec_description)
+                       instruction=body.instruction, input=body.input, spec_description=body.spec_description,
+                       config=config)
         last = body.redo[-1] if body.redo else None
         return cls(
             run_id=run_id, task_id=task_id, attempt=attempt, capability=body.capability,
@@ -58,6 +70,7 @@ class Task(BaseModel):
             corrections=tuple(c for r in body.redo for c in r.corrections),
             plan=last.plan if last else "", context=last.context if last else "",
             spec_description=body.spec_description, dependencies=body.dependencies,
+            config=config, config_overrides=dict(body.config), timeout_s=body.timeout_s,
         )
 
 
@@ -85,12 +98,18 @@ class Worker(abc.ABC):
     """Base class of every worker plugin.
 
     A plugin sets ``capability`` (the name jobs route by; an entry point's name must match it),
-    optionally ``config_model`` (a pydantic model validated from the manifest or job config),
-    implements ``handle`` and, when it can check its own results, ``verify``.
+    optionally ``config_model`` (a pydantic model validated from the manifest, and from each
+    task's ``config:`` merged over it), implements ``handle`` and, when it can check its own
+    results, ``verify``. Either may be ``async def`` (it runs on the event loop and must not
+    block it) or a plain ``def`` (the runtime runs it in a worker thread).
+
+    ``task_config_locked`` names config keys only the worker's own config may set (a task's
+    ``config:`` that sets one fails), e.g. limits that protect the host.
     """
 
     capability: ClassVar[str]
     config_model: ClassVar[type[BaseModel]] = NoConfig
+    task_config_locked: ClassVar[frozenset[str]] = frozenset()
     # Set by workers that call the language model: hosts hand them the shared InferenceClient.
     needs_inference: ClassVar[bool] = False
 
@@ -108,17 +127,73 @@ class Worker(abc.ABC):
             raise TypeError(f"worker class {cls.__qualname__!r} must set a string class attribute 'capability'")
 
     @abc.abstractmethod
-    async def handle(self, task: Task) -> Any:
-        """Do the task and return its output (a JSON-like value)."""
+    def handle(self, task: Task) -> Any:
+        """Do the task and return its output (a JSON-like value); ``async def`` or plain ``def``."""
 
-    async def verify(self, task: Task, output: Any) -> Verdict | bool:
-        """Check an output against the task; override to give the manager a worker-side check."""
+    def verify(self, task: Task, output: Any) -> Verdict | bool | Awaitable[Verdict | bool]:
+        """Check an output against the task; override to give the manager a worker-side check.
+
+        Return a ``Verdict`` or a bool (``async def`` or plain ``def``); a verdict with no
+        ``verifier`` is attributed to ``worker:<capability>``.
+        """
         raise NotImplementedError
+
+    def config_for(self, task: Task) -> Any:
+        """The config this task runs with: ``task.config``, or the worker's own when the task carries none.
+
+        Typed ``Any`` like a subclass's ``config``: annotate it, ``config: MyConfig = self.config_for(task)``.
+        """
+        return task.config if task.config is not None else self.config
+
+    def task_config(self, overrides: Mapping[str, Any]) -> BaseModel:
+        """This worker's config with a task's ``config:`` merged over it, validated by ``config_model``.
+
+        Raises ``ConfigError`` naming the capability and the keys when the task sets a key the
+        model does not define (unless the model allows extra keys) or a locked key, and the
+        field when a value is invalid.
+        """
+        if not overrides:
+            return self.config
+        model = self.config_model
+        where = f"task config for capability {self.capability!r}"
+        locked = sorted(key for key in overrides if key in self.task_config_locked)
+        if locked:
+            raise ConfigError(f"{where} sets {_keys(locked)}, which only the worker's own config may set")
+        if model.model_config.get("extra") != "allow":
+            known = _accepted_keys(model)
+            unknown = sorted(key for key in overrides if key not in known)
+            if unknown:
+                raise ConfigError(f"{where} has unknown {'key' if len(unknown) == 1 else 'keys'} {_keys(unknown)} "
+                                  f"({model.__name__} takes {', '.join(sorted(model.model_fields)) or 'no keys'})")
+        base = self.config.model_dump(by_alias=True, exclude_unset=True)
+        try:
+            return model.model_validate({**base, **overrides})
+        except ValidationError as exc:
+            problems = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '(root)'!r}: {e['msg']}"
+                                 for e in exc.errors(include_url=False))
+            raise ConfigError(f"{where} is invalid: {problems}") from exc
 
     @classmethod
     def has_own_verify(cls) -> bool:
         """Whether this worker overrides ``verify`` (the manager then asks it to check results)."""
         return cls.verify is not Worker.verify
+
+
+def _keys(keys: list[str]) -> str:
+    return ", ".join(map(repr, keys))
+
+
+def _accepted_keys(model: type[BaseModel]) -> set[str]:
+    """Every key ``model`` validates a field from: names, aliases and validation aliases."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        keys.add(name)
+        if isinstance(info.alias, str):
+            keys.add(info.alias)
+        aliases = info.validation_alias
+        choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
+        keys.update(choice for choice in choices if isinstance(choice, str))
+    return keys
 
 
 def _defines_handle(cls: type) -> bool:

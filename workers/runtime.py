@@ -7,18 +7,31 @@ commits the reply and the acknowledgement in one step. While a handler runs, its
 renewed and a heartbeat is sent. A ``cancel`` control message stops the matching handlers.
 On stop, it takes no new work, lets in-flight handlers finish for ``drain_s``, and hands
 back whatever is still running so another worker picks it up at once.
+
+A task's ``config:`` is merged over the worker's own config (``Worker.task_config``); one the
+worker's ``config_model`` refuses fails the task at once (not retryable). An ``async def``
+handler runs on the event loop: each stretch of it that holds the loop longer than
+``block_warn_s`` is logged (``event_loop_still_blocked`` by a watchdog thread while it lasts,
+``event_loop_blocked`` when it ends), and a result that comes back after the time limit
+counts as timed out. A plain ``def`` handler runs in a worker thread; when the time
+limit passes (or the task is cancelled) the failure is sent at once and the thread, which
+cannot be stopped, is left to finish and its result dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
+import threading
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import types
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import anyio
 import structlog
@@ -27,7 +40,7 @@ from structlog.contextvars import bound_contextvars
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope, new_id
-from protocol.errors import LeaseLost, OrchestratorError, ProtocolError
+from protocol.errors import ConfigError, LeaseLost, OrchestratorError, ProtocolError
 from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
@@ -38,19 +51,26 @@ __all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
 
 log = structlog.get_logger("workers.runtime")
 
+_T = TypeVar("_T")
+
 # The envelope a handler is working on, so a worker can report progress without passing ids around.
 _current: ContextVar[tuple[Envelope, str] | None] = ContextVar("orchestrator_current_task", default=None)
 
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
-    """How a runtime behaves; the defaults suit an embedded run."""
+    """How a runtime behaves; the defaults suit an embedded run.
+
+    ``block_warn_s``: an ``async def`` handler that holds the event loop longer than this in one
+    stretch (a blocking call) is logged with its capability and task.
+    """
 
     concurrency: int = 8
     default_timeout_s: float = 300.0
     drain_s: float = 10.0
     name: str = ""
     presence_ttl_s: float = 10.0  # how long one announcement of this worker's capabilities lasts
+    block_warn_s: float = 1.0
 
 
 class RuntimeObserver(Protocol):
@@ -87,6 +107,7 @@ class WorkerRuntime:
         self._accepting = True
         self._stopped = anyio.Event()
         self._finished = anyio.Event()  # set whenever an in-flight handler ends
+        self._calls: set[_Call] = set()  # handler calls under way, for the loop watchdog
         self.completed = 0
 
     @asynccontextmanager
@@ -106,6 +127,12 @@ class WorkerRuntime:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; ready (subscribed to control messages) when started."""
+        # Plain ``def`` handlers run in threads of their own pool, so they never starve other to_thread users.
+        self._threads = anyio.CapacityLimiter(self.settings.concurrency)
+        with _LoopWatchdog(self._calls, self.settings.block_warn_s, name=f"{self.name} loop watchdog"):
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg, self.bus.subscribe(CONTROL_TOPIC) as control:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
@@ -192,32 +219,61 @@ class WorkerRuntime:
             log.warning("unexpected_message_dropped", type=env.type)
             return env.reply(Failed(error=f"workers do not handle {env.type!r} messages", retryable=False),
                              sender=self.name)
-        task = Task.from_assign(body, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt)
+        log.info("task_received", type=env.type, capability=capability)
+        try:
+            config = worker.task_config(body.config) if isinstance(body, Assign) else worker.config
+        except ConfigError as exc:
+            log.warning("task_config_rejected", capability=capability, error=str(exc))
+            return env.reply(Failed(error=str(exc), error_type="ConfigError", retryable=False), sender=self.name)
+        task = Task.from_assign(body, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, config=config)
         timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
         started = time.monotonic()
-        log.info("task_received", type=env.type, capability=capability)
         tokens_before = self._tokens(env)
+        call = _Call(capability=capability, run_id=env.run_id, task_id=env.task_id,
+                     block_warn_s=self.settings.block_warn_s, deadline=time.monotonic() + timeout)
+        self._calls.add(call)
         try:
-            with anyio.fail_after(timeout):
+            with anyio.move_on_after(timeout) as limit:
                 if isinstance(body, VerifyRequest):
-                    verdict = await worker.verify(task, body.output)
-                    if isinstance(verdict, bool):
-                        verdict = Verdict(passed=verdict, verifier=capability)
-                    return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
-                output = await worker.handle(task)
-        except TimeoutError:
-            log.warning("task_timed_out", timeout_s=timeout)
-            return env.reply(Failed(error=f"handler ran past its {_seconds(timeout)} time limit",
-                                    error_type="TimeoutError"), sender=self.name)
+                    verdict = _attributed(await self._invoke(call, worker.verify, task, body.output), capability)
+                else:
+                    output = await self._invoke(call, worker.handle, task)
+            # A handler that blocked the loop past the limit and then returned without a checkpoint
+            # was never cancelled; its result is just as late.
+            late = limit.cancelled_caught or anyio.current_time() >= limit.deadline
         except Exception as exc:
             log.warning("task_raised", error_type=type(exc).__name__, error=str(exc))
             return env.reply(Failed(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__),
                              sender=self.name)
+        finally:
+            self._calls.discard(call)
+            if call.abandoned:
+                log.warning("handler_thread_abandoned", capability=capability, task_id=env.task_id)
+        if late:
+            log.warning("task_timed_out", capability=capability, task_id=env.task_id, timeout_s=timeout,
+                        held_loop_s=round(call.held_past_deadline_s, 3) or None)
+            return env.reply(Failed(error=_timeout_text(timeout, call), error_type="TimeoutError"), sender=self.name)
+        if isinstance(body, VerifyRequest):
+            return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
         self.completed += 1
         duration = time.monotonic() - started
         log.info("task_finished", duration_s=round(duration, 4))
         return env.reply(Done(output=output, duration_s=duration, self_check=worker.has_own_verify(),
                               tokens=self._tokens(env) - tokens_before), sender=self.name)
+
+    async def _invoke(self, call: _Call, fn: Callable[..., Any], *args: Any) -> Any:
+        """Await an ``async def`` handler on the loop, timing each step; run a plain ``def`` in a thread."""
+        if inspect.iscoroutinefunction(fn):
+            return await _timed(fn(*args), call)
+        try:
+            result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
+                                                    limiter=self._threads)
+        except anyio.get_cancelled_exc_class():
+            call.abandoned = True  # the thread runs on; what it returns goes nowhere
+            raise
+        if inspect.isawaitable(result):  # a plain def that returned a coroutine (a decorated async handler)
+            result = await _timed(result, call)
+        return result
 
     def _tokens(self, env: Envelope) -> int:
         """Tokens the shared inference client has spent on this task so far."""
@@ -296,6 +352,112 @@ class WorkerRuntime:
         """The context a worker of ``capability`` hosted here should be built with."""
         return WorkerContext(name=self.name, logger=log.bind(worker=self.name, capability=capability),
                              progress=self.report_progress, inference=self.inference)
+
+
+_BLOCKED_HINT = ("a blocking call in an async handler stalls every task of this process; "
+                 "make handle a plain def (it then runs in a thread) or use anyio.to_thread")
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One handler call under way: its step on the loop now, a step that overran the deadline, an abandoned thread."""
+
+    capability: str
+    run_id: str
+    task_id: str
+    block_warn_s: float
+    deadline: float  # time.monotonic()
+    step_started: float | None = None  # read by the watchdog thread
+    reported_step: float | None = None
+    held_past_deadline_s: float = 0.0
+    abandoned: bool = False
+
+    def stepped(self, started: float) -> None:
+        ended = time.monotonic()
+        self.step_started = None
+        seconds = ended - started
+        if started < self.deadline <= ended:  # nothing could cancel it: the loop was not running
+            self.held_past_deadline_s = seconds
+        if seconds > self.block_warn_s:
+            log.warning("event_loop_blocked", capability=self.capability, task_id=self.task_id,
+                        blocked_s=round(seconds, 3), hint=_BLOCKED_HINT)
+
+
+class _LoopWatchdog:
+    """A thread that names the handler holding the event loop while it holds it (nothing on the loop can)."""
+
+    def __init__(self, calls: set[_Call], warn_s: float, *, name: str) -> None:
+        self._calls = calls
+        self._warn_s = warn_s
+        self._interval = max(0.05, warn_s / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            for call in list(self._calls):  # copied in one step under the GIL
+                started = call.step_started
+                if started is None or now - started <= self._warn_s or call.reported_step == started:
+                    continue
+                call.reported_step = started
+                log.warning("event_loop_still_blocked", capability=call.capability, run_id=call.run_id,
+                            task_id=call.task_id, blocked_s=round(now - started, 3), hint=_BLOCKED_HINT)
+
+
+@types.coroutine
+def _timed(awaitable: Awaitable[_T], call: _Call) -> Generator[Any, Any, _T]:
+    """Drive ``awaitable`` step by step (as ``await`` would), telling ``call`` how long each step held the loop."""
+    inner = awaitable.__await__()
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        started = call.step_started = time.monotonic()
+        try:
+            step = inner.send(value) if error is None else inner.throw(error)
+        except StopIteration as stop:
+            call.stepped(started)
+            return cast(_T, stop.value)
+        except BaseException:
+            call.stepped(started)
+            raise
+        call.stepped(started)
+        try:
+            value, error = (yield step), None
+        except GeneratorExit:
+            inner.close()
+            raise
+        except BaseException as exc:  # a cancellation (or anything else) thrown in: hand it to the handler
+            value, error = None, exc
+
+
+def _timeout_text(timeout: float, call: _Call) -> str:
+    text = f"handler ran past its {_seconds(timeout)} time limit"
+    if call.abandoned:
+        return (f"{text}; it runs in a thread, which cannot be stopped: the thread was left to finish and "
+                "its result will be dropped")
+    if call.held_past_deadline_s:
+        return (f"{text}; it blocked the event loop for {call.held_past_deadline_s:.1f} s at once, so it could not "
+                "be stopped in time (a blocking call in an async handler: make handle a plain def, or use "
+                "anyio.to_thread)")
+    return text
+
+
+def _attributed(verdict: Any, capability: str) -> Verdict:
+    """A worker's own verdict, attributed to ``worker:<capability>`` unless it names its verifier."""
+    if isinstance(verdict, bool):
+        return Verdict(passed=verdict, verifier=f"worker:{capability}")
+    if not isinstance(verdict, Verdict):
+        raise TypeError(f"verify returned {type(verdict).__name__}, not a Verdict or a bool")
+    return verdict if verdict.verifier else verdict.model_copy(update={"verifier": f"worker:{capability}"})
 
 
 def _outcome(reply: Envelope) -> str:

@@ -7,8 +7,8 @@ Run from the repository root after a change to the history schema::
 
 from __future__ import annotations
 
-from tests.orchestrator.engine_kit import Driver
 from protocol.states import VerifyStage
+from tests.orchestrator.engine_kit import Driver
 
 JOB = {"goal": "Write the quarterly report", "budget": {"max_attempts": 2}, "tasks": [
     {"id": "research", "capability": "writer"},
@@ -41,4 +41,4 @@ def record() -> Driver:
 
 if __name__ == "__main__":
     for event in record().history:
-        print(event.model_dump_json(by_alias=True))  # noqa: T201 - the file's content
+        print(event.model_dump_json(by_alias=True))

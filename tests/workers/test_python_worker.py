@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from structlog.testing import capture_logs
 
-from protocol.errors import WorkerError
+from protocol.errors import ConfigError, WorkerError
 from workers.base import Task
 from workers.builtin import PythonConfig, PythonWorker, SandboxError, SandboxLimits, run_snippet
 
@@ -297,8 +298,53 @@ def test_config_is_frozen_and_strict() -> None:
     config = PythonConfig()
     assert (config.timeout_s, config.memory_mb) == (10.0, 256)
     assert config.limits().cpu_s == 10.0
+    assert (config.limits(wall_s=30).wall_s, config.limits(wall_s=30).cpu_s) == (30, 30)
+    assert config.max_timeout_s == 300
     with pytest.raises(ValueError, match="Extra inputs"):
         PythonConfig.model_validate({"timeout": 3})
     with pytest.raises(ValueError, match="frozen"):
         config.timeout_s = 1  # type: ignore[misc]
     assert PythonWorker.capability == "python"
+
+
+# --- the time limit a task asks for ------------------------------------------------------------
+
+SLEEP_THEN_RESULT = "import time\ntime.sleep({seconds})\nresult = 'slept'"
+
+
+def task_for(worker: PythonWorker, code: str, *, timeout_s: float | None = None,
+             config: dict[str, Any] | None = None) -> Task:
+    """The task as the runtime builds it from an assign with ``timeout_s`` and ``config``."""
+    return make_task(code, timeout_s=timeout_s, config=worker.task_config(config or {}),
+                     config_overrides=config or {})
+
+
+async def test_the_tasks_timeout_replaces_the_workers_limit() -> None:
+    worker = PythonWorker({"timeout_s": 0.5})
+    with pytest.raises(SandboxError, match=r"^snippet ran past its 0.5 s time limit$"):
+        await worker.handle(task_for(worker, SLEEP_THEN_RESULT.format(seconds=1)))
+    assert await worker.handle(task_for(worker, SLEEP_THEN_RESULT.format(seconds=1), timeout_s=10)) == "slept"
+
+
+async def test_the_tasks_config_timeout_sets_the_limit_and_wins_over_its_timeout() -> None:
+    worker = PythonWorker()
+    task = task_for(worker, SLEEP_THEN_RESULT.format(seconds=5), timeout_s=30, config={"timeout_s": 0.3})
+    with pytest.raises(SandboxError, match=r"^snippet ran past its 0.3 s time limit$"):
+        await worker.handle(task)
+
+
+async def test_a_limit_over_the_maximum_is_clamped_and_says_so() -> None:
+    worker = PythonWorker({"max_timeout_s": 0.5})
+    with capture_logs() as logs, pytest.raises(SandboxError) as info:
+        await worker.handle(task_for(worker, SLEEP_THEN_RESULT.format(seconds=5), timeout_s=30))
+    assert str(info.value) == ("snippet ran past its 0.5 s time limit (the task's timeout_s asked for 30 s; "
+                               "this worker allows at most max_timeout_s=0.5)")
+    [clamped] = [e for e in logs if e["event"] == "time_limit_clamped"]
+    assert (clamped["requested_s"], clamped["max_timeout_s"]) == (30, 0.5)
+
+
+def test_a_task_may_not_loosen_what_the_operator_set() -> None:
+    with pytest.raises(ConfigError) as info:
+        PythonWorker().task_config({"python": "/bin/sh", "env": {"A": "1"}, "max_timeout_s": 9999})
+    assert str(info.value) == ("task config for capability 'python' sets 'env', 'max_timeout_s', 'python', which "
+                               "only the worker's own config may set")

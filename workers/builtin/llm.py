@@ -50,13 +50,14 @@ class LLMWorker(Worker):
         client = self.context.inference
         if not isinstance(client, InferenceClient):
             raise ConfigError("the 'llm' worker needs a language model: set ORCH_LLM_URL (or --llm-url)")
-        result = await client.chat(self.messages(task), max_tokens=self.config.max_tokens,
-                                   temperature=self.config.temperature, run_id=task.run_id, task_id=task.task_id)
+        config: LLMConfig = self.config_for(task)
+        result = await client.chat(self.messages(task), max_tokens=config.max_tokens,
+                                   temperature=config.temperature, run_id=task.run_id, task_id=task.task_id)
         text = result.text.strip()
         if not text:
             raise BadCompletion("the model returned an empty answer")
         if result.finish_reason == "length":
-            raise BadCompletion(f"the answer was cut off at max_tokens={self.config.max_tokens}")
+            raise BadCompletion(f"the answer was cut off at max_tokens={config.max_tokens}")
         return text
 
     def messages(self, task: Task) -> list[dict[str, Any]]:
@@ -70,7 +71,8 @@ class LLMWorker(Worker):
             variable.append(f"{FEEDBACK_HEADING}\n" + "\n".join(lines))
             if task.plan:
                 variable.append(f"Plan: {task.plan}")
-        return build_messages(system=SYSTEM_PROMPT, role=f"{ROLE_WORKER}\n{self.config.persona}",
+        config: LLMConfig = self.config_for(task)
+        return build_messages(system=SYSTEM_PROMPT, role=f"{ROLE_WORKER}\n{config.persona}",
                               spec=task.spec_description or None, context=context or None,
                               variable="\n\n".join(variable))
 

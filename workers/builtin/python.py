@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,19 +12,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.base import Task, Worker
 from workers.builtin._sandbox import SandboxError, SandboxLimits, SandboxResult, run_snippet
 
-__all__ = ("PythonConfig", "PythonWorker", "SandboxError")
+__all__ = ("PythonConfig", "PythonWorker", "SandboxError", "TimeLimit")
 
 
 class PythonConfig(BaseModel):
     """Limits of the ``python`` worker's sandbox (see ``docs/sandbox.md``).
 
-    ``cpu_s`` defaults to ``timeout_s``; ``max_processes`` is off by default because RLIMIT_NPROC
-    counts every process of the user the worker runs as (and root ignores it).
+    ``timeout_s`` is the wall-clock limit when the task gives none; a task's ``timeout_s`` (or its
+    ``config: {timeout_s: ...}``) replaces it, up to ``max_timeout_s``. ``cpu_s`` defaults to the
+    wall-clock limit; ``max_processes`` is off by default because RLIMIT_NPROC counts every
+    process of the user the worker runs as (and root ignores it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     timeout_s: float = Field(default=10.0, gt=0)
+    max_timeout_s: float = Field(default=300.0, gt=0)
     memory_mb: int | None = Field(default=256, ge=16)
     cpu_s: float | None = Field(default=None, gt=0)
     max_file_mb: int | None = Field(default=16, ge=0)
@@ -35,10 +39,11 @@ class PythonConfig(BaseModel):
     python: str = sys.executable
     env: dict[str, str] = {}
 
-    def limits(self) -> SandboxLimits:
-        """The sandbox limits this config describes."""
+    def limits(self, *, wall_s: float | None = None) -> SandboxLimits:
+        """The sandbox limits this config describes, with ``wall_s`` in place of ``timeout_s`` when given."""
+        wall_s = self.timeout_s if wall_s is None else wall_s
         return SandboxLimits(
-            wall_s=self.timeout_s, cpu_s=self.cpu_s if self.cpu_s is not None else self.timeout_s,
+            wall_s=wall_s, cpu_s=self.cpu_s if self.cpu_s is not None else wall_s,
             memory_mb=self.memory_mb, max_file_mb=self.max_file_mb, max_processes=self.max_processes,
             max_open_files=self.max_open_files, max_output_bytes=self.max_output_bytes,
             max_result_bytes=self.max_result_bytes, net_namespace=self.net_namespace, python=self.python,
@@ -55,22 +60,28 @@ class PythonWorker(Worker):
     ``feedback`` and ``corrections`` (lists of strings from earlier failed verifications) and
     ``attempt``. The output is what the snippet assigns to ``result``, or its stripped stdout when it
     assigns nothing. Any failure raises ``SandboxError`` with a one-line reason.
+
+    The wall-clock limit is, most specific first: the task's ``config: {timeout_s: ...}``, the
+    task's ``timeout_s``, this worker's ``timeout_s``; never more than its ``max_timeout_s``. A
+    task's config may not set ``max_timeout_s``, ``python``, ``env`` or ``net_namespace``.
     """
 
     capability = "python"
     config_model: ClassVar[type[BaseModel]] = PythonConfig
+    task_config_locked: ClassVar[frozenset[str]] = frozenset({"max_timeout_s", "python", "env", "net_namespace"})
 
     async def handle(self, task: Task) -> Any:
         """Run the task's snippet and return its ``result`` (or its stdout)."""
-        config = self.config
-        assert isinstance(config, PythonConfig)  # Worker.__init__ validated it with config_model
+        config = self.config_for(task)
+        assert isinstance(config, PythonConfig)  # validated with config_model by Worker.__init__ or task_config
+        limit = self.time_limit(task, config)
         if isinstance(task.input, dict) and "code" in task.input:
             code, task_input = task.input["code"], task.input.get("args")
             if not isinstance(code, str):
                 raise SandboxError(f"input 'code' must be a string, not {type(code).__name__}")
         else:
             code, task_input = task.instruction, task.input
-        outcome = await run_snippet(code, limits=config.limits(), globals_in={
+        outcome = await run_snippet(code, limits=config.limits(wall_s=limit.wall_s), globals_in={
             "task_input": task_input, "deps": dict(task.dependencies), "feedback": list(task.feedback),
             "corrections": list(task.corrections), "attempt": task.attempt,
         })
@@ -79,19 +90,53 @@ class PythonWorker(Worker):
             killed_by=outcome.killed_by, protections=list(outcome.protections),
         )
         if not outcome.ok:
-            raise SandboxError(_failure_text(outcome, config), result=outcome)
+            raise SandboxError(_failure_text(outcome, config, limit), result=outcome)
         if outcome.has_result:
             return outcome.value
         return outcome.stdout.strip()
 
+    def time_limit(self, task: Task, config: PythonConfig) -> TimeLimit:
+        """The sandbox's wall-clock limit for ``task``: what was asked for, capped at ``max_timeout_s``."""
+        if "timeout_s" in task.config_overrides:
+            requested, source = config.timeout_s, "the task's config timeout_s"
+        elif task.timeout_s:
+            requested, source = task.timeout_s, "the task's timeout_s"
+        else:
+            requested, source = config.timeout_s, "the worker's timeout_s"
+        maximum = config.max_timeout_s
+        limit = TimeLimit(wall_s=min(requested, maximum), requested_s=requested, source=source, max_s=maximum)
+        if limit.clamped:
+            self.context.logger.warning("time_limit_clamped", requested_s=requested, source=source,
+                                        max_timeout_s=maximum)
+        return limit
 
-def _failure_text(outcome: SandboxResult, config: PythonConfig) -> str:
+
+@dataclass(frozen=True, slots=True)
+class TimeLimit:
+    """A snippet's wall-clock limit, and where it came from (``source``: which setting asked for it)."""
+
+    wall_s: float
+    requested_s: float
+    source: str
+    max_s: float
+
+    @property
+    def clamped(self) -> bool:
+        """Whether ``max_timeout_s`` cut the requested limit down."""
+        return self.requested_s > self.max_s
+
+
+def _failure_text(outcome: SandboxResult, config: PythonConfig, limit: TimeLimit) -> str:
     if outcome.killed_by == "wall clock":
-        return f"snippet ran past its {config.timeout_s:g} s time limit"
+        text = f"snippet ran past its {limit.wall_s:g} s time limit"
+        if limit.clamped:
+            text += (f" ({limit.source} asked for {limit.requested_s:g} s; this worker allows at most "
+                     f"max_timeout_s={limit.max_s:g})")
+        return text
     if outcome.killed_by == "memory":
         return f"snippet exceeded its {config.memory_mb} MiB memory limit"
     if outcome.killed_by == "cpu":
-        cpu_s = config.cpu_s if config.cpu_s is not None else config.timeout_s
+        cpu_s = config.cpu_s if config.cpu_s is not None else limit.wall_s
         return f"snippet used up its {math.ceil(cpu_s)} s CPU-time limit"
     if outcome.killed_by == "file size":
         return f"snippet exceeded its {config.max_file_mb} MiB file size limit"

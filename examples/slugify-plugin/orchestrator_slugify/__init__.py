@@ -29,8 +29,9 @@ class SlugifyWorker(Worker):
     async def handle(self, task: Task) -> str:
         ascii_title = unicodedata.normalize("NFKD", str(task.input)).encode("ascii", "ignore").decode()
         words = re.findall(r"[a-z0-9]+", ascii_title.lower())
-        slug = self.config.separator.join(words)
-        return slug[: self.config.max_length].rstrip(self.config.separator)
+        config: SlugifyConfig = self.config_for(task)  # the worker's config with the task's config: merged over it
+        slug = config.separator.join(words)
+        return slug[: config.max_length].rstrip(config.separator)
 
     async def verify(self, task: Task, output: object) -> Verdict:
         ok = isinstance(output, str) and bool(re.fullmatch(r"[a-z0-9]+(?:[-_][a-z0-9]+)*", output))
