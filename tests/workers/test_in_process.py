@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from orchestrator import Orchestrator
 from orchestrator.api import RunResult
+from tests._history import transitions, verdicts
 from workers import Task, Verdict, Worker
 from workers.builtin import PythonWorker
 
@@ -93,6 +94,7 @@ async def test_a_workers_own_rejection_names_its_capability() -> None:
         run_ = await orch.submit({"goal": "g", "tasks": [{"id": "t", "capability": "picky", "input": "x",
                                                           "max_attempts": 1}]})
         events = [e async for e in run_.events()]
-    rejects = [e for e in events if e.event == "reject"]
-    assert rejects, [e.event for e in events]
-    assert {(e.actor, e.detail.get("verifier")) for e in rejects} == {("worker:picky", "worker:picky")}
+    rejects = transitions(events, "reject")
+    assert rejects, [e.body.kind for e in events]
+    assert {e.actor for e in rejects} == {"worker:picky"}
+    assert [v.verifier for v in verdicts(events, passed=False)] == ["worker:picky"]
