@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -455,9 +456,26 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_ACCEPTED
 
 
-# How long ``submit --wait`` waits for a manager before saying there is none: longer than a standby
-# takes over (it polls the lease every third of its 5 s lease), short enough to say so within 10 s.
+# How long ``submit --wait`` waits for a manager before saying there is none, counted from the start
+# of the command: time for one started alongside to take the lease, and still said within 10 s.
+MANAGER_DEADLINE_S = 7.0
+# While waiting on a run: longer than a standby takes to take over (it polls the lease every third
+# of its 5 s lease).
 MANAGER_GRACE_S = 5.0
+_IMPORTED = time.monotonic()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (from /proc on Linux, so imports count), else since this module loaded."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+            age = float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= age < 3600:
+            return age
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.monotonic() - _IMPORTED
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -468,7 +486,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         async with _client_bus(args) as bus:
             if args.wait:  # nothing would ever end the wait: say so, and submit nothing
                 try:
-                    await processes.wait_for_manager(url, namespace=args.namespace, within_s=MANAGER_GRACE_S)
+                    left = max(1.0, MANAGER_DEADLINE_S - _process_age_s())
+                    await processes.wait_for_manager(url, namespace=args.namespace, within_s=left)
                 except processes.NoActiveManager as exc:
                     raise processes.NoActiveManager(f"{exc}; the job was not submitted") from None
             run_id = await processes.submit_job(bus, job, source=args.job)

@@ -326,7 +326,7 @@ async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s:
     while (holder := await active_manager(url, namespace=namespace)) is None:
         if anyio.current_time() >= deadline:
             raise NoActiveManager(f"no active manager: nothing held the manager lease "
-                                  f"{_manager_lease_key(namespace)!r} at {redact_url(url)} for {within_s:g} s "
+                                  f"{_manager_lease_key(namespace)!r} at {redact_url(url)} for {within_s:.1f} s "
                                   "(start one with `orchestrator manager` or `orchestrator fleet up`)")
         await anyio.sleep(poll_s)
     return holder
