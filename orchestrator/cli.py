@@ -1,25 +1,34 @@
 """The ``orchestrator`` command line.
 
-Exit codes: 0 the run was accepted, 1 it failed or was cancelled, 2 an invalid job or usage.
+Exit codes: 0 the run was accepted, 1 it failed or was cancelled (or a service it needs failed),
+2 an invalid job, setting or usage, or an unknown run, 3 the run has not ended yet (``status`` of
+a queued or running run), 141 stdout was closed early (``| head``). With ``--json`` a command
+that cannot do its work prints ``{"error": ..., "error_type": ...}`` on stdout, with the same code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import anyio
+from pydantic import ValidationError
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import processes
@@ -30,17 +39,61 @@ from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
+from protocol.settings import RedisSettings, count, env_value, port, redact_url, seconds, setting_error
 from workers import registry
 
 __all__ = ("main",)
 
-EXIT_ACCEPTED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_E = TypeVar("_E", bound=BaseException)
+
+EXIT_ACCEPTED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ENDED = 0, 1, 2, 3
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what cat, grep and git report when the reader goes away
+
+_EXIT_FOR_STATE = {"accepted": EXIT_ACCEPTED, "failed": EXIT_FAILED, "cancelled": EXIT_FAILED}
+
+
+def _exit_for(state: str) -> int:
+    """0 accepted, 1 failed or cancelled, 3 not ended yet (queued or running)."""
+    return _EXIT_FOR_STATE.get(state, EXIT_NOT_ENDED)
+
+
+class _UsageError(Exception):
+    """A command line argparse rejects; ``main`` reports it (and as JSON under ``--json``)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        raise _UsageError(self, message)
+
+
+@dataclass(frozen=True, slots=True)
+class _FromEnv:
+    """An option's default taken from an ``ORCH_*`` variable after parsing, and only for the verb given.
+
+    So a bad ``ORCH_LEASE_S`` fails the verbs that use it (exit 2, naming it), not ``plugins``.
+    """
+
+    var: str
+    parse: Callable[[str], Any]
+    default: Any
+
+    def resolve(self) -> Any:
+        return env_value(self.var, self.parse, self.default)
+
+
+def _resolve_env(args: argparse.Namespace) -> None:
+    """Replace each option left at its ``ORCH_*`` default with the variable's parsed value."""
+    sources: dict[str, str] = {}
+    for dest, value in vars(args).items():
+        if isinstance(value, _FromEnv):
+            setattr(args, dest, value.resolve())
+            if os.environ.get(value.var, "").strip():
+                sources[dest] = value.var
+    args.env_sources = sources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     manager = verbs.add_parser("manager", help="run the manager process against Redis (one leads, others stand by)")
     _redis_flags(manager)
-    manager.add_argument("--ledger", default=os.environ.get("ORCH_LEDGER", "orchestrator-ledger.db"),
+    manager.add_argument("--ledger", default=_FromEnv("ORCH_LEDGER", str, "orchestrator-ledger.db"),
                          help="SQLite ledger path (env ORCH_LEDGER; default ./orchestrator-ledger.db)")
     manager.add_argument("--name", default=None, help="manager name in logs and leases (default: manager-HOST-PID)")
-    manager.add_argument("--max-queue", type=int, default=_env_int("ORCH_MAX_QUEUE"), metavar="N",
+    manager.add_argument("--max-queue", type=int, default=_FromEnv("ORCH_MAX_QUEUE", count, None), metavar="N",
                          help="back-pressure: dispatch waits while a capability has N tasks waiting or in flight "
                               "(env ORCH_MAX_QUEUE; default: unbounded)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
@@ -141,11 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
 def _default_person() -> str:
     return f"{os.environ.get('USER') or os.environ.get('USERNAME') or 'someone'}@{socket.gethostname()}"
 
@@ -157,20 +205,39 @@ def _llm_flags(parser: argparse.ArgumentParser, *, fallback: str = "") -> None:
     parser.add_argument("--api-key", default=None, help="the server's API key (env ORCH_LLM_API_KEY)")
 
 
+_LLM_FLAGS = {"url": "--llm-url", "model": "--model", "api_key": "--api-key"}
+
+
 def _llm_settings(args: argparse.Namespace) -> InferenceSettings | None:
     """The LLM server from flags or environment, or None when none is configured."""
     overrides = {k: v for k, v in (("url", args.llm_url), ("model", args.model), ("api_key", args.api_key)) if v}
     if not overrides.get("url") and not os.environ.get("ORCH_LLM_URL"):
         return None
-    return InferenceSettings.from_env(**overrides)
+    try:
+        return InferenceSettings.from_env(**overrides)
+    except ValidationError as exc:
+        raise setting_error(exc, _llm_sources(overrides)) from exc
+
+
+def _llm_sources(overrides: dict[str, Any]) -> dict[str, str]:
+    """What set each ``InferenceSettings`` field: a flag, or ``ORCH_LLM_<FIELD>`` (the key's value never shown)."""
+    sources: dict[str, str] = {}
+    for field in InferenceSettings.model_fields:
+        var = f"ORCH_LLM_{field.upper()}"
+        if field in overrides:
+            sources[field] = _LLM_FLAGS[field]
+        elif field == "api_key":
+            sources[field] = var
+        else:
+            sources[field] = f"{var}={os.environ.get(var, '')!r}"
+    return sources
 
 
 def _observability_flags(parser: argparse.ArgumentParser) -> None:
-    env_port = os.environ.get("ORCH_METRICS_PORT")
-    parser.add_argument("--metrics-port", type=int, default=int(env_port) if env_port else None, metavar="PORT",
+    parser.add_argument("--metrics-port", type=int, default=_FromEnv("ORCH_METRICS_PORT", port, None), metavar="PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (env ORCH_METRICS_PORT; "
                              "default: no endpoint)")
-    parser.add_argument("--metrics-host", default=os.environ.get("ORCH_METRICS_HOST", "0.0.0.0"),
+    parser.add_argument("--metrics-host", default=_FromEnv("ORCH_METRICS_HOST", str, "0.0.0.0"),
                         help="address the metrics endpoint binds (env ORCH_METRICS_HOST; default 0.0.0.0)")
     parser.add_argument("--trace", action="store_true",
                         help="send OpenTelemetry traces to the exporter OTEL_TRACES_EXPORTER names (default otlp, "
@@ -184,12 +251,28 @@ def _observability(args: argparse.Namespace) -> processes.Observability:
 
 
 def _redis_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", default=None, metavar="URL",
+    parser.add_argument("--redis", default=_FromEnv("ORCH_REDIS_URL", str, processes.DEFAULT_REDIS_URL),
+                        metavar="URL",
                         help="Redis URL, redis:// or rediss://, password in the URL (env ORCH_REDIS_URL)")
-    parser.add_argument("--namespace", default=os.environ.get("ORCH_NAMESPACE", "orch"),
+    parser.add_argument("--namespace", default=_FromEnv("ORCH_NAMESPACE", str, "orch"),
                         help="key prefix shared by a fleet (env ORCH_NAMESPACE; default orch)")
-    parser.add_argument("--lease-s", type=float, default=float(os.environ.get("ORCH_LEASE_S", "30")),
-                        help="task lease: a dead worker's task is picked up this long after it died")
+    parser.add_argument("--lease-s", type=float, default=_FromEnv("ORCH_LEASE_S", seconds, 30.0),
+                        help="task lease: a dead worker's task is picked up this long after it died "
+                             "(env ORCH_LEASE_S; default 30)")
+
+
+def _check_redis(args: argparse.Namespace) -> None:
+    """Reject a bad Redis URL or namespace before connecting, naming the flag or variable that set it."""
+    if not hasattr(args, "redis"):
+        return
+    try:
+        RedisSettings(url=args.redis, namespace=args.namespace)
+    except ValidationError as exc:
+        env = args.env_sources
+        raise setting_error(exc, {
+            "url": f"ORCH_REDIS_URL={redact_url(args.redis)!r}" if "redis" in env else "--redis",
+            "namespace": f"ORCH_NAMESPACE={args.namespace!r}" if "namespace" in env else "--namespace",
+        }) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,40 +282,98 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator.simulator.cli import serve  # its own flags, mirroring `vllm serve`
 
         return serve(argv[1:])
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, json=args.log_json)
     try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own error channel
+        if "--json" in argv:
+            _print_error_json(exc, "UsageError")
+        return EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
+    try:
+        _resolve_env(args)
+        _check_redis(args)
+        configure_logging(args.log_level, json=args.log_json)
         code: int = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at interpreter exit
+        if _stdout_gone.is_set():
+            return EXIT_STDOUT_CLOSED
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
+        if _find(exc, BrokenPipeError) is not None:
+            return _stdout_closed()
         # Task groups wrap failures in exception groups; the user needs the one error that explains them.
-        error = _our_error(exc)
+        error = _find(exc, OrchestratorError)
         if error is None:
+            if as_json and isinstance(exc, Exception):
+                _print_error_json(exc)  # a script still gets its object; the traceback below is for a bug report
             raise
         print(f"orchestrator: error: {error}", file=sys.stderr)  # noqa: T201 - the CLI's own error channel
+        if as_json:
+            _print_error_json(error)
         return EXIT_USAGE if isinstance(error, ConfigError | PluginLoadError) else EXIT_FAILED
     return code
 
 
-def _our_error(exc: BaseException) -> OrchestratorError | None:
-    if isinstance(exc, OrchestratorError):
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` if it is a ``kind``, else the first ``kind`` inside it when it is an exception group."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            if (found := _our_error(inner)) is not None:
+            if (found := _find(inner, kind)) is not None:
                 return found
     return None
+
+
+def _print_error_json(error: BaseException, error_type: str | None = None) -> None:
+    """The ``--json`` contract when a command cannot do its work: one object with ``error``, on stdout."""
+    try:
+        data = {"error": str(error), "error_type": error_type or type(error).__name__}
+        print(json.dumps(data), flush=True)  # noqa: T201 - the --json contract is stdout
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+_stdout_gone = threading.Event()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head -1``): stop quietly, as ``cat`` does, with 141 (128 + SIGPIPE).
+
+    Further writes, and the flush at exit, go to /dev/null instead of raising again.
+    """
+    if not _stdout_gone.is_set():
+        _stdout_gone.set()
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
+class _Console(Console):
+    """A rich console whose closed stdout ends the command like any closed pipe, not with rich's exit 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if self.stderr:
+            return  # nowhere left to say anything
+        _stdout_closed()
+        if threading.current_thread() is threading.main_thread():
+            raise BrokenPipeError  # main() returns 141; a refresh thread just stops drawing
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
-    console = Console(stderr=args.json)
+    console = _Console(stderr=args.json)
     result = anyio.run(_run, args, console)
     if args.json:
         print(json.dumps(result.to_dict(), default=str))  # noqa: T201 - the --json contract is stdout
-    return EXIT_ACCEPTED if result.accepted else EXIT_FAILED
+    return _exit_for(result.state)
 
 
 def _is_job_file(arg: str) -> bool:
@@ -314,32 +455,84 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_ACCEPTED
 
 
+# How long ``submit --wait`` waits for a manager before saying there is none, counted from the start
+# of the command: time for one started alongside to take the lease, and still said within 10 s.
+MANAGER_DEADLINE_S = 7.0
+# While waiting on a run: longer than a standby takes to take over (it polls the lease every third
+# of its 5 s lease).
+MANAGER_GRACE_S = 5.0
+_IMPORTED = time.monotonic()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (from /proc on Linux, so imports count), else since this module loaded."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+            age = float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= age < 3600:
+            return age
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.monotonic() - _IMPORTED
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     job = load_job(args.job)  # capabilities are the fleet's business; everything else is checked here
+    url = processes.redis_url(args.redis)
 
     async def go() -> int:
         async with _client_bus(args) as bus:
+            if args.wait:  # nothing would ever end the wait: say so, and submit nothing
+                try:
+                    left = max(1.0, MANAGER_DEADLINE_S - _process_age_s())
+                    await processes.wait_for_manager(url, namespace=args.namespace, within_s=left)
+                except processes.NoActiveManager as exc:
+                    raise processes.NoActiveManager(f"{exc}; the job was not submitted") from None
             run_id = await processes.submit_job(bus, job, source=args.job)
             if not args.wait:
+                if await processes.active_manager(url, namespace=args.namespace) is None:
+                    note = f"orchestrator: warning: no active manager; run {run_id} is queued until one starts"
+                    print(note, file=sys.stderr)  # noqa: T201 - the CLI's own error channel
                 print(json.dumps({"run_id": run_id}) if args.json else run_id)  # noqa: T201 - CLI output
                 return EXIT_ACCEPTED
-            result = await processes.wait_for_run(bus, run_id)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_manager_stays, url, args.namespace, run_id)
+                result = await processes.wait_for_run(bus, run_id)
+                tg.cancel_scope.cancel()
         _print_run(result, as_json=args.json)
-        return EXIT_ACCEPTED if result["state"] == "accepted" else EXIT_FAILED
+        return _exit_for(result["state"])
 
     return anyio.run(go)
+
+
+async def _manager_stays(url: str, namespace: str, run_id: str) -> None:
+    """Raise NoActiveManager when no manager holds the lease for ``MANAGER_GRACE_S`` while ``run_id`` runs."""
+    while True:
+        await anyio.sleep(1.0)
+        if await processes.active_manager(url, namespace=namespace) is None:
+            try:
+                await processes.wait_for_manager(url, namespace=namespace, within_s=MANAGER_GRACE_S)
+            except processes.NoActiveManager as exc:
+                raise processes.NoActiveManager(f"{exc}; run {run_id} goes on when a manager starts "
+                                                f"(follow it with `orchestrator watch {run_id}`)") from None
+
+
+def _unknown_run(run_id: str) -> processes.UnknownRun:
+    return processes.UnknownRun(f"unknown run {run_id!r} (no manager has reported it and no submission of it "
+                                "is waiting; a mistyped id, or it expired)")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any] | None:
         async with _client_bus(args) as bus:
-            return await processes.fetch_status(bus, args.run_id)
+            return await processes.find_run(bus, args.run_id)
 
     result = anyio.run(go)
     if result is None:
-        raise ConfigError(f"unknown run {args.run_id!r} (no manager has reported it, or it expired)")
+        raise _unknown_run(args.run_id)
     _print_run(result, as_json=args.json)
-    return EXIT_ACCEPTED
+    return _exit_for(result["state"])
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
@@ -349,7 +542,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
     events = anyio.run(go)
     if not events:
-        raise ConfigError(f"no history for run {args.run_id!r} (unknown, or expired)")
+        if anyio.run(_find_run, args) is None:
+            raise _unknown_run(args.run_id)
+        print(f"run {args.run_id} has no history yet", file=sys.stderr)  # noqa: T201 - a note, not output
     for event in events:
         if args.json:
             print(event.model_dump_json())  # noqa: T201 - CLI output
@@ -358,24 +553,39 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return EXIT_ACCEPTED
 
 
+async def _find_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    async with _client_bus(args) as bus:
+        return await processes.find_run(bus, args.run_id)
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
-    console = Console()
+    console = _Console()
 
     async def go() -> dict[str, Any]:
         async with _client_bus(args) as bus:
+            found = await processes.find_run(bus, args.run_id)
+            if found is None:  # at once: following a mistyped id would wait forever in silence
+                raise _unknown_run(args.run_id)
+            if found["state"] == "queued":
+                _Console(stderr=True).print(f"run {args.run_id} is queued: waiting for a manager to take it",
+                                           highlight=False, soft_wrap=True)
             view = RunView()
-            with Live(render_table(view), console=console, refresh_per_second=4, transient=True) as live:
-                async for event in processes.follow_events(bus, args.run_id):
+            if found["state"] in _EXIT_FOR_STATE:  # ended: its history is complete, or expired
+                for event in await processes.read_events(bus, args.run_id):
                     view.apply(event)
-                    live.update(render_table(view, wide=console.width >= 120))
+            else:
+                with Live(render_table(view), console=console, refresh_per_second=4, transient=True) as live:
+                    async for event in processes.follow_events(bus, args.run_id):
+                        view.apply(event)
+                        live.update(render_table(view, wide=console.width >= 120))
             status = await processes.fetch_status(bus, args.run_id)
         if status is None:
-            raise ConfigError(f"unknown run {args.run_id!r}")
+            raise _unknown_run(args.run_id)
         console.print(render_summary(view, status, wide=console.width >= 120))
         return status
 
     status = anyio.run(go)
-    return EXIT_ACCEPTED if status["state"] == "accepted" else EXIT_FAILED
+    return _exit_for(status["state"])
 
 
 def _cmd_override(args: argparse.Namespace) -> int:
@@ -399,17 +609,18 @@ def _print_run(result: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, default=str))  # noqa: T201 - the --json contract is stdout
         return
-    console = Console()
-    table = Table(title=f"run {result['run_id']}  {result.get('goal', '')}  [{result['state']}]", title_justify="left",
-                  box=box.SIMPLE_HEAD)
+    console = _Console()
+    # escaped: rich would take "[accepted]" for a markup tag and print nothing
+    title = escape(f"run {result['run_id']}  {result.get('goal', '')}  [{result['state']}]")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("task", "capability", "state", "attempts", "output / reason"):
         table.add_column(column, overflow="fold")
     for t in result["tasks"]:
         last = t["reason"] if t["state"] in ("failed", "cancelled") else json.dumps(t["output"], default=str)
-        table.add_row(t["id"], t["capability"], t["state"], str(t["attempts"]), last[:200])
+        table.add_row(*(escape(v) for v in (t["id"], t["capability"], t["state"], str(t["attempts"]), last[:200])))
     console.print(table)
     if result.get("reason"):
-        console.print(f"reason: {result['reason']}")
+        console.print(f"reason: {result['reason']}", markup=False)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

@@ -17,8 +17,9 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator._checks import load_check
 from orchestrator.yaml_file import read_yaml
-from protocol.errors import JobError
+from protocol.errors import ConfigError, JobError
 
 __all__ = ("Budget", "Job", "Spec", "TaskDef", "load_job", "parse_job")
 
@@ -186,7 +187,18 @@ def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[
                 known = ", ".join(sorted(capabilities)) or "none"
                 raise JobError(f"unknown capability {t.capability!r} (available: {known})", source=source,
                                task_id=t.id, field="capability")
+    _resolve_checks(job, source=source)
     return job
+
+
+def _resolve_checks(job: Job, *, source: str | None = None) -> None:
+    """Load every task's ``spec.check`` now, so a bad name fails the job, not an attempt an hour later."""
+    for t in job.tasks:
+        if t.spec.check:
+            try:
+                load_check(t.spec.check)
+            except ConfigError as exc:
+                raise JobError(str(exc), source=source, task_id=t.id, field="spec.check") from exc
 
 
 def load_job(path: str | Path, *, capabilities: Collection[str] | None = None) -> Job:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import redis.asyncio as aioredis
 import structlog
 
 from orchestrator.job import Job
@@ -29,25 +30,34 @@ from orchestrator.manager import Manager, ManagerSettings
 from orchestrator.records import Event, events_of
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
-from protocol.errors import ConfigError
+from protocol.errors import BusUnavailable, ConfigError, OrchestratorError
 from protocol.history import RunFinished
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, events_stream, run_snapshot_key
 from protocol.messages import Override, OverrideAction, Submit
 from protocol.redis_bus import RedisBus
-from protocol.settings import RedisSettings
+from protocol.settings import RedisSettings, redact_url
 from protocol.states import OVERRIDE_RULES, TaskState, VerifyStage, override_allowed
 from protocol.tracing import Tracing
 from workers import registry
 from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
 
-__all__ = ("Observability", "fetch_status", "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
-           "wait_for_run")
+__all__ = ("NoActiveManager", "Observability", "UnknownRun", "active_manager", "fetch_status", "find_run",
+           "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
+           "wait_for_manager", "wait_for_run")
 
 log = structlog.get_logger("orchestrator.processes")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class UnknownRun(ConfigError):
+    """No manager has reported this run and no submission of it is waiting: a mistyped or expired id."""
+
+
+class NoActiveManager(OrchestratorError):
+    """Nothing holds the manager lease, so nothing will start or move a submitted run."""
 
 
 def redis_url(cli_value: str | None) -> str:
@@ -261,6 +271,69 @@ async def fetch_status(bus: Bus, run_id: str) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
+async def find_run(bus: Bus, run_id: str) -> dict[str, Any] | None:
+    """The run's summary, like ``fetch_status``; for a submission no manager has taken yet, one in state ``queued``.
+
+    None when neither exists. The manager publishes a run's summary before it acknowledges (and so
+    deletes) the submission, so looking for the summary, then the submission, then the summary
+    again cannot miss a run that is being taken at that moment.
+    """
+    if (status := await fetch_status(bus, run_id)) is not None:
+        return status
+    submit = await _queued_submission(bus, run_id)
+    if submit is not None:
+        tasks = submit.job.get("tasks") or []
+        return {"run_id": run_id, "goal": submit.job.get("goal", ""), "state": "queued",
+                "reason": "waiting for a manager to take the submission", "tokens": 0,
+                "tasks": [{"id": t.get("id", ""), "capability": t.get("capability", ""), "state": "not_done",
+                           "attempts": 0, "output": None, "reason": "", "worker": "", "tokens": 0}
+                          for t in tasks if isinstance(t, dict)]}
+    return await fetch_status(bus, run_id)
+
+
+async def _queued_submission(bus: Bus, run_id: str) -> Submit | None:
+    """The submission of ``run_id`` still in the jobs stream (taken ones are deleted), or None."""
+    after = "0"
+    while batch := await bus.read(JOBS_STREAM, after=after):
+        after = batch[-1][0]
+        for _, env in batch:
+            if env.run_id == run_id and isinstance(env.body, Submit):
+                return env.body
+    return None
+
+
+def _manager_lease_key(namespace: str) -> str:
+    # The key orchestrator.leader.LeaderLease holds while a manager leads; read here, never written.
+    return f"{namespace}:{{mgr}}:lease"
+
+
+async def active_manager(url: str, *, namespace: str) -> str | None:
+    """Who holds the manager lease (``NAME@EPOCH``), or None when no manager is active."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        holder = await client.get(_manager_lease_key(namespace))
+    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+        raise BusUnavailable(f"cannot reach Redis at {redact_url(url)} to find the active manager: {exc}") from exc
+    finally:
+        await client.aclose()
+    return holder.decode() if isinstance(holder, bytes) else holder
+
+
+async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s: float = 0.5) -> str:
+    """The active manager, waiting up to ``within_s`` for one (a standby taking over, one starting up).
+
+    Raises NoActiveManager, naming the lease it looked for, when none appears in time.
+    """
+    deadline = anyio.current_time() + within_s
+    while (holder := await active_manager(url, namespace=namespace)) is None:
+        if anyio.current_time() >= deadline:
+            raise NoActiveManager(f"no active manager: nothing held the manager lease "
+                                  f"{_manager_lease_key(namespace)!r} at {redact_url(url)} for {within_s:.1f} s "
+                                  "(start one with `orchestrator manager` or `orchestrator fleet up`)")
+        await anyio.sleep(poll_s)
+    return holder
+
+
 async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2) -> dict[str, Any]:
     """Poll the run's summary until it has ended."""
     while True:
@@ -275,7 +348,7 @@ async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAct
     """Send a person's decision to the active manager, after checking the run and task exist."""
     status = await fetch_status(bus, run_id)
     if status is None:
-        raise ConfigError(f"unknown run {run_id!r} (no manager has reported it, or it expired)")
+        raise UnknownRun(f"unknown run {run_id!r} (no manager has reported it, or it expired)")
     if task_id and task_id not in {t["id"] for t in status["tasks"]}:
         known = ", ".join(t["id"] for t in status["tasks"])
         raise ConfigError(f"run {run_id!r} has no task {task_id!r} (tasks: {known})")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
-from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import jsonschema
 
+from orchestrator._checks import load_check
 from orchestrator.job import Spec
 from orchestrator.records import TaskRecord
 from protocol.errors import ConfigError
@@ -41,14 +39,22 @@ async def check_spec(spec: Spec, output: Any, task: TaskRecord) -> Verdict:
 
 
 async def _run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
-    fn = load_check(ref)
+    """Run one check function; whatever goes wrong is a failed verdict naming the check, never an exception.
+
+    Jobs are checked when they are loaded, so a check that cannot be loaded here was removed or broken
+    since; failing the attempt keeps the task moving (a redo, then ``failed`` when attempts run out).
+    """
+    try:
+        fn = load_check(ref)
+    except ConfigError as exc:
+        return Verdict(passed=False, verifier=ref, feedback=f"check {ref} could not be run: {exc}")
     try:
         result = fn(output, task)
         if inspect.isawaitable(result):
             result = await result
-    except Exception as exc:
+        return _as_verdict(result, ref)
+    except Exception as exc:  # the check's own bug is the attempt's failure, with the error as feedback
         return Verdict(passed=False, verifier=ref, feedback=f"check {ref} raised {type(exc).__name__}: {exc}")
-    return _as_verdict(result, ref)
 
 
 def _as_verdict(result: Any, ref: str) -> Verdict:
@@ -61,21 +67,6 @@ def _as_verdict(result: Any, ref: str) -> Verdict:
     return Verdict(passed=False, verifier=ref,
                    feedback=f"check {ref} returned {type(result).__name__}; it must return a bool, "
                             "a (passed, feedback) pair or a Verdict")
-
-
-@cache
-def load_check(ref: str) -> Callable[..., Any]:
-    """Import a ``module:function`` check; ConfigError naming it when it cannot be loaded."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:  # any import failure means the same: the job names a bad check
-        raise ConfigError(f"check {ref!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
-    if not callable(obj):
-        raise ConfigError(f"check {ref!r} is not callable")
-    return obj  # type: ignore[no-any-return]
 
 
 def _show(value: Any) -> str:

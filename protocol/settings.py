@@ -1,13 +1,84 @@
-"""Connection settings, read once at the edge (``api``/``cli``) and passed down explicitly."""
+"""Connection settings, read once at the edge (``api``/``cli``) and passed down explicitly.
+
+``ORCH_*`` variables are read with ``env_value`` and a parser (``seconds``, ``count``, ``port``):
+a value that does not parse is a ConfigError naming the variable and the value, never a bare
+``ValueError``. ``setting_error`` does the same for a settings model built from several sources.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Self
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ("RedisSettings", "redact_url")
+from protocol.errors import ConfigError
+
+__all__ = ("RedisSettings", "count", "env_value", "port", "redact_url", "seconds", "setting_error")
+
+T = TypeVar("T")
+
+
+def env_value(name: str, parse: Callable[[str], T], default: T, *, environ: Mapping[str, str] | None = None) -> T:
+    """The environment variable ``name`` parsed, or ``default`` when it is unset or blank.
+
+    Raises ConfigError naming the variable and its value when ``parse`` rejects it (``ValueError``).
+    """
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r}: {exc}") from exc
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds above 0") from None
+    if not value > 0 or math.isinf(value):
+        raise ValueError("expected a number of seconds above 0")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number of at least 1") from None
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port number, 0 to 65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a port number from 0 to 65535") from None
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number from 0 to 65535")
+    return value
+
+
+def setting_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
+    """A ConfigError for the first invalid field of a settings model, naming where its value came from.
+
+    ``sources`` maps a field name to what set it, as the user wrote it: ``"--redis"`` or
+    ``"ORCH_NAMESPACE='a:b'"``.
+    """
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    where = sources.get(field, field or "settings")
+    return ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}")
 
 
 def redact_url(url: str) -> str:

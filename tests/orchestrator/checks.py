@@ -22,3 +22,10 @@ async def async_verdict(output: Any, task: Any) -> Verdict:
 
 def explodes(output: Any, task: Any) -> bool:
     raise RuntimeError("check is broken")
+
+
+def returns_nonsense(output: Any, task: Any) -> object:
+    return object()
+
+
+NOT_A_FUNCTION = 42
