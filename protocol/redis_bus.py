@@ -410,11 +410,13 @@ class RedisBus(Bus):
                         buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
         finally:
             # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,
-            # or they would sit pending for this consumer until the lease ran out.
+            # or they would sit pending for this consumer until the lease ran out. Not for longer
+            # than that lease, though: with Redis away the hand-back would wait for it.
             if buffered:
                 stale = [(e[1], e[3]) for e in buffered]
                 buffered.clear()
-                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + rs.socket_timeout_s):
+                give_up_s = min(rs.socket_timeout_s, bs.lease_s)
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + give_up_s):
                     try:
                         await self._hand_back(key, group, consumer, stale)
                     except Exception as exc:  # the lease expires anyway
