@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(env ORCH_MAX_QUEUE; default: unbounded)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
+    _exit_after_flag(manager)
     _llm_flags(manager)
     _observability_flags(manager)
     manager.set_defaults(func=_cmd_manager)
@@ -143,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", default="{}", help="the plugin's config as a JSON object")
     worker.add_argument("--drain-s", type=float, default=10.0,
                         help="on SIGTERM, how long in-flight tasks may finish before they are handed back")
-    worker.add_argument("--retry-budget-s", type=float, default=30.0,
-                        help="how long Redis may be unreachable before the worker exits with an error")
+    _exit_after_flag(worker, "--retry-budget-s")  # the flag's old name
     _llm_flags(worker)
     _observability_flags(worker)
     worker.set_defaults(func=_cmd_worker)
@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fleet_parser(verbs)
     return parser
+
+
+def _exit_after_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    parser.add_argument("--exit-after-s", *aliases, type=float, default=_FromEnv("ORCH_EXIT_AFTER_S", seconds, None),
+                        metavar="N", dest="exit_after_s",
+                        help="exit 1 once Redis has been unreachable for N seconds (env ORCH_EXIT_AFTER_S; default: "
+                             "wait for Redis however long it takes)")
 
 
 def _default_person() -> str:
@@ -433,7 +440,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
         manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
-        max_queue=args.max_queue))
+        max_queue=args.max_queue, exit_after_s=args.exit_after_s))
     return EXIT_ACCEPTED
 
 
@@ -450,7 +457,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         processes.run_worker, url=processes.redis_url(args.redis), capability=args.capability,
         plugin=args.plugin or args.capability, concurrency=args.concurrency,
         name=args.name or processes.default_name("worker"), namespace=args.namespace, lease_s=args.lease_s,
-        config=config, drain_s=args.drain_s, retry_budget_s=args.retry_budget_s, llm=_llm_settings(args),
+        config=config, drain_s=args.drain_s, exit_after_s=args.exit_after_s, llm=_llm_settings(args),
         observability=_observability(args)))
     return EXIT_ACCEPTED
 

@@ -70,12 +70,21 @@ def default_name(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float = 30.0,
+def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float | None = 30.0,
              max_queue: int | None = None) -> RedisBus:
-    """A Redis bus with the process's lease and retry budget; ``max_queue`` bounds each capability's task stream."""
+    """A Redis bus with the process's lease and retry budget; ``max_queue`` bounds each capability's task stream.
+
+    ``retry_budget_s`` is how long Redis may stay unreachable before a call raises ``BusUnavailable``;
+    None waits for as long as the outage lasts (the manager and worker processes).
+    """
     settings = RedisSettings.from_url(url, namespace=namespace, retry_budget_s=retry_budget_s,
                                       max_task_stream_len=max_queue)
     return RedisBus(settings, BusSettings(lease_s=lease_s))
+
+
+def _check_exit_after(exit_after_s: float | None) -> None:
+    if exit_after_s is not None and not exit_after_s >= 0:
+        raise ConfigError(f"--exit-after-s must be 0 or more seconds, got {exit_after_s:g}")
 
 
 async def _until_signalled(scope: anyio.CancelScope, on_signal: Callable[[], None] | None = None) -> None:
@@ -152,7 +161,8 @@ async def _inference(stack: AsyncExitStack, settings: InferenceSettings | None, 
 async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
-                      observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None) -> None:
+                      observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
+                      exit_after_s: float | None = None) -> None:
     """Wait for leadership, then manage runs until a signal.
 
     ``max_queue`` is back-pressure: dispatching waits while a capability has that many tasks
@@ -163,8 +173,14 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
     longer than the lease, so the lease key expired or vanished) stops managing at once and goes
     back to standing by: it leads again, from the ledger and under a new epoch, when the lease is
     free. It does not exit, so a Redis outage longer than the lease needs no process restart.
+
+    Redis outages of any length are waited out: while leading, every bus call retries (and the
+    lease, which cannot be renewed, makes the manager step down once it may have expired); while
+    standing by, taking the lease retries. With ``exit_after_s`` the manager raises
+    ``BusUnavailable`` (the CLI exits 1) once Redis has been unreachable that long.
     """
-    lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s)
+    _check_exit_after(exit_after_s)
+    lease = LeaderLease(url, name=name, namespace=namespace, lease_s=manager_lease_s, exit_after_s=exit_after_s)
     with ExitStack() as sync_stack:
         registry = _metrics_registry(sync_stack, observability, "manager")
         tracing = _tracing(observability)
@@ -174,12 +190,14 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
 
             metrics = ManagerMetrics(registry)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
+            stack.push_async_callback(lease.aclose)
             tg.start_soon(_until_signalled, tg.cancel_scope)
             client = await _inference(stack, llm, registry=registry, tracing=tracing)
             judge = LLMJudge(client) if client else None
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
-                                     bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue)
+                                     bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
+                                     exit_after_s=exit_after_s)
             await _lead_forever(lease, lead, name)
 
 
@@ -196,9 +214,11 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
-                tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None) -> None:
+                tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
+                exit_after_s: float | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
-    async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue) as bus,
+    async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,
+                         retry_budget_s=exit_after_s) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
         manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
@@ -215,9 +235,14 @@ async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namesp
 
 
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
-                     lease_s: float, config: dict[str, Any], drain_s: float, retry_budget_s: float,
+                     lease_s: float, config: dict[str, Any], drain_s: float, exit_after_s: float | None = None,
                      llm: InferenceSettings | None = None, observability: Observability = NO_OBSERVABILITY) -> int:
-    """Serve one capability until SIGTERM (drain) or until Redis stays unreachable past the retry budget."""
+    """Serve one capability until SIGTERM (drain); Redis outages are waited out, however long they last.
+
+    With ``exit_after_s`` it raises ``BusUnavailable`` (the CLI exits 1) once Redis has been
+    unreachable that long.
+    """
+    _check_exit_after(exit_after_s)
     worker_class = registry.load(plugin)
     if worker_class.capability != capability:
         raise ConfigError(f"plugin {plugin!r} serves capability {worker_class.capability!r}, not {capability!r}")
@@ -229,12 +254,12 @@ async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int
         tracing = _tracing(observability)
         return await _serve_worker(worker, url=url, capability=capability, concurrency=concurrency, name=name,
                                    namespace=namespace, lease_s=lease_s, drain_s=drain_s,
-                                   retry_budget_s=retry_budget_s, llm=llm if worker_class.needs_inference else None,
+                                   exit_after_s=exit_after_s, llm=llm if worker_class.needs_inference else None,
                                    metrics_registry=metrics_registry, tracing=tracing)
 
 
 async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: int, name: str, namespace: str,
-                        lease_s: float, drain_s: float, retry_budget_s: float, llm: InferenceSettings | None,
+                        lease_s: float, drain_s: float, exit_after_s: float | None, llm: InferenceSettings | None,
                         metrics_registry: Any, tracing: Tracing) -> int:
     observers: list[RuntimeObserver] = []
     if metrics_registry is not None:
@@ -244,7 +269,7 @@ async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: 
     async with AsyncExitStack() as stack:
         client = await _inference(stack, llm, registry=metrics_registry, tracing=tracing)
         bus = await stack.enter_async_context(open_bus(url, namespace=namespace, lease_s=lease_s,
-                                                       retry_budget_s=retry_budget_s))
+                                                       retry_budget_s=exit_after_s))
         runtime = WorkerRuntime(bus, {capability: worker},
                                 RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client,
                                 observers=observers, tracing=tracing)

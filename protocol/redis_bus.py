@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import random
 import time
 import uuid
 from collections import deque
@@ -50,6 +49,7 @@ from protocol import _redis_lua as lua
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
 from protocol.envelope import Envelope
 from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
+from protocol.outage import Backoff, Outage
 from protocol.settings import RedisSettings
 
 __all__ = ("RedisBus",)
@@ -101,9 +101,10 @@ class _Batcher:
     A caller queues its item; if no batch is in flight it sends everything queued so far,
     otherwise it waits for the batch in flight to finish and looks again. Items for the same
     script, keys and fixed arguments become one EVALSHA (the scripts loop over their items),
-    and all of those go in one pipeline. A batch always completes once sent (shielded), bounded
-    by socket timeouts and the retry budget; a caller cancelled while its item still waits in
-    the queue withdraws it.
+    and all of those go in one pipeline. An attempt to send a batch always completes (shielded,
+    bounded by the socket timeouts); a caller cancelled while its item still waits in the queue
+    withdraws it, and a sender cancelled while it waits out an outage between attempts
+    withdraws its own items and leaves the others queued for their callers to send.
     """
 
     def __init__(self, bus: RedisBus) -> None:
@@ -139,8 +140,16 @@ class _Batcher:
             self._in_flight = anyio.Event()
             batch, self._queue = self._queue, {}
             try:
-                with anyio.CancelScope(shield=True):
-                    await self._flush(batch)
+                await self._flush(batch)
+            except anyio.get_cancelled_exc_class():
+                # Cancelled while waiting out an outage between attempts (the attempts themselves are
+                # shielded), so the batch is as good as not sent: withdraw our own items and put the
+                # other callers' back at the head of the queue for the next of them to send.
+                mine = [op for _, op in ops]
+                for group, queued in batch.items():
+                    if rest := [op for op in queued if op not in mine]:
+                        self._queue[group] = rest + self._queue.get(group, [])
+                raise
             finally:
                 finished, self._in_flight = self._in_flight, None
                 finished.set()
@@ -157,8 +166,10 @@ class _Batcher:
             for i in range(0, len(ops), _MAX_ITEMS):
                 calls.append((script, keys, fixed, ops[i:i + _MAX_ITEMS]))
         try:
-            replies = await self._bus._call("write", lambda: self._send(calls))
-        except BaseException as exc:  # BusUnavailable, cancellation: every caller learns it
+            replies = await self._bus._call("write", lambda: self._send(calls), shield_attempts=True)
+        except anyio.get_cancelled_exc_class():
+            raise  # the flusher was cancelled between attempts: run_many re-queues the others' items
+        except BaseException as exc:  # BusUnavailable: every caller learns it
             for *_, ops in calls:
                 for op in ops:
                     op.error, op.done = exc, True
@@ -213,6 +224,7 @@ class RedisBus(Bus):
         self._sha = {script.name: hashlib.sha1(script.source.encode()).hexdigest() for script in lua.ALL}
         self._groups: set[tuple[str, str]] = set()
         self._writes = _Batcher(self)
+        self._outage = Outage(rs.safe_url, limit_s=rs.retry_budget_s)
 
     async def _load_scripts(self) -> None:
         for script in lua.ALL:
@@ -257,14 +269,24 @@ class RedisBus(Bus):
 
     # -- retries -------------------------------------------------------------------------------
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn``, retrying connection failures with capped, jittered exponential backoff."""
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]], *, shield_attempts: bool = False) -> T:
+        """Run ``fn``, retrying connection failures with capped, jittered exponential backoff.
+
+        Retries go on for as long as Redis stays unreachable, or until the outage has lasted
+        ``retry_budget_s`` (then ``BusUnavailable``). The waits between attempts are always
+        cancellable; with ``shield_attempts`` each attempt itself is not (a write that was sent
+        is allowed to finish, bounded by the socket timeouts).
+        """
         rs = self.redis_settings
-        deadline: float | None = None
-        delay = rs.backoff_base_s
+        backoff = Backoff(rs.backoff_base_s, rs.backoff_cap_s)
         while True:
+            started = self._outage.clock()
             try:
-                result = await fn()
+                if shield_attempts:
+                    with anyio.CancelScope(shield=True):
+                        result = await fn()
+                else:
+                    result = await fn()
             except (AuthenticationError, AuthorizationError) as exc:
                 # Waiting will not fix a wrong password or a missing ACL grant: say so at once.
                 raise BusUnavailable(f"Redis at {rs.safe_url!r} refused the credentials for {what}: {exc}") from exc
@@ -273,18 +295,9 @@ class RedisBus(Bus):
                     raise self._forbidden_error(what, exc) from exc
                 if isinstance(exc, ResponseError) and not _transient(exc):
                     raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + rs.retry_budget_s
-                    log.warning("redis_call_failed", url=rs.safe_url, op=what, error=str(exc))
-                if now >= deadline:
-                    raise BusUnavailable(f"cannot reach Redis at {rs.safe_url!r} for {what} within "
-                                         f"{rs.retry_budget_s:g}s: {exc}") from exc
-                await anyio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
-                delay = min(rs.backoff_cap_s, delay * 2)
+                await anyio.sleep(self._outage.failed(what, exc, started=started, backoff=backoff))
             else:
-                if deadline is not None:
-                    log.info("redis_call_recovered", url=rs.safe_url, op=what)
+                self._outage.recovered()
                 return result
 
     def _forbidden_error(self, what: str, exc: ResponseError) -> BusError:
@@ -397,11 +410,13 @@ class RedisBus(Bus):
                         buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
         finally:
             # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,
-            # or they would sit pending for this consumer until the lease ran out.
+            # or they would sit pending for this consumer until the lease ran out. Not for longer
+            # than that lease, though: with Redis away the hand-back would wait for it.
             if buffered:
                 stale = [(e[1], e[3]) for e in buffered]
                 buffered.clear()
-                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + rs.socket_timeout_s):
+                give_up_s = min(rs.socket_timeout_s, bs.lease_s)
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + give_up_s):
                     try:
                         await self._hand_back(key, group, consumer, stale)
                     except Exception as exc:  # the lease expires anyway

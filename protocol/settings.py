@@ -104,9 +104,11 @@ class RedisSettings(BaseModel):
 
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = Field(default="orch", min_length=1)
-    # Every operation retries connection errors with capped exponential backoff for this long,
-    # then raises BusUnavailable. Consume loops use the same budget per attempt.
-    retry_budget_s: float = Field(default=30.0, ge=0)
+    # Every operation retries connection errors with capped, jittered exponential backoff. Once
+    # Redis has been unreachable this long (one continuous outage, from the first failed call
+    # since the last successful one) calls raise BusUnavailable; None retries for as long as
+    # the outage lasts (the manager and worker processes, unless --exit-after-s is given).
+    retry_budget_s: float | None = Field(default=30.0, ge=0)
     backoff_base_s: float = Field(default=0.05, gt=0)
     backoff_cap_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)

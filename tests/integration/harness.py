@@ -112,19 +112,20 @@ class Cluster:
         self._counter += 1
         return f"{prefix}{self._counter}"
 
-    def manager(self, name: str | None = None) -> Proc:
+    def manager(self, name: str | None = None, *, exit_after_s: float | None = None) -> Proc:
         name = name or self._name("manager")
         return self._spawn(name, ["manager", "--redis", self.url, "--ledger", str(self.ledger), "--name", name,
-                                  "--lease-s", str(self.lease_s), "--manager-lease-s", str(self.manager_lease_s)])
+                                  "--lease-s", str(self.lease_s), "--manager-lease-s", str(self.manager_lease_s),
+                                  *_exit_after(exit_after_s)])
 
     def worker(self, name: str | None = None, *, concurrency: int = 4, drain_s: float = 5.0,
-               lease_s: float | None = None, retry_budget_s: float = 30.0) -> Proc:
+               lease_s: float | None = None, exit_after_s: float | None = None) -> Proc:
         name = name or self._name("worker")
         return self._spawn(name, ["worker", "--redis", self.url, "--capability", "effect", "--plugin", PLUGIN,
                                   "--config", json.dumps({"store": str(self.store)}),
                                   "--concurrency", str(concurrency), "--name", name,
                                   "--lease-s", str(lease_s or self.lease_s), "--drain-s", str(drain_s),
-                                  "--retry-budget-s", str(retry_budget_s)])
+                                  *_exit_after(exit_after_s)])
 
     # -- supervised workers ----------------------------------------------------------------
 
@@ -212,6 +213,10 @@ class Cluster:
         for proc in self.procs:
             proc.kill()
         self.redis.kill()
+
+
+def _exit_after(seconds: float | None) -> list[str]:
+    return [] if seconds is None else ["--exit-after-s", str(seconds)]
 
 
 def effect_tasks(n: int, *, prefix: str = "t", sleep: float = 0.0, **extra: Any) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from structlog.testing import capture_logs
 
 from protocol.bus import BusSettings, Delivery
 from protocol.envelope import Envelope
@@ -191,6 +192,51 @@ async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> 
 
             got = await consume_through(bus, it, want, restart_empty)
             assert [d.envelope.task_id for d in got] == ["t1"]
+    finally:
+        server.kill()
+
+
+@own_server
+async def test_writes_wait_out_redis_without_a_budget_and_a_cancelled_sender_leaves_the_others_queued(
+        tmp_path: Path) -> None:
+    """With ``retry_budget_s=None`` a write waits for Redis however long it takes; the caller that happens to
+    send a batch can still be cancelled, and the other items of its batch are then sent by their own callers."""
+    server = RedisServer(tmp_path)  # not started yet: Redis is down from the first call
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace="down", retry_budget_s=None) as bus:
+            scopes = {name: anyio.CancelScope() for name in "ab"}
+            ended = {name: anyio.Event() for name in "abc"}
+            ids: list[str] = []
+
+            async def publish(name: str, n: int) -> None:
+                with scopes.get(name, anyio.CancelScope()):
+                    ids.append(await bus.publish("tasks.echo", assign(n)))
+                ended[name].set()
+
+            with capture_logs() as logs:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(publish, "a", 1)  # a sends a batch of its own item, and waits between attempts
+                    await anyio.sleep(0.3)
+                    tg.start_soon(publish, "b", 2)  # b and c queue behind a's batch...
+                    tg.start_soon(publish, "c", 3)
+                    await anyio.sleep(0.3)
+                    scopes["a"].cancel()  # ...and once a gives up, b sends a batch of b's and c's items
+                    with anyio.fail_after(3):  # at most one backoff wait (capped at 2 s)
+                        await ended["a"].wait()
+                    await anyio.sleep(0.3)
+                    scopes["b"].cancel()  # b gives up too: c's item goes back to the queue, c sends it
+                    with anyio.fail_after(3):
+                        await ended["b"].wait()
+                    await anyio.sleep(1.0)  # still down: c keeps waiting, no budget runs out
+                    assert not ids
+                    await anyio.to_thread.run_sync(server.start)
+                    with anyio.fail_after(10):
+                        await ended["c"].wait()
+            assert len(ids) == 1
+            entries = await bus._redis.xrange(bus.key("tasks.echo"))
+            assert [bus.settings.codec.decode(f[b"f"]).task_id for _, f in entries] == ["t3"]  # a's, b's withdrawn
+            events = [e["event"] for e in logs if e["event"].startswith("redis_")]
+            assert events == ["redis_unreachable", "redis_reachable_again"], events
     finally:
         server.kill()
 
