@@ -84,14 +84,13 @@ async def test_approve_reject_cancel_and_redo_from_another_process(cluster: Clus
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    overrides = {(e["task_id"], e["event"], e["actor"]) for e in events if e["kind"] == "override"}
+    overrides = {(e["task_id"], e["body"]["action"], e["actor"]) for e in events if e["body"]["kind"] == "override"}
     assert {("approve_me", "approve", "alice"), ("reject_me", "reject", "bob"), ("redo_me", "redo", "dave"),
             ("reject_me", "approve", "bob")} <= overrides
-    reject = next(e for e in events if e["task_id"] == "reject_me" and e["event"] == "reject"
-                  and e["kind"] == "transition")
-    assert reject["detail"]["feedback"] == "cite the source"
-    assert reject["actor"] == "person:bob"
-    cancel = next(e for e in events if e["task_id"] == "cancel_me" and e["event"] == "cancel")
+    rejected = next(e for e in events if e["task_id"] == "reject_me" and e["body"]["kind"] == "verdict"
+                    and not e["body"]["passed"])
+    assert (rejected["body"]["feedback"], rejected["body"]["verifier"]) == ("cite the source", "person:bob")
+    cancel = next(e for e in events if e["task_id"] == "cancel_me" and e["body"].get("event") == "cancel")
     assert cancel["actor"] == "carol"
 
     text = cli(cluster, "events", run_id)
