@@ -34,8 +34,9 @@ from rich.table import Table
 from orchestrator import processes
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
-from orchestrator.job import load_job
+from orchestrator.job import Job, load_job
 from orchestrator.simulator import SimConfig, SimulatedVLLM
+from protocol.bus import Bus
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
@@ -497,6 +498,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 except processes.NoActiveManager as exc:
                     raise processes.NoActiveManager(f"{exc}; the job was not submitted") from None
             run_id = await processes.submit_job(bus, job, source=args.job)
+            await _warn_unserved(bus, job, run_id)
             if not args.wait:
                 if await processes.active_manager(url, namespace=args.namespace) is None:
                     note = f"orchestrator: warning: no active manager; run {run_id} is queued until one starts"
@@ -511,6 +513,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return _exit_for(result["state"])
 
     return anyio.run(go)
+
+
+async def _warn_unserved(bus: Bus, job: Job, run_id: str) -> None:
+    """Say at once when the job names a capability no live worker serves (a typo, or none started yet)."""
+    served = await bus.served(sorted({t.capability for t in job.tasks}))
+    for capability, workers in sorted(served.items()):
+        if workers == 0:
+            tasks = ", ".join(t.id for t in job.tasks if t.capability == capability)
+            print(f"orchestrator: warning: no live worker serves capability {capability!r} (tasks {tasks}); "  # noqa: T201
+                  f"run {run_id}'s tasks wait for one, and fail after budget.no_worker_s="
+                  f"{job.budget.no_worker_s:g} s without one", file=sys.stderr)
 
 
 async def _manager_stays(url: str, namespace: str, run_id: str) -> None:

@@ -414,3 +414,30 @@ def test_a_check_that_cannot_be_loaded_exits_2_naming_the_task_and_field(tmp_pat
     assert (f"{job}: task 'x': field 'spec.check': cannot load 'nosuchmod:fn': No module named 'nosuchmod'"
             in proc.stderr)
     no_traceback(proc)
+
+
+# -- liveness: a capability nobody serves ----------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_a_capability_no_worker_serves_is_named_at_submit_and_fails_the_task_after_no_worker_s(fleet: Fleet) -> None:
+    typo = fleet.job("typo", "goal: typo\nbudget: {no_worker_s: 3}\ntasks:\n"
+                             "  - id: t\n    capability: pyhton\n    instruction: result = 1\n")
+    submitted = fleet.run("submit", str(typo))
+    assert submitted.returncode == 0, submitted.stderr
+    assert "no live worker serves capability 'pyhton' (tasks t)" in submitted.stderr
+    run_id = submitted.stdout.strip()
+    waiting = fleet.until(run_id, lambda s: s["tasks"][0]["waiting"] is not None)["tasks"][0]["waiting"]
+    assert (waiting["for"], waiting["capability"]) == ("worker", "pyhton")
+    ended = fleet.until(run_id, lambda s: s["state"] != "running")
+    assert ended["state"] == "failed"
+    assert "no live worker serves capability 'pyhton'" in ended["tasks"][0]["reason"]
+    assert fleet.run("status", run_id).returncode == 1
+
+
+@pytest.mark.redis
+def test_a_served_capability_gets_no_warning(fleet: Fleet, runs: Runs) -> None:
+    # ``runs`` finished a python task, so the module's worker has announced itself by now.
+    ok = fleet.run("submit", str(fleet.job("served", ONE_TASK.format(goal="served", extra=""))))
+    assert ok.returncode == 0, ok.stderr
+    assert "no live worker" not in ok.stderr
