@@ -372,9 +372,12 @@ class RunEngine:
             self._done(task, reply.sender, body)
         elif isinstance(body, Failed) and task.state is TaskState.NOT_DONE and task.id not in self._retry_at:
             self._failed(task, reply.sender, body)
-        elif (isinstance(body, VerifyResponse) and task.state is TaskState.VERIFY_DONE
-              and task.verify_stage is VerifyStage.WORKER):
-            verdict = body.verdict
+        elif task.state is TaskState.VERIFY_DONE and task.verify_stage is VerifyStage.WORKER and \
+                isinstance(body, VerifyResponse | Failed):
+            if isinstance(body, Failed):  # the check itself broke: a rejection that says so, not a silent wait
+                verdict = Verdict(passed=False, feedback=f"the worker's own check failed: {body.error}")
+            else:
+                verdict = body.verdict
             if not verdict.verifier:  # the worker's own check: say whose it was
                 verdict = verdict.model_copy(update={"verifier": f"worker:{task.capability}"})
             self._verdict(task, VerifyStage.WORKER, verdict)

@@ -328,7 +328,8 @@ class Manager:
                 run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
                 trace=self._trace_context(run, task),
                 body=VerifyRequest(capability=task.capability, instruction=task.instruction, input=task.input,
-                                   output=task.output, spec_description=task.spec.description)))
+                                   output=task.output, spec_description=task.spec.description, config=task.config,
+                                   timeout_s=task.timeout_s)))
         elif request.stage is VerifyStage.JUDGE:
             assert self._tg is not None
             self._tg.start_soon(self._run_judge, engine, task, request.attempt)

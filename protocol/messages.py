@@ -101,6 +101,8 @@ class VerifyRequest(_Body):
     input: Any = None
     output: Any = None
     spec_description: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)  # the task's config, as on its assign
+    timeout_s: float | None = None  # the task's time limit, as on its assign
 
 
 class VerifyResponse(_Body):

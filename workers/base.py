@@ -61,7 +61,7 @@ class Task(BaseModel):
         if isinstance(body, VerifyRequest):
             return cls(run_id=run_id, task_id=task_id, attempt=attempt, capability=body.capability,
                        instruction=body.instruction, input=body.input, spec_description=body.spec_description,
-                       config=config)
+                       config=config, config_overrides=dict(body.config), timeout_s=body.timeout_s)
         last = body.redo[-1] if body.redo else None
         return cls(
             run_id=run_id, task_id=task_id, attempt=attempt, capability=body.capability,

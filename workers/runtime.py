@@ -221,12 +221,12 @@ class WorkerRuntime:
                              sender=self.name)
         log.info("task_received", type=env.type, capability=capability)
         try:
-            config = worker.task_config(body.config) if isinstance(body, Assign) else worker.config
+            config = worker.task_config(body.config)
         except ConfigError as exc:
             log.warning("task_config_rejected", capability=capability, error=str(exc))
             return env.reply(Failed(error=str(exc), error_type="ConfigError", retryable=False), sender=self.name)
         task = Task.from_assign(body, run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, config=config)
-        timeout = body.timeout_s if isinstance(body, Assign) and body.timeout_s else self.settings.default_timeout_s
+        timeout = body.timeout_s or self.settings.default_timeout_s
         started = time.monotonic()
         tokens_before = self._tokens(env)
         call = _Call(capability=capability, run_id=env.run_id, task_id=env.task_id,

@@ -227,3 +227,13 @@ def test_the_history_folds_back_to_the_engines_state() -> None:
         assert (folded.state, folded.attempt, folded.waiting, folded.tokens) == \
             (task.state, task.attempt, task.waiting, task.tokens)
     assert (fold.state, fold.tokens) == (d.run.state, d.run.tokens)
+
+
+def test_a_workers_own_check_that_breaks_rejects_the_attempt_instead_of_leaving_it_waiting() -> None:
+    d = Driver(job({"id": "a", "capability": "x"}))
+    d.start()
+    d.done("a", 1, self_check=True)
+    assert sent(d.failed("a", "TimeoutError: ran past 300 s")) == ["a"]  # rejected, and the next attempt goes out
+    verdict = d.run.tasks["a"].attempts[0].verdict or {}
+    assert verdict["verifier"] == "worker:x"
+    assert "the worker's own check failed: TimeoutError" in verdict["feedback"]
