@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from protocol.bus import Bus, BusSettings, MemoryBus
 from tests._redis import RedisServer, redis_server_path
@@ -47,6 +49,17 @@ def _collect_garbage_per_module() -> Iterator[None]:
     """
     yield
     gc.collect()
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[None]:
+    """Let every log level through for the test: tests that ran earlier may have configured WARNING."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

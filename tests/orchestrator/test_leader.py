@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(30),
               pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not on PATH; install Redis 7")]
 
 
+@pytest.mark.usefixtures("debug_logs")
 async def test_acquire_waits_for_a_redis_that_is_not_up_yet(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # down when the manager starts
     lease = LeaderLease(server.url, name="m", lease_s=1.0)
@@ -43,6 +44,7 @@ async def test_acquire_waits_for_a_redis_that_is_not_up_yet(tmp_path: Path) -> N
         server.kill()
 
 
+@pytest.mark.usefixtures("debug_logs")
 async def test_a_leader_that_cannot_renew_steps_down_when_its_lease_may_have_expired(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, appendonly=True).start()
     lease = LeaderLease(server.url, name="m", lease_s=1.0)
@@ -74,6 +76,7 @@ async def test_a_leader_that_cannot_renew_steps_down_when_its_lease_may_have_exp
         server.kill()
 
 
+@pytest.mark.usefixtures("debug_logs")
 async def test_with_exit_after_s_acquire_gives_up_with_bus_unavailable(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # never started
     lease = LeaderLease(server.url, name="m", lease_s=1.0, exit_after_s=0.5)

@@ -22,6 +22,7 @@ class Clock:
         return self.now
 
 
+@pytest.mark.usefixtures("debug_logs")
 def test_backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() -> None:
     top = Backoff(0.05, 2.0, rng=lambda: 1.0)  # the largest jitter factor (1.0)
     assert [round(top.next(), 3) for _ in range(9)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
@@ -42,6 +43,7 @@ def _ride(outage: Outage, clock: Clock, seconds: float, *, op: str = "consume") 
     return delays
 
 
+@pytest.mark.usefixtures("debug_logs")
 def test_a_long_outage_is_logged_once_a_minute_naming_redis_and_how_long() -> None:
     clock = Clock()
     outage = Outage(URL, clock=clock)
@@ -64,6 +66,7 @@ def test_a_long_outage_is_logged_once_a_minute_naming_redis_and_how_long() -> No
     assert logs[0]["limit_s"] is None
 
 
+@pytest.mark.usefixtures("debug_logs")
 def test_many_calls_waiting_share_one_log_line_a_minute() -> None:
     clock = Clock()
     outage = Outage(URL, clock=clock)
@@ -76,6 +79,7 @@ def test_many_calls_waiting_share_one_log_line_a_minute() -> None:
     assert [e["event"] for e in logs] == ["redis_unreachable", "redis_still_unreachable"]
 
 
+@pytest.mark.usefixtures("debug_logs")
 def test_an_attempt_begun_before_redis_answered_again_does_not_open_a_new_outage() -> None:
     clock = Clock()
     outage = Outage(URL, clock=clock)
@@ -92,6 +96,7 @@ def test_an_attempt_begun_before_redis_answered_again_does_not_open_a_new_outage
     assert [e["event"] for e in logs] == ["redis_unreachable", "redis_reachable_again", "redis_unreachable"]
 
 
+@pytest.mark.usefixtures("debug_logs")
 def test_with_a_limit_the_outage_ends_in_bus_unavailable_and_waits_never_overshoot_it() -> None:
     clock = Clock()
     outage = Outage(URL, limit_s=10.0, clock=clock)

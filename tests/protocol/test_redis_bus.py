@@ -197,6 +197,7 @@ async def test_consume_survives_a_redis_that_restarted_empty(tmp_path: Path) -> 
 
 
 @own_server
+@pytest.mark.usefixtures("debug_logs")
 async def test_writes_wait_out_redis_without_a_budget_and_a_cancelled_sender_leaves_the_others_queued(
         tmp_path: Path) -> None:
     """With ``retry_budget_s=None`` a write waits for Redis however long it takes; the caller that happens to
