@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from orchestrator.cli import _resolve_env, main
+from orchestrator.cli import _resolve_env, build_parser, main
 
 
 def parse(args: list[str]) -> argparse.Namespace:
