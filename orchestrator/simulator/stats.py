@@ -11,6 +11,8 @@ __all__ = ("Histogram", "SimStats")
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
 
+_COUNT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+
 
 @dataclass
 class Histogram:
@@ -66,6 +68,7 @@ class SimStats:
     ttft: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
     queue_time: Histogram = field(default_factory=Histogram)
+    request_params_n: Histogram = field(default_factory=lambda: Histogram(_COUNT_BUCKETS))
 
     @property
     def cache_hit_rate(self) -> float:
