@@ -83,6 +83,7 @@ class SimConfig(BaseModel):
     faults: FaultRates = FaultRates()
     hang_seconds: float = Field(600.0, gt=0, description="how long a 'hang' fault holds the request")
     seed: int = 0
+    ignored_flags: tuple[str, ...] = Field((), description="`vllm serve` options accepted but not modelled")
 
     @property
     def model(self) -> str:
