@@ -633,6 +633,7 @@ class SimApp:
         for c in choices:
             self.stats.finished_by_reason[c.finish_reason] += 1
         self.stats.request_params_n.observe(params.n)
+        self.stats.request_params_max_tokens.observe(params.max_tokens)
         payload = self._final_payload(ctx)
         if fault == "malformed":
             return Response(200, json.dumps(payload).encode()[:40])
@@ -859,6 +860,7 @@ class SimApp:
                     yield self._chunk(ctx, c, sent, total, last=True, sent=sent_total)
                 self.stats.finished_by_reason[c.finish_reason] += 1
             self.stats.request_params_n.observe(ctx.params.n)
+            self.stats.request_params_max_tokens.observe(ctx.params.max_tokens)
             if ctx.params.include_usage:
                 yield _event({"id": ctx.rid, "object": "chat.completion.chunk" if ctx.chat else "text_completion",
                               "created": ctx.created, "model": ctx.model, "choices": [], "usage": self._usage(ctx)})
