@@ -285,7 +285,7 @@ class SimApp:
         """vLLM's request-level 400s (before any prompt is looked at); ``max_tokens`` is filled in later."""
         stream = bool(body.get("stream"))
         if body.get("stream_options") and not stream:
-            raise _bad("Stream options can only be defined when stream=True.", "stream_options")
+            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
         for name in ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "priority", "seed", "min_tokens",
                      "truncate_prompt_tokens", "prompt_logprobs") + (() if chat else ("logprobs",)):
             value = body.get(name)
@@ -426,36 +426,37 @@ class SimApp:
                     check_json_schema(schema, param="response_format")
 
     def _max_tokens(self, body: dict[str, Any], prompt_len: int, params: GenParams) -> int:
-        """The effective max_tokens for a prompt of ``prompt_len`` tokens, or vLLM's context-length 400."""
+        """The effective max_tokens for a prompt of ``prompt_len`` tokens, as vLLM 0.33 computes it.
+
+        vLLM 0.33 clamps a requested max_tokens to what the context has left (``get_max_tokens``);
+        it answers 400 only when max_tokens alone exceeds max_model_len or the prompt leaves no room.
+        """
         chat = params.chat
         limit = self.config.max_model_len
-        if prompt_len >= limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens. However, your request has "
-                       f"{prompt_len} input tokens. Please reduce the length of the input messages.", "messages"
-                       if chat else "prompt")
-        requested = body.get("max_completion_tokens") if chat else None
+        param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        requested = body.get(param)
+        if requested is not None and requested > limit:
+            raise _bad(f"{param}={requested} cannot be greater than max_model_len={limit}. Please request fewer "
+                       "output tokens.", param)
+        if prompt_len > limit:
+            raise _bad(f"This model's maximum context length is {limit} tokens. However, your prompt contains "
+                       f"{prompt_len} input tokens, which exceeds this limit even without any output tokens. Please "
+                       "reduce the length of the input prompt.", "input_tokens")
+        if prompt_len == limit:
+            raise _bad(f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at "
+                       f"least 1) is longer than the maximum model length of {limit}. Make sure that `max_model_len` "
+                       "is no smaller than the number of text tokens (prompt + requested output tokens).")
         if requested is None:
-            requested = body.get("max_tokens")
-        if requested is None:
-            if not chat:
-                requested = min(16, limit - prompt_len)
-            else:
-                requested = limit - prompt_len
-                if self.config.default_max_tokens is not None:
-                    requested = min(requested, self.config.default_max_tokens)
+            requested = 16 if not chat else self.config.default_max_tokens
         elif requested == 0 and params.echo and not chat:
             return 0  # echo without generation
         elif requested < 1:
-            raise _bad(f"max_tokens must be at least 1, got {requested}.", "max_tokens")
-        elif prompt_len + requested > limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens. However, you requested "
-                       f"{requested} output tokens and your prompt contains at least {prompt_len} input tokens, "
-                       f"for a total of at least {prompt_len + requested} tokens. Please reduce the length of the "
-                       "input prompt or the number of requested output tokens.", "max_tokens")
-        if params.min_tokens > requested:
-            raise _bad(f"min_tokens must be less than or equal to max_tokens={requested}, got {params.min_tokens}.",
+            raise _bad(f"{param} must be at least 1, got {requested}.", param)
+        allowed = limit - prompt_len if requested is None else min(limit - prompt_len, requested)
+        if params.min_tokens > allowed:
+            raise _bad(f"min_tokens must be less than or equal to max_tokens={allowed}, got {params.min_tokens}.",
                        "min_tokens")
-        return int(requested)
+        return int(allowed)
 
     def _note_ignored(self, body: dict[str, Any], known: frozenset[str] = _KNOWN_CHAT) -> None:
         ignored = [k for k in body if k not in known]
@@ -532,7 +533,7 @@ class SimApp:
             raise pydantic_error("greater_than_equal", ("body", "truncate_prompt_tokens"),
                                  "Input should be greater than or equal to -1", keep, ge=-1)
         if keep > limit:
-            raise _bad(f"truncate_prompt_tokens value ({keep}) is greater than max_model_len ({limit}). Please "
+            raise _bad(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len = {limit}. Please "
                        "request a smaller truncation size.", "truncate_prompt_tokens")
         keep = limit if keep == -1 else keep
         ids = prompt[1]
