@@ -312,9 +312,7 @@ class SimApp:
                 raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
             if prompt_lp < -1:
                 raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
-            if prompt_lp > self.config.max_logprobs:
-                raise _bad(f"Requested prompt logprobs of {prompt_lp}, which is greater than max allowed: "
-                           f"{self.config.max_logprobs}", "prompt_logprobs")
+            prompt_lp = self._logprobs_count(prompt_lp, "prompt_logprobs")
         if body.get("priority"):
             raise _bad("Scheduling policy 'fcfs' does not support non-zero request priority.", "priority")
         logprobs: int | None
@@ -322,10 +320,9 @@ class SimApp:
             if body.get("top_logprobs") is not None and not body.get("logprobs"):
                 raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
             top = body.get("top_logprobs") or 0
-            if top > self.config.max_logprobs or top < -1:
-                raise _bad(f"Requested sample logprobs of {top}, which is greater than max allowed: "
-                           f"{self.config.max_logprobs}", "logprobs")
-            logprobs = (top if top >= 0 else self.config.max_logprobs) if body.get("logprobs") else None
+            if top < -1:
+                raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
+            logprobs = self._logprobs_count(top, "logprobs") if body.get("logprobs") else None
             tools, tool_choice = body.get("tools"), body.get("tool_choice")
             if tool_choice not in (None, "none") and not tools:
                 raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
@@ -340,10 +337,7 @@ class SimApp:
             lp = body.get("logprobs")
             if lp is not None and lp < -1:
                 raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
-            if lp is not None and lp > self.config.max_logprobs:
-                raise _bad(f"Requested sample logprobs of {lp}, which is greater than max allowed: "
-                           f"{self.config.max_logprobs}", "logprobs")
-            logprobs = None if lp is None else (lp if lp >= 0 else self.config.max_logprobs)
+            logprobs = None if lp is None else self._logprobs_count(lp, "logprobs")
         min_tokens = body.get("min_tokens") or 0
         if min_tokens < 0:
             raise _bad(f"min_tokens must be greater than or equal to 0, got {min_tokens}.", "min_tokens")
@@ -365,6 +359,16 @@ class SimApp:
             tokens_as_ids=bool(body.get("return_tokens_as_token_ids")), stream=stream,
             include_usage=include_usage, continuous_usage=continuous,
         )
+
+    def _logprobs_count(self, requested: int, param: str) -> int:
+        """How many logprobs ``requested`` asks for (-1: the vocabulary), within ``--max-logprobs`` (-1: any)."""
+        vocab = self.config.vocab_size
+        allowed = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        count = vocab if requested == -1 else requested
+        if count > allowed:
+            kind = "prompt" if param == "prompt_logprobs" else "sample"
+            raise _bad(f"Requested {kind} logprobs of {count}, which is greater than max allowed: {allowed}", param)
+        return count
 
     def _check_logit_bias(self, bias: Any) -> None:
         if bias is None:
@@ -762,8 +766,7 @@ class SimApp:
         p = ctx.params
         if p.prompt_logprobs is None:
             return None
-        top = p.prompt_logprobs if p.prompt_logprobs >= 0 else self.config.max_logprobs
-        return prompt_logprobs(self.tokenizer, ctx.prompts[prompt_index][1], top)
+        return prompt_logprobs(self.tokenizer, ctx.prompts[prompt_index][1], p.prompt_logprobs)
 
     def _final_payload(self, ctx: _Ctx) -> dict[str, Any]:
         p = ctx.params

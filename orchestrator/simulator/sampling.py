@@ -60,17 +60,17 @@ def token_logprob(token_id: int, position: int) -> float:
 
 
 def _alternatives(tok: Tokenizer, token_id: int, position: int, k: int) -> list[tuple[int, float]]:
-    """``k`` (token id, logprob) pairs, the sampled token first, the rest strictly less likely."""
+    """``k`` distinct (token id, logprob) pairs, the sampled token first, the rest strictly less likely.
+
+    Alternatives come from the pieces the tokenizer knows while there are enough, else from the
+    whole vocabulary (``k`` may be the vocabulary size: ``-1`` asks for every token).
+    """
     lp = token_logprob(token_id, position)
+    space = tok.size if k <= tok.size and token_id < tok.size else tok.vocab_size
+    k = min(k, space)
     out = [(token_id, lp)]
-    size = max(tok.size, 1)
-    step = 1
-    while len(out) < k and step <= size + k:
-        alt = (token_id + step * 7919) % max(size, token_id + 1)
-        if all(alt != t for t, _ in out):
-            out.append((alt, round(lp - 0.5 * len(out) - 0.25, 4)))
-        step += 1
-    return out[:k]
+    out.extend(((token_id + j) % space, round(lp - 0.5 * j - 0.25, 4)) for j in range(1, k))
+    return out
 
 
 def _token_str(tok: Tokenizer, token_id: int, as_ids: bool) -> str:

@@ -175,3 +175,51 @@ async def test_truncate_prompt_tokens_and_min_tokens(client: openai.AsyncOpenAI,
     assert resp.usage is not None
     assert resp.usage.completion_tokens == 40
     assert resp.choices[0].finish_reason == "length"
+
+
+async def test_minus_one_means_the_whole_vocabulary() -> None:
+    config = SimConfig(time_scale=0.002, vocab_size=500, max_logprobs=-1)
+    async with SimulatedVLLM(config) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "logprobs": "true",
+                                                          "top_logprobs": -1, "prompt_logprobs": -1})
+        body = r.json()
+        tops = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert len(tops) == 500
+        assert len({t["logprob"] for t in tops}) == 500
+        assert len(body["prompt_logprobs"][1]) == 500
+    async with SimulatedVLLM(SimConfig(time_scale=0.002)) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": MESSAGES, "logprobs": True, "top_logprobs": -1})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("Requested sample logprobs of 151936, which is greater than max "
+                                            "allowed: 20")
+
+
+async def test_echo_with_continue_final_message(client: openai.AsyncOpenAI, sim: SimulatedVLLM) -> None:
+    saying = "An apple a day, keeps"
+    for echo in (True, False):
+        resp = await client.chat.completions.create(
+            model=sim.model, messages=[{"role": "user", "content": "a saying"}, {"role": "assistant", "content": saying}],
+            extra_body={"echo": echo, "continue_final_message": True, "add_generation_prompt": False})
+        content = resp.choices[0].message.content or ""
+        assert (saying in content) is echo
+        assert resp.choices[0].finish_reason == "stop"
+
+
+async def test_streamed_token_ids_match_logprob_tokens(client: openai.AsyncOpenAI, sim: SimulatedVLLM) -> None:
+    stream = await client.completions.create(model=sim.model, prompt="Tell me a fact:", max_tokens=12, stream=True,
+                                             logprobs=1, extra_body={"return_token_ids": True,
+                                                                     "return_tokens_as_token_ids": True})
+    prompt_ids: list[int] | None = None
+    ids: list[int] = []
+    from_logprobs: list[int] = []
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        extra = choice.model_dump()
+        if prompt_ids is None:
+            prompt_ids = extra["prompt_token_ids"]
+        ids += extra["token_ids"]
+        assert choice.logprobs is not None
+        from_logprobs += [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens or []]
+    assert prompt_ids
+    assert ids
+    assert ids == from_logprobs
