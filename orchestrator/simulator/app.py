@@ -198,7 +198,8 @@ class SimApp:
                                    "tokens": tokens, "token_strs": strs})
 
     async def _tokenizer_info(self, req: Request) -> Response:
-        # vLLM answers this only with --enable-tokenizer-info-endpoint; the simulator always does
+        if not self.config.enable_tokenizer_info_endpoint:  # vLLM only routes it with the flag
+            return json_response(404, {"detail": "Not Found"})
         return json_response(200, {"tokenizer_class": "SimulatedTokenizer", "model_max_length": self.config.max_model_len,
                                    "vocab_size": self.config.vocab_size, "simulated": True,
                                    "chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n"

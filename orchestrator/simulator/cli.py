@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enable-request-id-headers", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--enable-tokenizer-info-endpoint", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--max-logprobs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     sim = p.add_argument_group("simulator only")
@@ -233,6 +234,7 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
         enable_force_include_usage=args.enable_force_include_usage,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_auto_tool_choice=args.enable_auto_tool_choice, max_logprobs=args.max_logprobs,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         vocab_size=args.vocab_size, time_scale=args.time_scale, ignored_flags=tuple(ignored),
         latency=LatencyModel(step_overhead_s=args.step_overhead, decode_s_per_seq=args.decode_per_seq,
                              prefill_s_per_token=args.prefill_per_token, jitter=args.jitter),

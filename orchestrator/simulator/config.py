@@ -74,6 +74,7 @@ class SimConfig(BaseModel):
     enable_force_include_usage: bool = False
     enable_auto_tool_choice: bool = False
     enable_request_id_headers: bool = Field(False, description="answer with an X-Request-Id header, like vLLM's flag")
+    enable_tokenizer_info_endpoint: bool = Field(False, description="serve /tokenizer_info, as vLLM's flag does")
     root_path: str = Field("", description="path prefix a proxy mounts the server under (--root-path)")
     vocab_size: int = Field(151936, gt=0, description="token ids at or above this are out of vocabulary")
     max_logprobs: int = 20

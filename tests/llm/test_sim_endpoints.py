@@ -37,7 +37,8 @@ VLLM_033_METRICS = (
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimulatedVLLM]:
-    async with held_in_task(SimulatedVLLM(SimConfig(time_scale=0.002, enable_request_id_headers=True))) as sim:
+    config = SimConfig(time_scale=0.002, enable_request_id_headers=True, enable_tokenizer_info_endpoint=True)
+    async with held_in_task(SimulatedVLLM(config)) as sim:
         yield sim
 
 
@@ -63,11 +64,13 @@ async def test_request_id_header_is_echoed_and_names_the_completion(sim: Simulat
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
 
 
-async def test_no_request_id_header_without_the_flag(sim_llm: SimulatedVLLM) -> None:
+async def test_no_request_id_header_nor_tokenizer_info_without_the_flags(sim_llm: SimulatedVLLM) -> None:
     async with httpx.AsyncClient(base_url=sim_llm.url) as http:
         r = await http.post("/v1/chat/completions", json={"messages": HELLO}, headers={"X-Request-Id": "req-8"})
+        info = await http.get("/tokenizer_info")
     assert "x-request-id" not in r.headers
     assert r.json()["id"] == "chatcmpl-req-8"  # the id still comes from the header, as in vLLM
+    assert info.status_code == 404  # only with --enable-tokenizer-info-endpoint
 
 
 async def test_tokenizer_info_invocations_openapi(sim: SimulatedVLLM) -> None:
