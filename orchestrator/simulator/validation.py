@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from typing import Any
 
 import jsonschema
@@ -141,8 +142,30 @@ def _only_refs_to(node: dict[str, Any], seen: set[int]) -> bool:
     return False
 
 
+_CHECKED: OrderedDict[str, None] = OrderedDict()  # schemas already found valid (agents resend the same few)
+_CHECKED_MAX = 256
+
+
 def check_json_schema(schema: Any, *, param: str = "structured_outputs") -> dict[str, Any] | bool:
     """The schema as vLLM would compile it, or a 400 like vLLM's (xgrammar backend)."""
+    if isinstance(schema, dict):
+        try:
+            key = json.dumps(schema, sort_keys=True)
+        except (TypeError, ValueError):
+            key = ""
+        if key in _CHECKED:
+            _CHECKED.move_to_end(key)
+            return schema
+        checked = _check_json_schema(schema, param)
+        if key and len(key) <= MAX_SCHEMA_BYTES:
+            _CHECKED[key] = None
+            if len(_CHECKED) > _CHECKED_MAX:
+                _CHECKED.popitem(last=False)
+        return checked
+    return _check_json_schema(schema, param)
+
+
+def _check_json_schema(schema: Any, param: str) -> dict[str, Any] | bool:
     if isinstance(schema, str):
         if len(schema) > MAX_SCHEMA_BYTES:
             raise bad(f"The JSON schema is larger than {MAX_SCHEMA_BYTES} bytes.", param)
