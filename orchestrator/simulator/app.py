@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
 import uuid
 import zlib
@@ -57,6 +58,8 @@ _KNOWN_CHAT = frozenset({
 
 
 _bad = bad
+_MAX_N = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))  # vLLM's bounds, from the same variables
+_MAX_PROMPTS = int(os.environ.get("VLLM_MAX_COMPLETION_PROMPTS", "1024"))
 _JSON_ONLY = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations"})
 _RESPONSES_KNOWN = frozenset({"input", "instructions", "model", "max_output_tokens", "stream", "temperature", "top_p",
                               "text", "store", "metadata", "previous_response_id", "reasoning", "tools",
@@ -303,6 +306,9 @@ class SimApp:
         n = 1 if n is None else n
         if n < 1:
             raise _bad(f"n must be at least 1, got {n}.", "n")
+        if n > _MAX_N:
+            raise _bad(f"n must be at most {_MAX_N}, got {n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
+                       "environment variable.", "n")
         if n > 1 and body.get("temperature") == 0:
             raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
         self._check_logit_bias(body.get("logit_bias"))
@@ -509,8 +515,11 @@ class SimApp:
 
         if isinstance(raw, str) or is_ids(raw):
             items: list[Any] = [raw]
-        elif isinstance(raw, list) and all(isinstance(p, str) or (is_ids(p) and p) for p in raw):
+        elif isinstance(raw, list) and all(isinstance(p, str) or is_ids(p) for p in raw):
             items = raw
+            if len(items) > _MAX_PROMPTS:
+                raise _bad(f"prompt list length {len(items)} exceeds the maximum allowed count of {_MAX_PROMPTS}. To "
+                           "increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable.", "prompt")
         else:
             raise pydantic_error("string_type", ("body", "prompt"), "Input should be a valid string", raw)
         out: list[tuple[str, list[int]]] = []
@@ -520,6 +529,8 @@ class SimApp:
                     raise _bad("The decoder prompt cannot be empty", "prompt")
                 out.append((item, self.tokenizer.encode(item)))
                 continue
+            if not item:
+                raise _bad("The decoder prompt cannot be empty", "prompt")
             low, high = min(item), max(item)
             if low < 0:
                 raise _bad(f"Token id {low} is out of vocabulary", "prompt")
