@@ -526,11 +526,11 @@ class SimApp:
         for item in items:
             if isinstance(item, str):
                 if not item:
-                    raise _bad("The decoder prompt cannot be empty", "prompt")
+                    raise _bad("The decoder prompt cannot be empty")
                 out.append((item, self.tokenizer.encode(item)))
                 continue
             if not item:
-                raise _bad("The decoder prompt cannot be empty", "prompt")
+                raise _bad("The decoder prompt cannot be empty")
             low, high = min(item), max(item)
             if low < 0:
                 raise _bad(f"Token id {low} is out of vocabulary", "prompt")

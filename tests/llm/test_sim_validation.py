@@ -47,7 +47,7 @@ async def _post(sim: SimulatedVLLM, path: str, body: dict[str, Any]) -> httpx.Re
         ("/v1/completions", {}, "BadRequestError", "prompt", "Either prompt or prompt_embeds"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, "BadRequestError", "prompt", "Token id 1000000000 is out"),
         ("/v1/completions", {"prompt": [[5], [-1]]}, "BadRequestError", "prompt", "Token id -1 is out"),
-        ("/v1/completions", {"prompt": [[5], []]}, "BadRequestError", "prompt", "prompt cannot be empty"),
+        ("/v1/completions", {"prompt": [[5], []]}, "BadRequestError", None, "prompt cannot be empty"),
         ("/v1/completions", {"prompt": ["a"] * 1025}, "BadRequestError", "prompt", "exceeds the maximum allowed count"),
         ("/v1/chat/completions", {"messages": HELLO, "n": 16385}, "BadRequestError", "n", "n must be at most 16384"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "BadRequestError", "min_tokens",
@@ -60,7 +60,7 @@ async def _post(sim: SimulatedVLLM, path: str, body: dict[str, Any]) -> httpx.Re
          "prompt_logprobs", "not available when `stream=True`"),
     ],
 )
-async def test_vllm_400s(sim_llm: SimulatedVLLM, path: str, body: dict[str, Any], type_: str, param: str,
+async def test_vllm_400s(sim_llm: SimulatedVLLM, path: str, body: dict[str, Any], type_: str, param: str | None,
                          fragment: str) -> None:
     r = await _post(sim_llm, path, body)
     assert r.status_code == 400, r.text
