@@ -133,7 +133,7 @@ class ServeSpec(_Model):
     gpus: int = Field(1, ge=0, description="GPUs for the server; >1 adds --tensor-parallel-size")
     command: tuple[str, ...] = Field(("vllm",), min_length=1,
                                      description="the binary (env ORCH_VLLM_BINARY overrides, split like a shell)")
-    image: str = "vllm/vllm-openai:v0.11.0"
+    image: str = "vllm/vllm-openai:v0.33.0"  # the release orchestrator[vllm] pins
     startup_timeout_seconds: float = Field(900.0, gt=0, description="how long `fleet up` waits for /health")
     resources: Resources = Resources()
 

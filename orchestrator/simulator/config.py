@@ -73,6 +73,10 @@ class SimConfig(BaseModel):
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
     enable_auto_tool_choice: bool = False
+    enable_request_id_headers: bool = Field(False, description="answer with an X-Request-Id header, like vLLM's flag")
+    enable_tokenizer_info_endpoint: bool = Field(False, description="serve /tokenizer_info, as vLLM's flag does")
+    root_path: str = Field("", description="path prefix a proxy mounts the server under (--root-path)")
+    vocab_size: int = Field(151936, gt=0, description="token ids at or above this are out of vocabulary")
     max_logprobs: int = 20
     default_max_tokens: int | None = Field(None, description="cap on max_tokens when a chat request omits it")
     latency: LatencyModel = LatencyModel()
@@ -80,6 +84,7 @@ class SimConfig(BaseModel):
     faults: FaultRates = FaultRates()
     hang_seconds: float = Field(600.0, gt=0, description="how long a 'hang' fault holds the request")
     seed: int = 0
+    ignored_flags: tuple[str, ...] = Field((), description="`vllm serve` options accepted but not modelled")
 
     @property
     def model(self) -> str:

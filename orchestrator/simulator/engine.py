@@ -51,6 +51,8 @@ class Sequence:
     private_blocks: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    preemptions: int = 0
     finished: bool = False
     error: str | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -187,6 +189,7 @@ class Engine:
         self.stats.steps += 1
         self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
         self.stats.batch_sizes[len(plan)] += 1
+        self.stats.iteration_tokens.observe(n_decode + n_prefill)
         self.stats.prefill_computed_tokens += n_prefill
         return plan, seconds
 
@@ -231,6 +234,7 @@ class Engine:
         seq.prefill_target = len(seq.prompt_ids) + seq.generated
         seq.computed = seq.kv_tokens = 0
         self.waiting.appendleft(seq)
+        seq.preemptions += 1
         self.stats.preemptions += 1
 
     def _free(self, seq: Sequence) -> None:
@@ -258,14 +262,32 @@ class Engine:
                 if seq.first_token_at is None:
                     seq.first_token_at = now
                     self.stats.ttft.observe(now - seq.arrival)
+                elif seq.last_token_at is not None:
+                    self.stats.inter_token_latency.observe(now - seq.last_token_at)
+                seq.last_token_at = now
                 seq._notify()
             if seq.generated >= seq.output_len:
                 finished.append(seq)
         for seq in finished:
             self.running.remove(seq)
             self._free(seq)
-            self.stats.e2e.observe(now - seq.arrival)
+            self._observe_finished(seq, now)
             seq._close()
+
+    def _observe_finished(self, seq: Sequence, now: float) -> None:
+        stats = self.stats
+        stats.e2e.observe(now - seq.arrival)
+        stats.request_prompt_tokens.observe(len(seq.prompt_ids))
+        stats.request_generation_tokens.observe(seq.generated)
+        stats.request_prefill_kv_computed_tokens.observe(len(seq.prompt_ids) - max(seq.cached_tokens, 0))
+        stats.request_preemptions.observe(seq.preemptions)
+        admitted = seq.admitted_at if seq.admitted_at is not None else seq.arrival
+        first = seq.first_token_at if seq.first_token_at is not None else now
+        stats.inference_time.observe(now - admitted)
+        stats.prefill_time.observe(first - admitted)
+        stats.decode_time.observe(now - first)
+        if seq.generated > 1:
+            stats.time_per_output_token.observe((now - first) / (seq.generated - 1))
 
     def _cache_prompt(self, seq: Sequence) -> None:
         if not self.pool.caching:

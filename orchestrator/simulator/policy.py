@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from protocol.roles import ANSWER_HEADING, FEEDBACK_HEADING, GOAL_HEADING, INSTRUCTION_HEADING, Role, detect_role
+
+from .judging import check_answer, claims
 
 __all__ = ("Answer", "DefaultPolicy", "Policy", "RulesPolicy", "SimRequest")
 
@@ -94,6 +97,7 @@ def _digest(text: str) -> int:
 
 
 _DRAFT_NOTE = "(Draft: details to follow.)"
+_SPEC_HEADING = "Spec:\n"
 
 
 class DefaultPolicy:
@@ -102,7 +106,7 @@ class DefaultPolicy:
     - planner: a 3-4 task JSON plan for the goal; one task's instruction asks for something "brief".
     - worker: a short plausible answer; a first attempt at a "brief" instruction is a deficient draft,
       and a prompt carrying verifier feedback gets an improved answer.
-    - judge: fails a draft (too short or marked as a draft), passes anything else.
+    - judge: checks what the spec's description states that can be checked (``judging``), passes otherwise.
     """
 
     def __call__(self, request: SimRequest) -> Answer:
@@ -113,7 +117,7 @@ class DefaultPolicy:
         if role == "worker":
             return self.work(request.last_user)
         if role == "judge":
-            return self.judge(request.last_user)
+            return self.judge(request.last_user, _description(request.system))
         return f"Simulated answer to: {request.last_user.strip()[:200]}"
 
     @staticmethod
@@ -151,7 +155,7 @@ class DefaultPolicy:
                 "This revision addresses the verifier feedback by adding concrete points and a conclusion."
             )
         if re.search(r"\bbrief\b", instruction, re.IGNORECASE):
-            return f"{topic}: it depends. {_DRAFT_NOTE}"
+            return f"{re.sub(r'[;,]', '', topic)}: it depends. {_DRAFT_NOTE}"  # one item, whatever the topic
         return (
             f"Answer for: {topic}\n"
             "1. The key fact is stated first, with the constraint that follows from it.\n"
@@ -160,15 +164,35 @@ class DefaultPolicy:
         )
 
     @staticmethod
-    def judge(prompt: str) -> dict[str, Any]:
-        """A verdict on the answer under ``ANSWER_HEADING`` (or the whole prompt)."""
+    def judge(prompt: str, description: str = "") -> dict[str, Any]:
+        """A verdict on the answer under ``ANSWER_HEADING`` (or the whole prompt) against ``description``.
+
+        Fair by construction: it checks only what the description states that a program can check
+        (lengths in characters or words, counts of lines, sentences or items, required phrases,
+        JSON), and passes an answer that meets all of it, or any answer when nothing is checkable.
+        """
         idx = prompt.find(ANSWER_HEADING)
-        answer = prompt[idx + len(ANSWER_HEADING) :] if idx >= 0 else prompt
-        words = len(answer.split())
-        if _DRAFT_NOTE in answer or words < 25:
-            return {
-                "passed": False,
-                "reasons": [f"The answer is a draft of {words} words and does not meet the spec."],
-                "corrections": ["Give at least three concrete points.", "End with a clear conclusion."],
-            }
-        return {"passed": True, "reasons": ["The answer is complete and meets the spec."], "corrections": []}
+        answer = (prompt[idx + len(ANSWER_HEADING) :] if idx >= 0 else prompt).strip()
+        reasons, corrections = check_answer(description, answer)
+        if reasons:
+            return {"passed": False, "reasons": reasons, "corrections": corrections}
+        checked = len(claims(description))
+        why = (f"The answer meets the {checked} checkable requirement(s) of the spec." if checked
+               else "The spec states nothing the simulated judge can check; the answer is accepted.")
+        return {"passed": True, "reasons": [why], "corrections": []}
+
+
+def _description(system: str) -> str:
+    """The spec's description from a system prompt laid out by ``protocol.prompts.build_messages``."""
+    idx = system.find(_SPEC_HEADING)
+    if idx < 0:
+        return ""
+    spec = system[idx + len(_SPEC_HEADING) :].split("\n\nContext:\n", 1)[0].strip()
+    try:
+        data = json.loads(spec)
+    except ValueError:
+        return spec
+    if isinstance(data, dict):
+        value = data.get("description")
+        return value if isinstance(value, str) else ""
+    return data if isinstance(data, str) else ""

@@ -11,6 +11,10 @@ __all__ = ("Histogram", "SimStats")
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
 
+_COUNT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+_TOKEN_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+                  50000.0, 100000.0)
+
 
 @dataclass
 class Histogram:
@@ -66,6 +70,18 @@ class SimStats:
     ttft: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
     queue_time: Histogram = field(default_factory=Histogram)
+    request_params_n: Histogram = field(default_factory=lambda: Histogram(_COUNT_BUCKETS))
+    request_params_max_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    request_prompt_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    request_generation_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    request_prefill_kv_computed_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_TOKEN_BUCKETS))
+    inter_token_latency: Histogram = field(default_factory=Histogram)
+    time_per_output_token: Histogram = field(default_factory=Histogram)
+    inference_time: Histogram = field(default_factory=Histogram)
+    prefill_time: Histogram = field(default_factory=Histogram)
+    decode_time: Histogram = field(default_factory=Histogram)
+    request_preemptions: Histogram = field(default_factory=lambda: Histogram(_COUNT_BUCKETS))
 
     @property
     def cache_hit_rate(self) -> float:

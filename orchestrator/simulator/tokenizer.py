@@ -7,6 +7,7 @@ the numbers agree with each other (never with a real model's; tests must not har
 from __future__ import annotations
 
 import re
+import zlib
 
 __all__ = ("Tokenizer",)
 
@@ -16,11 +17,21 @@ _PIECE = re.compile(r"\s*(?:\w{1,4}|[^\w\s])|\s+")
 
 
 class Tokenizer:
-    """Maps text to token ids and back; the vocabulary grows as new pieces appear."""
+    """Maps text to token ids and back; the vocabulary grows as new pieces appear, up to ``vocab_size``.
 
-    def __init__(self) -> None:
+    Once the vocabulary is full, a new piece shares the id of a known one (chosen by a stable hash),
+    so ids never leave ``range(vocab_size)``; such pieces decode to the piece that owns the id.
+    """
+
+    def __init__(self, vocab_size: int = 151936) -> None:
+        self.vocab_size = vocab_size
         self._ids: dict[str, int] = {}
         self._pieces: list[str] = []
+
+    @property
+    def size(self) -> int:
+        """How many distinct pieces have ids so far."""
+        return len(self._pieces)
 
     def pieces(self, text: str) -> list[str]:
         """Split ``text`` into pieces."""
@@ -33,8 +44,11 @@ class Tokenizer:
         for piece in _PIECE.findall(text):
             tid = ids.get(piece)
             if tid is None:
-                tid = ids[piece] = len(self._pieces)
-                self._pieces.append(piece)
+                if len(self._pieces) < self.vocab_size:
+                    tid = ids[piece] = len(self._pieces)
+                    self._pieces.append(piece)
+                else:
+                    tid = zlib.crc32(piece.encode()) % self.vocab_size
             out.append(tid)
         return out
 

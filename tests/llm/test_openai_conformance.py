@@ -135,9 +135,14 @@ async def test_prompt_over_max_model_len_400(client: openai.AsyncOpenAI, sim: Si
     assert "maximum context length is 2048 tokens" in str(info.value)
 
 
-async def test_prompt_plus_max_tokens_over_limit_400(client: openai.AsyncOpenAI, sim: SimulatedVLLM) -> None:
-    with pytest.raises(openai.BadRequestError, match="maximum context length"):
-        await client.chat.completions.create(model=sim.model, messages=MESSAGES, max_tokens=2048)
+async def test_max_tokens_is_clamped_to_the_context_left(client: openai.AsyncOpenAI, sim: SimulatedVLLM) -> None:
+    # vLLM 0.33 clamps max_tokens to max_model_len - prompt (get_max_tokens); only max_tokens > max_model_len is a 400
+    resp = await client.chat.completions.create(model=sim.model, messages=MESSAGES, max_tokens=2048)
+    assert resp.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="max_tokens=2049 cannot be greater than max_model_len=2048"):
+        await client.chat.completions.create(model=sim.model, messages=MESSAGES, max_tokens=2049)
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens=4096 cannot be greater than"):
+        await client.chat.completions.create(model=sim.model, messages=MESSAGES, max_completion_tokens=4096)
 
 
 async def test_wrong_api_key_401(sim: SimulatedVLLM) -> None:
@@ -149,7 +154,7 @@ async def test_wrong_api_key_401(sim: SimulatedVLLM) -> None:
 
 
 async def test_stream_options_without_stream_400(client: openai.AsyncOpenAI, sim: SimulatedVLLM) -> None:
-    with pytest.raises(openai.BadRequestError, match="Stream options can only be defined when stream=True"):
+    with pytest.raises(openai.BadRequestError, match="Stream options can only be defined when `stream=True`"):
         await client.chat.completions.create(
             model=sim.model, messages=MESSAGES, stream_options={"include_usage": True},
         )
