@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.records import AttemptRecord, RunRecord, TaskRecord
+from orchestrator.verifier import data_checks
 from protocol.history import (
     Dispatched,
     Guard,
@@ -58,7 +59,6 @@ __all__ = (
     "Instant",
     "Override",
     "Presence",
-    "Record",
     "Redrive",
     "Refused",
     "Reply",
@@ -175,14 +175,6 @@ Input = Start | Reply | Checked | Override | Cancel | Presence | Tick | DeadLett
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
-    """Persist this history event with the task's (and run's) records; then publish it."""
-
-    task_id: str
-    event: HistoryEvent
-
-
-@dataclass(frozen=True, slots=True)
 class SendAssign:
     """Send the task's current attempt to its capability."""
 
@@ -230,7 +222,8 @@ class Ignored:
     reason: str
 
 
-Effect = Record | SendAssign | RequestCheck | StopWork | Ended | Refused | Ignored
+# A HistoryEvent effect means: persist it with its task's (and run's) records, then publish it.
+Effect = HistoryEvent | SendAssign | RequestCheck | StopWork | Ended | Refused | Ignored
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -444,13 +437,24 @@ class RunEngine:
         later = VERIFY_CHAIN if after is None else VERIFY_CHAIN[VERIFY_CHAIN.index(after) + 1:]
         stage = next((s for s in later if self._applies(task, s)), None)
         task.verify_stage = stage
+        self._touch(task)
         if stage is None:
             verdict = task.attempts[-1].verdict or {}
-            self._transition(task, TaskEvent.PASS, actor=str(verdict.get("verifier") or self.actor),
-                             reason="")
+            self._transition(task, TaskEvent.PASS, actor=str(verdict.get("verifier") or self.actor))
+        elif stage is VerifyStage.SPEC:
+            self._spec_checks(task)
         elif stage is not VerifyStage.HUMAN:  # a person is waited for, not asked
             self._effects.append(RequestCheck(task.id, task.attempt, stage))
-        self._touch(task)
+
+    def _spec_checks(self, task: TaskRecord) -> None:
+        """``expect`` and ``schema`` are data: checked here. A ``check`` function is user code: the shell runs it."""
+        failed = data_checks(task.spec, task.output)
+        if failed is not None:
+            self._verdict(task, VerifyStage.SPEC, failed)
+        elif task.spec.check is not None:
+            self._effects.append(RequestCheck(task.id, task.attempt, VerifyStage.SPEC))
+        else:
+            self._verdict(task, VerifyStage.SPEC, Verdict(passed=True, verifier="spec"))
 
     def _checked(self, checked: Checked) -> None:
         task = self.run.tasks.get(checked.task_id)
@@ -618,9 +622,10 @@ class RunEngine:
                 self._transition(task, TaskEvent.VERIFY)
                 self._next_check(task, after=None)
             elif task.state is TaskState.VERIFY_DONE:
-                stage = task.verify_stage or VerifyStage.SPEC
-                task.verify_stage = stage
-                if stage is not VerifyStage.HUMAN:
+                stage = task.verify_stage
+                if stage is None or stage is VerifyStage.SPEC:
+                    self._next_check(task, after=None)
+                elif stage is not VerifyStage.HUMAN:
                     self._effects.append(RequestCheck(task.id, task.attempt, stage))
             elif task.state is TaskState.REDO:
                 self._transition(task, TaskEvent.REDISPATCH)
@@ -740,7 +745,7 @@ class RunEngine:
             seq=run.next_seq, run_id=run.run_id, task_id=task.id if task else "", attempt=task.attempt if task else 0,
             time=self._now.wall, actor=actor or self.actor, body=body)
         run.next_seq += 1
-        self._effects.append(Record(task.id if task else "", event))
+        self._effects.append(event)
 
     def _touch(self, task: TaskRecord) -> None:
         self._touched[task.id] = None

@@ -19,17 +19,14 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from structlog.contextvars import bound_contextvars
 
+from orchestrator import engine as rules
 from orchestrator.acknowledger import Acknowledger
-from orchestrator.engine import (
-    Cancel as CancelInput,
-)
 from orchestrator.engine import (
     Checked,
     Effect,
     Ended,
     Ignored,
     Input,
-    Record,
     Redrive,
     Refused,
     Reply,
@@ -39,18 +36,15 @@ from orchestrator.engine import (
     Start,
     StopWork,
 )
-from orchestrator.engine import (
-    Override as OverrideInput,
-)
 from orchestrator.job import Job, parse_job
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord
 from orchestrator.store import Store
-from orchestrator.verifier import check_spec
+from orchestrator.verifier import run_check
 from orchestrator.watchdogs import Watchdogs, now
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
 from protocol.errors import ConfigError
-from protocol.history import Dispatched, RunFinished, Transitioned
+from protocol.history import Dispatched, HistoryEvent, RunFinished, Transitioned
 from protocol.keys import (
     CONTROL_TOPIC,
     JOBS_STREAM,
@@ -208,7 +202,7 @@ class Manager:
 
     async def cancel(self, run_id: str, task_id: str | None = None, *, by: str = "api", reason: str = "") -> None:
         """Cancel one task, or every unfinished task of the run."""
-        await self._operate(run_id, CancelInput(task_id or "", by, reason or f"cancelled by {by}", now()))
+        await self._operate(run_id, rules.Cancel(task_id or "", by, reason or f"cancelled by {by}", now()))
 
     async def override(self, run_id: str, task_id: str, action: OverrideAction, *, feedback: str = "",
                        by: str = "api") -> None:
@@ -216,7 +210,7 @@ class Manager:
 
         Raises ConfigError naming the run, task and state when the action does not apply.
         """
-        await self._operate(run_id, OverrideInput(task_id, action, feedback, by, now()))
+        await self._operate(run_id, rules.Override(task_id, action, feedback, by, now()))
 
     async def _operate(self, run_id: str, change: Input) -> None:
         engine = self._engines.get(run_id)
@@ -275,7 +269,7 @@ class Manager:
         assigns: dict[str, list[Envelope]] = {}
         for effect in effects:
             match effect:
-                case Record():
+                case HistoryEvent():
                     await self._record(run, effect)
                 case SendAssign():
                     task = run.tasks[effect.task_id]
@@ -297,9 +291,8 @@ class Manager:
         for capability, envelopes in assigns.items():  # a dispatch wave goes out in one call per capability
             await self.bus.publish_many(tasks_stream(capability), envelopes)
 
-    async def _record(self, run: RunRecord, record: Record) -> None:
-        event = record.event
-        task = run.tasks.get(record.task_id) if record.task_id else None
+    async def _record(self, run: RunRecord, event: Event) -> None:
+        task = run.tasks.get(event.task_id) if event.task_id else None
         await self.store.record(run, task, event)
         self._logs[run.run_id].append(event)
         if self.tracing.enabled and task is not None:
@@ -320,8 +313,8 @@ class Manager:
         the worker's own check by a verify request."""
         run = engine.run
         task = run.tasks[request.task_id]
-        if request.stage is VerifyStage.SPEC:
-            verdict = await check_spec(task.spec, task.output, task)
+        if request.stage is VerifyStage.SPEC and task.spec.check is not None:  # the engine did expect and schema
+            verdict = await run_check(task.spec.check, task.output, task)
             await self._execute(engine, engine.apply(Checked(task.id, request.attempt, request.stage, verdict, now())))
         elif request.stage is VerifyStage.WORKER:
             await self.bus.publish(tasks_stream(task.capability), Envelope(

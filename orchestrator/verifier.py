@@ -14,13 +14,27 @@ from orchestrator.records import TaskRecord
 from protocol.errors import ConfigError
 from protocol.messages import Verdict
 
-__all__ = ("check_spec", "load_check")
+__all__ = ("check_spec", "data_checks", "load_check", "run_check")
 
 _MAX_SHOWN = 300
 
 
 async def check_spec(spec: Spec, output: Any, task: TaskRecord) -> Verdict:
     """Run the spec's programmatic checks; the first failure decides, with feedback saying what to change."""
+    failed = data_checks(spec, output)
+    if failed is not None:
+        return failed
+    if spec.check:
+        return await run_check(spec.check, output, task)
+    return Verdict(passed=True, verifier="spec")
+
+
+def data_checks(spec: Spec, output: Any) -> Verdict | None:
+    """The checks a spec states as data (``expect``, ``schema``): the failing verdict, or None when they pass.
+
+    Pure and synchronous, so the run engine applies them itself; only ``check`` functions (user code) run
+    in the manager's shell.
+    """
     if spec.has_expect and output != spec.expect:
         return Verdict(passed=False, verifier="expect",
                        feedback=f"expected {_show(spec.expect)}, got {_show(output)}",
@@ -33,12 +47,10 @@ async def check_spec(spec: Spec, output: Any, task: TaskRecord) -> Verdict:
             return Verdict(passed=False, verifier="schema", feedback=f"schema check failed at {where}: {first.message}",
                            corrections=tuple(f"{'/'.join(map(str, e.absolute_path)) or 'output'}: {e.message}"
                                              for e in errors[:5]))
-    if spec.check:
-        return await _run_check(spec.check, output, task)
-    return Verdict(passed=True, verifier="spec")
+    return None
 
 
-async def _run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
+async def run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
     """Run one check function; whatever goes wrong is a failed verdict naming the check, never an exception.
 
     Jobs are checked when they are loaded, so a check that cannot be loaded here was removed or broken

@@ -7,7 +7,6 @@ Run from the repository root after a change to the history schema::
 
 from __future__ import annotations
 
-from protocol.states import VerifyStage
 from tests.orchestrator.engine_kit import Driver
 
 JOB = {"goal": "Write the quarterly report", "budget": {"max_attempts": 2}, "tasks": [
@@ -28,14 +27,11 @@ def record() -> Driver:
     d.mono += 0.5
     d.failed("stuck", "RuntimeError: upstream API returned 503")
     d.mono += 0.5
-    d.done("draft", "too short", sender="worker-a")
-    d.checked("draft", VerifyStage.SPEC, False, "schema check failed at the output: 'too short' is too short",
-              verifier="schema")
+    d.done("draft", "too short", sender="worker-a")  # the schema rejects it
     d.mono += 1
     d.failed("stuck", "RuntimeError: upstream API returned 503")
     d.mono += 1.5
     d.done("draft", "draft: a complete answer", sender="worker-a")
-    d.checked("draft", VerifyStage.SPEC, True, verifier="schema")
     return d
 
 

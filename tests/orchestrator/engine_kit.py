@@ -11,7 +11,6 @@ from orchestrator.engine import (
     Instant,
     Override,
     Presence,
-    Record,
     Reply,
     RequestCheck,
     RunEngine,
@@ -44,7 +43,7 @@ class Driver:
     def feed(self, change: Input) -> list[Effect]:
         effects = self.engine.apply(change)
         self.effects.extend(effects)
-        self.history.extend(e.event for e in effects if isinstance(e, Record))
+        self.history.extend(e for e in effects if isinstance(e, HistoryEvent))
         return effects
 
     def start(self) -> list[Effect]:

@@ -11,6 +11,8 @@ from protocol.history import Transitioned, WaitingChanged
 from protocol.states import OVERRIDE_RULES, TaskState, VerifyStage, override_allowed
 from tests.orchestrator.engine_kit import Driver, checks, sent
 
+EVEN = "tests.orchestrator.checks:is_even"
+
 
 def job(*tasks: dict[str, Any], **budget: Any) -> dict[str, Any]:
     return {"goal": "g", "tasks": list(tasks), "budget": budget}
@@ -36,12 +38,12 @@ def test_start_dispatches_ready_tasks_and_names_what_the_others_wait_for() -> No
     assert d.run.tasks["a"].waiting is None  # moving: sent, and presence is not known yet
 
 
-def test_a_result_is_checked_then_accepted_and_the_dependent_goes_out() -> None:
+def test_expect_and_schema_are_checked_by_the_engine_itself() -> None:
     d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}},
                    {"id": "b", "capability": "x", "depends_on": ["a"]}))
     d.start()
-    assert checks(d.done("a", 1)) == [("a", VerifyStage.SPEC)]
-    effects = d.checked("a", VerifyStage.SPEC, True)
+    effects = d.done("a", 1)
+    assert checks(effects) == []  # data checks need no round trip through the shell
     assert sent(effects) == ["b"]
     assert d.run.tasks["b"].waiting is None
     end = d.done("b", "anything")  # no checks apply: accepted at once
@@ -49,21 +51,27 @@ def test_a_result_is_checked_then_accepted_and_the_dependent_goes_out() -> None:
     assert moves(d, "a") == [(1, "done"), (1, "verify"), (1, "pass")]
 
 
-def test_a_rejection_sends_the_next_attempt_with_the_feedback() -> None:
-    d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}}))
+def test_a_check_function_runs_in_the_shell_and_its_rejection_sends_the_next_attempt_with_the_feedback() -> None:
+    d = Driver(job({"id": "a", "capability": "x", "spec": {"check": EVEN}}))
     d.start()
-    d.done("a", 2)
-    effects = d.checked("a", VerifyStage.SPEC, False, "expected 1")
+    assert checks(d.done("a", 3)) == [("a", VerifyStage.SPEC)]
+    effects = d.checked("a", VerifyStage.SPEC, False, "odd")
     assert sent(effects) == ["a"]
     task = d.run.tasks["a"]
-    assert (task.attempt, task.state, task.redo[-1].feedback) == (2, TaskState.NOT_DONE, "expected 1")
+    assert (task.attempt, task.state, task.redo[-1].feedback) == (2, TaskState.NOT_DONE, "odd")
+
+
+def test_a_failed_expect_redoes_with_what_was_expected() -> None:
+    d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}}))
+    d.start()
+    assert sent(d.done("a", 2)) == ["a"]
+    assert d.run.tasks["a"].redo[-1].feedback == "expected 1, got 2"
 
 
 def test_stale_duplicate_and_misrouted_replies_change_nothing() -> None:
     d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}}))
     d.start()
-    d.done("a", 2)
-    d.checked("a", VerifyStage.SPEC, False, "no")  # attempt 2 is out
+    d.done("a", 2)  # rejected: attempt 2 is out
     before = d.run.model_dump()
     for effects in (d.done("a", 1, attempt=1), d.done("a", 1, capability="y"), d.done("a", 1, attempt=3)):
         assert [type(e) for e in effects] == [Ignored]
@@ -85,8 +93,7 @@ def test_the_chain_runs_spec_then_worker_then_judge_then_person() -> None:
     d = Driver(job({"id": "a", "capability": "x",
                     "spec": {"expect": 1, "description": "one", "approval": "human"}}), judge=True)
     d.start()
-    assert checks(d.done("a", 1, self_check=True)) == [("a", VerifyStage.SPEC)]
-    assert checks(d.checked("a", VerifyStage.SPEC, True)) == [("a", VerifyStage.WORKER)]
+    assert checks(d.done("a", 1, self_check=True)) == [("a", VerifyStage.WORKER)]  # expect: passed in the engine
     assert checks(d.verify_response("a", True)) == [("a", VerifyStage.JUDGE)]
     d.checked("a", VerifyStage.JUDGE, True)
     assert waits(d, "a") == ("person", "")
@@ -169,14 +176,13 @@ def test_the_same_output_after_a_rejection_is_a_loop() -> None:
     d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}}, max_attempts=5))
     d.start()
     d.done("a", 2)
-    d.checked("a", VerifyStage.SPEC, False, "no")
     d.done("a", 2)
     assert d.run.tasks["a"].reason.startswith("loop: attempt 2 returned the same output as attempt 1")
 
 
 def _in_state(state: TaskState, stage: VerifyStage | None) -> Driver:
     """A driver whose task ``a`` is in ``state`` (at ``stage`` for verify_done)."""
-    spec = {"expect": 1, "approval": "human"}
+    spec = {"check": EVEN, "approval": "human"}
     d = Driver(job({"id": "a", "capability": "x", "spec": spec}, max_attempts=5))
     d.start()
     if state is TaskState.NOT_DONE:
@@ -218,9 +224,7 @@ def test_the_history_folds_back_to_the_engines_state() -> None:
                    {"id": "b", "capability": "y", "depends_on": ["a"]}), served=frozenset({"x"}))
     d.start()
     d.done("a", 0, tokens=5)
-    d.checked("a", VerifyStage.SPEC, False, "no")
     d.done("a", 1, tokens=7)
-    d.checked("a", VerifyStage.SPEC, True)
     fold = d.fold()
     for task in d.run.tasks.values():
         folded = fold.tasks[task.id]

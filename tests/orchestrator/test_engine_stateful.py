@@ -37,7 +37,7 @@ def the_job(human: bool, describe: bool) -> dict[str, Any]:
                                     "retry_backoff_s": 1},
             "tasks": [{"id": "a", "capability": "x", "spec": spec_a},
                       {"id": "b", "capability": "y", "depends_on": ["a"], "spec": spec_b},
-                      {"id": "c", "capability": "x"}]}
+                      {"id": "c", "capability": "x", "spec": {"check": "tests.orchestrator.checks:is_even"}}]}
 
 
 class EngineMachine(RuleBasedStateMachine):
