@@ -147,7 +147,9 @@ def event_line(event: HistoryEvent) -> str:
     match body:
         case Transitioned():
             name, change = str(body.event), f"{body.from_state} -> {body.to_state}"
-            extra = _pairs(guard=body.guard, reason=body.reason, error=body.error)
+            extra = _pairs(guard=body.guard, reason=body.reason, error=body.error,
+                           verifier=body.verdict.verifier if body.verdict else None,
+                           feedback=body.verdict.feedback if body.verdict else None)
         case VerdictGiven():
             change = f"{body.stage}: {'pass' if body.passed else 'reject'}"
             extra = _pairs(verifier=body.verifier, feedback=body.feedback)

@@ -432,15 +432,18 @@ class RunEngine:
             case VerifyStage.HUMAN:
                 return task.spec.approval == "human"
 
-    def _next_check(self, task: TaskRecord, *, after: VerifyStage | None) -> None:
-        """Hand the attempt to the next verifier in the chain, or accept it when none is left."""
+    def _stage_after(self, task: TaskRecord, after: VerifyStage | None) -> VerifyStage | None:
         later = VERIFY_CHAIN if after is None else VERIFY_CHAIN[VERIFY_CHAIN.index(after) + 1:]
-        stage = next((s for s in later if self._applies(task, s)), None)
+        return next((s for s in later if self._applies(task, s)), None)
+
+    def _next_check(self, task: TaskRecord, *, after: VerifyStage | None, given: VerdictGiven | None = None) -> None:
+        """Hand the attempt to the next verifier in the chain, or accept it (with ``given``, the deciding
+        verdict) when none is left."""
+        stage = self._stage_after(task, after)
         task.verify_stage = stage
         self._touch(task)
         if stage is None:
-            verdict = task.attempts[-1].verdict or {}
-            self._transition(task, TaskEvent.PASS, actor=str(verdict.get("verifier") or self.actor))
+            self._transition(task, TaskEvent.PASS, actor=given.verifier if given else self.actor, verdict=given)
         elif stage is VerifyStage.SPEC:
             self._spec_checks(task)
         elif stage is not VerifyStage.HUMAN:  # a person is waited for, not asked
@@ -466,22 +469,31 @@ class RunEngine:
         self._verdict(task, checked.stage, checked.verdict)
 
     def _verdict(self, task: TaskRecord, stage: VerifyStage, verdict: Verdict) -> None:
-        task.attempts[-1].verdict = verdict.model_dump(mode="json")
-        self._emit(task, VerdictGiven(stage=stage, passed=verdict.passed, verifier=verdict.verifier or str(stage),
-                                      feedback=verdict.feedback, corrections=verdict.corrections,
-                                      tokens=verdict.tokens), actor=verdict.verifier or self.actor)
-        if verdict.tokens:
-            task.tokens += verdict.tokens
-            self.run.tokens += verdict.tokens
-            if self._over_token_budget(task):
-                return
-        if verdict.passed:
-            self._next_check(task, after=stage)
-        else:
-            self._reject(task, verdict, stage)
+        """Record a verifier's verdict and act on it.
 
-    def _reject(self, task: TaskRecord, verdict: Verdict, stage: VerifyStage | None) -> None:
-        self._transition(task, TaskEvent.REJECT, actor=verdict.verifier or self.actor)
+        A verdict that decides the attempt rides on the pass or reject it causes; one that hands the
+        attempt on to the next verifier, or whose cost spends the token budget, is an entry of its own.
+        """
+        task.attempts[-1].verdict = verdict.model_dump(mode="json")
+        given = VerdictGiven(stage=stage, passed=verdict.passed, verifier=verdict.verifier or str(stage),
+                             feedback=verdict.feedback, corrections=verdict.corrections, tokens=verdict.tokens)
+        task.tokens += verdict.tokens
+        self.run.tokens += verdict.tokens
+        spent = verdict.tokens > 0 and self._token_budget_spent(task)
+        if spent or (verdict.passed and self._stage_after(task, stage) is not None):
+            self._emit(task, given, actor=given.verifier)
+            if spent:
+                self._over_token_budget(task)
+                return
+            self._next_check(task, after=stage)
+        elif verdict.passed:
+            self._next_check(task, after=stage, given=given)
+        else:
+            self._reject(task, verdict, stage, given)
+
+    def _reject(self, task: TaskRecord, verdict: Verdict, stage: VerifyStage | None,
+                given: VerdictGiven | None = None) -> None:
+        self._transition(task, TaskEvent.REJECT, actor=verdict.verifier or self.actor, verdict=given)
         previous = task.redo[-1].feedback if task.redo else None
         task.redo.append(Redo(plan=self._plan(task), context=_context(task), feedback=verdict.feedback,
                               corrections=verdict.corrections))
@@ -500,6 +512,11 @@ class RunEngine:
         else:
             self._transition(task, TaskEvent.REDISPATCH)
             self._dispatch(task)
+
+    def _token_budget_spent(self, task: TaskRecord) -> bool:
+        budget = self.run.job.budget.max_tokens
+        return ((task.max_tokens is not None and task.tokens > task.max_tokens)
+                or (budget is not None and self.run.tokens > budget))
 
     def _over_token_budget(self, task: TaskRecord) -> bool:
         """Fail the task (or the whole run) whose token budget is spent; True when it did."""
@@ -543,7 +560,8 @@ class RunEngine:
                 if task.state is TaskState.DONE:
                     self._transition(task, TaskEvent.VERIFY, actor=override.by)
                 task.attempts[-1].verdict = Verdict(passed=True, verifier=person).model_dump(mode="json")
-                self._transition(task, TaskEvent.PASS, actor=person)
+                self._transition(task, TaskEvent.PASS, actor=person,
+                                 verdict=VerdictGiven(stage=VerifyStage.HUMAN, passed=True, verifier=person))
             case "reject":
                 self._person_rejects(task, override, person)
             case "redo" if task.state in (TaskState.DONE, TaskState.VERIFY_DONE):
@@ -563,9 +581,8 @@ class RunEngine:
             self._transition(task, TaskEvent.VERIFY, actor=override.by)
         verdict = Verdict(passed=False, verifier=person, feedback=override.feedback or f"rejected by {override.by}")
         task.attempts[-1].verdict = verdict.model_dump(mode="json")
-        self._emit(task, VerdictGiven(stage=VerifyStage.HUMAN, passed=False, verifier=person,
-                                      feedback=verdict.feedback), actor=override.by)
-        self._reject(task, verdict, VerifyStage.HUMAN)
+        self._reject(task, verdict, VerifyStage.HUMAN,
+                     VerdictGiven(stage=VerifyStage.HUMAN, passed=False, verifier=person, feedback=verdict.feedback))
 
     def _refuse(self, override: Override, reason: str) -> None:
         task = self.run.tasks.get(override.task_id)
@@ -724,7 +741,7 @@ class RunEngine:
 
     def _transition(self, task: TaskRecord, event: TaskEvent, *, actor: str = "", reason: str = "",
                     guard: Guard | None = None, output: Any = None, tokens: int = 0, duration_s: float = 0.0,
-                    error: str = "") -> None:
+                    error: str = "", verdict: VerdictGiven | None = None) -> None:
         before = task.state
         task.state = transition(task.state, event, task_id=task.id)
         if task.terminal:
@@ -736,7 +753,7 @@ class RunEngine:
             task.reason = reason
         self._emit(task, Transitioned(event=event, from_state=before, to_state=task.state, reason=reason,
                                       guard=guard, output=output, tokens=tokens, duration_s=duration_s,
-                                      error=error), actor=actor)
+                                      error=error, verdict=verdict), actor=actor)
         self._touch(task)
 
     def _emit(self, task: TaskRecord | None, body: HistoryBody, *, actor: str = "") -> None:

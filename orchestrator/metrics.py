@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from orchestrator.records import Event, RunRecord, TaskRecord
 from protocol.bus import Bus
 from protocol.errors import OrchestratorError
-from protocol.history import Dispatched, RunFinished, Transitioned, VerdictGiven
+from protocol.history import Dispatched, RunFinished, Transitioned
 from protocol.keys import results_stream, tasks_stream, workers_group
 from protocol.metrics import DURATION_BUCKETS, InferenceMetrics, MetricsServer, WorkerMetrics, children, serve_metrics
 from protocol.states import TaskEvent
@@ -73,10 +73,11 @@ class ManagerMetrics:
         if run.run_id not in self._seen:
             self._adopt(run, task, event)
         body = event.body
+        verdict = event.verdict
+        if verdict is not None:
+            self._verification(str(verdict.stage), "pass" if verdict.passed else "reject").inc()
         if task is not None and isinstance(body, Transitioned):
             self._transition(task, event, body)
-        elif task is not None and isinstance(body, VerdictGiven):
-            self._verification(str(body.stage), "pass" if body.passed else "reject").inc()
         elif task is not None and isinstance(body, Dispatched):
             self._dispatch(task.capability).inc()
         elif isinstance(body, RunFinished):

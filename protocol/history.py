@@ -90,6 +90,18 @@ class Dispatched(_Model):
     capability: str
 
 
+class VerdictGiven(_Model):
+    """One verifier's verdict on the current attempt."""
+
+    kind: Literal["verdict"] = "verdict"
+    stage: VerifyStage
+    passed: bool
+    verifier: str
+    feedback: str = ""
+    corrections: tuple[str, ...] = ()
+    tokens: int = 0
+
+
 class Transitioned(_Model):
     """The task's state changed by ``event``; what came with it rides along."""
 
@@ -103,18 +115,7 @@ class Transitioned(_Model):
     tokens: int = 0  # on ``done``: what the attempt cost
     duration_s: float = 0.0  # on ``done``: how long the worker took
     error: str = ""  # on ``retry`` and worker failures: the worker's error
-
-
-class VerdictGiven(_Model):
-    """One verifier's verdict on the current attempt."""
-
-    kind: Literal["verdict"] = "verdict"
-    stage: VerifyStage
-    passed: bool
-    verifier: str
-    feedback: str = ""
-    corrections: tuple[str, ...] = ()
-    tokens: int = 0
+    verdict: VerdictGiven | None = None  # on ``pass`` and ``reject``: the verdict that decided it
 
 
 class OverrideGiven(_Model):
@@ -176,6 +177,14 @@ class HistoryEvent(_Model):
     def kind(self) -> str:
         return self.body.kind
 
+    @property
+    def verdict(self) -> VerdictGiven | None:
+        """The verdict this entry records: a ``verdict`` entry, or the one a ``pass``/``reject`` carries."""
+        body = self.body
+        if isinstance(body, VerdictGiven):
+            return body
+        return body.verdict if isinstance(body, Transitioned) else None
+
 
 @dataclass(slots=True)
 class TaskFold:
@@ -225,19 +234,15 @@ class RunFold:
             return
         task = self.tasks.setdefault(event.task_id, TaskFold(event.task_id))
         task.attempt = max(task.attempt, event.attempt)
+        verdict = event.verdict
+        if verdict is not None:
+            self._verdict(task, event, verdict)
         match body:
             case Dispatched():
                 task.capability = body.capability
                 task.started = task.started or event.time
             case Transitioned():
                 self._transition(task, event, body)
-            case VerdictGiven():
-                self.tokens += body.tokens
-                task.tokens += body.tokens
-                if not body.passed:
-                    self.redo_log.append(f"{task.id} attempt {event.attempt} rejected by {body.verifier}: "
-                                         f"{body.feedback}")
-                    task.note = f"redo: {body.feedback}"
             case OverrideGiven():
                 task.note = f"{body.action} by {event.actor}" + (f": {body.feedback}" if body.feedback else "")
             case OverrideRefused():
@@ -246,6 +251,13 @@ class RunFold:
                 task.waiting = body.waiting
             case ProgressNoted():
                 task.note = body.message
+
+    def _verdict(self, task: TaskFold, event: HistoryEvent, verdict: VerdictGiven) -> None:
+        self.tokens += verdict.tokens
+        task.tokens += verdict.tokens
+        if not verdict.passed:
+            self.redo_log.append(f"{task.id} attempt {event.attempt} rejected by {verdict.verifier}: "
+                                 f"{verdict.feedback}")
 
     def _transition(self, task: TaskFold, event: HistoryEvent, body: Transitioned) -> None:
         task.state = body.to_state
@@ -257,6 +269,8 @@ class RunFold:
             self.tokens += body.tokens
         elif body.event is TaskEvent.REJECT:
             task.redos += 1
+            if body.verdict is not None:
+                task.note = f"redo: {body.verdict.feedback}"
         if body.to_state in TERMINAL:
             task.finished = event.time
             task.waiting = None

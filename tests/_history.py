@@ -23,4 +23,5 @@ def transitions(events: Iterable[HistoryEvent], event: TaskEvent | str | None = 
 
 def verdicts(events: Iterable[HistoryEvent], *, passed: bool | None = None) -> list[VerdictGiven]:
     """The verdicts given, oldest first (only passes or only rejections when ``passed`` is given)."""
-    return [e.body for e in events if isinstance(e.body, VerdictGiven) and (passed is None or e.body.passed == passed)]
+    given = [v for e in events if (v := e.verdict) is not None]
+    return [v for v in given if passed is None or v.passed == passed]
