@@ -38,6 +38,7 @@ from orchestrator.engine import (
 )
 from orchestrator.job import Job, parse_job
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord
+from orchestrator.snapshots import Snapshots
 from orchestrator.store import Store
 from orchestrator.verifier import run_check
 from orchestrator.watchdogs import Watchdogs, now
@@ -119,6 +120,7 @@ class Manager:
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stale_snapshots: set[str] = set()
+        self._snapshots = Snapshots()
         self._acker = Acknowledger(bus, store, sender=self.name, publish_events=self.settings.publish_events,
                                    on_committed=self._stale_snapshots.update)
         self._watchdogs: Watchdogs | None = None
@@ -293,6 +295,8 @@ class Manager:
 
     async def _record(self, run: RunRecord, event: Event) -> None:
         task = run.tasks.get(event.task_id) if event.task_id else None
+        if task is not None:
+            self._snapshots.changed(run.run_id, task.id)
         await self.store.record(run, task, event)
         self._logs[run.run_id].append(event)
         if self.tracing.enabled and task is not None:
@@ -433,6 +437,7 @@ class Manager:
             await self.bus.expire(events_stream(run.run_id), self.settings.snapshot_ttl_s)
         for table in (self._engines, self._locks):
             table.pop(run.run_id, None)
+        self._snapshots.forget(run.run_id)
         for key in [k for k in self._spans if k[0] == run.run_id]:
             end(self._spans.pop(key))
 
@@ -447,7 +452,10 @@ class Manager:
                     await self._publish_snapshot(self._engines[run_id].run)
 
     async def _publish_snapshot(self, run: RunRecord) -> None:
-        data = json.dumps(run.summary(), default=str).encode()
+        if run.run_id in self._engines:
+            data = self._snapshots.render(run)
+        else:  # a run this manager does not hold (a rejected submission)
+            data = json.dumps(run.summary(), default=str).encode()
         await self.bus.put_value(run_snapshot_key(run.run_id), data, ttl_s=self.settings.snapshot_ttl_s)
 
     # -- messages and tracing ----------------------------------------------------------------

@@ -103,10 +103,13 @@ class RunRecord(BaseModel):
         return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
                    created=time.time() if now is None else now)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, *, with_tasks: bool = True) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""
-        return {"run_id": self.run_id, "goal": self.goal, "state": str(self.state), "reason": self.reason,
-                "tokens": self.tokens, "tasks": [t.summary() for t in self.tasks.values()]}
+        head: dict[str, Any] = {"run_id": self.run_id, "goal": self.goal, "state": str(self.state),
+                                "reason": self.reason, "tokens": self.tokens}
+        if with_tasks:
+            head["tasks"] = [t.summary() for t in self.tasks.values()]
+        return head
 
 
 Event = HistoryEvent  # the name readers of orchestrator have used; one model everywhere
