@@ -758,7 +758,7 @@ class RunEngine:
 
     def _emit(self, task: TaskRecord | None, body: HistoryBody, *, actor: str = "") -> None:
         run = self.run
-        event = HistoryEvent.model_construct(  # built from values already checked: keep the hot path light
+        event = HistoryEvent(
             seq=run.next_seq, run_id=run.run_id, task_id=task.id if task else "", attempt=task.attempt if task else 0,
             time=self._now.wall, actor=actor or self.actor, body=body)
         run.next_seq += 1
