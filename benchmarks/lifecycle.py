@@ -15,7 +15,8 @@ The manager (with its SQLite ledger, WAL + fsync) runs in this process; one work
 - baseline: ``bus_raw.py``'s raw redis-py request/reply (pipelined throughput and one-at-a-time
   round trip) with the same payload, measured in the same run, and the ratios against it.
 
-Figures are medians over ``--repeats`` runs.
+Figures are medians over ``--repeats`` runs. The process uses the manager process's garbage-collector
+settings (``orchestrator/gctune.py``); ``BENCH_DEFAULT_GC=1`` keeps CPython's defaults instead.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ async def main() -> None:
     from protocol.logging import configure_logging
 
     configure_logging("WARNING")
+    if not os.environ.get("BENCH_DEFAULT_GC"):  # the manager process's settings (orchestrator/gctune.py)
+        from orchestrator.gctune import tune_gc
+
+        tune_gc()
     server = None
     url = args.url
     if url is None:

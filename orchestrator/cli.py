@@ -34,6 +34,7 @@ from rich.table import Table
 from orchestrator import processes
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
+from orchestrator.gctune import tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.bus import Bus
@@ -437,6 +438,7 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
 def _cmd_manager(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
+    tune_gc()  # this process is a manager: large long-lived heaps
     anyio.run(functools.partial(
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
