@@ -1,4 +1,8 @@
-"""``InferenceClient``: the one client per process through which every agent calls vLLM.
+"""``InferenceClient``: the one client per process through which every agent calls the language model.
+
+Built for vLLM, and works with any OpenAI-compatible server (llama.cpp's ``llama-server``, a
+gateway): only ``/v1/models`` and ``/v1/chat/completions`` are required; vLLM's ``/health`` and
+``/metrics`` are used when the server has them.
 
 - A pooled ``httpx.AsyncClient`` sized for hundreds of concurrent calls, and an
   ``anyio.CapacityLimiter`` shared by all agents in the process.
@@ -135,7 +139,7 @@ class _LoadCache:
 
 
 class InferenceClient(anyio.AsyncContextManagerMixin):
-    """Async client for vLLM's OpenAI-compatible API; share one per process.
+    """Async client for vLLM's (or any) OpenAI-compatible API; share one per process.
 
     ``async with InferenceClient(InferenceSettings.from_env()) as llm: await llm.check()``
     """
@@ -208,14 +212,20 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
     # -- startup ----------------------------------------------------------------------------------
 
     async def check(self) -> ModelInfo:
-        """Fail fast: raise ``InferenceUnavailable`` unless /health is 200 and /v1/models serves the model."""
+        """Fail fast: raise ``InferenceUnavailable`` unless the server is healthy and serves the model.
+
+        vLLM (and llama.cpp's ``llama-server``) answer ``GET /health``; 200 there means the engine is
+        up, anything from 500 on means it is not. A server without that endpoint (404 or 405: many
+        OpenAI-compatible servers and gateways) is judged by ``GET /v1/models`` alone.
+        """
         url = self.settings.url
         try:
             health = await self.http.get("/health", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
             raise InferenceUnavailable(f"cannot reach the LLM server at {url!r}: {exc!r}") from exc
-        if health.status_code != 200:
+        if health.status_code >= 500:
             raise InferenceUnavailable(f"LLM server at {url!r} is unhealthy: GET /health -> {health.status_code}")
+        has_health = health.status_code == 200  # 401/403 from a gateway: /v1/models below names the key problem
         try:
             resp = await self.http.get("/v1/models", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
@@ -224,7 +234,12 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise InferenceUnavailable(f"LLM server at {url!r} rejected the API key (set ORCH_LLM_API_KEY)")
         if resp.status_code != 200:
             raise InferenceUnavailable(f"GET {url}/v1/models -> {resp.status_code}: {_error_message(resp)}")
-        data = [m for m in resp.json().get("data", []) if isinstance(m, dict)]
+        try:
+            listed = resp.json().get("data", [])
+        except (ValueError, AttributeError) as exc:
+            raise InferenceUnavailable(f"GET {url}/v1/models did not answer an OpenAI model list: "
+                                       f"{resp.text[:120]!r}") from exc
+        data = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
         served = tuple(str(m.get("id")) for m in data)
         if not served:
             raise InferenceUnavailable(f"LLM server at {url!r} serves no model")
@@ -233,8 +248,9 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise InferenceUnavailable(f"LLM server at {url!r} does not serve model {wanted!r}; it serves {served!r}")
         self._model = wanted
         entry = next(m for m in data if m.get("id") == wanted)
-        info = ModelInfo(wanted, entry.get("max_model_len"), served)
-        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len)
+        max_len = entry.get("max_model_len")  # vLLM's field; other servers may not say
+        info = ModelInfo(wanted, max_len if isinstance(max_len, int) else None, served)
+        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len, health=has_health)
         return info
 
     # -- calls ------------------------------------------------------------------------------------
