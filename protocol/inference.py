@@ -285,7 +285,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise BadCompletion(f"chat completion without a message: {str(payload)[:200]!r}") from exc
         result = self._result(payload, text, choice.get("finish_reason"), run_id, task_id, ledger)
         if json_schema is not None:
-            return _with_json(result, json_schema)
+            return _with_json(result, json_schema, body["max_tokens"])
         return result
 
     async def chat_json(self, messages: Messages, schema: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -571,23 +571,31 @@ def _put(body: dict[str, Any], **values: Any) -> None:
             body[key] = value if isinstance(value, str | int | float) else list(value)
 
 
-def _with_json(result: ChatResult, schema: Mapping[str, Any]) -> ChatResult:
+def _with_json(result: ChatResult, schema: Mapping[str, Any], max_tokens: int) -> ChatResult:
+    def bad(message: str) -> BadCompletion:
+        return BadCompletion(message, finish_reason=result.finish_reason, tokens=result.usage.total_tokens,
+                             text=result.text)
+
     if result.finish_reason == "length":
-        raise BadCompletion("structured answer cut off by max_tokens (finish_reason='length')")
-    data = _parse_json(result.text, "structured answer", retry=False)
+        raise bad(f"structured answer cut off by max_tokens={max_tokens} after {result.usage.completion_tokens} "
+                  "tokens (finish_reason='length')")
+    try:
+        data = json.loads(result.text)
+    except ValueError as exc:
+        raise bad(f"structured answer is not valid JSON ({exc}): {result.text[:120]!r}") from exc
     try:
         jsonschema.validate(data, dict(schema))
     except jsonschema.ValidationError as exc:
-        raise BadCompletion(f"structured answer does not match the schema: {exc.message}") from exc
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+        raise bad(f"structured answer does not match the schema at {where}: {exc.message}") from exc
     return ChatResult(result.text, result.finish_reason, result.usage, result.model, result.id, data)
 
 
-def _parse_json(text: str, what: str, *, retry: bool = True) -> Any:
+def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        error = BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")
-        raise (_Retry(error) if retry else error) from exc
+        raise _Retry(BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")) from exc
 
 
 def _message_of(body: Any) -> str:

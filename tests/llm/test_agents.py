@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from orchestrator import Orchestrator
-from orchestrator.planner import PlanError, Planner
+from orchestrator._schema_bound import json_token_bound
+from orchestrator.planner import PlanError, PlanLimits, Planner, plan_schema
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.simulator.policy import DefaultPolicy, RulesPolicy, SimRequest
 from protocol.inference import InferenceClient
@@ -128,12 +130,53 @@ async def test_planner_reasks_with_the_validation_error_then_succeeds() -> None:
 
 
 async def test_planner_gives_up_after_its_bounded_attempts() -> None:
-    bad = {"tasks": [{"id": "a", "capability": "teleport", "instruction": "x", "depends_on": [],
-                      "spec": {"description": "d"}}]}
-    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r".", bad)])) as sim, \
+    cycle = {"tasks": [
+        {"id": "a", "capability": "llm", "instruction": "x", "depends_on": ["a"], "spec": {"description": "d"}}]}
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r".", cycle)])) as sim, \
             InferenceClient(settings(sim)) as client:
-        with pytest.raises(PlanError, match=r"after 2 attempts.*unknown capability 'teleport'"):
+        with pytest.raises(PlanError, match=r"after 2 attempts.*attempt 1: invalid plan.*attempt 2: invalid plan") as err:
             await Planner(client, capabilities={"llm"}, max_asks=2).plan("a goal")
+    assert len(err.value.problems) == 2
+
+
+async def test_plan_schema_is_bounded_and_names_only_the_capabilities_served() -> None:
+    schema = plan_schema(["llm", "python"], PlanLimits(max_tasks=4, instruction_length=100))
+    task = schema["properties"]["tasks"]["items"]
+    assert schema["properties"]["tasks"]["maxItems"] == 4
+    assert task["properties"]["capability"] == {"enum": ["llm", "python"]}
+    assert task["properties"]["instruction"]["maxLength"] == 100
+    smaller, default = json_token_bound(schema), json_token_bound(plan_schema())
+    assert smaller is not None
+    assert default is not None
+    assert smaller < default
+
+
+async def test_a_cut_off_plan_is_reasked_with_the_reason_and_the_error_lists_every_attempt() -> None:
+    prompts: list[str] = []
+
+    def planner(request: SimRequest, match: Any) -> Any:
+        prompts.append(request.last_user)
+        return DefaultPolicy.plan("a goal")
+
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r"Goal:", planner)])) as sim, \
+            InferenceClient(settings(sim)) as client:
+        planner_ = Planner(client, capabilities={"llm"}, max_tokens=10)
+        with pytest.raises(PlanError) as err:
+            await planner_.plan("a goal")
+    message = str(err.value)
+    assert "after 3 attempts (max_tokens=10)" in message
+    assert message.count("cut off by max_tokens=10") == 3
+    assert "Your previous answer was unusable" in prompts[1]
+    assert "too long: use at most 5 tasks" in prompts[1]
+    assert planner_.tokens > 0
+
+
+async def test_planner_max_tokens_fits_the_longest_plan_the_schema_allows(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(settings(sim_llm)) as client:
+        planner = Planner(client)
+    longest = {"tasks": [{"id": "t" + "x" * 15, "capability": "llm", "instruction": "word " * 48,
+                          "depends_on": ["t" + "y" * 15] * 4, "spec": {"description": "word " * 32}}] * 5}
+    assert len(json.dumps(longest, separators=(",", ":"))) <= 2.5 * planner.max_tokens
 
 
 async def test_llm_tasks_without_a_model_are_rejected_with_a_clear_message() -> None:
