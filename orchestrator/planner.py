@@ -110,6 +110,7 @@ class Planner:
         assert bound is not None, "the plan schema is bounded"
         self.max_tokens = max_tokens or bound
         self.tokens = 0
+        self.asks = 0  # asks made by the latest plan()
 
     async def plan(self, goal: str) -> Job:
         """A validated job for ``goal``; PlanError after ``max_asks`` unusable or invalid answers."""
@@ -119,6 +120,7 @@ class Planner:
         messages = base
         problems: list[str] = []
         for ask in range(1, self.max_asks + 1):
+            self.asks = ask
             try:
                 result = await self.client.chat(messages, json_schema=self.schema, schema_name="plan",
                                                 max_tokens=self.max_tokens, temperature=0.0)
