@@ -49,7 +49,10 @@ log = structlog.get_logger(__name__)
 Messages = Sequence[Mapping[str, Any]]
 
 _SHARD_CONNECTIONS = 8
-_CONTEXT_MARKERS = ("maximum context length", "cannot be greater than max_model_len")
+_CONTEXT_MARKERS = (
+    "maximum context length", "cannot be greater than max_model_len",  # vLLM
+    "exceeds the available context size", "larger than the max context size",  # llama.cpp's llama-server
+)
 
 
 @dataclass(frozen=True, slots=True)

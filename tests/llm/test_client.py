@@ -304,3 +304,13 @@ async def test_check_refuses_a_server_whose_health_says_down() -> None:
     async with InferenceClient(InferenceSettings(url="http://llm.test"), transport=_openai_only(503)) as client:
         with pytest.raises(InferenceUnavailable, match="unhealthy"):
             await client.check()
+
+
+async def test_llama_cpp_context_error_is_context_length_exceeded() -> None:
+    body = {"error": {"code": 400, "type": "exceed_context_size_error",
+                      "message": "request (2600 tokens) exceeds the available context size (2048 tokens), "
+                                 "try increasing it"}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(400, json=body))
+    async with InferenceClient(InferenceSettings(url="http://llm.test", model="m"), transport=transport) as client:
+        with pytest.raises(ContextLengthExceeded, match="available context size"):
+            await client.chat(HELLO)
