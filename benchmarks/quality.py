@@ -122,11 +122,35 @@ def analytic(p: float, r: float, q: float, max_attempts: int) -> Rates:
     return Rates(correct, false_accept, attempts)
 
 
+def replay(p: float, r: float, q: float, max_attempts: int, tasks: int, *, seed: int, attempts_made: int) -> Rates:
+    """The same draws as ``CoinWorker`` and ``noisy_check``, followed by hand: what the orchestrator must do.
+
+    ``attempts_made``: the attempts a task can get (the guarded runs stop at the second rejection).
+    """
+    correct = false_accept = attempts = 0
+    for i in range(tasks):
+        key = _seed(seed, p, r, q, max_attempts, i)
+        for k in range(1, attempts_made + 1):
+            attempts += 1
+            right = _draw(key, k, "work") >= p if k == 1 else _draw(key, k, "work") < r
+            if right:
+                correct += 1
+                break
+            if _draw(key, k, "check") >= q:
+                false_accept += 1
+                break
+    return Rates(correct / tasks, false_accept / tasks, attempts / tasks)
+
+
+def _seed(seed: int, p: float, r: float, q: float, max_attempts: int, i: int) -> str:
+    return f"{seed}:{p}:{r}:{q}:{max_attempts}:{i}"
+
+
 async def _simulated_run(p: float, r: float, q: float, max_attempts: int, tasks: int, *, fixed_feedback: bool,
                          seed: int) -> Rates:
     job = {"goal": "simulated agents", "budget": {"max_attempts": max_attempts, "max_tasks": tasks},
            "tasks": [{"id": f"t{i}", "capability": "coin",
-                      "input": {"p": p, "r": r, "q": q, "seed": f"{seed}:{p}:{r}:{q}:{max_attempts}:{i}",
+                      "input": {"p": p, "r": r, "q": q, "seed": _seed(seed, p, r, q, max_attempts, i),
                                 "fixed_feedback": fixed_feedback},
                       "spec": {"check": f"{_HERE}:noisy_check"}} for i in range(tasks)]}
     async with Orchestrator(workers=[CoinWorker()], concurrency=64) as orch:
@@ -151,20 +175,23 @@ SIMULATED_CASES = [  # (p, r, q, max_attempts)
 
 async def simulated(tasks: int, seed: int) -> None:
     """Print table (a)."""
-    print(f"(a) simulated agents through the orchestrator, {tasks} tasks per row; measured (analytic)\n")
+    print(f"(a) simulated agents through the orchestrator, {tasks} tasks per row: measured (analytic)\n")
     print("| p | r | q | max attempts | accepted and correct | false accepts | attempts/task "
-          "| guarded: accepted and correct | guarded: attempts/task |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| same as replay | guarded: accepted and correct | guarded: attempts/task | same as replay |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p, r, q, a in SIMULATED_CASES:
         got = await _simulated_run(p, r, q, a, tasks, fixed_feedback=False, seed=seed)
         want = analytic(p, r, q, a)
         guarded = await _simulated_run(p, r, q, a, tasks, fixed_feedback=True, seed=seed)
         want_guarded = analytic(p, r, q, min(a, 2))
+        same = "yes" if got == replay(p, r, q, a, tasks, seed=seed, attempts_made=a) else "NO"
+        same_guarded = "yes" if guarded == replay(p, r, q, a, tasks, seed=seed, attempts_made=min(a, 2)) else "NO"
         print(f"| {p} | {r} | {q} | {a} | {got.correct:.3f} ({want.correct:.3f}) "
-              f"| {got.false_accept:.3f} ({want.false_accept:.3f}) | {got.attempts:.2f} ({want.attempts:.2f}) "
+              f"| {got.false_accept:.3f} ({want.false_accept:.3f}) | {got.attempts:.2f} ({want.attempts:.2f}) | {same} "
               f"| {guarded.correct:.3f} ({want_guarded.correct:.3f}) "
-              f"| {guarded.attempts:.2f} ({want_guarded.attempts:.2f}) |")
-    print(f"\none standard error of a rate near 0.5 at {tasks} tasks: {0.5 / tasks ** 0.5:.3f}")
+              f"| {guarded.attempts:.2f} ({want_guarded.attempts:.2f}) | {same_guarded} |")
+    print(f"\nOne standard error of a rate near 0.5 at {tasks} tasks: {0.5 / tasks ** 0.5:.3f}. 'same as replay': "
+          "the orchestrator's outcome equals, task by task, the same random draws followed by hand.")
 
 
 # -- (b) the real small model --------------------------------------------------------------------------------
