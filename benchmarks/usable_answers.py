@@ -89,22 +89,27 @@ JUDGE = [  # (instruction, description, answer, should pass)
 async def measure(client: InferenceClient, repeat: int, worker_tokens: int) -> None:
     """Print the rates."""
     planner = Planner(client, capabilities=["llm"])
-    first = within = 0
+    first = within = repaired = on_topic = 0
+    sizes: Counter[int] = Counter()
     problems: Counter[str] = Counter()
     started = time.monotonic()
     for goal in GOALS * repeat:
         try:
-            await planner.plan(goal)
+            job = await planner.plan(goal)
         except PlanError as exc:
             problems.update(_kind(p) for p in exc.problems)
             continue
         within += 1
         first += planner.asks == 1
-        if planner.asks > 1:
-            problems.update(["(re-asked, then usable)"])
+        repaired += bool(planner.repairs)
+        sizes[len(job.tasks)] += 1
+        words = {w for w in goal.lower().split() if len(w) > 3}
+        on_topic += all(words & set(t.instruction.lower().replace(".", " ").split()) for t in job.tasks)
     n = len(GOALS) * repeat
-    print(f"planner: {first}/{n} usable at the first ask, {within}/{n} within {planner.max_asks} asks "
-          f"(max_tokens={planner.max_tokens}, {time.monotonic() - started:.0f} s); problems: {dict(problems)}")
+    print(f"planner: {first}/{n} usable at the first ask, {within}/{n} within {planner.max_asks} asks, "
+          f"{repaired} of them repaired, {on_topic} with every instruction on the goal's words; tasks per plan "
+          f"{dict(sorted(sizes.items()))} (max_tokens={planner.max_tokens}, {time.monotonic() - started:.0f} s); "
+          f"problems of failed plans: {dict(problems)}")
 
     worker = LLMWorker(LLMConfig(max_tokens=worker_tokens))
     usable, reasons = 0, Counter[str]()

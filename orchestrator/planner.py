@@ -1,10 +1,12 @@
 """The planner: a goal in, a validated task DAG out, asked of the language model through a JSON schema.
 
-The schema bounds the plan (how many tasks, how long each string) and names the capabilities
-served, so a constrained decoder cannot write an unknown one, and ``max_tokens`` is derived from
-the schema so that the longest valid plan fits. An unusable answer (cut off, not JSON, not the
-schema) or an invalid plan (a cycle, a dangling dependency) is sent back to the model with what
-was wrong, a bounded number of times; then ``PlanError`` says what went wrong at each attempt.
+The schema bounds the plan (how many tasks, how long each string) and draws ids, dependencies
+and capabilities from fixed lists, so a constrained decoder cannot write an unknown one, and
+``max_tokens`` is derived from the schema so that the longest valid plan fits. Repeated tasks are
+merged and dependencies that cannot mean anything (on the task itself, on a task the plan
+lacks) are dropped, and logged (``plan_repaired``). An unusable answer (cut off, not JSON, not the schema) or an invalid plan (a
+cycle, a duplicate id) is sent back to the model with what was wrong, a bounded number of times;
+then ``PlanError`` says what went wrong at each attempt.
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ class PlanLimits:
     """How big a plan may be; the schema enforces it, and ``max_tokens`` is sized to fit it."""
 
     max_tasks: int = 5
-    id_length: int = 16
-    instruction_length: int = 240
-    description_length: int = 160
+    instruction_length: int = 200
+    description_length: int = 120
 
 
 def plan_schema(capabilities: Collection[str] = ("llm",), limits: PlanLimits | None = None) -> dict[str, Any]:
-    """The JSON schema of a plan: bounded in size, capabilities limited to those served."""
+    """The JSON schema of a plan: bounded in size; ids, dependencies and capabilities from fixed lists.
+
+    Task ids are ``t1`` .. ``t<max_tasks>``, so a dependency can only name a possible task (a small
+    model otherwise writes a capability or a word there).
+    """
     lim = limits or PlanLimits()
-    task_id = {"type": "string", "pattern": f"^[a-z][a-z0-9_]{{0,{lim.id_length - 1}}}$",
-               "maxLength": lim.id_length}
+    task_id = {"enum": [f"t{i}" for i in range(1, lim.max_tasks + 1)]}
     return {
         "type": "object",
         "properties": {
@@ -75,10 +79,10 @@ def plan_schema(capabilities: Collection[str] = ("llm",), limits: PlanLimits | N
 PLAN_SCHEMA: dict[str, Any] = plan_schema()
 
 SYSTEM_PROMPT = (
-    "You plan work for a team of agents. Split the goal into a few tasks (1 to {max_tasks}; fewer is better), "
-    "each a short, clear instruction for one agent. Give each task a short lowercase id such as t1, and in "
-    "depends_on the ids of earlier tasks whose results it needs (none for the first). Give every task a "
-    "spec.description: one sentence saying what a good result must contain, so a verifier can check it. "
+    "You plan work for a team of agents. Split the goal into 1 to {max_tasks} tasks; fewer is better, and a "
+    "simple goal needs one task. Each task is one short instruction for one agent, about the goal. Number the "
+    "tasks t1, t2, ... in order. depends_on lists the earlier tasks whose results a task needs (t1 needs none). "
+    "spec.description says in one sentence what a good result must contain, so a verifier can check it. "
     "Reply with JSON only."
 )
 
@@ -111,6 +115,7 @@ class Planner:
         self.max_tokens = max_tokens or bound
         self.tokens = 0
         self.asks = 0  # asks made by the latest plan()
+        self.repairs: list[str] = []  # what was dropped from the latest answer's dependencies
 
     async def plan(self, goal: str) -> Job:
         """A validated job for ``goal``; PlanError after ``max_asks`` unusable or invalid answers."""
@@ -134,8 +139,11 @@ class Planner:
                                                                f"{_hint(exc, self.limits)}"}]
                 continue
             self.tokens += result.usage.total_tokens
+            tasks, self.repairs = _repair(result.data["tasks"])
+            if self.repairs:
+                log.warning("plan_repaired", ask=ask, repairs=self.repairs)
             try:
-                job = parse_job({"goal": goal, "tasks": result.data["tasks"],
+                job = parse_job({"goal": goal, "tasks": tasks,
                                  "budget": self.budget.model_dump()}, source="plan", capabilities=self.capabilities)
             except JobError as exc:
                 problems.append(f"attempt {ask}: invalid plan: {exc}")
@@ -147,6 +155,42 @@ class Planner:
             return job
         raise PlanError(f"no valid plan for the goal {goal[:80]!r} after {self.max_asks} attempts "
                         f"(max_tokens={self.max_tokens}): " + "; ".join(problems), tuple(problems))
+
+
+def _repair(tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Undo what small models often write and what cannot mean anything else.
+
+    A task whose instruction repeats an earlier one's is merged into it (its dependencies join the
+    earlier task's, references to it point there); a dependency on the task itself, on no task of
+    the plan, or given twice is dropped. Anything else wrong (a cycle, duplicate ids with different
+    instructions) goes back to the model.
+    """
+    repairs: list[str] = []
+    first: dict[str, dict[str, Any]] = {}  # normalized instruction -> the task that keeps it
+    alias: dict[str, str] = {}
+    kept: list[dict[str, Any]] = []
+    for task in tasks:
+        key = " ".join(task["instruction"].lower().split())
+        if key in first:
+            into = first[key]
+            if task["id"] != into["id"]:
+                alias[task["id"]] = into["id"]
+            into["depends_on"] = [*into["depends_on"], *task["depends_on"]]
+            repairs.append(f"{task['id']}: merged into {into['id']} (same instruction)")
+            continue
+        first[key] = {**task, "depends_on": list(task["depends_on"])}
+        kept.append(first[key])
+    ids = {t["id"] for t in kept}
+    for task in kept:
+        deps: list[str] = []
+        for dep in (alias.get(d, d) for d in task["depends_on"]):
+            if dep == task["id"] or dep not in ids or dep in deps:
+                why = "itself" if dep == task["id"] else "no task of the plan" if dep not in ids else "repeated"
+                repairs.append(f"{task['id']}: dropped dependency {dep!r} ({why})")
+            else:
+                deps.append(dep)
+        task["depends_on"] = deps
+    return kept, repairs
 
 
 def _hint(exc: BadCompletion, limits: PlanLimits) -> str:
