@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/quality.py simulated                 # (a) agents with known rates, beside the analytic values
-    python benchmarks/quality.py simulated --tasks 2000
+    python benchmarks/quality.py simulated --tasks 500 --seed 2
     python benchmarks/quality.py real                      # (b) SmolLM2-135M on 60 checked tasks (needs scripts/real-model)
     python benchmarks/quality.py real --tasks 90 --max-attempts 3 --variants guards,quoted,no-guards
 
@@ -330,7 +330,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
     sim = sub.add_parser("simulated", help="(a) simulated agents with known rates")
-    sim.add_argument("--tasks", type=int, default=1000)
+    sim.add_argument("--tasks", type=int, default=2000)
     sim.add_argument("--seed", type=int, default=1)
     rm = sub.add_parser("real", help="(b) the real small model (needs scripts/real-model)")
     rm.add_argument("--tasks", type=int, default=60)
