@@ -39,8 +39,9 @@ stopped the failed tasks. The variants emulate guard settings without changing t
   answer: the ``repeated_feedback`` guard fires only where the ``loop`` guard would anyway.
   This is the behaviour the run engine is getting ("a repeated verdict from a deterministic check
   does not end a task while its output keeps changing").
-- ``no-guards``: as ``quoted``, and the worker's output carries its attempt number (which the
-  check ignores), so the ``loop`` guard never fires either: every task gets its whole budget.
+- ``no-guards``: as ``quoted``, and the worker's output and the check's feedback carry the attempt
+  number (which the check ignores), so neither the ``loop`` guard nor the ``repeated_feedback``
+  guard can fire: every task gets its whole budget.
 """
 
 from __future__ import annotations
@@ -259,7 +260,11 @@ def real_check(output: Any, task: TaskRecord) -> tuple[bool, str]:
     if right:
         return True, ""
     feedback = _FIXED[spec["kind"]]
-    return False, f"{feedback} (you answered {read!r})" if spec["quote"] else feedback
+    if spec["quote"]:
+        feedback = f"{feedback} (you answered {read!r})"
+    if spec["mark"]:  # no two verdicts alike: the repeated_feedback guard cannot fire
+        feedback = f"attempt {task.attempt}: {feedback}"
+    return False, feedback
 
 
 class MarkedLLMWorker(LLMWorker):
@@ -279,7 +284,7 @@ async def _real_run(server_settings: Any, tasks: list[dict[str, Any]], max_attem
     job = {"goal": "checked small tasks", "budget": {"max_attempts": max_attempts, "max_tasks": len(tasks)},
            "tasks": [{"id": t["id"], "capability": "llm", "instruction": t["instruction"],
                       # grading data goes in ``config``, which the manager keeps and the prompt never shows
-                      "config": {"kind": t["kind"], "expected": t["expected"], "quote": quote},
+                      "config": {"kind": t["kind"], "expected": t["expected"], "quote": quote, "mark": mark},
                       "spec": {"check": f"{_HERE}:real_check"}} for t in tasks]}
     started = time.monotonic()
     async with Orchestrator(workers=[worker], llm=server_settings, concurrency=2) as orch:
