@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/quality.py simulated --tasks 500 --seed 2
     python benchmarks/quality.py real                      # (b) SmolLM2-135M on 60 checked tasks (needs scripts/real-model)
     python benchmarks/quality.py real --tasks 90 --max-attempts 3 --variants guards,quoted,no-guards
+    python benchmarks/quality.py real --llm-url http://gpu-host:8000 --model agent-llm   # any OpenAI-compatible server
 
 (a) **Simulated agents.** A worker (``CoinWorker``) is wrong with probability p at a first
 attempt and right with probability r at a redo; a check (``noisy_check``) catches a wrong answer
@@ -310,16 +311,23 @@ def _guard(reason: str) -> str:
 
 
 async def real(tasks: int, max_attempts: int, variants: list[str], seed: int, threads: int,
-               temperature: float, max_tokens: int) -> None:
-    """Print table (b)."""
+               temperature: float, max_tokens: int, llm_url: str | None, model: str | None) -> None:
+    """Print table (b): on the cached SmolLM2 behind llama-server, or on the server at ``llm_url``."""
     from orchestrator.real_model import LlamaServer, RealModel
+    from protocol.inference_settings import InferenceSettings
 
     task_list = make_tasks(tasks, seed)
     config = LLMConfig(max_tokens=max_tokens, temperature=temperature)
-    with LlamaServer(RealModel.find(), threads=threads, parallel=2, context=4096) as server:
-        rows = [await _real_run(server.settings(), task_list, max_attempts, v, config) for v in variants]
-    print(f"(b) SmolLM2-135M-Instruct (Q4_1, llama-server, {threads} threads), {tasks} tasks, "
-          f"max_attempts={max_attempts}, temperature={temperature}, max_tokens={max_tokens}\n")
+    if llm_url:
+        settings = InferenceSettings.from_env(url=llm_url, model=model)
+        rows = [await _real_run(settings, task_list, max_attempts, v, config) for v in variants]
+        served = f"{model or 'the first model'} at {llm_url}"
+    else:
+        with LlamaServer(RealModel.find(), threads=threads, parallel=2, context=4096) as server:
+            rows = [await _real_run(server.settings(), task_list, max_attempts, v, config) for v in variants]
+        served = f"SmolLM2-135M-Instruct (Q4_1, llama-server, {threads} threads)"
+    print(f"(b) {served}, {tasks} tasks, max_attempts={max_attempts}, temperature={temperature}, "
+          f"max_tokens={max_tokens}\n")
     print("| variant | first attempt right | accepted after verify+redo | attempts/task | tokens per accepted task "
           "| sum / json / format accepted | failed tasks stopped by | seconds |")
     print("|---|---|---|---|---|---|---|---|")
@@ -345,6 +353,8 @@ def main() -> None:
     rm.add_argument("--threads", type=int, default=2)
     rm.add_argument("--temperature", type=float, default=0.7)
     rm.add_argument("--max-tokens", type=int, default=48)
+    rm.add_argument("--llm-url", help="measure the OpenAI-compatible server here instead (e.g. a vLLM)")
+    rm.add_argument("--model", help="with --llm-url: the served model (default: the first listed)")
     args = parser.parse_args()
     configure_logging("ERROR")
     if args.part == "simulated":
@@ -355,7 +365,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
         anyio.run(real, args.tasks, args.max_attempts, variants, args.seed, args.threads, args.temperature,
-                  args.max_tokens)
+                  args.max_tokens, args.llm_url, args.model)
 
 
 if __name__ == "__main__":
