@@ -9,24 +9,29 @@ the fixtures into a conftest. Override ``sim_config`` / ``inference_settings`` t
   in-memory bus, the worker's own ``verify``) and get a :class:`~orchestrator.api.RunResult`.
 - ``worker_harness``: a fixture that is ``run_worker`` with the simulator wired in for workers
   that need a model.
+- ``real_llm``: llama.cpp's ``llama-server`` with SmolLM2-135M (built once by ``scripts/real-model``),
+  one per test session; tests that use it skip, with the reason, when that cache is absent. Mark
+  them ``realmodel``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from orchestrator.api import Orchestrator, RunResult
+from orchestrator.real_model import LlamaServer, RealModel, RealModelUnavailable
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.inference import InferenceClient, InferenceSettings
 from workers.base import Worker
 
-__all__ = ("WorkerHarness", "held_in_task", "inference_client", "inference_settings", "run_worker", "sim_config",
-           "sim_llm", "worker_harness")
+__all__ = ("WorkerHarness", "held_in_task", "inference_client", "inference_settings", "real_llm", "run_worker",
+           "sim_config", "sim_llm", "worker_harness")
 
 T = TypeVar("T")
 
@@ -139,3 +144,20 @@ async def worker_harness(sim_llm: SimulatedVLLM) -> WorkerHarness:
         return await run_worker(worker, input, **kwargs)
 
     return harness
+
+
+@pytest.fixture(scope="session")
+def real_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """``llama-server`` serving SmolLM2-135M-Instruct on a free port, for the whole session.
+
+    Skips with the reason when the cache of ``scripts/real-model`` is absent. ``ORCH_REAL_MODEL_THREADS``
+    sets its CPU threads (default 2). Its log is in the session's temporary directory.
+    """
+    try:
+        real = RealModel.find()
+    except RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    threads = int(os.environ.get("ORCH_REAL_MODEL_THREADS", "2"))
+    with LlamaServer(real, threads=threads, log_path=log) as server:
+        yield server

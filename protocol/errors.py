@@ -187,4 +187,14 @@ class ContextLengthExceeded(InferenceError):
 
 
 class BadCompletion(InferenceError):
-    """An answer that cannot be used: empty, truncated or not the requested JSON."""
+    """An answer that cannot be used: empty, truncated or not the requested JSON.
+
+    ``finish_reason`` says why the model stopped (``"length"``: cut off by max_tokens), ``tokens``
+    what the answer cost, and ``text`` the answer as received, when there was one.
+    """
+
+    def __init__(self, message: str, *, finish_reason: str | None = None, tokens: int = 0, text: str = "") -> None:
+        super().__init__(message)
+        self.finish_reason = finish_reason
+        self.tokens = tokens
+        self.text = text

@@ -1,4 +1,8 @@
-"""``InferenceClient``: the one client per process through which every agent calls vLLM.
+"""``InferenceClient``: the one client per process through which every agent calls the language model.
+
+Built for vLLM, and works with any OpenAI-compatible server (llama.cpp's ``llama-server``, a
+gateway): only ``/v1/models`` and ``/v1/chat/completions`` are required; vLLM's ``/health`` and
+``/metrics`` are used when the server has them.
 
 - A pooled ``httpx.AsyncClient`` sized for hundreds of concurrent calls, and an
   ``anyio.CapacityLimiter`` shared by all agents in the process.
@@ -45,7 +49,10 @@ log = structlog.get_logger(__name__)
 Messages = Sequence[Mapping[str, Any]]
 
 _SHARD_CONNECTIONS = 8
-_CONTEXT_MARKERS = ("maximum context length", "cannot be greater than max_model_len")
+_CONTEXT_MARKERS = (
+    "maximum context length", "cannot be greater than max_model_len",  # vLLM
+    "exceeds the available context size", "larger than the max context size",  # llama.cpp's llama-server
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +142,7 @@ class _LoadCache:
 
 
 class InferenceClient(anyio.AsyncContextManagerMixin):
-    """Async client for vLLM's OpenAI-compatible API; share one per process.
+    """Async client for vLLM's (or any) OpenAI-compatible API; share one per process.
 
     ``async with InferenceClient(InferenceSettings.from_env()) as llm: await llm.check()``
     """
@@ -208,14 +215,20 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
     # -- startup ----------------------------------------------------------------------------------
 
     async def check(self) -> ModelInfo:
-        """Fail fast: raise ``InferenceUnavailable`` unless /health is 200 and /v1/models serves the model."""
+        """Fail fast: raise ``InferenceUnavailable`` unless the server is healthy and serves the model.
+
+        vLLM (and llama.cpp's ``llama-server``) answer ``GET /health``; 200 there means the engine is
+        up, anything from 500 on means it is not. A server without that endpoint (404 or 405: many
+        OpenAI-compatible servers and gateways) is judged by ``GET /v1/models`` alone.
+        """
         url = self.settings.url
         try:
             health = await self.http.get("/health", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
             raise InferenceUnavailable(f"cannot reach the LLM server at {url!r}: {exc!r}") from exc
-        if health.status_code != 200:
+        if health.status_code >= 500:
             raise InferenceUnavailable(f"LLM server at {url!r} is unhealthy: GET /health -> {health.status_code}")
+        has_health = health.status_code == 200  # 401/403 from a gateway: /v1/models below names the key problem
         try:
             resp = await self.http.get("/v1/models", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
@@ -224,7 +237,12 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise InferenceUnavailable(f"LLM server at {url!r} rejected the API key (set ORCH_LLM_API_KEY)")
         if resp.status_code != 200:
             raise InferenceUnavailable(f"GET {url}/v1/models -> {resp.status_code}: {_error_message(resp)}")
-        data = [m for m in resp.json().get("data", []) if isinstance(m, dict)]
+        try:
+            listed = resp.json().get("data", [])
+        except (ValueError, AttributeError) as exc:
+            raise InferenceUnavailable(f"GET {url}/v1/models did not answer an OpenAI model list: "
+                                       f"{resp.text[:120]!r}") from exc
+        data = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
         served = tuple(str(m.get("id")) for m in data)
         if not served:
             raise InferenceUnavailable(f"LLM server at {url!r} serves no model")
@@ -233,8 +251,9 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise InferenceUnavailable(f"LLM server at {url!r} does not serve model {wanted!r}; it serves {served!r}")
         self._model = wanted
         entry = next(m for m in data if m.get("id") == wanted)
-        info = ModelInfo(wanted, entry.get("max_model_len"), served)
-        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len)
+        max_len = entry.get("max_model_len")  # vLLM's field; other servers may not say
+        info = ModelInfo(wanted, max_len if isinstance(max_len, int) else None, served)
+        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len, health=has_health)
         return info
 
     # -- calls ------------------------------------------------------------------------------------
@@ -269,7 +288,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             raise BadCompletion(f"chat completion without a message: {str(payload)[:200]!r}") from exc
         result = self._result(payload, text, choice.get("finish_reason"), run_id, task_id, ledger)
         if json_schema is not None:
-            return _with_json(result, json_schema)
+            return _with_json(result, json_schema, body["max_tokens"])
         return result
 
     async def chat_json(self, messages: Messages, schema: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -555,23 +574,31 @@ def _put(body: dict[str, Any], **values: Any) -> None:
             body[key] = value if isinstance(value, str | int | float) else list(value)
 
 
-def _with_json(result: ChatResult, schema: Mapping[str, Any]) -> ChatResult:
+def _with_json(result: ChatResult, schema: Mapping[str, Any], max_tokens: int) -> ChatResult:
+    def bad(message: str) -> BadCompletion:
+        return BadCompletion(message, finish_reason=result.finish_reason, tokens=result.usage.total_tokens,
+                             text=result.text)
+
     if result.finish_reason == "length":
-        raise BadCompletion("structured answer cut off by max_tokens (finish_reason='length')")
-    data = _parse_json(result.text, "structured answer", retry=False)
+        raise bad(f"structured answer cut off by max_tokens={max_tokens} after {result.usage.completion_tokens} "
+                  "tokens (finish_reason='length')")
+    try:
+        data = json.loads(result.text)
+    except ValueError as exc:
+        raise bad(f"structured answer is not valid JSON ({exc}): {result.text[:120]!r}") from exc
     try:
         jsonschema.validate(data, dict(schema))
     except jsonschema.ValidationError as exc:
-        raise BadCompletion(f"structured answer does not match the schema: {exc.message}") from exc
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+        raise bad(f"structured answer does not match the schema at {where}: {exc.message}") from exc
     return ChatResult(result.text, result.finish_reason, result.usage, result.model, result.id, data)
 
 
-def _parse_json(text: str, what: str, *, retry: bool = True) -> Any:
+def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        error = BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")
-        raise (_Retry(error) if retry else error) from exc
+        raise _Retry(BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")) from exc
 
 
 def _message_of(body: Any) -> str:

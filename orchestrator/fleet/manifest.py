@@ -385,7 +385,7 @@ def check_plugins(manifest: FleetManifest, *, source: str = "<manifest>") -> Non
 
 
 def check_services(manifest: FleetManifest, *, source: str = "<manifest>", timeout_s: float = 2.0) -> None:
-    """PING Redis, and GET the LLM server's /health unless the fleet serves it itself."""
+    """PING Redis, and GET the LLM server's /health (or /v1/models) unless the fleet serves it itself."""
     url = manifest.spec.redis.url
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
@@ -403,7 +403,15 @@ def check_services(manifest: FleetManifest, *, source: str = "<manifest>", timeo
         except httpx.HTTPError as exc:
             raise ServiceUnreachable(f"LLM server {health} is unreachable: {type(exc).__name__}: {exc}",
                                      source=source, field="spec.llm.url") from exc
-        if response.status_code != 200:
+        if response.status_code in (404, 405):
+            # Not vLLM: any OpenAI-compatible server lists its models at /v1/models.
+            health = health.removesuffix("/health") + "/v1/models"
+            try:
+                response = httpx.get(health, timeout=timeout_s)
+            except httpx.HTTPError as exc:
+                raise ServiceUnreachable(f"LLM server {health} is unreachable: {type(exc).__name__}: {exc}",
+                                         source=source, field="spec.llm.url") from exc
+        if response.status_code not in (200, 401):  # 401: up, and the workers bring the API key
             raise ServiceUnreachable(f"LLM server {health} answered HTTP {response.status_code}",
                                      source=source, field="spec.llm.url")
 

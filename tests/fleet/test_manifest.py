@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,37 @@ def test_unreachable_llm(tmp_path: Path, redis_url: str) -> None:
     with pytest.raises(ServiceUnreachable) as info:
         load_manifest(path, environ={})
     assert str(info.value).startswith(f"{path}: spec.llm.url: LLM server {llm}/health is unreachable"), info.value
+
+
+class _OpenAIOnly(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server without vLLM's /health."""
+
+    def do_GET(self) -> None:
+        found = self.path == "/v1/models"
+        body = b'{"object": "list", "data": [{"id": "small"}]}' if found else b'{"detail": "Not Found"}'
+        self.send_response(200 if found else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.redis
+def test_an_llm_server_without_health_is_checked_by_its_model_list(tmp_path: Path, redis_url: str) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAIOnly)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        llm = f"http://127.0.0.1:{server.server_address[1]}"
+        path = write(tmp_path, base(redis={"url": redis_url}, llm={"url": llm}))
+        assert load_manifest(path, environ={}).spec.llm.url == llm
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_llm_worker_without_llm_is_refused(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from orchestrator import Orchestrator
-from orchestrator.planner import PlanError, Planner
+from orchestrator._schema_bound import CHARS_PER_TOKEN, json_token_bound
+from orchestrator.planner import PlanError, PlanLimits, Planner, plan_schema
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.simulator.policy import DefaultPolicy, RulesPolicy, SimRequest
 from protocol.history import Transitioned
@@ -112,9 +114,12 @@ async def test_token_budget_fails_the_run_with_that_reason(sim_llm: SimulatedVLL
 
 async def test_planner_reasks_with_the_validation_error_then_succeeds() -> None:
     plans = iter([
-        {"tasks": [{"id": "a", "capability": "llm", "instruction": "x", "depends_on": ["b"], "spec": {"description": "d"}},
-                   {"id": "b", "capability": "llm", "instruction": "y", "depends_on": ["a"], "spec": {"description": "d"}}]},
-        {"tasks": [{"id": "a", "capability": "llm", "instruction": "x", "depends_on": [], "spec": {"description": "d"}}]},
+        {"tasks": [{"id": "t1", "capability": "llm", "instruction": "x", "depends_on": ["t2"],
+                    "spec": {"description": "d"}},
+                   {"id": "t2", "capability": "llm", "instruction": "y", "depends_on": ["t1"],
+                    "spec": {"description": "d"}}]},
+        {"tasks": [{"id": "t1", "capability": "llm", "instruction": "x", "depends_on": [],
+                    "spec": {"description": "d"}}]},
     ])
     prompts: list[str] = []
 
@@ -126,17 +131,81 @@ async def test_planner_reasks_with_the_validation_error_then_succeeds() -> None:
     async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=policy) as sim, \
             InferenceClient(settings(sim)) as client:
         job = await Planner(client, capabilities={"llm"}).plan("a goal")
-    assert [t.id for t in job.tasks] == ["a"]
-    assert "dependency cycle a -> b -> a" in prompts[1]
+    assert [t.id for t in job.tasks] == ["t1"]
+    assert "dependency cycle t1 -> t2 -> t1" in prompts[1]
+
+
+async def test_planner_merges_repeated_tasks_and_drops_dependencies_that_mean_nothing() -> None:
+    plan = {"tasks": [
+        {"id": "t1", "capability": "llm", "instruction": "Write a haiku", "depends_on": ["t1", "t2", "t5"],
+         "spec": {"description": "d"}},
+        {"id": "t2", "capability": "llm", "instruction": "Gather facts", "depends_on": [], "spec": {"description": "d"}},
+        {"id": "t3", "capability": "llm", "instruction": "write a  HAIKU", "depends_on": ["t2"],
+         "spec": {"description": "d"}},
+        {"id": "t4", "capability": "llm", "instruction": "Polish it", "depends_on": ["t3", "t1"],
+         "spec": {"description": "d"}}]}
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r"Goal:", plan)])) as sim, \
+            InferenceClient(settings(sim)) as client:
+        planner = Planner(client, capabilities={"llm"})
+        job = await planner.plan("a goal")
+    assert {t.id: t.depends_on for t in job.tasks} == {"t1": ("t2",), "t2": (), "t4": ("t1",)}
+    assert planner.asks == 1
+    assert planner.repairs == ["t3: merged into t1 (same instruction)", "t1: dropped dependency 't1' (itself)",
+                               "t1: dropped dependency 't5' (no task of the plan)",
+                               "t1: dropped dependency 't2' (repeated)", "t4: dropped dependency 't1' (repeated)"]
 
 
 async def test_planner_gives_up_after_its_bounded_attempts() -> None:
-    bad = {"tasks": [{"id": "a", "capability": "teleport", "instruction": "x", "depends_on": [],
-                      "spec": {"description": "d"}}]}
-    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r".", bad)])) as sim, \
+    cycle = {"tasks": [
+        {"id": "t1", "capability": "llm", "instruction": "x", "depends_on": ["t2"], "spec": {"description": "d"}},
+        {"id": "t2", "capability": "llm", "instruction": "y", "depends_on": ["t1"], "spec": {"description": "d"}}]}
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r".", cycle)])) as sim, \
             InferenceClient(settings(sim)) as client:
-        with pytest.raises(PlanError, match=r"after 2 attempts.*unknown capability 'teleport'"):
+        with pytest.raises(PlanError, match=r"after 2 attempts.*attempt 1: invalid plan.*attempt 2: invalid plan") as err:
             await Planner(client, capabilities={"llm"}, max_asks=2).plan("a goal")
+    assert len(err.value.problems) == 2
+
+
+async def test_plan_schema_is_bounded_and_names_only_the_capabilities_served() -> None:
+    schema = plan_schema(["llm", "python"], PlanLimits(max_tasks=4, instruction_length=100))
+    task = schema["properties"]["tasks"]["items"]
+    assert schema["properties"]["tasks"]["maxItems"] == 4
+    assert task["properties"]["capability"] == {"enum": ["llm", "python"]}
+    assert task["properties"]["instruction"]["maxLength"] == 100
+    smaller, default = json_token_bound(schema), json_token_bound(plan_schema())
+    assert smaller is not None
+    assert default is not None
+    assert smaller < default
+
+
+async def test_a_cut_off_plan_is_reasked_with_the_reason_and_the_error_lists_every_attempt() -> None:
+    prompts: list[str] = []
+
+    def planner(request: SimRequest, match: Any) -> Any:
+        prompts.append(request.last_user)
+        return DefaultPolicy.plan("a goal")
+
+    async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=RulesPolicy([(r"Goal:", planner)])) as sim, \
+            InferenceClient(settings(sim)) as client:
+        planner_ = Planner(client, capabilities={"llm"}, max_tokens=10)
+        with pytest.raises(PlanError) as err:
+            await planner_.plan("a goal")
+    message = str(err.value)
+    assert "after 3 attempts (max_tokens=10)" in message
+    assert message.count("cut off by max_tokens=10") == 3
+    assert "Your previous answer was unusable" in prompts[1]
+    assert "too long: use at most 5 tasks" in prompts[1]
+    assert planner_.tokens > 0
+
+
+async def test_planner_max_tokens_fits_the_longest_plan_the_schema_allows(sim_llm: SimulatedVLLM) -> None:
+    async with InferenceClient(settings(sim_llm)) as client:
+        planner = Planner(client)
+    longest = {"tasks": [{"id": "t5", "capability": "llm", "instruction": "word " * 40,
+                          "depends_on": ["t1", "t2", "t3", "t4"], "spec": {"description": "word " * 24}}] * 5}
+    text = json.dumps(longest, separators=(",", ":"))  # whitespace has its own allowance, per separator
+    assert len(text) <= CHARS_PER_TOKEN * planner.max_tokens
+    assert planner.max_tokens + 400 <= 2048, "the plan and its prompt fit a 2048-token context"
 
 
 async def test_llm_tasks_without_a_model_are_rejected_with_a_clear_message() -> None:

@@ -6,6 +6,7 @@ import logging
 from contextlib import aclosing
 
 import anyio
+import httpx
 import pytest
 import structlog
 import structlog.testing
@@ -276,3 +277,40 @@ async def test_rules_policy_answers() -> None:
     async with SimulatedVLLM(SimConfig(time_scale=0.005), policy=policy) as sim, InferenceClient(fast(sim)) as client:
         r = await client.chat([{"role": "user", "content": "What is the capital of Peru?"}])
     assert r.text == "The capital of Peru is X."
+
+
+def _openai_only(health_status: int) -> httpx.MockTransport:
+    """An OpenAI-compatible server with no vLLM extras: /health answers ``health_status``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(health_status)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "small", "object": "model"}]})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_check_accepts_a_server_without_health(status: int) -> None:
+    async with InferenceClient(InferenceSettings(url="http://llm.test"), transport=_openai_only(status)) as client:
+        info = await client.check()
+    assert info.model == "small"
+    assert info.max_model_len is None
+
+
+async def test_check_refuses_a_server_whose_health_says_down() -> None:
+    async with InferenceClient(InferenceSettings(url="http://llm.test"), transport=_openai_only(503)) as client:
+        with pytest.raises(InferenceUnavailable, match="unhealthy"):
+            await client.check()
+
+
+async def test_llama_cpp_context_error_is_context_length_exceeded() -> None:
+    body = {"error": {"code": 400, "type": "exceed_context_size_error",
+                      "message": "request (2600 tokens) exceeds the available context size (2048 tokens), "
+                                 "try increasing it"}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(400, json=body))
+    async with InferenceClient(InferenceSettings(url="http://llm.test", model="m"), transport=transport) as client:
+        with pytest.raises(ContextLengthExceeded, match="available context size"):
+            await client.chat(HELLO)

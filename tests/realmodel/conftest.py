@@ -1,0 +1,3 @@
+from orchestrator.testing import real_llm
+
+__all__ = ("real_llm",)
