@@ -254,9 +254,13 @@ _FIXED = {"sum": "the final number is wrong, recompute",
           "format": "that is not the word in capital letters only"}
 
 
+# Grading data by task id: kept out of the job, since a task's config reaches the worker (and its prompt).
+_GRADING: dict[str, dict[str, Any]] = {}
+
+
 def real_check(output: Any, task: TaskRecord) -> tuple[bool, str]:
     """A deterministic check; its feedback is fixed, or quotes what was read when ``quote`` is set."""
-    spec = task.config
+    spec = _GRADING[task.id]
     right, read = _grade(spec["kind"], spec["expected"], _text(output))
     if right:
         return True, ""
@@ -282,10 +286,11 @@ async def _real_run(server_settings: Any, tasks: list[dict[str, Any]], max_attem
                     config: LLMConfig) -> dict[str, Any]:
     quote, mark = VARIANTS[variant]
     worker = (MarkedLLMWorker if mark else LLMWorker)(config)
+    _GRADING.clear()
+    _GRADING.update({t["id"]: {"kind": t["kind"], "expected": t["expected"], "quote": quote, "mark": mark}
+                     for t in tasks})
     job = {"goal": "checked small tasks", "budget": {"max_attempts": max_attempts, "max_tasks": len(tasks)},
            "tasks": [{"id": t["id"], "capability": "llm", "instruction": t["instruction"],
-                      # grading data goes in ``config``, which the manager keeps and the prompt never shows
-                      "config": {"kind": t["kind"], "expected": t["expected"], "quote": quote, "mark": mark},
                       "spec": {"check": f"{_HERE}:real_check"}} for t in tasks]}
     started = time.monotonic()
     async with Orchestrator(workers=[worker], llm=server_settings, concurrency=2) as orch:
@@ -298,8 +303,8 @@ async def _real_run(server_settings: Any, tasks: list[dict[str, Any]], max_attem
             "final": len(accepted) / len(records), "attempts": statistics.mean(t.attempt for t in records),
             "tokens_per_accepted": sum(t.tokens for t in records) / max(1, len(accepted)),
             "stopped": dict(stopped), "seconds": time.monotonic() - started,
-            "by_kind": {k: (sum(1 for t in records if t.config["kind"] == k and t.state == "accepted"),
-                            sum(1 for t in records if t.config["kind"] == k)) for k in ("sum", "json", "format")}}
+            "by_kind": {k: (sum(1 for t in records if _GRADING[t.id]["kind"] == k and t.state == "accepted"),
+                            sum(1 for t in records if _GRADING[t.id]["kind"] == k)) for k in ("sum", "json", "format")}}
 
 
 def _guard(reason: str) -> str:
