@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -90,11 +91,19 @@ class SQLiteStore(Store):
         await self.sync()
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
+        self._buffer(run, task, event)
+        await anyio.lowlevel.checkpoint()
+
+    async def record_all(self, run: RunRecord, changes: Sequence[tuple[TaskRecord | None, Event]]) -> None:
+        for task, event in changes:
+            self._buffer(run, task, event)
+        await anyio.lowlevel.checkpoint()
+
+    def _buffer(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         self._runs[run.run_id] = run
         if task is not None:
             self._tasks[(run.run_id, task.id)] = task
         self._events.append(event)
-        await anyio.lowlevel.checkpoint()
 
     async def sync(self) -> None:
         async with self._lock:

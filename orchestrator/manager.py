@@ -268,11 +268,14 @@ class Manager:
     async def _execute(self, engine: RunEngine, effects: list[Effect]) -> None:
         """Carry out what the engine decided, in order. Called with the run's lock held."""
         run = engine.run
+        events = [e for e in effects if isinstance(e, HistoryEvent)]
+        if events:  # all at once: a sync between them would make records durable ahead of their history
+            await self.store.record_all(run, [(run.tasks.get(e.task_id) if e.task_id else None, e) for e in events])
+            for event in events:
+                self._recorded(run, event)
         assigns: dict[str, list[Envelope]] = {}
         for effect in effects:
             match effect:
-                case HistoryEvent():
-                    await self._record(run, effect)
                 case SendAssign():
                     task = run.tasks[effect.task_id]
                     assigns.setdefault(task.capability, []).append(self._assign(run, task))
@@ -293,11 +296,11 @@ class Manager:
         for capability, envelopes in assigns.items():  # a dispatch wave goes out in one call per capability
             await self.bus.publish_many(tasks_stream(capability), envelopes)
 
-    async def _record(self, run: RunRecord, event: Event) -> None:
+    def _recorded(self, run: RunRecord, event: Event) -> None:
+        """What follows recording an event: followers, observers, tracing, the status cache, the log."""
         task = run.tasks.get(event.task_id) if event.task_id else None
         if task is not None:
             self._snapshots.changed(run.run_id, task.id)
-        await self.store.record(run, task, event)
         self._logs[run.run_id].append(event)
         if self.tracing.enabled and task is not None:
             self._trace(run, task, event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Self
 
 import anyio
@@ -35,6 +36,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         """Persist a task's state (if any), the run's state and one event, atomically."""
+
+    async def record_all(self, run: RunRecord, changes: Sequence[tuple[TaskRecord | None, Event]]) -> None:
+        """Persist what one engine input changed, as one step: no ``sync`` may fall between the changes.
+
+        The engine changes the records first and reports the events after, so a sync in the middle
+        could make a task's state durable ahead of the history that explains it. The default records
+        one change at a time; a store whose ``record`` yields must override this.
+        """
+        for task, event in changes:
+            await self.record(run, task, event)
 
     async def sync(self) -> None:  # noqa: B027 - a store that writes through has nothing to flush
         """Return once everything recorded so far is durable (group commit)."""
@@ -69,13 +80,21 @@ class MemoryStore(Store):
         await anyio.lowlevel.checkpoint()
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
+        self._keep(run, task, event)
+        await anyio.lowlevel.checkpoint()
+
+    async def record_all(self, run: RunRecord, changes: Sequence[tuple[TaskRecord | None, Event]]) -> None:
+        for task, event in changes:
+            self._keep(run, task, event)
+        await anyio.lowlevel.checkpoint()
+
+    def _keep(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         stored = self._runs[run.run_id]
         if task is not None:
             stored.tasks[task.id] = task.model_copy(deep=True)
         stored.state, stored.reason, stored.finished = run.state, run.reason, run.finished
-        stored.tokens, stored.next_seq = run.tokens, run.next_seq
+        stored.tokens, stored.next_seq, stored.elapsed_s = run.tokens, run.next_seq, run.elapsed_s
         self._events[run.run_id].append(event)
-        await anyio.lowlevel.checkpoint()
 
     async def running_runs(self) -> list[RunRecord]:
         await anyio.lowlevel.checkpoint()

@@ -189,10 +189,19 @@ class Cluster:
         status = await self.status(run_id)
         return 0 if status is None else sum(1 for t in status["tasks"] if t["state"] == "accepted")
 
-    async def until_accepted(self, run_id: str, count: int, timeout: float = 30.0) -> None:
-        """Wait until at least ``count`` of the run's tasks are accepted (a fault then lands under load)."""
+    async def until_accepted(self, run_id: str, count: int, timeout: float = 30.0) -> bool:
+        """Wait until at least ``count`` of the run's tasks are accepted (a fault then lands under load).
+
+        Returns False, at once, when the run has ended first: workers keep working while a manager is
+        down, so a run can finish before the count a test aimed for.
+        """
         with anyio.fail_after(timeout):
-            while await self.accepted_count(run_id) < count:
+            while True:
+                status = await self.status(run_id)
+                if status is not None and status["state"] != "running":
+                    return False
+                if status is not None and sum(t["state"] == "accepted" for t in status["tasks"]) >= count:
+                    return True
                 await anyio.sleep(0.05)
 
     def executions(self, run_id: str) -> list[tuple[str, int, int]]:
