@@ -16,7 +16,6 @@ and every wait has a budget or a person behind it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,10 +254,6 @@ class RunEngine:
     def finished(self) -> bool:
         return self.run.state is not RunState.RUNNING
 
-    def waiting_tasks(self) -> Iterable[TaskRecord]:
-        """Unfinished tasks that wait for something."""
-        return (t for t in self.run.tasks.values() if t.waiting is not None and not t.terminal)
-
     def apply(self, event: Input) -> list[Effect]:
         """Apply one input; returns what the shell must do, in order."""
         self._effects = []
@@ -306,7 +301,7 @@ class RunEngine:
             if self._now.mono >= due:
                 del self._retry_at[task_id]
                 task = self.run.tasks[task_id]
-                if task.state is TaskState.NOT_DONE and not task.terminal:
+                if task.state is TaskState.NOT_DONE:
                     self._dispatch(task)
 
     # -- starting and dispatching ---------------------------------------------------------------
@@ -705,11 +700,8 @@ class RunEngine:
             elif waiting.for_ == "worker":
                 self._worker_wait.setdefault(task_id, self._now.mono)
             before = task.waiting
-            if before is not None and waiting is not None and before.model_copy(update={"since": waiting.since}) \
-                    == waiting:
-                continue  # still waiting for the same thing, since then
-            if before is None and waiting is None:
-                continue
+            if before == waiting or (before is not None and waiting is not None and before.same_wait(waiting)):
+                continue  # still moving, or still waiting for the same thing since then
             task.waiting = waiting
             if not task.terminal:
                 self._emit(task, WaitingChanged(waiting=waiting))

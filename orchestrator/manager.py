@@ -254,7 +254,10 @@ class Manager:
 
     async def _feed(self, run_id: str | None, change: Input) -> None:
         """Apply an input from a watchdog to one run, or to every run."""
-        targets = list(self._engines.values()) if run_id is None else [e for e in (self._engines.get(run_id),) if e]
+        if run_id is None:
+            targets = list(self._engines.values())
+        else:
+            targets = [self._engines[run_id]] if run_id in self._engines else []
         for engine in targets:
             async with self._lock(engine.run.run_id):
                 if engine.finished:

@@ -56,6 +56,10 @@ class Waiting(_Model):
     capability: str = ""  # for ``worker``: the capability no live worker serves
     on: tuple[str, ...] = ()  # for ``dependency``: the tasks not accepted yet
 
+    def same_wait(self, other: Waiting) -> bool:
+        """Whether ``other`` waits for the same thing (whatever its ``since``)."""
+        return (self.for_, self.capability, self.on) == (other.for_, other.capability, other.on)
+
     def describe(self) -> str:
         """A short sentence for a person."""
         match self.for_:
