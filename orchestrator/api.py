@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -11,6 +11,7 @@ from typing import Any, Self
 import anyio
 import structlog
 
+from orchestrator._checks import default_checks
 from orchestrator.job import Budget, Job, load_job, parse_job
 from orchestrator.judge import LLMJudge
 from orchestrator.manager import Judge, Manager, ManagerObserver, ManagerSettings
@@ -126,14 +127,20 @@ class Orchestrator:
     ``metrics_port`` serves Prometheus metrics of the manager, hosted workers and LLM client at
     ``metrics_url`` (0 picks a free port; needs ``orchestrator[metrics]``). ``tracing`` turns on
     OpenTelemetry spans with a given provider; by default they follow ``Tracing.detect()``.
+
+    A spec's ``check`` names a registered check (entry point group ``orchestrator.checks``). Pass
+    ``checks={"name": function}`` to register functions in process, and ``allow_checks`` to allow
+    ``module:function`` references (as ``ORCH_ALLOW_CHECKS`` does); a job cannot name anything else.
     """
 
     def __init__(self, *, bus: Bus | None = None, store: Store | None = None,
                  workers: Iterable[WorkerLike] | None = None, host_workers: bool = True, concurrency: int = 8,
                  llm: InferenceSettings | InferenceClient | None = None, judge: Judge | None = None,
                  manager_settings: ManagerSettings | None = None, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", tracing: Tracing | None = None) -> None:
+                 metrics_host: str = "127.0.0.1", tracing: Tracing | None = None,
+                 checks: Mapping[str, Callable[..., Any]] | None = None, allow_checks: Iterable[str] = ()) -> None:
         self.bus = bus or MemoryBus()
+        self.checks = default_checks(allow_checks).with_(checks)
         self.store = store or MemoryStore()
         self._worker_specs = list(workers) if workers is not None else None
         self._host_workers = host_workers
@@ -160,7 +167,7 @@ class Orchestrator:
             self._manager_metrics = ManagerMetrics(self.metrics_registry)
             observers.append(self._manager_metrics.observe)
         self.manager = Manager(self.bus, self.store, manager_settings, judge=judge, observers=observers,
-                               tracing=self.tracing)
+                               tracing=self.tracing, checks=self.checks)
         self._stack: AsyncExitStack | None = None
 
     @property
@@ -226,11 +233,11 @@ class Orchestrator:
     def load(self, job: JobLike) -> Job:
         """Validate a job (a Job, a mapping, or a path to a YAML file) against the capabilities served."""
         source = str(job) if isinstance(job, str | Path) else None
-        parsed = load_job(job) if isinstance(job, str | Path) else parse_job(job)
+        parsed = load_job(job, checks=self.checks) if isinstance(job, str | Path) else parse_job(job, checks=self.checks)
         for t in parsed.tasks:
             if t.capability in self._unavailable:
                 raise JobError(self._unavailable[t.capability], source=source, task_id=t.id, field="capability")
-        return parse_job(parsed, source=source, capabilities=self.capabilities)
+        return parse_job(parsed, source=source, capabilities=self.capabilities, checks=self.checks)
 
     async def plan(self, goal: str, *, budget: Budget | None = None) -> Job:
         """Ask the language model to turn ``goal`` into a validated job (needs ``llm=``)."""

@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import processes
+from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
 from orchestrator.gctune import tune_gc
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker", action="append", default=None, metavar="PLUGIN",
                      help="serve only these workers (entry point name or module:Class); repeatable")
     run.add_argument("--concurrency", type=int, default=8, help="tasks run at once per process (default: 8)")
+    _allow_check_flag(run)
     _llm_flags(run, fallback="; without one, work that needs a model runs on the built-in vLLM simulator")
     run.set_defaults(func=_cmd_run)
 
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(env ORCH_MAX_QUEUE; default: unbounded)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
+    _allow_check_flag(manager)
     _exit_after_flag(manager)
     _llm_flags(manager)
     _observability_flags(manager)
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("job", help="path to a job file (YAML)")
     submit.add_argument("--json", action="store_true", help="print JSON ({'run_id'}, or the final run with --wait)")
     submit.add_argument("--wait", action="store_true", help="block until the run ends; exit 0 accepted, 1 not")
+    _allow_check_flag(submit)
     submit.set_defaults(func=_cmd_submit)
 
     status = verbs.add_parser("status", help="show a run's tasks, states, attempts and outputs")
@@ -194,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fleet_parser(verbs)
     return parser
+
+
+def _allow_check_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-check", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="let jobs name this check function besides those installed under the entry point "
+                             "group orchestrator.checks (also ORCH_ALLOW_CHECKS, comma-separated); repeatable")
 
 
 def _exit_after_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
@@ -390,9 +400,9 @@ def _is_job_file(arg: str) -> bool:
                                                                            and " " not in arg)
 
 
-def _needs_llm(job_path: str) -> bool:
+def _needs_llm(job_path: str, checks: CheckRegistry) -> bool:
     llm_capabilities = {name for name, ep in registry.available().items() if _plugin_needs_llm(ep.value)}
-    return any(t.capability in llm_capabilities for t in load_job(job_path).tasks)
+    return any(t.capability in llm_capabilities for t in load_job(job_path, checks=checks).tasks)
 
 
 def _plugin_needs_llm(target: str) -> bool:
@@ -407,14 +417,14 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
     simulated = False
     async with AsyncExitStack() as stack:
         settings = _llm_settings(args)
-        if settings is None and (goal is not None or _needs_llm(args.job)):
+        if settings is None and (goal is not None or _needs_llm(args.job, default_checks(args.allow_check))):
             sim = await stack.enter_async_context(SimulatedVLLM(SimConfig(time_scale=0.05)))
             settings = InferenceSettings(url=sim.url, model=sim.model)
             simulated = True
             console.print("[yellow]No LLM server configured (--llm-url or ORCH_LLM_URL): using the built-in vLLM "
                           "simulator. Its answers are simulated.[/yellow]", highlight=False, soft_wrap=True)
         orch = await stack.enter_async_context(Orchestrator(workers=args.worker, concurrency=args.concurrency,
-                                                            llm=settings))
+                                                            llm=settings, allow_checks=args.allow_check))
         job = await orch.plan(goal) if goal is not None else args.job
         run = await orch.submit(job)
         view = RunView()
@@ -443,7 +453,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
         manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
-        max_queue=args.max_queue, exit_after_s=args.exit_after_s))
+        max_queue=args.max_queue, exit_after_s=args.exit_after_s, allow_checks=args.allow_check))
     return EXIT_ACCEPTED
 
 
@@ -488,7 +498,8 @@ def _process_age_s() -> float:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    job = load_job(args.job)  # capabilities are the fleet's business; everything else is checked here
+    # Capabilities are the fleet's business; everything else is checked here (the manager checks again).
+    job = load_job(args.job, checks=default_checks(args.allow_check))
     url = processes.redis_url(args.redis)
 
     async def go() -> int:

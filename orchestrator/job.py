@@ -17,9 +17,10 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator._checks import load_check
+from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.yaml_file import read_yaml
 from protocol.errors import ConfigError, JobError
+from protocol.limits import JOB_LIMITS, LimitExceeded, check_shape
 
 __all__ = ("Budget", "Job", "Spec", "TaskDef", "load_job", "parse_job")
 
@@ -35,15 +36,16 @@ class Spec(_Frozen):
 
     - ``expect``: the output must equal this value.
     - ``schema``: the output must validate against this JSON schema.
-    - ``check``: ``package.module:function`` taking ``(output, task)`` and returning a bool,
-      a ``(passed, feedback)`` pair or a ``Verdict``.
+    - ``check``: the name of a registered check (entry point group ``orchestrator.checks``, or allowed
+      by the manager's configuration) taking ``(output, task)`` and returning a bool, a
+      ``(passed, feedback)`` pair or a ``Verdict``. A job never imports code by naming it.
     - ``description``: what a good result is, in words, for an LLM judge or a person.
     - ``approval``: ``human`` holds the task in ``verify_done`` until a person approves it.
     """
 
     expect: Any = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    check: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
+    check: str | None = Field(default=None, pattern=r"^[\w.:-]+$", max_length=200)
     description: str = ""
     approval: Literal["auto", "human"] = "auto"
 
@@ -167,14 +169,22 @@ def _find_cycle(graph: Mapping[str, Collection[str]]) -> list[str] | None:
     return None
 
 
-def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[str] | None = None) -> Job:
-    """Validate a job from plain data; ``capabilities``, when given, are the only ones allowed."""
+def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[str] | None = None,
+              checks: CheckRegistry | None = None) -> Job:
+    """Validate a job from plain data; ``capabilities``, when given, are the only ones allowed.
+
+    ``checks`` are the check names a task may use (default: installed ones and ``ORCH_ALLOW_CHECKS``).
+    """
     if isinstance(data, Job):
         job = data
     else:
         if not isinstance(data, Mapping):
             raise JobError(f"a job must be a mapping with 'goal' and 'tasks', got {type(data).__name__}",
                            source=source)
+        try:
+            check_shape(data, JOB_LIMITS, what="the job")
+        except LimitExceeded as exc:
+            raise JobError(str(exc), source=source) from exc
         try:
             job = Job.model_validate(data)
         except JobError as exc:
@@ -187,24 +197,25 @@ def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[
                 known = ", ".join(sorted(capabilities)) or "none"
                 raise JobError(f"unknown capability {t.capability!r} (available: {known})", source=source,
                                task_id=t.id, field="capability")
-    _resolve_checks(job, source=source)
+    _resolve_checks(job, checks or default_checks(), source=source)
     return job
 
 
-def _resolve_checks(job: Job, *, source: str | None = None) -> None:
-    """Load every task's ``spec.check`` now, so a bad name fails the job, not an attempt an hour later."""
+def _resolve_checks(job: Job, checks: CheckRegistry, *, source: str | None = None) -> None:
+    """Resolve every task's ``spec.check`` now, so a bad name fails the job, not an attempt an hour later."""
     for t in job.tasks:
         if t.spec.check:
             try:
-                load_check(t.spec.check)
+                checks.resolve(t.spec.check)
             except ConfigError as exc:
                 raise JobError(str(exc), source=source, task_id=t.id, field="spec.check") from exc
 
 
-def load_job(path: str | Path, *, capabilities: Collection[str] | None = None) -> Job:
+def load_job(path: str | Path, *, capabilities: Collection[str] | None = None,
+             checks: CheckRegistry | None = None) -> Job:
     """Read and validate a YAML (or JSON) job file."""
     data = read_yaml(path, JobError, what="job file")
-    return parse_job(data, source=str(path), capabilities=capabilities)
+    return parse_job(data, source=str(path), capabilities=capabilities, checks=checks)
 
 
 def _job_error(exc: ValidationError, data: Mapping[str, Any], source: str | None) -> JobError:

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import anyio
 import redis.asyncio as aioredis
 import structlog
 
+from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease, LeadershipLost
@@ -162,8 +163,10 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
                       observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
-                      exit_after_s: float | None = None) -> None:
+                      exit_after_s: float | None = None, allow_checks: Sequence[str] = ()) -> None:
     """Wait for leadership, then manage runs until a signal.
+
+    ``allow_checks`` are ``module:function`` checks jobs may name besides the installed ones.
 
     ``max_queue`` is back-pressure: dispatching waits while a capability has that many tasks
     waiting or in flight, so a slow capability does not pile up unbounded work in Redis.
@@ -197,7 +200,7 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
                                      bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
-                                     exit_after_s=exit_after_s)
+                                     exit_after_s=exit_after_s, checks=default_checks(allow_checks))
             await _lead_forever(lease, lead, name)
 
 
@@ -215,14 +218,14 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
                 tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
-                exit_after_s: float | None = None) -> None:
+                exit_after_s: float | None = None, checks: CheckRegistry | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,
                          retry_budget_s=exit_after_s) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
         manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
-                          observers=[metrics.observe] if metrics is not None else [], tracing=tracing)
+                          observers=[metrics.observe] if metrics is not None else [], tracing=tracing, checks=checks)
         await tg.start(lease.hold)
         await tg.start(manager.serve)
         if metrics is not None:

@@ -8,24 +8,24 @@ from typing import Any
 
 import jsonschema
 
-from orchestrator._checks import load_check
+from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.job import Spec
 from orchestrator.records import TaskRecord
 from protocol.errors import ConfigError
 from protocol.messages import Verdict
 
-__all__ = ("check_spec", "data_checks", "load_check", "run_check")
+__all__ = ("check_spec", "data_checks", "run_check")
 
 _MAX_SHOWN = 300
 
 
-async def check_spec(spec: Spec, output: Any, task: TaskRecord) -> Verdict:
+async def check_spec(spec: Spec, output: Any, task: TaskRecord, checks: CheckRegistry | None = None) -> Verdict:
     """Run the spec's programmatic checks; the first failure decides, with feedback saying what to change."""
     failed = data_checks(spec, output)
     if failed is not None:
         return failed
     if spec.check:
-        return await run_check(spec.check, output, task)
+        return await run_check(spec.check, output, task, checks)
     return Verdict(passed=True, verifier="spec")
 
 
@@ -50,14 +50,15 @@ def data_checks(spec: Spec, output: Any) -> Verdict | None:
     return None
 
 
-async def run_check(ref: str, output: Any, task: TaskRecord) -> Verdict:
+async def run_check(ref: str, output: Any, task: TaskRecord, checks: CheckRegistry | None = None) -> Verdict:
     """Run one check function; whatever goes wrong is a failed verdict naming the check, never an exception.
 
-    Jobs are checked when they are loaded, so a check that cannot be loaded here was removed or broken
-    since; failing the attempt keeps the task moving (a redo, then ``failed`` when attempts run out).
+    Jobs are checked when they are loaded, so a check that cannot be resolved here was removed, broken or
+    disallowed since (or the run was resumed by a manager configured otherwise); failing the attempt keeps
+    the task moving (a redo, then ``failed`` when attempts run out). Nothing unregistered is imported.
     """
     try:
-        fn = load_check(ref)
+        fn = (checks or default_checks()).resolve(ref)
     except ConfigError as exc:
         return Verdict(passed=False, verifier=ref, feedback=f"check {ref} could not be run: {exc}")
     try:

@@ -21,6 +21,12 @@ FAST = BusSettings(lease_s=0.3, max_deliveries=3, block_s=0.05)
 
 _redis_urls: list[str] = []  # set by the session-scoped ``redis_url`` fixture
 
+# Job files name checks, they never import code: the test checks are allowed the way an operator allows
+# a module's checks (ORCH_ALLOW_CHECKS), here and in every process a test starts.
+TEST_CHECKS = tuple(f"tests.orchestrator.checks:{name}"
+                    for name in ("is_even", "short", "async_verdict", "explodes", "returns_nonsense"))
+os.environ["ORCH_ALLOW_CHECKS"] = ",".join(TEST_CHECKS)
+
 
 async def _memory_bus(settings: BusSettings) -> Bus:
     return MemoryBus(settings)
