@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from structlog.contextvars import bound_contextvars
 
 from orchestrator import engine as rules
+from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.acknowledger import Acknowledger
 from orchestrator.engine import (
     Checked,
@@ -56,6 +57,7 @@ from protocol.keys import (
     run_snapshot_key,
     tasks_stream,
 )
+from protocol.limits import OUTPUT_LIMITS, LimitExceeded, check_shape
 from protocol.messages import (
     Assign,
     Cancel,
@@ -105,12 +107,14 @@ class Manager:
 
     def __init__(self, bus: Bus, store: Store, settings: ManagerSettings | None = None, *,
                  judge: Judge | None = None, observers: Sequence[ManagerObserver] = (),
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, checks: CheckRegistry | None = None) -> None:
         self.bus = bus
         self.store = store
         self.settings = settings or ManagerSettings()
         self.name = self.settings.name
         self.judge = judge
+        # The check names jobs may use; a job naming any other is refused (job files never import code).
+        self.checks = checks or default_checks()
         self.observers = tuple(observers)
         self.tracing = tracing or Tracing.detect()
         self._spans: dict[tuple[str, str], Any] = {}  # the open span of each task's current attempt (tracing on)
@@ -324,7 +328,7 @@ class Manager:
         run = engine.run
         task = run.tasks[request.task_id]
         if request.stage is VerifyStage.SPEC and task.spec.check is not None:  # the engine did expect and schema
-            verdict = await run_check(task.spec.check, task.output, task)
+            verdict = await run_check(task.spec.check, task.output, task, self.checks)
             await self._execute(engine, engine.apply(Checked(task.id, request.attempt, request.stage, verdict, now())))
         elif request.stage is VerifyStage.WORKER:
             await self.bus.publish(tasks_stream(task.capability), Envelope(
@@ -363,10 +367,13 @@ class Manager:
         async for delivery in self.bus.consume(results_stream(capability), group=MANAGER_GROUP, consumer=self.name):
             try:
                 await self._on_reply(capability, delivery)
-            except Exception:
-                # redelivered and, if it keeps failing, dead-lettered by the bus.
+            except Exception as exc:
+                # A reply this manager cannot handle would fail again on every redelivery (and restart):
+                # out of circulation at once, with the reason, and on to the next.
                 log.exception("reply_processing_failed", run_id=delivery.envelope.run_id,
                               task_id=delivery.envelope.task_id, type=delivery.envelope.type)
+                await self._bury(delivery, f"handling the {delivery.envelope.type!r} reply failed: "
+                                           f"{type(exc).__name__}: {exc}")
                 continue
             self._acker.defer(delivery)
 
@@ -379,7 +386,7 @@ class Manager:
         if not isinstance(env.body, _REPLIES):
             log.warning("unexpected_message_on_result_stream", run_id=env.run_id, type=env.type)
             return
-        reply = Reply(env.task_id, env.attempt, env.sender, capability, env.body, now())
+        reply = Reply(env.task_id, env.attempt, env.sender, capability, _within_limits(env.body), now())
         with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt):
             async with self._lock(env.run_id):
                 await self._execute(engine, engine.apply(reply))
@@ -388,37 +395,56 @@ class Manager:
         """Start runs submitted by other processes (``orchestrator submit``)."""
         async for delivery in self.bus.consume(JOBS_STREAM, group=MANAGER_GROUP, consumer=self.name):
             env = delivery.envelope
-            if isinstance(env.body, Submit):
+            if not isinstance(env.body, Submit):
+                await self._bury(delivery, f"a {env.type!r} message does not belong on the jobs stream")
+                continue
+            try:
                 try:
-                    job = parse_job(env.body.job, source=env.body.source or None)
+                    job = parse_job(env.body.job, source=env.body.source or None, checks=self.checks)
                     await self.submit(job, run_id=env.run_id or None)
                 except Exception as exc:
-                    # The submitter validated the job; a job that still fails here is recorded as a failed run.
+                    # The submitter validated the job; a job that still fails here (with this manager's
+                    # checks, or sent around the CLI) is recorded as a failed run.
                     log.warning("submitted_job_rejected", run_id=env.run_id, error=str(exc))
                     await self._record_rejected(env.run_id, env.body, str(exc))
-            await self.store.sync()
+                await self.store.sync()
+            except Exception as exc:  # even recording the rejection failed: the submission must not stop us
+                log.exception("submission_processing_failed", run_id=env.run_id)
+                await self._bury(delivery, f"handling the submission failed: {type(exc).__name__}: {exc}")
+                continue
             await self.bus.ack(delivery)
 
     async def _consume_overrides(self) -> None:
         """Apply overrides sent by people from any machine (``orchestrator approve`` and friends)."""
         async for delivery in self.bus.consume(OVERRIDES_STREAM, group=MANAGER_GROUP, consumer=self.name):
             env = delivery.envelope
-            if isinstance(env.body, Override):
-                try:
-                    await self.override(env.run_id, env.task_id, env.body.action, feedback=env.body.feedback,
-                                        by=env.body.by or env.sender)
-                except Exception as exc:  # a person's bad request must not stop the manager
-                    log.warning("override_refused", run_id=env.run_id, task_id=env.task_id, action=env.body.action,
-                                by=env.body.by, reason=str(exc), error_type=type(exc).__name__)
+            if not isinstance(env.body, Override):
+                await self._bury(delivery, f"a {env.type!r} message does not belong on the overrides stream")
+                continue
+            try:
+                await self.override(env.run_id, env.task_id, env.body.action, feedback=env.body.feedback,
+                                    by=env.body.by or env.sender)
+            except Exception as exc:  # a person's bad request must not stop the manager
+                log.warning("override_refused", run_id=env.run_id, task_id=env.task_id, action=env.body.action,
+                            by=env.body.by, reason=str(exc), error_type=type(exc).__name__)
             await self.store.sync()
             await self.bus.ack(delivery)
 
     async def _record_rejected(self, run_id: str, submit: Submit, reason: str) -> None:
         at = now()
-        run = RunRecord.new(Job(goal=str(submit.job.get("goal") or "(invalid job)")), run_id or None, now=at.wall)
+        goal = submit.job.get("goal")  # hostile data: only a string, and not a long one, names the run
+        goal = goal[:200] if isinstance(goal, str) and goal.strip() else "(invalid job)"
+        run = RunRecord.new(Job(goal=goal), run_id or None, now=at.wall)
         run.state, run.reason, run.finished = RunState.FAILED, f"invalid job: {reason}", at.wall
         await self.store.create_run(run)
         await self._publish_snapshot(run)
+
+    async def _bury(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter an input this manager cannot use, with the reason, so it is neither lost nor retried."""
+        try:
+            await self.bus.bury(delivery, reason[:2000])
+        except Exception:  # the lease runs out and the bus dead-letters it after its redeliveries
+            log.exception("dead_letter_failed", stream=delivery.stream, entry_id=delivery.entry_id)
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -499,6 +525,19 @@ class Manager:
         if lock is None:
             lock = self._locks[run_id] = anyio.Lock()
         return lock
+
+
+def _within_limits(body: Any) -> Any:
+    """A ``done`` whose output is too deep, too big or not JSON data becomes a failed attempt naming the limit.
+
+    Stored, such an output would break the ledger's serializer on every write and every restart.
+    """
+    if isinstance(body, Done):
+        try:
+            check_shape(body.output, OUTPUT_LIMITS, what="the output")
+        except LimitExceeded as exc:
+            return Failed(error=f"output rejected: {exc}", error_type="LimitExceeded", retryable=True)
+    return body
 
 
 @dataclass(slots=True)

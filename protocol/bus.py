@@ -56,6 +56,7 @@ class Delivery:
     entry_id: str
     envelope: Envelope
     deliveries: int
+    frame: bytes = field(default=b"", repr=False, compare=False)  # as it arrived, kept if it is dead-lettered
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,10 @@ class Bus(abc.ABC):
         """Acknowledge several entries; a bus may send them together."""
         for delivery in deliveries:
             await self.ack(delivery)
+
+    @abc.abstractmethod
+    async def bury(self, delivery: Delivery, reason: str) -> None:
+        """Move a decoded entry its consumer cannot handle to the dead letters, with the reason, at once."""
 
     @abc.abstractmethod
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
@@ -275,7 +280,7 @@ class MemoryBus(Bus):
         except ProtocolError as exc:
             self._dead_letter(name, s, g, entry_id, p.deliveries, f"undecodable frame: {exc}")
             return None
-        return Delivery(name, group, p.consumer, str(entry_id), envelope, p.deliveries)
+        return Delivery(name, group, p.consumer, str(entry_id), envelope, p.deliveries, s.entries[entry_id])
 
     def _dead_letter(self, name: str, s: _Stream, g: _Group, entry_id: int, deliveries: int, reason: str) -> None:
         s.dead.append(DeadLetter(name, str(entry_id), reason, s.entries.get(entry_id, b""), deliveries, time.time()))
@@ -295,6 +300,12 @@ class MemoryBus(Bus):
         if g is None or p is None or p.consumer != delivery.consumer or p.deliveries != delivery.deliveries:
             raise LeaseLost(f"{delivery.consumer!r} no longer owns entry {delivery.entry_id} of {delivery.stream!r}")
         return s, g, entry_id, p
+
+    async def bury(self, delivery: Delivery, reason: str) -> None:
+        s = self._stream(delivery.stream)
+        g = s.groups.get(delivery.group)
+        if g is not None and int(delivery.entry_id) in g.pending:
+            self._dead_letter(delivery.stream, s, g, int(delivery.entry_id), delivery.deliveries, reason)
 
     async def ack(self, delivery: Delivery) -> None:
         s = self._stream(delivery.stream)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import BadSignature, DecodeError, FrameTooLarge, UnknownMessageType, UnsupportedVersion
+from protocol.limits import check_shape
 from protocol.messages import MessageType
 
 __all__ = ("DEFAULT_MAX_FRAME_BYTES", "Codec")
@@ -60,6 +61,7 @@ class Codec:
             raise DecodeError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
         if not isinstance(data, dict):
             raise DecodeError(f"frame must hold a map, got {type(data).__name__}")
+        check_shape(data)  # before anything walks it: too deep or too many values is a LimitExceeded
         self._check_header(data)
         if self.hmac_key is not None:
             self._check_signature(data)

@@ -438,7 +438,7 @@ class RedisBus(Bus):
         except ProtocolError as exc:
             reason = f"undecodable frame: {exc}"
         else:
-            return Delivery(stream, group, consumer, entry_id, envelope, deliveries)
+            return Delivery(stream, group, consumer, entry_id, envelope, deliveries, frame)
         await self._writes.run(lua.BURY, (key, dead), (group, self.redis_settings.dead_letter_maxlen),
                                (entry_id, reason, frame, deliveries))
         log.warning("frame_dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
@@ -463,6 +463,13 @@ class RedisBus(Bus):
         if deliveries:
             await self._writes.run_many([(lua.ACK, (self.key(d.stream),), (d.group,), (d.entry_id,))
                                          for d in deliveries])
+
+    async def bury(self, delivery: Delivery, reason: str) -> None:
+        key = self.key(delivery.stream)
+        await self._writes.run(lua.BURY, (key, self.dead_key(delivery.stream)),
+                               (delivery.group, self.redis_settings.dead_letter_maxlen),
+                               (delivery.entry_id, reason, delivery.frame, delivery.deliveries))
+        log.warning("entry_dead_lettered", stream=delivery.stream, entry_id=delivery.entry_id, reason=reason)
 
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
         frame = self.settings.codec.encode(envelope)

@@ -153,6 +153,19 @@ async def test_garbage_frame_goes_to_dead_letters_and_the_rest_flows(bus: Bus, s
     assert dead.frame == b"\xc1 not msgpack"
 
 
+async def test_a_buried_entry_goes_to_dead_letters_at_once_with_its_frame_and_reason(bus: Bus, stream: str) -> None:
+    frame = bus.settings.codec.encode(assign(0))
+    await bus.publish_frame(stream, frame)
+    await bus.publish(stream, assign(1))
+    [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
+    await bus.bury(d, "the consumer cannot handle it")
+    [dead] = await bus.dead_letters(stream)
+    assert (dead.reason, dead.frame, dead.deliveries) == ("the consumer cannot handle it", frame, 1)
+    [nxt] = await take(bus.consume(stream, group="g", consumer="c2"), 1)  # the buried one is not redelivered
+    assert nxt.envelope.task_id == "t1"
+    assert await bus.depth(stream, "g") == 1
+
+
 async def test_released_entry_is_redelivered_promptly(bus: Bus, stream: str) -> None:
     await bus.publish(stream, assign())
     bus_lease = bus.settings.lease_s
