@@ -16,12 +16,13 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 import yaml
+
+from orchestrator.yaml_file import read_yaml
 
 from ._vllm_flags import ALIASES, BOOL_FLAGS, LIST_FLAGS, OPTIONAL_FLAGS, VALUE_FLAGS, VLLM_VERSION
 from .config import FaultRates, LatencyModel, SimConfig
@@ -163,14 +164,19 @@ def split_vllm_flags(argv: Sequence[str], ours: set[str]) -> tuple[list[str], li
     return keep, ignored
 
 
+class _ConfigFileError(SystemExit):
+    """A bad ``--config`` file: the message on stderr, exit 2 as for any bad flag."""
+
+    def __init__(self, message: str, /, *, source: str | None = None) -> None:
+        print(f"orchestrator sim-llm: error: --config {source!r}: {message}", file=sys.stderr)  # noqa: T201
+        super().__init__(2)
+
+
 def _config_file_args(path: str) -> list[str]:
     """``--config FILE``: a YAML mapping of option names to values, turned into flags (vLLM's rule)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"orchestrator sim-llm: error: --config {path!r}: {exc}") from exc
+    data = read_yaml(path, _ConfigFileError, what="the file")  # bounded: size, depth, alias expansion, UTF-8
     if not isinstance(data, dict):
-        raise SystemExit(f"orchestrator sim-llm: error: --config {path!r} is not a mapping")
+        raise _ConfigFileError("is not a mapping", source=path)
     out: list[str] = []
     for key, value in data.items():
         flag = "--" + str(key).replace("_", "-")
