@@ -41,13 +41,15 @@ def pack(data: Any) -> bytes:
 
 def add(r: redis.Redis, stream: str, frame: bytes) -> str:
     """XADD one frame to a bus stream."""
-    return r.xadd(stream_key(stream), {"f": frame}).decode()  # type: ignore[union-attr]
+    entry_id: Any = r.xadd(stream_key(stream), {"f": frame})
+    return str(entry_id.decode())
 
 
 def assigns(r: redis.Redis, capability: str) -> list[dict[str, Any]]:
     """Every assign the manager sent to a capability (what a worker of it would read)."""
     out = []
-    for _, fields in r.xrange(stream_key(f"tasks.{capability}")):  # type: ignore[union-attr]
+    entries: Any = r.xrange(stream_key(f"tasks.{capability}"))
+    for _, fields in entries:
         data = msgpack.unpackb(fields[b"f"], raw=False)
         if data["body"]["type"] == "assign":
             out.append(data)
@@ -56,7 +58,8 @@ def assigns(r: redis.Redis, capability: str) -> list[dict[str, Any]]:
 
 def dead_letters(r: redis.Redis, stream: str) -> list[dict[str, bytes]]:
     """The dead letters of a stream: id, reason, f (the frame), n, t."""
-    return [{k.decode(): v for k, v in fields.items()} for _, fields in r.xrange(dead_key(stream))]  # type: ignore[union-attr]
+    entries: Any = r.xrange(dead_key(stream))
+    return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:

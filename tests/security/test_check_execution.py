@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -28,7 +29,7 @@ def _hostile_job(check: str) -> dict[str, object]:
                                                   "spec": {"check": check}}]}
 
 
-async def _play_worker_until_the_run_ends(cluster: Cluster, r: redis.Redis, run_id: str, output: object) -> dict:
+async def _play_worker_until_the_run_ends(cluster: Cluster, r: redis.Redis, run_id: str, output: object) -> dict[str, Any]:
     """Answer any assign of the run with the payload, until the run ends."""
     answered: set[str] = set()
     with anyio.fail_after(30):

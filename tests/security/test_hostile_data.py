@@ -7,6 +7,7 @@ every restart, until the fifth redelivery dead-lettered it.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import pytest
@@ -18,7 +19,7 @@ from tests.security.attacker import add, assigns, dead_letters, envelope, nested
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
 
 
-async def _assign_of(r: redis.Redis, run_id: str) -> dict:
+async def _assign_of(r: redis.Redis, run_id: str) -> dict[str, Any]:
     with anyio.fail_after(20):
         while True:
             found = [a for a in assigns(r, "deep") if a["run_id"] == run_id]
@@ -42,7 +43,10 @@ async def test_a_300_level_output_fails_its_attempt_once_and_the_manager_keeps_r
     add(attacker, "results.deep", pack(envelope({"type": "done", "output": nested(300)}, run_id=run_id,
                                                 task_id="x", attempt=first["attempt"], sender="w")))
     with anyio.fail_after(20):  # the failed attempt is followed by a second one, at once
-        while (second := await _assign_of(attacker, run_id))["attempt"] == first["attempt"]:
+        while True:
+            second = await _assign_of(attacker, run_id)
+            if second["attempt"] != first["attempt"]:
+                break
             await anyio.sleep(0.05)
     status = await cluster.status(run_id)
     assert status is not None
@@ -78,7 +82,9 @@ async def test_frames_past_the_frame_limits_are_dead_lettered_with_the_reason(cl
     add(attacker, "results.deep", too_deep)
     add(attacker, "jobs", pack(envelope({"type": "submit", "job": {"goal": nested(700)}})))
     with anyio.fail_after(20):
-        while len(dead_letters(attacker, "results.deep")) + len(dead_letters(attacker, "jobs")) < 2:
+        while True:
+            if len(dead_letters(attacker, "results.deep")) + len(dead_letters(attacker, "jobs")) == 2:
+                break
             await anyio.sleep(0.05)
     [dead] = dead_letters(attacker, "results.deep")
     assert dead["f"] == too_deep
