@@ -30,7 +30,7 @@ def valid_bodies(stream: str, rng: random.Random) -> dict[str, Any]:
     if stream == "overrides":
         action = rng.choice(["approve", "reject", "redo", "accept", "cancel"])
         return envelope({"type": "override", "action": action, "feedback": "f", "by": "me"}, run_id="r", task_id="t")
-    body = rng.choice([
+    body: dict[str, Any] = rng.choice([
         {"type": "done", "output": rng.choice([1, "text", [1, 2, {"a": None}], {"k": [True, 1.5]}]), "tokens": 3,
          "duration_s": 0.1, "self_check": False},
         {"type": "failed", "error": "boom", "error_type": "RuntimeError", "retryable": True},
@@ -127,7 +127,7 @@ def wrong_header(rng: random.Random, data: dict[str, Any]) -> bytes:
     elif choice == 2:
         data["body"] = _odd_value(rng)
     else:
-        data = rng.choice([[data], "frame", 42, None, [1, 2, 3]])  # type: ignore[assignment]
+        return pack(rng.choice([[data], "frame", 42, None, [1, 2, 3]]))
     return pack(data)
 
 
