@@ -1,17 +1,23 @@
 """What an attacker holds: redis-py, msgpack and the key names in docs/bus.md. Nothing of the project's client.
 
 Frames are built as plain maps and added with XADD, so the manager meets them exactly as it would
-meet a hostile process's frames.
+meet a hostile process's frames. Where a test gives the attacker a stolen private key (a file of the
+session keyring, ``ORCH_KEYS``), ``sign`` signs with it the way the protocol does: Ed25519 over the
+msgpack of the envelope without ``sig``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import redis
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 NS = "orch"
 
@@ -32,11 +38,31 @@ def envelope(body: dict[str, Any], *, run_id: str = "", task_id: str = "", attem
              sender: str = "attacker") -> dict[str, Any]:
     """An envelope as a map, the way the protocol lays it out."""
     return {"v": 1, "msg_id": uuid.uuid4().hex, "run_id": run_id, "task_id": task_id, "attempt": attempt,
-            "sender": sender, "time": time.time(), "trace": {}, "sig": None, "body": body}
+            "sender": sender, "time": time.time(), "trace": {}, "signer": "", "body": body}
 
 
 def pack(data: Any) -> bytes:
     return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@cache
+def _private_key(ident: str) -> Any:
+    role, _, name = ident.partition(":")
+    path = Path(os.environ["ORCH_KEYS"]) / (f"{role}.{name}.key" if name else f"{role}.key")
+    return load_pem_private_key(path.read_bytes(), password=None)
+
+
+def sign(data: dict[str, Any], ident: str) -> dict[str, Any]:
+    """The envelope signed with the stolen key of ``ident`` (``operator:tests``, ``worker:x``...)."""
+    data = {k: v for k, v in data.items() if k != "sig"}
+    data["signer"] = ident
+    data["sig"] = _private_key(ident).sign(pack(data))
+    return data
+
+
+def signed(body: dict[str, Any], ident: str, **header: Any) -> bytes:
+    """A signed frame: ``envelope(body, **header)`` signed as ``ident``."""
+    return pack(sign(envelope(body, **header), ident))
 
 
 def add(r: redis.Redis, stream: str, frame: bytes) -> str:

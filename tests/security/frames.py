@@ -1,8 +1,11 @@
 """Hostile frames for the fuzz test: random bytes and msgpack-level mutations of valid frames, from a seed.
 
-Every frame is built the way an attacker would build it (plain maps packed with msgpack). The
-generator keeps only frames the protocol's codec refuses, so each one must end in the dead letters;
-the few mutations that still make a valid message are counted and left out.
+Every frame is built the way an attacker would build it (plain maps packed with msgpack), most of
+them signed with the key an honest sender on that stream holds and then changed, so the signature
+check itself is under attack; others are unsigned, forged, signed by the wrong role, or malformed
+by a key holder. The generator keeps only frames the protocol's codec (verifying, with the session
+keyring) refuses, so each one must end in the dead letters; the few mutations that still make a
+valid message are counted and left out.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import msgpack
 
 from protocol.codec import Codec
 from protocol.errors import ProtocolError
-from tests.security.attacker import envelope, nested, pack
+from tests.security.attacker import envelope, nested, pack, sign
 
-Mutation = Callable[[random.Random, dict[str, Any]], bytes]
+Mutation = Callable[[random.Random, dict[str, Any], str], bytes]
 
 
 def valid_bodies(stream: str, rng: random.Random) -> dict[str, Any]:
@@ -68,77 +71,121 @@ def _odd_value(rng: random.Random) -> Any:
                        nested(rng.randint(2, 40))])
 
 
-def random_bytes(rng: random.Random, data: dict[str, Any]) -> bytes:
+# Each mutation gets a valid envelope (a map, unsigned) and the identity that may sign it on the stream.
+
+
+def random_bytes(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
     return rng.randbytes(rng.randint(0, 80))
 
 
-def flip_bytes(rng: random.Random, data: dict[str, Any]) -> bytes:
-    frame = bytearray(pack(data))
+def flip_bytes(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    frame = bytearray(pack(sign(data, ident)))  # a signed frame, changed on the way
     for _ in range(rng.randint(1, 4)):
         frame[rng.randrange(len(frame))] ^= rng.randint(1, 255)
     return bytes(frame)
 
 
-def truncate(rng: random.Random, data: dict[str, Any]) -> bytes:
-    frame = pack(data)
+def truncate(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    frame = pack(sign(data, ident))
     return frame[:rng.randrange(len(frame))]
 
 
-def trailing_garbage(rng: random.Random, data: dict[str, Any]) -> bytes:
-    return pack(data) + rng.randbytes(rng.randint(1, 8))
+def trailing_garbage(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    return pack(sign(data, ident)) + rng.randbytes(rng.randint(1, 8))
 
 
-def change_type(rng: random.Random, data: dict[str, Any]) -> bytes:
-    path = rng.choice(list(_paths(data))[1:])
-    return pack(_set(data, path, _odd_value(rng)))
+def _signed_before_or_after(rng: random.Random, data: dict[str, Any], ident: str,
+                            change: Callable[[dict[str, Any]], Any]) -> bytes:
+    """Half the time the change comes after signing (the signature must fail), half the time before (a key
+    holder sending a malformed message: the signature holds and validation must refuse it)."""
+    if rng.random() < 0.5:
+        return pack(change(sign(data, ident)))
+    changed = change(data)
+    return pack(sign(changed, ident) if isinstance(changed, dict) else changed)
 
 
-def drop_key(rng: random.Random, data: dict[str, Any]) -> bytes:
-    maps = [p for p in _paths(data) if isinstance(_get(data, p), dict) and _get(data, p)]
-    target = _get(data, rng.choice(maps))
-    del target[rng.choice(list(target))]
-    return pack(data)
+def change_type(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    path = rng.choice([p for p in _paths(data) if p and p[0] not in ("signer", "sig")])
+    return _signed_before_or_after(rng, data, ident, lambda d: _set(d, path, _odd_value(rng)))
 
 
-def unknown_key(rng: random.Random, data: dict[str, Any]) -> bytes:
-    maps = [p for p in _paths(data) if isinstance(_get(data, p), dict)]
-    _get(data, rng.choice(maps))[rng.choice(["extra", "admin", "__class__", "sig2"])] = _odd_value(rng)
-    return pack(data)
+def drop_key(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    def change(d: dict[str, Any]) -> dict[str, Any]:
+        maps = [p for p in _paths(d) if isinstance(_get(d, p), dict) and _get(d, p)]
+        target = _get(d, rng.choice(maps))
+        del target[rng.choice(list(target))]
+        return d
+
+    return _signed_before_or_after(rng, data, ident, change)
 
 
-def non_string_key(rng: random.Random, data: dict[str, Any]) -> bytes:
+def unknown_key(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    def change(d: dict[str, Any]) -> dict[str, Any]:
+        maps = [p for p in _paths(d) if isinstance(_get(d, p), dict)]
+        _get(d, rng.choice(maps))[rng.choice(["extra", "admin", "__class__", "sig2"])] = _odd_value(rng)
+        return d
+
+    return _signed_before_or_after(rng, data, ident, change)
+
+
+def non_string_key(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    data = sign(data, ident)
     data["body"][rng.choice([1, -5, 2.5])] = "x"  # msgpack allows any key type; the protocol does not
-    return msgpack.packb(data, use_bin_type=True, strict_types=False)  # type: ignore[no-any-return]
+    return pack(data)
 
 
-def deepen(rng: random.Random, data: dict[str, Any]) -> bytes:
+def deepen(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
     # Spliced in as raw bytes (one-element arrays, 0x91): msgpack's packer stops at 511 levels, an attacker does not.
     marker = "\x00deepen-here\x00"
-    path = rng.choice(list(_paths(data))[1:])
-    return pack(_set(data, path, marker)).replace(pack(marker), b"\x91" * rng.randint(520, 3000) + b"\x01")
+    path = rng.choice([p for p in _paths(data) if p and p[0] not in ("signer", "sig")])
+    frame = pack(sign(_set(data, path, marker), ident))
+    return frame.replace(pack(marker), b"\x91" * rng.randint(520, 3000) + b"\x01")
 
 
-def wrong_header(rng: random.Random, data: dict[str, Any]) -> bytes:
+def wrong_header(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
     choice = rng.randrange(4)
-    if choice == 0:
-        data["v"] = rng.choice([0, 2, "1", None, 1.0001])
-    elif choice == 1:
-        data["body"]["type"] = rng.choice(["shell", "", "DONE", 7, None, "run_events2"])
-    elif choice == 2:
-        data["body"] = _odd_value(rng)
-    else:
-        return pack(rng.choice([[data], "frame", 42, None, [1, 2, 3]]))
+    if choice == 3:
+        return pack(rng.choice([[sign(data, ident)], "frame", 42, None, [1, 2, 3]]))
+
+    def change(d: dict[str, Any]) -> dict[str, Any]:
+        if choice == 0:
+            d["v"] = rng.choice([0, 2, "1", None, 1.0001])
+        elif choice == 1:
+            d["body"]["type"] = rng.choice(["shell", "", "DONE", 7, None, "run_events2"])
+        else:
+            d["body"] = _odd_value(rng)
+        return d
+
+    return _signed_before_or_after(rng, data, ident, change)
+
+
+def unsigned(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    if rng.random() < 0.5:
+        data["signer"] = ident  # claims a signer, carries no signature
     return pack(data)
 
 
-def oversized(rng: random.Random, data: dict[str, Any]) -> bytes:
+def forged_signature(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    data["signer"] = rng.choice([ident, "manager", "operator:root", "worker:x", ""])
+    data["sig"] = rng.randbytes(rng.choice([0, 1, 63, 64, 65]))
+    return pack(data)
+
+
+def wrong_signer(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
+    # Properly signed, by a key that may not send this message on this stream.
+    others = [i for i in ("manager", "operator:tests", "worker:x", "worker:y", "worker:c") if i != ident]
+    return pack(sign(data, rng.choice(others)))
+
+
+def oversized(rng: random.Random, data: dict[str, Any], ident: str) -> bytes:
     data["body"]["padding"] = "x" * (1024 * 1024 + rng.randint(1, 100))
-    return pack(data)
+    return pack(sign(data, ident))
 
 
 MUTATIONS: tuple[tuple[Mutation, int], ...] = (
-    (random_bytes, 10), (flip_bytes, 20), (truncate, 15), (trailing_garbage, 5), (change_type, 20), (drop_key, 8),
-    (unknown_key, 8), (non_string_key, 3), (deepen, 3), (wrong_header, 8),
+    (random_bytes, 8), (flip_bytes, 18), (truncate, 12), (trailing_garbage, 4), (change_type, 18), (drop_key, 7),
+    (unknown_key, 7), (non_string_key, 3), (deepen, 3), (wrong_header, 8), (unsigned, 4), (forged_signature, 4),
+    (wrong_signer, 4),
 )
 
 
@@ -146,6 +193,11 @@ def _get(data: Any, path: tuple[Any, ...]) -> Any:
     for part in path:
         data = data[part]
     return data
+
+
+def signer_of(stream: str) -> str:
+    """The identity whose key signs what an honest process publishes on ``stream``."""
+    return f"worker:{stream.removeprefix('results.')}" if stream.startswith("results.") else "operator:tests"
 
 
 def hostile_frames(stream: str, count: int, rng: random.Random, codec: Codec,
@@ -159,9 +211,9 @@ def hostile_frames(stream: str, count: int, rng: random.Random, codec: Codec,
             mutation: Mutation = oversized
         else:
             mutation = rng.choices(mutations, weights)[0]
-        frame = mutation(rng, valid_bodies(stream, rng))
+        frame = mutation(rng, valid_bodies(stream, rng), signer_of(stream))
         try:
-            codec.decode(frame)
+            codec.decode(frame, stream=stream)
         except ProtocolError:
             frames.append(frame)
             made[mutation.__name__] = made.get(mutation.__name__, 0) + 1

@@ -2,8 +2,9 @@
 
 The attack from the issue: ``spec: {check: "pty:spawn"}`` and an output of ``["sh", "-c", ...]`` ran a
 shell in the manager; ``check: shutil:rmtree`` deleted a directory. Here the job is added to the jobs
-stream with redis-py, around the CLI, and the attacker plays the worker too: if the manager ever sent
-an assign, the attacker answers it with the payload.
+stream with redis-py, around the CLI, signed with an operator's key (a malicious operator, or a stolen
+key: signing says who sent a job, not that its checks are safe), and the attacker plays the worker too
+with that capability's key: if the manager ever sent an assign, the attacker answers it with the payload.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import pytest
 import redis
 
 from tests.integration.harness import ROOT, Cluster
-from tests.security.attacker import add, assigns, envelope, pack, stream_key
+from tests.security.attacker import add, assigns, signed, stream_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
 
+VICTIM = "c"  # a capability of the session keyring: the attacker holds its worker key
+
 
 def _hostile_job(check: str) -> dict[str, object]:
-    return {"goal": "own the manager", "tasks": [{"id": "x", "capability": "victim", "max_attempts": 1,
+    return {"goal": "own the manager", "tasks": [{"id": "x", "capability": VICTIM, "max_attempts": 1,
                                                   "spec": {"check": check}}]}
 
 
@@ -34,12 +37,11 @@ async def _play_worker_until_the_run_ends(cluster: Cluster, r: redis.Redis, run_
     answered: set[str] = set()
     with anyio.fail_after(30):
         while True:
-            for a in assigns(r, "victim"):
+            for a in assigns(r, VICTIM):
                 if a["run_id"] == run_id and a["msg_id"] not in answered:
                     answered.add(a["msg_id"])
-                    add(r, "results.victim", pack(envelope({"type": "done", "output": output}, run_id=run_id,
-                                                           task_id=a["task_id"], attempt=a["attempt"],
-                                                           sender="victim-worker")))
+                    add(r, f"results.{VICTIM}", signed({"type": "done", "output": output}, f"worker:{VICTIM}",
+                                                       run_id=run_id, task_id=a["task_id"], attempt=a["attempt"]))
             status = await cluster.status(run_id)
             if status is not None and status["state"] != "running":
                 return status
@@ -57,12 +59,12 @@ async def test_a_check_naming_any_importable_function_runs_nothing_in_the_manage
                "os:system": f"touch {marker}", "subprocess:getoutput": f"touch {marker}"}
     for check, payload in attacks.items():
         run_id = uuid.uuid4().hex
-        add(attacker, "jobs", pack(envelope({"type": "submit", "job": _hostile_job(check), "source": "x.yaml"},
-                                            run_id=run_id)))
+        add(attacker, "jobs", signed({"type": "submit", "job": _hostile_job(check), "source": "x.yaml"},
+                                     "operator:tests", run_id=run_id))
         status = await _play_worker_until_the_run_ends(cluster, attacker, run_id, payload)
         assert status["state"] == "failed", check
         assert f"check {check!r} is not registered" in status["reason"], status
-        assert not [a for a in assigns(attacker, "victim") if a["run_id"] == run_id]  # never dispatched
+        assert not [a for a in assigns(attacker, VICTIM) if a["run_id"] == run_id]  # never dispatched
     assert not marker.exists()
     assert (victim / "precious").read_text() == "keep me"
     assert manager.alive

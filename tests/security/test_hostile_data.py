@@ -14,15 +14,19 @@ import pytest
 import redis
 
 from tests.integration.harness import Cluster
-from tests.security.attacker import add, assigns, dead_letters, envelope, nested, pack
+from tests.security.attacker import add, assigns, dead_letters, envelope, nested, pack, sign, signed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
+
+CAP = "x"  # a capability of the session keyring: the attacker holds its worker key (a compromised worker)
+WORKER = f"worker:{CAP}"
+RESULTS = f"results.{CAP}"
 
 
 async def _assign_of(r: redis.Redis, run_id: str) -> dict[str, Any]:
     with anyio.fail_after(20):
         while True:
-            found = [a for a in assigns(r, "deep") if a["run_id"] == run_id]
+            found = [a for a in assigns(r, CAP) if a["run_id"] == run_id]
             if found:
                 return found[-1]
             await anyio.sleep(0.05)
@@ -30,8 +34,8 @@ async def _assign_of(r: redis.Redis, run_id: str) -> dict[str, Any]:
 
 def _submit(r: redis.Redis, max_attempts: int) -> str:
     run_id = uuid.uuid4().hex
-    job = {"goal": "deep", "tasks": [{"id": "x", "capability": "deep", "max_attempts": max_attempts}]}
-    add(r, "jobs", pack(envelope({"type": "submit", "job": job}, run_id=run_id)))
+    job = {"goal": "deep", "tasks": [{"id": "x", "capability": CAP, "max_attempts": max_attempts}]}
+    add(r, "jobs", signed({"type": "submit", "job": job}, "operator:tests", run_id=run_id))
     return run_id
 
 
@@ -40,8 +44,8 @@ async def test_a_300_level_output_fails_its_attempt_once_and_the_manager_keeps_r
     manager = cluster.manager()
     run_id = _submit(attacker, max_attempts=2)
     first = await _assign_of(attacker, run_id)
-    add(attacker, "results.deep", pack(envelope({"type": "done", "output": nested(300)}, run_id=run_id,
-                                                task_id="x", attempt=first["attempt"], sender="w")))
+    add(attacker, RESULTS, signed({"type": "done", "output": nested(300)}, WORKER, run_id=run_id, task_id="x",
+                                       attempt=first["attempt"]))
     with anyio.fail_after(20):  # the failed attempt is followed by a second one, at once
         while True:
             second = await _assign_of(attacker, run_id)
@@ -51,12 +55,12 @@ async def test_a_300_level_output_fails_its_attempt_once_and_the_manager_keeps_r
     status = await cluster.status(run_id)
     assert status is not None
     assert status["state"] == "running"
-    add(attacker, "results.deep", pack(envelope({"type": "done", "output": nested(300)}, run_id=run_id,
-                                                task_id="x", attempt=second["attempt"], sender="w")))
+    add(attacker, RESULTS, signed({"type": "done", "output": nested(300)}, WORKER, run_id=run_id, task_id="x",
+                                       attempt=second["attempt"]))
     final = await cluster.wait(run_id, timeout=30)
     assert final["state"] == "failed"
     assert "output rejected: the output nests deeper than 64 levels (limit max_depth)" in final["reason"]
-    assert dead_letters(attacker, "results.deep") == []  # failed as attempts, not redelivered into the bin
+    assert dead_letters(attacker, RESULTS) == []  # failed as attempts, not redelivered into the bin
     assert manager.alive
     events = [e.get("event") for e in manager.log_events()]
     assert "reply_processing_failed" not in events
@@ -66,8 +70,8 @@ async def test_a_300_level_output_fails_its_attempt_once_and_the_manager_keeps_r
     manager = cluster.manager()
     run_id = _submit(attacker, max_attempts=1)
     a = await _assign_of(attacker, run_id)
-    add(attacker, "results.deep", pack(envelope({"type": "done", "output": {"fine": [1, 2]}}, run_id=run_id,
-                                                task_id="x", attempt=a["attempt"], sender="w")))
+    add(attacker, RESULTS, signed({"type": "done", "output": {"fine": [1, 2]}}, WORKER, run_id=run_id, task_id="x",
+                                       attempt=a["attempt"]))
     assert (await cluster.wait(run_id, timeout=30))["state"] == "accepted"
     assert manager.alive
 
@@ -77,16 +81,19 @@ async def test_frames_past_the_frame_limits_are_dead_lettered_with_the_reason(cl
     manager = cluster.manager()
     run_id = _submit(attacker, max_attempts=1)
     a = await _assign_of(attacker, run_id)
-    too_deep = pack(envelope({"type": "done", "output": nested(600)}, run_id=run_id, task_id="x",
-                             attempt=a["attempt"], sender="w"))
-    add(attacker, "results.deep", too_deep)
-    add(attacker, "jobs", pack(envelope({"type": "submit", "job": {"goal": nested(700)}})))
+    # Spliced in as raw bytes: msgpack's own packer stops at 511 levels, a hostile one does not.
+    marker = "@deep@"
+    too_deep = signed({"type": "done", "output": marker}, WORKER, run_id=run_id, task_id="x", attempt=a["attempt"])
+    too_deep = too_deep.replace(pack(marker), b"\x91" * 600 + b"\x01")
+    add(attacker, RESULTS, too_deep)
+    add(attacker, "jobs", pack(sign(envelope({"type": "submit", "job": {"goal": "g"}}), "operator:tests"))
+        .replace(pack("g"), b"\x91" * 700 + b"\x01"))
     with anyio.fail_after(20):
         while True:
-            if len(dead_letters(attacker, "results.deep")) + len(dead_letters(attacker, "jobs")) == 2:
+            if len(dead_letters(attacker, RESULTS)) + len(dead_letters(attacker, "jobs")) == 2:
                 break
             await anyio.sleep(0.05)
-    [dead] = dead_letters(attacker, "results.deep")
+    [dead] = dead_letters(attacker, RESULTS)
     assert dead["f"] == too_deep
     assert dead["reason"].decode() == "undecodable frame: frame nests deeper than 512 levels (limit max_depth)"
     assert b"nests deeper than 512 levels" in dead_letters(attacker, "jobs")[0]["reason"]
@@ -100,8 +107,8 @@ async def test_a_submission_too_deep_for_the_ledger_is_a_failed_run_not_a_crash(
                                                                                  attacker: redis.Redis) -> None:
     manager = cluster.manager()
     run_id = uuid.uuid4().hex
-    job = {"goal": "deep input", "tasks": [{"id": "x", "capability": "deep", "input": nested(300)}]}
-    add(attacker, "jobs", pack(envelope({"type": "submit", "job": job}, run_id=run_id)))
+    job = {"goal": "deep input", "tasks": [{"id": "x", "capability": CAP, "input": nested(300)}]}
+    add(attacker, "jobs", signed({"type": "submit", "job": job}, "operator:tests", run_id=run_id))
     final = await cluster.wait(run_id, timeout=30)
     assert final["state"] == "failed"
     assert "invalid job: the job nests deeper than 68 levels (limit max_depth)" in final["reason"]
