@@ -407,11 +407,21 @@ def test_json_status_that_cannot_reach_redis_prints_an_error_object_and_exits_1(
 
 
 @pytest.mark.parametrize("verb", ["run", "submit"])
-def test_a_check_that_cannot_be_loaded_exits_2_naming_the_task_and_field(tmp_path: Path, verb: str) -> None:
+def test_a_check_that_is_not_registered_exits_2_naming_the_task_and_field(tmp_path: Path, verb: str) -> None:
     job = _bad_check_job(tmp_path)
     proc = cli(verb, str(job), env=_env(ORCH_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
     assert proc.returncode == 2
-    assert (f"{job}: task 'x': field 'spec.check': cannot load 'nosuchmod:fn': No module named 'nosuchmod'"
+    assert f"{job}: task 'x': field 'spec.check': check 'nosuchmod:fn' is not registered" in proc.stderr
+    no_traceback(proc)
+
+
+@pytest.mark.parametrize("verb", ["run", "submit"])
+def test_an_allowed_check_that_cannot_be_loaded_exits_2_naming_the_task_and_field(tmp_path: Path, verb: str) -> None:
+    job = _bad_check_job(tmp_path)
+    proc = cli(verb, str(job), "--allow-check", "nosuchmod:fn",
+               env=_env(ORCH_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+    assert proc.returncode == 2
+    assert (f"{job}: task 'x': field 'spec.check': cannot load check 'nosuchmod:fn': No module named 'nosuchmod'"
             in proc.stderr)
     no_traceback(proc)
 
