@@ -85,7 +85,7 @@ class Codec:
             raise DecodeError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
         if not isinstance(data, dict):
             raise DecodeError(f"frame must hold a map, got {type(data).__name__}")
-        check_shape(data)  # before anything walks it: too deep or too many values is a LimitExceeded
+        check_shape(data, size=len(frame))  # before anything walks it: too deep or too many values is a LimitExceeded
         self._check_header(data)
         if self.keyring is not None:
             self._check_signature(data, stream)

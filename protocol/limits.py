@@ -16,6 +16,7 @@ cannot be stored in the history, so they fail the attempt instead of the ledger.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from protocol.errors import DecodeError
@@ -44,29 +45,60 @@ OUTPUT_LIMITS = ShapeLimits(max_depth=64, max_items=100_000, json_only=True)
 # A whole job: a task's input, config or expect sits four levels down (job, tasks, task, field).
 JOB_LIMITS = ShapeLimits(max_depth=OUTPUT_LIMITS.max_depth + 4, max_items=1 << 20)
 
-_SCALARS = (str, int, float, bool, type(None))
+_CONTAINERS = (dict, list, tuple)
+_CONTAINER_TYPES = frozenset(_CONTAINERS)
+_JSON_TYPES = frozenset({str, int, float, bool, type(None)}) | _CONTAINER_TYPES
+_PLAIN_TYPES = _JSON_TYPES | {bytes}  # what msgpack decodes to, extension types aside
 
 
-def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "frame") -> None:
-    """Raise LimitExceeded naming ``what`` and the limit when ``value`` is deeper or larger than ``limits``."""
-    items = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        items += 1
-        if items > limits.max_items:
-            raise LimitExceeded(f"{what} holds more than {limits.max_items} values (limit max_items)")
-        if isinstance(node, dict):
-            children: Any = node.values()
-            if limits.json_only and not all(isinstance(k, str) for k in node):
-                raise LimitExceeded(f"{what} has a map key that is not a string; it must be JSON data")
-            items += len(node)  # the keys
-        elif isinstance(node, list | tuple):
-            children = node
-        else:
-            if limits.json_only and not isinstance(node, _SCALARS):
-                raise LimitExceeded(f"{what} holds a {type(node).__name__} value; it must be JSON data")
-            continue
+def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "frame", size: int | None = None) -> None:
+    """Raise LimitExceeded naming ``what`` and the limit when ``value`` is deeper or larger than ``limits``.
+
+    ``size``, the length of the msgpack frame ``value`` was decoded from, settles small frames at
+    once: every container and every value takes at least one byte. Otherwise the data is walked
+    level by level, so its depth never reaches the interpreter's stack. This runs on every large
+    decoded frame: a level's values are gathered and sorted by type in C (``chain``, ``map``,
+    ``set``); Python looks at values one by one only where a level mixes containers and scalars.
+    """
+    if size is not None and size <= limits.max_depth and size <= limits.max_items and not limits.json_only:
+        return
+    if limits.json_only and type(value) not in _JSON_TYPES:
+        raise LimitExceeded(f"{what} holds a {type(value).__name__} value; it must be JSON data")
+    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
+    level_kinds: set[type] = {type(value)}
+    items, depth = 1, 0
+    while level:
+        depth += 1
         if depth > limits.max_depth:  # containers count as levels; what they hold does not
             raise LimitExceeded(f"{what} nests deeper than {limits.max_depth} levels (limit max_depth)")
-        stack.extend((child, depth + 1) for child in children)
+        if level_kinds == {dict}:
+            values = list(chain.from_iterable(map(dict.values, level)))
+        elif level_kinds <= {list, tuple}:
+            values = list(chain.from_iterable(level))
+        else:
+            values = list(chain.from_iterable([n.values() if isinstance(n, dict) else n for n in level]))
+        items += len(values)
+        if items > limits.max_items:
+            raise LimitExceeded(f"{what} holds more than {limits.max_items} values (limit max_items)")
+        kinds = set(map(type, values))
+        if limits.json_only:
+            _check_json(level, values, kinds, what)
+        if kinds <= _PLAIN_TYPES:
+            level_kinds = kinds & _CONTAINER_TYPES
+            if level_kinds == kinds:
+                level = values
+            else:
+                level = [v for v in values if type(v) in _CONTAINER_TYPES] if level_kinds else []
+        else:  # subclasses, extension types (a tuple): the exact test, value by value
+            level = [v for v in values if isinstance(v, _CONTAINERS)]
+            level_kinds = set(map(type, level))
+
+
+def _check_json(level: list[Any], values: list[Any], kinds: set[type], what: str) -> None:
+    """Only JSON data: string keys; no bytes (maybe not UTF-8), extension types or other objects."""
+    maps = [n for n in level if isinstance(n, dict)]
+    if maps and not set(map(type, chain.from_iterable(maps))) <= {str}:
+        raise LimitExceeded(f"{what} has a map key that is not a string; it must be JSON data")
+    if not kinds <= _JSON_TYPES:
+        bad = next(v for v in values if type(v) not in _JSON_TYPES)
+        raise LimitExceeded(f"{what} holds a {type(bad).__name__} value; it must be JSON data")

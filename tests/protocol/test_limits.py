@@ -56,3 +56,25 @@ def test_the_codec_dead_letters_frames_deeper_than_the_frame_limit() -> None:
     data["body"]["output"] = nested(600)
     with pytest.raises(DecodeError, match="frame nests deeper than 512 levels"):
         codec.decode(msgpack.packb(data))
+
+
+def test_a_frame_no_larger_than_the_depth_limit_is_settled_by_its_size() -> None:
+    # Every container takes a byte: 100 bytes cannot nest 101 levels. Output checks always walk.
+    tight = ShapeLimits(max_depth=100, max_items=1000)
+    check_shape(nested(101), tight, size=100)
+    with pytest.raises(LimitExceeded):
+        check_shape(nested(101), tight, size=101)
+    with pytest.raises(LimitExceeded, match="JSON data"):
+        check_shape([b"x"], ShapeLimits(max_depth=100, max_items=1000, json_only=True), size=3)
+
+
+def test_subclasses_and_mixed_levels_are_walked_exactly() -> None:
+    class Mapping(dict[str, Any]):
+        pass
+
+    limits = ShapeLimits(max_depth=3, max_items=100)
+    check_shape([1, "a", Mapping(k=[1])], limits)
+    with pytest.raises(LimitExceeded, match="deeper than 3"):
+        check_shape([1, "a", Mapping(k=[[1]])], limits)
+    with pytest.raises(LimitExceeded, match="deeper than 3"):
+        check_shape({"a": 1, "b": (2, {"c": [3]})}, limits)
