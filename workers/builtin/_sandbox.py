@@ -205,15 +205,19 @@ class _Channel:
                     self.ready.set()
 
     def report(self) -> dict[str, Any] | None:
-        """The first ``done`` after ``ready``: the snippet's outcome (the only thing taken from this channel)."""
+        """The last ``done`` after ``ready``: the snippet's outcome, the only thing taken from this channel.
+
+        The snippet can write here too, but only about itself; the bootstrap's own report comes last.
+        """
+        found = None
         for line in bytes(self.data.data).splitlines()[1:]:
             try:
                 message = json.loads(line)
             except ValueError:
                 continue  # a line cut short by the size cap
             if isinstance(message, dict) and message.get("kind") == "done":
-                return message
-        return None
+                found = message
+        return found
 
 
 async def _send(stdin: ByteSendStream | None, payload: bytes, *, close: bool) -> None:
