@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-__all__ = ("Proc", "collect_descendants", "descendants", "living", "wait_until_none_living")
+__all__ = ("Proc", "collect_descendants", "descendants", "living", "wait_until_none_living", "with_environment")
 
 Proc = tuple[int, int]  # (pid, start time in clock ticks): a pid alone may be reused
 
@@ -38,6 +38,22 @@ def descendants(root: int) -> set[Proc]:
             if child not in found:
                 found.add(child)
                 todo.append(child[0])
+    return found
+
+
+def with_environment(entry: str) -> set[Proc]:
+    """Every living process whose environment holds ``entry`` (``NAME=value``); needs root for other users'."""
+    found: set[Proc] = set()
+    needle = entry.encode() + b"\0"
+    for path in Path("/proc").iterdir():
+        if not path.name.isdigit():
+            continue
+        try:
+            environ = (path / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ + b"\0" and (stat := _stat(int(path.name))) is not None and stat[2] != "Z":
+            found.add((int(path.name), stat[1]))
     return found
 
 
