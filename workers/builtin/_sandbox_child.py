@@ -260,30 +260,24 @@ def _limit(which: int, value: int) -> bool:
     return True
 
 
-def _apply_limits(limits: dict[str, Any]) -> list[str]:
-    applied = []
+def _apply_limits(limits: dict[str, Any]) -> None:
+    """Set the job's resource limits; the worker measures which took hold (``/proc/<pid>/limits``)."""
     _limit(resource.RLIMIT_CORE, 0)
     if limits.get("cpu_s") is not None:
         cpu = max(1, int(-(-limits["cpu_s"] // 1)))  # ceil, whole seconds
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        try:
+        with contextlib.suppress(ValueError, OSError):
             # SIGXCPU at the soft limit, SIGKILL one second later if the snippet ignores it.
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1 if hard == resource.RLIM_INFINITY else hard))
-            applied.append("rlimit_cpu")
-        except (ValueError, OSError):
-            pass
-    if limits.get("memory_mb") is not None and _limit(resource.RLIMIT_AS, int(limits["memory_mb"] * _MIB)):
-        applied.append("rlimit_as")
+    if limits.get("memory_mb") is not None:
+        _limit(resource.RLIMIT_AS, int(limits["memory_mb"] * _MIB))
     if limits.get("max_file_mb") is not None and _limit(resource.RLIMIT_FSIZE, int(limits["max_file_mb"] * _MIB)):
         # A write past the limit raises OSError(EFBIG) instead of killing the process with SIGXFSZ.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        applied.append("rlimit_fsize")
-    if limits.get("max_processes") is not None and _limit(resource.RLIMIT_NPROC, int(limits["max_processes"])):
-        # The kernel does not enforce RLIMIT_NPROC for root (CAP_SYS_RESOURCE / CAP_SYS_ADMIN).
-        applied.append("rlimit_nproc" if os.geteuid() != 0 else "rlimit_nproc(not enforced for root)")
-    if limits.get("max_open_files") is not None and _limit(resource.RLIMIT_NOFILE, int(limits["max_open_files"])):
-        applied.append("rlimit_nofile")
-    return applied
+    if limits.get("max_processes") is not None:
+        _limit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
+    if limits.get("max_open_files") is not None:
+        _limit(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
 
 
 def _describe(exc: BaseException) -> str:
@@ -352,7 +346,10 @@ def _init(job: dict[str, Any], status_w: int) -> None:
         _private_file_system(job["workdir"], job.get("drop_to"))
         me = os.getpid()
         pid = os.fork()
-    except BaseException:
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"sandbox init failed: {type(exc).__name__}: {exc}\n")
+            sys.stderr.flush()
         os._exit(71)
     if pid == 0:
         os.close(status_w)

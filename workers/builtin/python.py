@@ -158,10 +158,12 @@ def check_sandbox(config: PythonConfig) -> tuple[str, ...]:
             try:
                 outcome = pool.submit(anyio.run, _empty_snippet, limits).result()
             except SandboxError as exc:
-                _checked[key] = f"the python worker's sandbox cannot run here: {exc}"
+                reason = exc.result.error if exc.result is not None and exc.result.error else str(exc)
+                _checked[key] = f"the python worker refuses to start: {reason}"
             else:
                 if not outcome.ok:
-                    _checked[key] = f"the python worker's sandbox cannot run here: {outcome.error}; {outcome.stderr}"
+                    _checked[key] = (f"the python worker refuses to start: its sandbox cannot run an empty snippet "
+                                     f"here: {outcome.error} {outcome.stderr.strip()}".strip())
                 else:
                     _checked[key] = outcome.protections
     checked = _checked[key]
