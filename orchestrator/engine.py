@@ -93,7 +93,11 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A worker's message about a task, as it arrived on ``capability``'s result stream."""
+    """A worker's message about a task, as it arrived on ``capability``'s result stream.
+
+    ``signer`` is the identity whose key signed it, when the bus verifies signatures (None on an
+    unsigned bus, where nothing about the sender is proven).
+    """
 
     task_id: str
     attempt: int
@@ -101,6 +105,7 @@ class Reply:
     capability: str
     body: Done | Failed | VerifyResponse | Heartbeat | Progress
     at: Instant
+    signer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +221,14 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Ignored:
-    """The input changed nothing (a stale, duplicate or misrouted reply); worth a log line, no more."""
+    """The input changed nothing (a stale, duplicate or misrouted reply); worth a log line, no more.
+
+    ``suspicious`` marks what an honest process never sends (a reply signed by another capability's
+    key), which operators should hear about.
+    """
 
     reason: str
+    suspicious: bool = False
 
 
 # A HistoryEvent effect means: persist it with its task's (and run's) records, then publish it.
@@ -343,6 +353,10 @@ class RunEngine:
         if reply.capability != task.capability:
             self._ignore(f"reply about task {task.id!r} (capability {task.capability!r}) arrived on the "
                          f"result stream of {reply.capability!r}")
+            return
+        if reply.signer is not None and reply.signer != f"worker:{task.capability}":
+            self._ignore(f"reply about task {task.id!r} (capability {task.capability!r}) is signed by "
+                         f"{reply.signer!r}, not by 'worker:{task.capability}'", suspicious=True)
             return
         body = reply.body
         if isinstance(body, Heartbeat):
@@ -759,8 +773,8 @@ class RunEngine:
     def _touch(self, task: TaskRecord) -> None:
         self._touched[task.id] = None
 
-    def _ignore(self, reason: str) -> None:
-        self._effects.append(Ignored(reason))
+    def _ignore(self, reason: str, *, suspicious: bool = False) -> None:
+        self._effects.append(Ignored(reason, suspicious))
 
     def _plan(self, task: TaskRecord) -> str:
         deps = f" It builds on {', '.join(task.depends_on)}." if task.depends_on else ""
