@@ -24,6 +24,7 @@ import yaml
 from orchestrator import processes
 from orchestrator.fleet.supervisor import read_state
 from orchestrator.job import load_job
+from orchestrator.trust import INSECURE
 from tests._proc_scan import Proc, descendants, wait_until_none_living, with_environment
 from tests._redis import RedisServer, redis_server_path
 
@@ -125,7 +126,7 @@ def sandboxes_running(count: int) -> set[Proc] | None:
 
 async def submit(redis_url: str, manifest: Path, job: Path) -> str:
     namespace = yaml.safe_load(await anyio.Path(manifest).read_text())["spec"]["namespace"]
-    async with processes.open_bus(redis_url, namespace=namespace, lease_s=2) as bus:
+    async with processes.open_bus(redis_url, namespace=namespace, lease_s=2, trust=INSECURE) as bus:
         return await processes.submit_job(bus, load_job(job))
 
 
