@@ -32,6 +32,7 @@ from workers.builtin import PythonWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = Path(__file__).with_name("_sandbox_host.py")
+WITHOUT_NAMESPACES = Path(__file__).with_name("_without_namespaces.py")
 SECRET = "hunter2-sandbox-secret"
 UNPRIVILEGED = 4242  # a uid and gid with no account and no files of their own
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis,
@@ -87,17 +88,31 @@ def _host_env() -> dict[str, str]:
 
 @dataclass
 class Host:
-    """How to start the stand-in worker: as whom, with which interpreter."""
+    """How to start the stand-in worker: as whom, with which interpreter, without namespaces or not."""
 
     uid: int
     python: str
+    without_namespaces: bool = False
+
+    def start(self, snippets: list[dict[str, Any]], config: dict[str, Any] | None) -> subprocess.CompletedProcess[str]:
+        job = json.dumps({"config": config or {}, "snippets": snippets})
+        argv = [self.python, str(HOST)]
+        as_user: dict[str, Any] = {}
+        if self.without_namespaces:
+            argv = [sys.executable, str(WITHOUT_NAMESPACES), str(self.uid), "--", *argv]
+        elif self.uid != os.geteuid():
+            as_user = {"user": self.uid, "group": self.uid, "extra_groups": []}
+        return subprocess.run(argv, input=job, capture_output=True, text=True, cwd=ROOT, env=_host_env(), timeout=90,
+                              check=False, **as_user)
+
+    def refusal(self, config: dict[str, Any] | None = None) -> str:
+        """Why the worker refused to start (fails the test when it started)."""
+        done = self.start([], config)
+        assert done.returncode == 3, (done.returncode, done.stdout, done.stderr[-2000:])
+        return str(json.loads(done.stdout.splitlines()[0])["refused"])
 
     def run(self, snippets: list[dict[str, Any]], config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        job = json.dumps({"config": config or {}, "snippets": snippets})
-        as_user: dict[str, Any] = {} if self.uid == os.geteuid() else {
-            "user": self.uid, "group": self.uid, "extra_groups": []}
-        done = subprocess.run([self.python, str(HOST)], input=job, capture_output=True, text=True, cwd=ROOT,
-                              env=_host_env(), timeout=90, check=False, **as_user)
+        done = self.start(snippets, config)
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 3 and lines and "refused" in lines[0]:
             pytest.skip(f"the python worker refuses to start here as uid {self.uid}: {lines[0]['refused']}")
@@ -326,6 +341,26 @@ def test_a_snippet_cannot_kill_or_signal_its_worker(host: Host) -> None:
     assert set(killer["value"]) <= {1}
     assert after["ok"]
     assert after["value"] == "still here"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to build a namespace-less user for the worker")
+def test_where_the_kernel_refuses_namespaces_the_worker_says_so_and_starts_only_when_told(
+        redis: RedisServer) -> None:
+    python = _interpreter_for(UNPRIVILEGED)
+    if python is None:
+        pytest.skip(f"no Python that uid {UNPRIVILEGED} may run with this checkout's packages")
+    host = Host(UNPRIVILEGED, python, without_namespaces=True)
+    reason = host.refusal()
+    assert "the python worker refuses to start: the sandbox lacks net_namespace" in reason
+    assert "no network namespace can be had here" in reason
+    assert "allow_network_without_namespace: true" in reason
+
+    # Told so, it starts, and the snippets have the network: the opt-out is what it says.
+    [sockets] = host.run([snippet(SOCKETS, port=redis.port)], {"allow_network_without_namespace": True})
+    assert sockets["ok"], sockets
+    assert sockets["value"]["bases"].startswith("connected: +PONG"), sockets["value"]
+    assert "net_namespace" not in sockets["protections"]
+    assert "no_new_privs" in sockets["protections"]
 
 
 def test_without_a_network_namespace_the_worker_refuses_to_start_unless_told() -> None:
