@@ -337,9 +337,11 @@ def _inspect(process: Process, limits: SandboxLimits, workdir: str) -> tuple[Mea
         reason += ("; net_namespace is off in the config; set allow_network_without_namespace: true as well to "
                    "run snippets with network access")
     elif "net_namespace" in missing:
-        reason += ("; no network namespace can be had here (unshare(CLONE_NEWNET) is refused: not root, and "
-                   "unprivileged user namespaces are off?); set allow_network_without_namespace: true in the "
-                   "python worker's config to run snippets with network access anyway")
+        reason += ("; no network namespace can be had here (the kernel refused unshare(CLONE_NEWNET): not root, "
+                   "and unprivileged user namespaces are off or restricted? see user.max_user_namespaces, "
+                   "kernel.apparmor_restrict_unprivileged_userns, the container's seccomp profile); set "
+                   "allow_network_without_namespace: true in the python worker's config to run snippets with "
+                   "network access anyway")
     return measured, protections, reason
 
 
