@@ -162,8 +162,9 @@ def check_sandbox(config: PythonConfig) -> tuple[str, ...]:
                 _checked[key] = f"the python worker refuses to start: {reason}"
             else:
                 if not outcome.ok:
-                    _checked[key] = (f"the python worker refuses to start: its sandbox cannot run an empty snippet "
-                                     f"here: {outcome.error} {outcome.stderr.strip()}".strip())
+                    _checked[key] = (f"the python worker refuses to start: its sandbox cannot run a snippet here "
+                                     f"(can the snippet's user read {limits.python}'s standard library?): "
+                                     f"{outcome.error}")
                 else:
                     _checked[key] = outcome.protections
     checked = _checked[key]
@@ -172,8 +173,12 @@ def check_sandbox(config: PythonConfig) -> tuple[str, ...]:
     return checked
 
 
+# Snippets import from the standard library after dropping privileges: its directory must be readable.
+_PROBE = "import os\nos.listdir(os.path.dirname(os.__file__))\nresult = None"
+
+
 async def _empty_snippet(limits: SandboxLimits) -> SandboxResult:
-    return await run_snippet("result = None", globals_in={}, limits=limits)
+    return await run_snippet(_PROBE, globals_in={}, limits=limits)
 
 
 @dataclass(frozen=True, slots=True)
