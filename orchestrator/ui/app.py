@@ -248,7 +248,7 @@ def _same(given: str, expected: str) -> bool:
 
 
 def _history(events: list[Any]) -> list[dict[str, Any]]:
-    return [e.model_dump(mode="json") for e in events]
+    return [e.model_dump(mode="json", by_alias=True) for e in events]  # waiting.for, not for_
 
 
 def _sse(event: str, data: Any) -> bytes:

@@ -175,6 +175,8 @@ function renderTask(task) {
     el("span", { class: "wait", "data-field": "waiting", text: task.waiting ? task.waiting.text : task.note }),
     el("span", { class: "muted", text: span(task.started, task.finished) }),
     el("span", { class: "muted", text: `${task.tokens} tok` }));
+  const buttons = actionButtons(task.actions || [], task.id);
+  if (buttons) summary.append(buttons);  // in the row, so a person sees what they may do without opening it
   const details = el("details", {}, summary);
   details.open = state.open.has(task.id);
   details.addEventListener("toggle", () => {
@@ -184,8 +186,6 @@ function renderTask(task) {
   body.append(el("p", { class: "muted", text: `capability ${task.capability}` +
     (task.depends_on.length ? ` · after ${task.depends_on.join(", ")}` : "") +
     (task.redos ? ` · ${task.redos} redo(s)` : "") }));
-  const buttons = actionButtons(task.actions || [], task.id);
-  if (buttons) body.append(buttons);
   if (task.guard || (task.reason && task.state !== "accepted")) {
     body.append(el("p", { class: "guard", "data-field": "guard",
       text: (task.guard ? `guard ${task.guard}: ` : "") + (task.reason || "") }));
@@ -233,10 +233,19 @@ function describe(e) {
     case "verdict": return `verdict ${b.stage} by ${b.verifier}: ${b.passed ? "passed" : "failed"} ${b.feedback}`;
     case "override": return `${b.action}${b.feedback ? `: ${b.feedback}` : ""}`;
     case "override_refused": return `${b.action} refused: ${b.reason}`;
-    case "waiting": return b.waiting ? `waiting for ${b.waiting.for}` : "moving again";
+    case "waiting": return b.waiting ? waitingText(b.waiting) : "moving again";
     case "progress": return `progress: ${b.message}`;
     case "run_finished": return `run ${b.state}${b.reason ? `: ${b.reason}` : ""}`;
     default: return b.kind;
+  }
+}
+
+function waitingText(w) {
+  switch (w.for) {
+    case "worker": return `waiting for a worker of capability ${w.capability}`;
+    case "person": return "waiting for a person to approve";
+    case "dependency": return `waiting for ${w.on.join(", ")}`;
+    default: return "waiting to retry";
   }
 }
 
