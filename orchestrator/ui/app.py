@@ -15,7 +15,8 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from importlib import resources
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -165,18 +166,27 @@ class _Console:
         """The run's page, then every new history batch with the page after it, until the run ends."""
         page = RunPage()
         yield b"retry: 2000\n\n"
-        async for batch in self.source.follow(run_id, block_s=self.keepalive_s):
-            if not batch.events:
-                yield b": keep-alive\n\n"
-                continue
-            fresh = [e for e in batch.events if e.seq > page.seen]
-            for event in fresh:
-                page.apply(event)
-            yield _sse("history", _history(fresh))
-            yield _sse("run", page.to_json())
-            if any(isinstance(e.body, RunFinished) for e in fresh):
-                yield _sse("end", {"state": str(page.fold.state)})
-                return
+        try:
+            async with aclosing(self._follow(run_id, page)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BusError as exc:  # Redis away: say so; the browser reconnects in 2 s and reads again
+            yield _sse("unavailable", {"error": str(exc)})
+
+    async def _follow(self, run_id: str, page: RunPage) -> AsyncGenerator[bytes]:
+        async with aclosing(self.source.follow(run_id, block_s=self.keepalive_s)) as batches:
+            async for batch in batches:
+                if not batch.events:
+                    yield b": keep-alive\n\n"
+                    continue
+                fresh = [e for e in batch.events if e.seq > page.seen]
+                for event in fresh:
+                    page.apply(event)
+                yield _sse("history", _history(fresh))
+                yield _sse("run", page.to_json())
+                if any(isinstance(e.body, RunFinished) for e in fresh):
+                    yield _sse("end", {"state": str(page.fold.state)})
+                    return
 
     # -- acting ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ an in-process run asks its store).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ class RunSource:
             entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT)
         return HistoryBatch(events, after)
 
-    async def follow(self, run_id: str, *, block_s: float) -> AsyncIterator[HistoryBatch]:
+    async def follow(self, run_id: str, *, block_s: float) -> AsyncGenerator[HistoryBatch]:
         """The whole history, then each new batch as the manager records it (empty batches every ``block_s``)."""
         batch = await self.history(run_id)
         yield batch

@@ -3,7 +3,7 @@
 "use strict";
 
 const state = { me: { operator: null, csrf: null }, runId: null, source: null, open: new Set(), run: null,
-                pending: null, listTimer: null, clock: null };
+                lastSeq: 0, pending: null, listTimer: null, clock: null };
 
 function $(id) { return document.getElementById(id); }
 
@@ -89,9 +89,9 @@ async function loadRuns() {
     const tr = el("tr", { "data-run": run.run_id },
       el("td", { class: "id mono", text: run.run_id.slice(0, 8) }),
       el("td", { class: "goal" }, link),
-      el("td", {}, el("span", { class: `state ${run.state}`, text: run.state })),
-      el("td", { text: age(run.started) }),
-      el("td", { text: run.tokens }),
+      el("td", { class: "st" }, el("span", { class: `state ${run.state}`, text: run.state })),
+      el("td", { class: "age", text: age(run.started) }),
+      el("td", { class: "tok", text: run.tokens }),
       el("td", { class: "tasks", text: run.tasks }));
     body.append(tr);
   }
@@ -106,6 +106,7 @@ function openRun(runId) {
   state.runId = runId;
   state.run = null;
   state.open = new Set();
+  state.lastSeq = 0;
   closePanel();
   $("history").replaceChildren();
   $("tasks").replaceChildren();
@@ -121,6 +122,7 @@ function openRun(runId) {
     source.close();
   });
   source.addEventListener("open", () => { $("run-live").textContent = "live"; });
+  source.addEventListener("unavailable", (e) => { $("run-live").textContent = JSON.parse(e.data).error; });
   source.addEventListener("error", () => {
     if (source.readyState !== EventSource.CLOSED) $("run-live").textContent = "reconnecting…";
   });
@@ -252,6 +254,8 @@ function waitingText(w) {
 function appendHistory(events) {
   const list = $("history");
   for (const e of events) {
+    if (e.seq <= state.lastSeq) continue;  // a reconnected stream starts from the beginning again
+    state.lastSeq = e.seq;
     const when = new Date(e.time * 1000).toLocaleTimeString();
     list.append(el("li", { "data-seq": e.seq, "data-kind": e.body.kind },
       el("span", { class: "muted", text: `#${e.seq}` }),
