@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1; anyone who reaches it can read every run)")
     ui.add_argument("--operator", action="append", default=None, metavar="NAME",
-                    help="an operator who may act from the page (login URL printed at start); repeatable; "
-                         "without any, the console is read-only")
+                    help="offer a login only to this operator (repeatable; default: every operator key in the "
+                         "keyring; with --insecure, only those named, and none makes the console read-only)")
     ui.set_defaults(func=_cmd_ui)
 
     for verb, text in (("approve", "accept a task that waits for a person (spec approval: human)"),
@@ -509,21 +509,24 @@ async def _serve_run_console(stack: AsyncExitStack, orch: Orchestrator, args: ar
 def _cmd_ui(args: argparse.Namespace) -> int:
     _check_port("--port", args.port)
     console = _console_module()
-    operators = console.Operators.named(args.operator or [])
+    from orchestrator.ui.fleet import open_fleet_console
 
     async def go() -> None:
-        async with _client_bus(args) as bus, anyio.create_task_group() as tg:
-            source = console.RunSource(bus, console.redis_run_ids(bus, processes.redis_url(args.redis)))
+        async with AsyncExitStack() as stack:
+            source, operators = await open_fleet_console(
+                stack, url=processes.redis_url(args.redis), namespace=args.namespace, lease_s=args.lease_s,
+                keys=args.keys, insecure=args.insecure, operators=args.operator or [])
+            async with anyio.create_task_group() as tg:
 
-            async def ready(url: Any) -> None:
-                _announce_console(url, operators)
+                async def ready(url: Any) -> None:
+                    _announce_console(url, operators)
 
-            tg.start_soon(functools.partial(console.serve_console, source, operators, host=args.host,
-                                            port=args.port, ready=ready))
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+                tg.start_soon(functools.partial(console.serve_console, source, operators, host=args.host,
+                                                port=args.port, ready=ready))
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
 
     anyio.run(go)
     return EXIT_ACCEPTED

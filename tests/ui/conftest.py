@@ -18,6 +18,7 @@ import anyio
 import httpx
 import pytest
 
+from protocol.keyring import Keyring
 from tests._redis import free_port, redis_server_path
 from tests.integration.harness import Cluster
 
@@ -57,9 +58,17 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def console(cluster: Cluster) -> Console:
-    """Manager, a Python worker and the console (operator ``alice``) on the cluster's Redis."""
+async def console(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Console:
+    """Manager, a Python worker and the console (operator ``alice``) on the cluster's Redis, every message signed.
+
+    The test's own keyring holds alice's key (the console's), the test client's (``operator:tests``),
+    the manager's and the python worker's; every process finds it through ORCH_KEYS.
+    """
     _chromium()
+    ring = Keyring.init(cluster.tmp / "keys", operator="alice")
+    ring.add("operator", "tests")
+    ring.add("worker", "python")
+    monkeypatch.setenv("ORCH_KEYS", str(ring.path))
     cluster.manager()
     cluster._spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python", "--lease-s", "5",
                                      "--config", json.dumps({"timeout_s": 60})])

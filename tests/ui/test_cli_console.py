@@ -45,6 +45,14 @@ def test_a_taken_port_exits_2_naming_it(redis_url: str) -> None:
     assert f"cannot serve the console on 127.0.0.1:{port}" in result.stderr
 
 
+@pytest.mark.redis
+def test_an_operator_without_a_key_in_the_keyring_exits_2_naming_it(redis_url: str) -> None:
+    result = cli("ui", "--redis", redis_url, "--namespace", "ui-key-test", "--port", "0", "--operator", "mallory")
+    assert result.returncode == 2, result.stderr
+    assert "no private key for operator:mallory" in result.stderr
+    assert "orchestrator keys add operator mallory" in result.stderr
+
+
 @pytest.mark.slow
 async def test_run_with_ui_is_approved_over_http_and_exits_0(tmp_path: Path) -> None:
     job = tmp_path / "gated.yaml"
