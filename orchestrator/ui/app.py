@@ -273,6 +273,7 @@ def console_app(source: RunSource, operators: Operators | None = None, *,
     app = Starlette(routes=[
         Route("/", console.index),
         Route("/static/{name}", console.static),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),  # no icon; not a 404 in every console
         Route("/login", console.login),
         Route("/logout", console.logout, methods=["POST"]),
         Route("/api/me", console.me),

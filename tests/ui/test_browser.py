@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
 GATED = {"capability": "python", "spec": {"approval": "human"},
          "instruction": "result = 'revised: ' + feedback[-1] if feedback else 'first draft'"}
 WAIT_MS = 30_000
+HOSTILE = 'a draft with <img src=x onerror="window.__pwned=1"><b>markup</b>'  # a worker's output is data
 
 
 async def submitted(console: Console, name: str, tasks: list[dict[str, Any]], goal: str = "") -> str:
@@ -57,7 +58,12 @@ async def test_the_task_tree_updates_live_without_a_reload(console: Console, bro
         {"id": "after", "capability": "python", "depends_on": ["slow"], "instruction": "result = deps['slow'] + '!'"},
     ])
     page = await (await browser.new_context()).new_page()
-    await page.goto(f"{console.url}/#/run/{run_id}")
+    errors: list[str] = []  # a CSP violation or a script error shows up here
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{console.url}/#/")
+    await page.wait_for_selector(f'tr[data-run="{run_id}"] >> text=console test live', timeout=WAIT_MS)
+    await page.click(f'tr[data-run="{run_id}"] a')
     await page.wait_for_selector('li[data-task="slow"][data-state="not_done"]', timeout=WAIT_MS)
     await page.wait_for_selector('li[data-task="after"][data-state="not_done"]')
     await page.evaluate("window.__sameDocument = true")  # gone if anything reloaded the page
@@ -66,12 +72,13 @@ async def test_the_task_tree_updates_live_without_a_reload(console: Console, bro
     assert await page.evaluate("window.__sameDocument === true")
     assert await page.locator('#history li[data-kind="run_finished"]').count() == 1
     assert "d1" in (await page.locator('li[data-task="after"]').get_attribute("class") or "")
+    assert errors == []
 
 
 async def test_a_human_gated_task_is_approved_from_the_page_and_the_run_ends_accepted(console: Console,
                                                                                       browser: Any) -> None:
     run_id = await submitted(console, "approve", [
-        {"id": "draft", "capability": "python", "instruction": "result = 'a draft with <b>markup</b>'"},
+        {"id": "draft", "capability": "python", "instruction": f"result = {HOSTILE!r}"},
         {"id": "review", "depends_on": ["draft"], **GATED},
     ], goal="Draft the release note, then have a person review it")
     page = await operator_page(browser, console, viewport={"width": 1280, "height": 800})
@@ -80,6 +87,12 @@ async def test_a_human_gated_task_is_approved_from_the_page_and_the_run_ends_acc
     await approve.wait_for(timeout=WAIT_MS)
     await page.locator('li[data-task="review"] summary .id').click()  # open it: the attempt's output
     await page.wait_for_selector('li[data-task="review"] pre.output >> text=first draft')
+    await page.locator('li[data-task="draft"] summary .id').click()
+    shown = page.locator('li[data-task="draft"] pre.output')
+    assert await shown.text_content() == HOSTILE  # shown as text ...
+    assert await page.locator('li[data-task="draft"] pre.output *').count() == 0  # ... never as markup
+    assert await page.evaluate("window.__pwned === undefined")
+    await page.locator('li[data-task="draft"] summary .id').click()  # closed again for the screenshot
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         await page.screenshot(path=str(Path(ROOT) / "docs" / "console.png"))
     await approve.click()
