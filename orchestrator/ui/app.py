@@ -15,13 +15,14 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from importlib import resources
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -266,9 +267,14 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
 
-def console_app(source: RunSource, operators: Operators | None = None, *,
-                keepalive_s: float = KEEPALIVE_S) -> ASGIApp:
-    """The console for runs on ``source``; without ``operators`` (or with none) it is read-only."""
+def console_app(source: RunSource, operators: Operators | None = None, *, keepalive_s: float = KEEPALIVE_S,
+                allowed_hosts: Sequence[str] | None = None) -> ASGIApp:
+    """The console for runs on ``source``; without ``operators`` (or with none) it is read-only.
+
+    ``allowed_hosts`` are the host names a request may address (any when None): a console on
+    loopback answers only to loopback names, so a web page that rebinds its own name to 127.0.0.1
+    cannot read it through the visitor's browser.
+    """
     console = _Console(source, operators or Operators(), keepalive_s=keepalive_s)
     app = Starlette(routes=[
         Route("/", console.index),
@@ -282,4 +288,5 @@ def console_app(source: RunSource, operators: Operators | None = None, *,
         Route("/api/runs/{run_id}/stream", console.stream),
         Route("/api/runs/{run_id}/actions", console.act, methods=["POST"]),
     ])
-    return _SecurityHeaders(app)
+    guarded: ASGIApp = app if allowed_hosts is None else TrustedHostMiddleware(app, allowed_hosts=list(allowed_hosts))
+    return _SecurityHeaders(guarded)

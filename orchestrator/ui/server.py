@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -52,6 +53,18 @@ def _url(host: str, sock: socket.socket) -> ConsoleAddress:
     return ConsoleAddress(f"http://{shown}:{port}")
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _allowed_hosts(host: str) -> list[str] | None:
+    """Loopback names for a console on loopback (DNS rebinding cannot reach it); any name otherwise."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return list(LOOPBACK_NAMES) if loopback else None
+
+
 async def serve_console(source: RunSource, operators: Operators | None = None, *, host: str = "127.0.0.1",
                         port: int = 8080, ready: Callable[[ConsoleAddress], Awaitable[None]] | None = None,
                         task_status: TaskStatus[ConsoleAddress] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -67,7 +80,7 @@ async def serve_console(source: RunSource, operators: Operators | None = None, *
             yield  # the CLI handles signals; uvicorn's handlers would take them from it
 
     sock = _bind(host, port)
-    config = uvicorn.Config(console_app(source, operators), log_config=None, log_level="warning",
+    config = uvicorn.Config(console_app(source, operators, allowed_hosts=_allowed_hosts(host)), log_config=None, log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=1)
     server = _Server(config)
     url = _url(host, sock)

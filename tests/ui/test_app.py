@@ -193,3 +193,16 @@ def test_operator_names_a_key_could_not_have_are_refused() -> None:
         Operators.named(["a b"])
     with pytest.raises(ConfigError, match="given twice"):
         Operators.named(["alice", "operator:alice"])
+
+
+async def test_a_console_on_loopback_answers_only_to_loopback_names() -> None:
+    from orchestrator.ui.server import LOOPBACK_NAMES
+
+    async with in_process() as orch:
+        app = console_app(RunSource(orch.bus, orch.store.run_ids), allowed_hosts=LOOPBACK_NAMES)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as http:
+            assert (await http.get("/api/runs")).status_code == 200
+            assert (await http.get("/api/runs", headers={"Host": "localhost:8080"})).status_code == 200
+            rebound = await http.get("/api/runs", headers={"Host": "attacker.example:8080"})  # DNS rebinding
+            assert rebound.status_code == 400
+            assert "content-security-policy" in rebound.headers
