@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -36,7 +37,7 @@ from protocol.errors import BusError, ConfigError
 from protocol.history import RunFinished
 from protocol.messages import OverrideAction
 
-__all__ = ("SESSION_COOKIE", "console_app")
+__all__ = ("SESSION_COOKIE", "ConsoleApp", "console_app")
 
 SESSION_COOKIE = "orch_session"
 CSRF_HEADER = "x-csrf-token"
@@ -80,6 +81,47 @@ class _SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+class _EventStream(StreamingResponse):
+    """An event stream the console can end (on shutdown), finishing the response properly rather than dropping it."""
+
+    def __init__(self, content: AsyncIterator[bytes], streams: set[anyio.CancelScope], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with anyio.CancelScope() as cancel:
+            self._streams.add(cancel)
+            try:
+                await super().__call__(scope, receive, tracked)
+            finally:
+                self._streams.discard(cancel)
+        if cancel.cancelled_caught and started:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ConsoleApp:
+    """The console's ASGI app; ``end_streams`` ends every open event stream (before a shutdown)."""
+
+    def __init__(self, app: ASGIApp, console: _Console) -> None:
+        self._app = app
+        self._console = console
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    def end_streams(self) -> None:
+        """End the open event streams: browsers reconnect, to this console or the next."""
+        for scope in list(self._console.streams):
+            scope.cancel()
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -91,6 +133,7 @@ class _Console:
         self.sessions = Sessions()
         self.keepalive_s = keepalive_s
         self.page = _static("index.html")
+        self.streams: set[anyio.CancelScope] = set()  # open event streams, ended when the console shuts down
 
     # -- pages -------------------------------------------------------------------------------
 
@@ -160,8 +203,8 @@ class _Console:
         run_id = request.path_params["run_id"]
         if not _RUN_ID.match(run_id):
             return _error(404, "no such run")
-        return StreamingResponse(self._events(run_id), media_type="text/event-stream",
-                                 headers={"x-accel-buffering": "no"})
+        return _EventStream(self._events(run_id), self.streams, media_type="text/event-stream",
+                            headers={"x-accel-buffering": "no"})
 
     async def _events(self, run_id: str) -> AsyncIterator[bytes]:
         """The run's page, then every new history batch with the page after it, until the run ends."""
@@ -268,7 +311,7 @@ def _sse(event: str, data: Any) -> bytes:
 
 
 def console_app(source: RunSource, operators: Operators | None = None, *, keepalive_s: float = KEEPALIVE_S,
-                allowed_hosts: Sequence[str] | None = None) -> ASGIApp:
+                allowed_hosts: Sequence[str] | None = None) -> ConsoleApp:
     """The console for runs on ``source``; without ``operators`` (or with none) it is read-only.
 
     ``allowed_hosts`` are the host names a request may address (any when None): a console on
@@ -289,4 +332,4 @@ def console_app(source: RunSource, operators: Operators | None = None, *, keepal
         Route("/api/runs/{run_id}/actions", console.act, methods=["POST"]),
     ])
     guarded: ASGIApp = app if allowed_hosts is None else TrustedHostMiddleware(app, allowed_hosts=list(allowed_hosts))
-    return _SecurityHeaders(guarded)
+    return ConsoleApp(_SecurityHeaders(guarded), console)

@@ -80,7 +80,8 @@ async def serve_console(source: RunSource, operators: Operators | None = None, *
             yield  # the CLI handles signals; uvicorn's handlers would take them from it
 
     sock = _bind(host, port)
-    config = uvicorn.Config(console_app(source, operators, allowed_hosts=_allowed_hosts(host)), log_config=None, log_level="warning",
+    app = console_app(source, operators, allowed_hosts=_allowed_hosts(host))
+    config = uvicorn.Config(app, log_config=None, log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=1)
     server = _Server(config)
     url = _url(host, sock)
@@ -102,4 +103,5 @@ async def serve_console(source: RunSource, operators: Operators | None = None, *
             task_status.started(url)
             await anyio.sleep_forever()
         finally:
+            app.end_streams()  # or shutdown waits on them, then cancels them mid-response
             server.should_exit = True

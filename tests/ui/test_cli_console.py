@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -88,3 +89,34 @@ async def test_run_with_ui_is_approved_over_http_and_exits_0(tmp_path: Path) -> 
             proc.wait(timeout=10)
     assert proc.returncode == 0, err.read_text()
     assert '"state": "accepted"' in out.decode()
+
+
+@pytest.mark.redis
+async def test_sigterm_ends_open_event_streams_cleanly_and_exits_0(redis_url: str, tmp_path: Path) -> None:
+    from tests._redis import free_port
+
+    port = free_port()
+    err = tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with err.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--redis", redis_url, "--namespace",
+                                 "ui-sigterm", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=sink, stdin=subprocess.DEVNULL)
+    try:
+        with anyio.fail_after(20):
+            while "console at" not in err.read_text():
+                assert proc.poll() is None, err.read_text()
+                await anyio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http, \
+                http.stream("GET", "/api/runs/not-started-yet/stream") as stream:
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "retry: 2000"
+            proc.send_signal(signal.SIGTERM)
+            rest = [line async for line in lines]  # the server ends the response: no error, no hang
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert rest == ["", ": keep-alive", ""] or rest == [""], rest
+    assert "Traceback" not in err.read_text()
