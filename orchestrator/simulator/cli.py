@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault-malformed", type=float, default=0.0)
     sim.add_argument("--fault-mid-stream", type=float, default=0.0)
     sim.add_argument("--policy", default=None, help="module:attr of a Policy (a class is instantiated)")
+    sim.add_argument("--sim-admin", action="store_true",
+                     help="serve GET /_sim/state and POST /_sim/faults (for tests; behind the API key when one is set)")
+    sim.add_argument("--idle-timeout-s", type=float, default=None,
+                     help="close keep-alive connections idle this long; default $VLLM_HTTP_TIMEOUT_KEEP_ALIVE, else 5")
+    sim.add_argument("--request-timeout-s", type=float, default=30.0,
+                     help="a request's head and body must arrive within this (slow clients are dropped)")
     return p
 
 
@@ -240,9 +246,21 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
                              prefill_s_per_token=args.prefill_per_token, jitter=args.jitter),
         faults=FaultRates(server_error=args.fault_5xx, hang=args.fault_hang, malformed=args.fault_malformed,
                           mid_stream_error=args.fault_mid_stream),
-        seed=args.seed, **extra,
+        seed=args.seed, sim_admin=args.sim_admin, idle_timeout_s=_idle_timeout(args.idle_timeout_s, env),
+        request_timeout_s=args.request_timeout_s, **extra,
     )
     return config, args
+
+
+def _idle_timeout(flag: float | None, env: dict[str, str]) -> float:
+    """``--idle-timeout-s``, else vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, else uvicorn's 5 s."""
+    if flag is not None:
+        return flag
+    raw = env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    try:
+        return float(raw) if raw else 5.0
+    except ValueError:
+        raise SystemExit(f"orchestrator sim-llm: error: VLLM_HTTP_TIMEOUT_KEEP_ALIVE={raw!r} is not a number") from None
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
