@@ -74,7 +74,7 @@ def test_human_readable_counts() -> None:
 @pytest.fixture
 async def served() -> AsyncIterator[str]:
     argv = [sys.executable, "-m", "orchestrator.simulator", *VLLM_SERVE, "--port", "0", "--root-path", "/llm",
-            "--enable-request-id-headers", "--time-scale", "0.001"]
+            "--enable-request-id-headers", "--time-scale", "0.001", "--sim-admin"]
     async with await anyio.open_process(argv, env={"VLLM_API_KEY": "sekret", "PATH": "/usr/bin:/bin"},
                                         stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
@@ -104,6 +104,8 @@ async def test_served_with_vllm_flags_env_key_and_root_path(served: str) -> None
         spec = (await http.get("/llm/openapi.json")).json()
         assert spec["servers"] == [{"url": "/llm"}]
         assert "/v1/chat/completions" in spec["paths"]
-        state = (await http.get("/_sim/state")).json()
+        assert (await http.get("/_sim/state")).status_code == 401  # admin needs the key too
+        state = (await http.get("/_sim/state", headers=auth)).json()
         assert "--enforce-eager" in state["config"]["ignored_flags"]
+        assert "sekret" not in json.dumps(state)
         assert json.dumps(state)
