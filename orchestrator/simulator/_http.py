@@ -99,6 +99,8 @@ class _Reject(Exception):
 # stays in the backlog, so retrying at once would spin. Back off instead, as asyncio's own
 # servers do, and keep serving the connections already open.
 _ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.ENOTCONN, errno.EINVAL, errno.EPROTO,
+                                      errno.EINTR, errno.EAGAIN})  # about one connection, not the server
 _ACCEPT_BACKOFF_S = (0.05, 1.0)
 
 
@@ -132,12 +134,12 @@ class HttpServer:
             except (OSError, anyio.BrokenResourceError) as exc:
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
                 code = cause.errno if isinstance(cause, OSError) else None
-                if code not in _ACCEPT_RESOURCE_ERRNOS:
-                    log.info("sim_accept_failed", error=str(cause or exc))  # e.g. the peer reset before accept
-                    continue
+                if code in _ACCEPT_TRANSIENT_ERRNOS:
+                    continue  # e.g. the peer reset before the accept completed
                 self.accept_failures += 1
-                log.warning("sim_accept_failed", error=os.strerror(code or 0), errno=code, retry_in_s=backoff,
-                            connections_open=self.connections_open, failures=self.accept_failures)
+                level = log.warning if code in _ACCEPT_RESOURCE_ERRNOS else log.error  # unknown: back off too
+                level("sim_accept_failed", error=os.strerror(code) if code else repr(exc), errno=code,
+                      retry_in_s=backoff, connections_open=self.connections_open, failures=self.accept_failures)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, _ACCEPT_BACKOFF_S[1])
                 continue
