@@ -81,9 +81,12 @@ class SmallestSize:
         self.cap = cap
         self._memo: dict[int, float] = {}
 
-    def of(self, node: Any) -> float:
-        """The smallest size of ``node`` (a subschema of the root)."""
-        size, _ = self._size(node, frozenset())
+    def of(self, node: Any, path: frozenset[int] = frozenset()) -> float:
+        """The smallest size of ``node`` (a subschema of the root) reached through the ``$ref`` targets in ``path``.
+
+        Those targets may not be entered again: a value that needs one inside itself is not finite.
+        """
+        size, _ = self._size(node, path)
         return size
 
     def _size(self, node: Any, path: frozenset[int]) -> tuple[float, bool]:

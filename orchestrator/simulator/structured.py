@@ -53,7 +53,7 @@ class _Builder:
         for key in ("anyOf", "oneOf"):
             parts = schema.get(key)
             if isinstance(parts, list) and parts:
-                finite = [p for p in parts if self.sizes.of(p) < math.inf]
+                finite = [p for p in parts if self.sizes.of(p, path) < math.inf]  # no way back into the path
                 return self.build(finite[0] if finite else parts[0], path, depth + 1)
         parts = schema.get("allOf")
         if isinstance(parts, list) and parts:
