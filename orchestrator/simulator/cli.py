@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import structlog
 import yaml
+from pydantic import ValidationError
 
 from ._vllm_flags import ALIASES, BOOL_FLAGS, LIST_FLAGS, OPTIONAL_FLAGS, VALUE_FLAGS, VLLM_VERSION
 from .config import FaultRates, LatencyModel, SimConfig
@@ -231,7 +232,19 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
     extra: dict[str, Any] = {}
     if args.max_model_len is not None:
         extra["max_model_len"] = args.max_model_len
-    config = SimConfig(
+    try:
+        config = _config(args, served, api_keys, ignored, env, extra)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        parser.error(errors)  # exits 2 naming the setting, as for any other bad option
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config, args
+
+
+def _config(args: argparse.Namespace, served: list[str], api_keys: list[str], ignored: list[str],
+            env: dict[str, str], extra: dict[str, Any]) -> SimConfig:
+    return SimConfig(
         served_model_names=tuple(served), api_keys=tuple(api_keys), host=args.host,
         port=args.port, max_num_seqs=args.max_num_seqs, root_path=args.root_path,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
@@ -249,7 +262,6 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
         seed=args.seed, sim_admin=args.sim_admin, idle_timeout_s=_idle_timeout(args.idle_timeout_s, env),
         request_timeout_s=args.request_timeout_s, **extra,
     )
-    return config, args
 
 
 def _idle_timeout(flag: float | None, env: dict[str, str]) -> float:
@@ -260,7 +272,7 @@ def _idle_timeout(flag: float | None, env: dict[str, str]) -> float:
     try:
         return float(raw) if raw else 5.0
     except ValueError:
-        raise SystemExit(f"orchestrator sim-llm: error: VLLM_HTTP_TIMEOUT_KEEP_ALIVE={raw!r} is not a number") from None
+        raise ValueError(f"VLLM_HTTP_TIMEOUT_KEEP_ALIVE={raw!r} is not a number") from None
 
 
 def serve(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,19 @@ def test_api_key_flag_wins_over_env() -> None:
     assert config_from_args(["--api-key", "a", "b"], env={"VLLM_API_KEY": "env"})[0].api_keys == ("a", "b")
 
 
+def test_exposure_options() -> None:
+    config, _ = config_from_args([], env={})
+    assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (False, 5.0, 30.0)
+    assert config_from_args([], env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})[0].idle_timeout_s == 12.0  # as vLLM
+    config, _ = config_from_args(["--sim-admin", "--idle-timeout-s", "0.5", "--request-timeout-s", "3"],
+                                 env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})
+    assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (True, 0.5, 3.0)
+    for argv, env in ((["--idle-timeout-s", "0"], {}), ([], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "soon"})):
+        with pytest.raises(SystemExit) as info:
+            config_from_args(argv, env=env)
+        assert info.value.code == 2
+
+
 def test_config_file(tmp_path: Path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text("max_model_len: 4096\nenforce_eager: true\nserved_model_name: [x]\nenable_prefix_caching: false\n")
