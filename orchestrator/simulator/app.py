@@ -96,13 +96,14 @@ class SimApp:
             ("GET", "/load"): self._load,
             ("POST", "/tokenize"): self._tokenize,
             ("POST", "/detokenize"): self._detokenize,
-            ("POST", "/reset_prefix_cache"): self._reset_cache,
             ("GET", "/tokenizer_info"): self._tokenizer_info,
             ("POST", "/invocations"): self._invocations,
             ("POST", "/ping"): self._health,
             ("GET", "/openapi.json"): self._openapi,
             ("POST", "/v1/responses"): self._responses,
         }
+        if config.server_dev_mode:  # vLLM routes its dev endpoints only with VLLM_SERVER_DEV_MODE=1
+            self._routes[("POST", "/reset_prefix_cache")] = self._reset_cache
         if config.sim_admin:  # test control and introspection: off unless asked for, never without the key
             self._routes[("GET", "/_sim/state")] = self._state
             self._routes[("POST", "/_sim/faults")] = self._set_faults

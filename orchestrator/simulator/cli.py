@@ -259,7 +259,8 @@ def _config(args: argparse.Namespace, served: list[str], api_keys: list[str], ig
                              prefill_s_per_token=args.prefill_per_token, jitter=args.jitter),
         faults=FaultRates(server_error=args.fault_5xx, hang=args.fault_hang, malformed=args.fault_malformed,
                           mid_stream_error=args.fault_mid_stream),
-        seed=args.seed, sim_admin=args.sim_admin, idle_timeout_s=_idle_timeout(args.idle_timeout_s, env),
+        seed=args.seed, sim_admin=args.sim_admin,
+        server_dev_mode=env.get("VLLM_SERVER_DEV_MODE", "0").strip().lower() in ("1", "true"), idle_timeout_s=_idle_timeout(args.idle_timeout_s, env),
         request_timeout_s=args.request_timeout_s, **extra,
     )
 

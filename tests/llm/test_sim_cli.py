@@ -64,6 +64,8 @@ def test_exposure_options() -> None:
     config, _ = config_from_args([], env={})
     assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (False, 5.0, 30.0)
     assert config_from_args([], env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})[0].idle_timeout_s == 12.0  # as vLLM
+    assert config.server_dev_mode is False
+    assert config_from_args([], env={"VLLM_SERVER_DEV_MODE": "1"})[0].server_dev_mode is True
     config, _ = config_from_args(["--sim-admin", "--idle-timeout-s", "0.5", "--request-timeout-s", "3"],
                                  env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})
     assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (True, 0.5, 3.0)

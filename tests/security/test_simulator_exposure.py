@@ -102,6 +102,7 @@ async def test_admin_endpoints_are_off_unless_enabled() -> None:
         assert (await http.get("/_sim/state")).status_code == 404
         assert (await http.post("/_sim/faults", json={"script": ["server_error"]})).status_code == 404
         assert "/_sim/state" not in (await http.get("/openapi.json")).json()["paths"]
+        assert (await http.post("/reset_prefix_cache")).status_code == 404  # vLLM's dev-mode route
         r = await http.post("/v1/chat/completions", json={"messages": HELLO})
         assert r.status_code == 200  # no fault was scripted by the refused call
 
