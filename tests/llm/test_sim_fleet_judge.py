@@ -44,7 +44,8 @@ async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Pat
         "apiVersion": "orchestrator.dev/v1", "kind": "Fleet", "metadata": {"name": "judged"},
         "spec": {"namespace": f"j{os.getpid()}", "leaseSeconds": 2, "redis": {"url": redis_server.url},
                  "llm": {"serve": {"model": "sim-model", "port": free_port(), "startupTimeoutSeconds": 30,
-                                   "args": ["--time-scale", "0.01", "--dtype", "bfloat16", "--enforce-eager"]}},
+                                   "args": ["--time-scale", "0.01", "--dtype", "bfloat16", "--enforce-eager",
+                                            "--sim-admin"]}},
                  "ledger": {"path": str(tmp_path / "ledger.db")}, "manager": {"leaseSeconds": 2},
                  "workers": [{"capability": "python", "plugin": "python", "replicas": 1}],
                  "supervisor": {"backoffSeconds": 0.2, "gracePeriodSeconds": 5}}}))
