@@ -37,9 +37,24 @@ def test_installed_plugin_is_listed_by_its_capability(installed_plugin: Path) ->
     assert "orchestrator_slugify:SlugifyWorker" in proc.stdout
 
 
-def test_installed_plugin_runs_a_job_with_its_own_verify(installed_plugin: Path) -> None:
+def test_installed_plugin_runs_a_job_with_its_own_verify_and_its_registered_check(installed_plugin: Path) -> None:
     proc = run_cli(installed_plugin, "run", str(PLUGIN / "job.yaml"), "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert [t["output"] for t in data["tasks"]] == ["heat-pumps-a-buyer-s-guide", "creme-brulee-at-home"]
     assert all(t["state"] == "accepted" for t in data["tasks"])
+
+
+def test_the_plugins_check_fails_an_output_that_is_not_a_slug_and_is_unknown_without_the_plugin(
+        installed_plugin: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("goal: g\ntasks:\n  - {id: x, capability: python, instruction: \"result = 'Not A Slug'\", "
+                   "max_attempts: 1, spec: {check: slugify.is_slug}}\n")
+    proc = run_cli(installed_plugin, "run", str(job), "--json")
+    assert proc.returncode == 1, proc.stderr
+    [task] = json.loads(proc.stdout)["tasks"]
+    assert "'Not A Slug' is not a slug" in task["reason"]
+    without = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(job)], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+    assert without.returncode == 2
+    assert "check 'slugify.is_slug' is not registered" in without.stderr
