@@ -24,7 +24,7 @@ import os
 import re
 import shlex
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import redis
@@ -174,6 +174,8 @@ class ManagerSpec(_Model):
     replicas: Literal[1] = 1
     lease_seconds: float = Field(5.0, gt=0, description="leadership lease (--manager-lease-s)")
     resources: Resources = Resources()
+    allow_checks: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]] = Field(
+        default_factory=list, description="module:function checks jobs may name besides installed ones (--allow-check)")
 
 
 class WorkerSpec(_Model):

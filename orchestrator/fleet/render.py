@@ -170,13 +170,17 @@ def _vllm(m: FleetManifest) -> list[Doc]:
     return [_service(m, f"{m.name}-vllm", "vllm", VLLM_PORT), deployment]
 
 
+def _allow_checks(m: FleetManifest) -> list[str]:
+    return [flag for ref in m.spec.manager.allow_checks for flag in ("--allow-check", ref)]
+
+
 def _manager(m: FleetManifest) -> list[Doc]:
     labels = _labels(m, "manager")
     volume, mount = _manifest_volume(m)
     ledger = f"{LEDGER_DIR}/ledger.db"
     container = _container(
         "manager", m.spec.image, command=["orchestrator", "--log-level", "INFO", "manager"],
-        args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}"],
+        args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}", *_allow_checks(m)],
         env=[*_env(m, llm_host=f"{m.name}-vllm"), {"name": "ORCH_LEDGER", "value": ledger}],
         resources=_resources(m.spec.manager.resources),
         volumeMounts=[{"name": "ledger", "mountPath": LEDGER_DIR}, mount])
@@ -270,7 +274,8 @@ def render_compose(m: FleetManifest) -> Doc:
     grace = f"{int(m.spec.supervisor.grace_period_seconds)}s"
     manager: Doc = {
         "image": m.spec.image, "entrypoint": ["orchestrator", "--log-level", "INFO"],
-        "command": ["manager", "--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}"],
+        "command": ["manager", "--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}",
+                    *_allow_checks(m)],
         "environment": {**env, "ORCH_LEDGER": ledger}, "volumes": [f"ledger:{LEDGER_DIR}"],
         "restart": "unless-stopped", "stop_grace_period": grace}
     if depends:

@@ -14,6 +14,7 @@ import yaml
 
 from orchestrator.fleet.commands import manager_command, process_specs, vllm_command, worker_command
 from orchestrator.fleet.manifest import load_manifest
+from orchestrator.fleet.render import render_compose, render_kubernetes
 from protocol.errors import ManifestError, ServiceUnreachable
 from tests._redis import free_port
 
@@ -215,3 +216,16 @@ def test_status_without_state_is_a_config_error(tmp_path: Path) -> None:
     from orchestrator.cli import main
 
     assert main(["fleet", "status", "--state-file", str(tmp_path / "none.json")]) == 2
+
+
+def test_the_manager_allows_the_checks_the_manifest_names(tmp_path: Path) -> None:
+    data = base(manager={"allowChecks": ["mypkg.checks:is_sorted", "other:fn"]})
+    m = load(write(tmp_path, data), plugins=False)
+    flags = "--allow-check mypkg.checks:is_sorted --allow-check other:fn"
+    assert flags in " ".join(manager_command(m))
+    [manager] = [d for d in render_kubernetes(m) if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "t-manager"]
+    assert flags in " ".join(manager["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert flags in " ".join(render_compose(m)["services"]["manager"]["command"])
+    data = base(manager={"allowChecks": ["rm -rf /"]})
+    with pytest.raises(ManifestError, match=r"spec\.manager\.allowChecks\[0\]"):
+        load(write(tmp_path, data), plugins=False)
