@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from orchestrator.fleet.manifest import load_manifest
+from orchestrator.fleet.preflight import check_processes
 from orchestrator.fleet.render import dump_documents, render_compose, render_kubernetes_files
 from orchestrator.fleet.supervisor import Supervisor, default_state_file, read_state
 from protocol.errors import ConfigError
@@ -53,10 +54,12 @@ def add_fleet_parser(verbs: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """``fleet up``: check the manifest (plugins, Redis, LLM), then supervise until SIGINT/SIGTERM."""
+    """``fleet up``: check the manifest (plugins, Redis, LLM, every process's executable), then supervise
+    until SIGINT/SIGTERM."""
     manifest = load_manifest(args.manifest)
     supervisor = Supervisor(manifest, state_file=args.state_file, log_dir=args.log_dir,
                             child_log_level=args.child_log_level, manifest_path=args.manifest)
+    check_processes(manifest, [p.spec for p in supervisor.processes], source=args.manifest)
 
     async def go() -> int:
         async with anyio.create_task_group() as tg:

@@ -11,7 +11,8 @@ worker capability with the manifest's replicas and resources. Pods find each oth
 
 Compose (``render_compose``): the same services on one machine, with a GPU device reservation
 for vLLM, named volumes for Redis and the ledger, ``deploy.replicas`` for workers and
-healthchecks.
+healthchecks. With ``spec.ui``, the operator's console: a Deployment and Service ``<name>-ui``
+(Kubernetes) or a ``ui`` service publishing its port (compose).
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ def _meta(m: FleetManifest, name: str, labels: dict[str, str]) -> Doc:
     return {"name": name, "labels": {**m.metadata.labels, **labels}}
 
 
-def _redis_url(m: FleetManifest) -> str:
-    return m.spec.redis.url if m.spec.redis.external else f"redis://{m.name}-redis:6379/0"
+def _redis_url(m: FleetManifest, host: str) -> str:
+    return m.spec.redis.url if m.spec.redis.external else f"redis://{host}:6379/0"
 
 
 def _llm_url(m: FleetManifest, host: str) -> str | None:
     return f"http://{host}:{VLLM_PORT}" if m.spec.llm.serve is not None else m.spec.llm.url
 
 
-def _env(m: FleetManifest, *, llm_host: str) -> list[Doc]:
-    env: list[Doc] = [{"name": "ORCH_REDIS_URL", "value": _redis_url(m)},
+def _env(m: FleetManifest, *, llm_host: str, redis_host: str) -> list[Doc]:
+    env: list[Doc] = [{"name": "ORCH_REDIS_URL", "value": _redis_url(m, redis_host)},
                       {"name": "ORCH_NAMESPACE", "value": m.spec.namespace},
                       {"name": "ORCH_LEASE_S", "value": f"{m.spec.lease_seconds:g}"}]
     url = _llm_url(m, llm_host)
@@ -73,6 +74,11 @@ def _env(m: FleetManifest, *, llm_host: str) -> list[Doc]:
     if _has_key(m):
         env.append(_secret_env("ORCH_LLM_API_KEY", m))
     return env
+
+
+def _k8s_env(m: FleetManifest) -> list[Doc]:
+    # Pods reach each other through the Services `NAME-redis` and `NAME-vllm`.
+    return _env(m, llm_host=f"{m.name}-vllm", redis_host=f"{m.name}-redis")
 
 
 def _has_key(m: FleetManifest) -> bool:
@@ -177,7 +183,7 @@ def _manager(m: FleetManifest) -> list[Doc]:
     container = _container(
         "manager", m.spec.image, command=["orchestrator", "--log-level", "INFO", "manager"],
         args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}"],
-        env=[*_env(m, llm_host=f"{m.name}-vllm"), {"name": "ORCH_LEDGER", "value": ledger}],
+        env=[*_k8s_env(m), {"name": "ORCH_LEDGER", "value": ledger}],
         resources=_resources(m.spec.manager.resources),
         volumeMounts=[{"name": "ledger", "mountPath": LEDGER_DIR}, mount])
     sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(m, f"{m.name}-manager", labels),
@@ -197,13 +203,31 @@ def _worker(m: FleetManifest, w: WorkerSpec) -> Doc:
         "worker", m.spec.image, command=["orchestrator", "--log-level", "INFO", "worker"],
         args=["--capability", w.capability, "--plugin", w.plugin_ref, "--concurrency", str(w.concurrency),
               "--config", json.dumps(w.config, separators=(",", ":")), "--drain-s", f"{max(grace * 2 / 3, 0.5):g}"],
-        env=_env(m, llm_host=f"{m.name}-vllm"), resources=_resources(w.resources), volumeMounts=[mount])
+        env=_k8s_env(m), resources=_resources(w.resources), volumeMounts=[mount])
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _meta(m, f"{m.name}-worker-{_dns(w.capability)}", labels),
             "spec": {"replicas": w.replicas, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels}, "spec": {
                          "terminationGracePeriodSeconds": int(grace), "securityContext": POD_SECURITY,
                          "containers": [container], "volumes": [volume]}}}}
+
+
+def _ui(m: FleetManifest) -> list[Doc]:
+    ui = m.ui
+    assert ui is not None
+    labels = _labels(m, "ui")
+    probe = {"tcpSocket": {"port": ui.port}, "periodSeconds": 10}
+    container = _container(
+        "ui", m.spec.image, command=["orchestrator", "--log-level", "INFO", "ui"],
+        args=["--host", "0.0.0.0", "--port", str(ui.port)], ports=[{"name": "http", "containerPort": ui.port}],
+        env=_k8s_env(m), resources=_resources(ui.resources),
+        readinessProbe={**probe, "initialDelaySeconds": 2}, livenessProbe={**probe, "initialDelaySeconds": 15})
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(m, f"{m.name}-ui", labels),
+        "spec": {"replicas": ui.replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {
+                     "securityContext": POD_SECURITY, "containers": [container]}}}}
+    return [_service(m, f"{m.name}-ui", "ui", ui.port), deployment]
 
 
 def render_kubernetes_files(m: FleetManifest) -> dict[str, list[Doc]]:
@@ -216,6 +240,8 @@ def render_kubernetes_files(m: FleetManifest) -> dict[str, list[Doc]]:
     files["manager.yaml"] = _manager(m)
     if m.spec.workers:
         files["workers.yaml"] = [_worker(m, w) for w in m.spec.workers]
+    if m.ui is not None:
+        files["ui.yaml"] = _ui(m)
     return files
 
 
@@ -235,7 +261,8 @@ def _compose_resources(r: Resources) -> Doc:
 
 def render_compose(m: FleetManifest) -> Doc:
     """A compose file (compose specification) for the fleet on one machine."""
-    env = {e["name"]: e["value"] for e in _env(m, llm_host="vllm") if "value" in e}
+    # Compose services reach each other by service name: `redis`, `vllm`.
+    env = {e["name"]: e["value"] for e in _env(m, llm_host="vllm", redis_host="redis") if "value" in e}
     if _has_key(m):
         env["ORCH_LLM_API_KEY"] = "${ORCH_LLM_API_KEY:-}"
     services: Doc = {}
@@ -295,6 +322,16 @@ def render_compose(m: FleetManifest) -> Doc:
         if depends:
             worker["depends_on"] = dict(depends)
         services[f"worker-{_dns(w.capability)}"] = worker
+    if m.ui is not None:
+        ui: Doc = {
+            "image": m.spec.image, "entrypoint": ["orchestrator", "--log-level", "INFO"],
+            "command": ["ui", "--host", "0.0.0.0", "--port", str(m.ui.port)], "environment": dict(env),
+            "ports": [f"{m.ui.port}:{m.ui.port}"], "restart": "unless-stopped"}
+        if (res := _compose_resources(m.ui.resources)):
+            ui["deploy"] = {"resources": res}
+        if "redis" in depends:  # the console reads the bus; it does not need the LLM
+            ui["depends_on"] = {"redis": depends["redis"]}
+        services["ui"] = ui
     return {"services": services, "volumes": volumes}
 
 

@@ -195,8 +195,8 @@ class Supervisor:
                           f"Last output: {proc.last_error or '(none)'}")
                 log.error("process_failed", process=proc.spec.name, exit_code=code, last_output=proc.last_error)
                 self.exit_code = 1
-                if proc.spec.role != "worker":
-                    self.stop()  # no fleet without its manager (or its LLM)
+                if proc.spec.role in ("manager", "llm"):
+                    self.stop()  # no fleet without its manager (or its LLM); a worker or the console is not vital
                 break
             delay = min(policy.backoff_seconds * 2 ** max(quick - 1, 0), policy.max_backoff_seconds)
             proc.state = "backoff"

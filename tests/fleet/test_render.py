@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
-from orchestrator.fleet.manifest import FleetManifest, load_manifest
+from orchestrator.fleet.manifest import FleetManifest, load_manifest, parse_manifest
 from orchestrator.fleet.render import render_compose, render_kubernetes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,3 +129,82 @@ def test_render_prints_to_stdout_and_never_leaks_the_api_key(tmp_path: Path) -> 
         assert proc.returncode == 0, proc.stderr
         assert "sk-very-secret" not in proc.stdout
         assert list(yaml.safe_load_all(proc.stdout))
+
+
+def _url_hosts(env: dict[str, Any]) -> dict[str, str]:
+    """``ORCH_*_URL`` variable -> the host its URL names (values from a Secret are skipped)."""
+    hosts = {}
+    for name, value in env.items():
+        if name.startswith("ORCH_") and name.endswith("_URL") and isinstance(value, str):
+            host = urlsplit(value).hostname
+            assert host, f"{name}={value!r} names no host"
+            hosts[name] = host
+    return hosts
+
+
+def test_every_compose_url_names_a_rendered_service(manifest: FleetManifest) -> None:
+    services = render_compose(manifest)["services"]
+    checked = 0
+    for name, service in services.items():
+        for var, host in _url_hosts(service.get("environment", {})).items():
+            assert host in services, f"service {name}: {var} names host {host!r}, not one of {sorted(services)}"
+            checked += 1
+    assert checked >= 2 * len(manifest.spec.workers)  # Redis and the LLM, in every worker at least
+
+
+def test_every_kubernetes_url_names_a_rendered_service(k8s: list[dict[str, Any]]) -> None:
+    services = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "Service"}
+    checked = 0
+    for doc in k8s:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for var, host in _url_hosts(env).items():
+                assert host in services, f"{doc['metadata']['name']}: {var} names {host!r}, not a rendered Service"
+                port = urlsplit(env[var]).port
+                assert port in [p["port"] for p in services[host]["spec"]["ports"]], (var, env[var])
+                checked += 1
+    assert checked >= 2 * len(manifest_workers(k8s))
+
+
+def manifest_workers(k8s: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in k8s if d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+
+
+def test_external_redis_is_used_as_given(manifest: FleetManifest) -> None:
+    external = manifest.model_copy(update={"spec": manifest.spec.model_copy(update={
+        "redis": manifest.spec.redis.model_copy(update={"external": True, "url": "redis://cache.example:6380/2"})})})
+    services = render_compose(external)["services"]
+    assert "redis" not in services
+    assert services["manager"]["environment"]["ORCH_REDIS_URL"] == "redis://cache.example:6380/2"
+    assert not any(d["metadata"]["name"] == "demo-redis" for d in render_kubernetes(external))
+
+
+def test_the_console_is_rendered_with_its_service(manifest: FleetManifest, k8s: list[dict[str, Any]]) -> None:
+    assert manifest.ui is not None
+    port = manifest.ui.port
+    dep = by(k8s, "Deployment", "demo-ui")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "ui"
+    assert container["args"] == ["--host", "0.0.0.0", "--port", str(port)]
+    assert container["ports"] == [{"name": "http", "containerPort": port}]
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    service = by(k8s, "Service", "demo-ui")
+    assert service["spec"]["ports"][0]["port"] == port
+    assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    compose = render_compose(manifest)["services"]["ui"]
+    assert compose["command"] == ["ui", "--host", "0.0.0.0", "--port", str(port)]
+    assert compose["ports"] == [f"{port}:{port}"]
+    assert compose["depends_on"] == {"redis": {"condition": "service_healthy"}}  # not the LLM
+
+
+def test_no_console_unless_the_manifest_asks(manifest: FleetManifest) -> None:
+    without = manifest.model_copy(update={"spec": manifest.spec.model_copy(update={"ui": None})})
+    assert not [d for d in render_kubernetes(without) if "ui" in d["metadata"]["name"].split("-")]
+    assert "ui" not in render_compose(without)["services"]
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["spec"]["ui"]["enabled"] = False
+    disabled = parse_manifest(data, environ={})
+    assert disabled.ui is None
+    assert "ui" not in render_compose(disabled)["services"]
