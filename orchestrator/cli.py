@@ -36,9 +36,11 @@ from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
 from orchestrator.gctune import tune_gc
 from orchestrator.job import Job, load_job
+from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from protocol.bus import Bus
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
+from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
 from protocol.settings import RedisSettings, count, env_value, port, redact_url, seconds, setting_error
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     plugins = verbs.add_parser("plugins", help="list installed worker plugins")
+    plugins.add_argument("--json", action="store_true",
+                         help="print a JSON array, one object per plugin: name, capability, target, package, "
+                              "version, description, needs_llm, error")
     plugins.set_defaults(func=_cmd_plugins)
 
     verbs.add_parser("sim-llm", add_help=False,
@@ -151,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     _observability_flags(worker)
     worker.set_defaults(func=_cmd_worker)
 
-    submit = verbs.add_parser("submit", help="submit a job to the running manager; prints the run id")
+    submit = verbs.add_parser("submit", help="submit a job file, or plan and submit a goal, to the running manager; "
+                                             "prints the run id")
     _redis_flags(submit)
-    submit.add_argument("job", help="path to a job file (YAML)")
+    submit.add_argument("job", metavar="JOB_OR_GOAL",
+                        help="a job file (YAML), or a goal in words for the LLM planner (tasks for capability llm)")
     submit.add_argument("--json", action="store_true", help="print JSON ({'run_id'}, or the final run with --wait)")
     submit.add_argument("--wait", action="store_true", help="block until the run ends; exit 0 accepted, 1 not")
+    _llm_flags(submit, fallback="; the planner's server for a goal (without one: the built-in vLLM simulator)")
     submit.set_defaults(func=_cmd_submit)
 
     status = verbs.add_parser("status", help="show a run's tasks, states, attempts and outputs")
@@ -418,17 +426,16 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
         job = await orch.plan(goal) if goal is not None else args.job
         run = await orch.submit(job)
         view = RunView()
-        wide = console.width >= 120
         live_display = console.is_terminal and not args.json
-        with Live(render_table(view, wide=wide), console=console, refresh_per_second=8, transient=True,
+        with Live(render_table(view, width=console.width), console=console, refresh_per_second=8, transient=True,
                   auto_refresh=live_display) as live:
             async for event in run.events():
                 view.apply(event)
                 if live_display:
-                    live.update(render_table(view, wide=wide))
+                    live.update(render_table(view, width=console.width))
         result = await run.wait()
     if not args.json:
-        console.print(render_summary(view, result.to_dict(), wide=console.width >= 120))
+        console.print(render_summary(view, result.to_dict(), width=console.width))
     if simulated:
         console.print("[yellow]note: every model answer in this run came from the vLLM simulator.[/yellow]",
                       highlight=False, soft_wrap=True)
@@ -487,8 +494,25 @@ def _process_age_s() -> float:
     return time.monotonic() - _IMPORTED
 
 
+async def _plan_goal(goal: str, args: argparse.Namespace) -> Job:
+    """Plan ``goal`` into a job here, as ``run`` does: on the LLM given, else on the built-in simulator.
+
+    The plan's tasks use capability ``llm``, which the fleet's LLM workers serve.
+    """
+    async with AsyncExitStack() as stack:
+        settings = _llm_settings(args)
+        if settings is None:
+            sim = await stack.enter_async_context(SimulatedVLLM(SimConfig(time_scale=0.05)))
+            settings = InferenceSettings(url=sim.url, model=sim.model)
+            print("orchestrator: note: no LLM server configured (--llm-url or ORCH_LLM_URL): the goal is planned "  # noqa: T201
+                  "by the built-in vLLM simulator; its plan is simulated", file=sys.stderr)
+        client = await stack.enter_async_context(InferenceClient(settings))
+        return await Planner(client, capabilities=["llm"]).plan(goal)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    job = load_job(args.job)  # capabilities are the fleet's business; everything else is checked here
+    # A file: capabilities are the fleet's business, everything else is checked here. Words: a goal to plan.
+    job = load_job(args.job) if _is_job_file(args.job) else anyio.run(_plan_goal, args.job, args)
     url = processes.redis_url(args.redis)
 
     async def go() -> int:
@@ -499,7 +523,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                     await processes.wait_for_manager(url, namespace=args.namespace, within_s=left)
                 except processes.NoActiveManager as exc:
                     raise processes.NoActiveManager(f"{exc}; the job was not submitted") from None
-            run_id = await processes.submit_job(bus, job, source=args.job)
+            run_id = await processes.submit_job(bus, job, source=args.job if _is_job_file(args.job) else "goal")
             await _warn_unserved(bus, job, run_id)
             if not args.wait:
                 if await processes.active_manager(url, namespace=args.namespace) is None:
@@ -596,14 +620,15 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                 for event in await processes.read_events(bus, args.run_id):
                     view.apply(event)
             else:
-                with Live(render_table(view), console=console, refresh_per_second=4, transient=True) as live:
+                with Live(render_table(view, width=console.width), console=console, refresh_per_second=4,
+                          transient=True) as live:
                     async for event in processes.follow_events(bus, args.run_id):
                         view.apply(event)
-                        live.update(render_table(view, wide=console.width >= 120))
+                        live.update(render_table(view, width=console.width))
             status = await processes.fetch_status(bus, args.run_id)
         if status is None:
             raise _unknown_run(args.run_id)
-        console.print(render_summary(view, status, wide=console.width >= 120))
+        console.print(render_summary(view, status, width=console.width))
         return status
 
     status = anyio.run(go)
@@ -645,12 +670,38 @@ def _print_run(result: dict[str, Any], *, as_json: bool) -> None:
         console.print(f"reason: {result['reason']}", markup=False)
 
 
-def _cmd_plugins(args: argparse.Namespace) -> int:
+def plugin_rows() -> list[dict[str, Any]]:
+    """Every installed worker plugin, imported to read what it declares (``plugins --json``).
+
+    Keys: ``name`` (entry point), ``capability`` (what the class declares; null if it failed to
+    load), ``target`` (``module:Class``), ``package`` and ``version`` (its distribution, or null),
+    ``description`` (the first line of the class's docstring, or ""), ``needs_llm``, and ``error``
+    (why it failed to load, or null).
+    """
     rows: list[dict[str, Any]] = []
     for name, ep in sorted(registry.available().items()):
-        rows.append({"capability": name, "target": ep.value, "package": ep.dist.name if ep.dist else ""})
-    for row in rows:
-        print(f"{row['capability']:<20} {row['target']:<50} {row['package']}")  # noqa: T201 - CLI output
+        row: dict[str, Any] = {"name": name, "capability": None, "target": ep.value,
+                               "package": ep.dist.name if ep.dist else None,
+                               "version": ep.dist.version if ep.dist else None,
+                               "description": "", "needs_llm": None, "error": None}
+        try:
+            cls = registry.load_entry_point(ep)
+        except PluginLoadError as exc:
+            row["error"] = str(exc)
+        else:
+            doc = cls.__dict__.get("__doc__") or ""  # its own docstring, not the Worker base class's
+            row.update(capability=cls.capability, description=doc.strip().split("\n")[0],
+                       needs_llm=cls.needs_inference)
+        rows.append(row)
+    return rows
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(plugin_rows()))  # noqa: T201 - the --json contract is stdout
+        return EXIT_ACCEPTED
+    for name, ep in sorted(registry.available().items()):
+        print(f"{name:<20} {ep.value:<50} {ep.dist.name if ep.dist else ''}")  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
 
 
