@@ -108,6 +108,7 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
         assert len(rows) == expected
         assert all(p["state"] == "running" and p["restarts"] == 0 for p in rows), rows
         pids = [p["pid"] for p in rows]
+        assert_each_process_holds_only_its_key(work / ".orchestrator", rows, data)
     finally:
         if fleet.poll() is None:
             fleet.send_signal(signal.SIGINT)  # Ctrl-C
@@ -123,6 +124,34 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def assert_each_process_holds_only_its_key(state_dir: Path, rows: list[dict[str, Any]], data: dict[str, Any]) -> None:
+    """fleet up made the keyring where `orchestrator submit` looks, and gave each process only its role's key."""
+    ring = {p.name for p in (state_dir / "keys").iterdir()}
+    capabilities = [w["capability"] for w in data["spec"]["workers"]]
+    assert {"keyring.json", "manager.key", "operator.admin.key", *(f"worker.{c}.key" for c in capabilities)} == ring
+    expected = {"manager": "manager.key", **{f"worker-{c}": f"worker.{c}.key" for c in capabilities},
+                "operator-admin": "operator.admin.key"}
+    shares = state_dir / "fleet-local-keys"
+    for share, key in expected.items():
+        if share == "operator-admin" and "ui" not in data["spec"]:
+            continue
+        assert sorted(p.name for p in (shares / share).iterdir()) == sorted(["keyring.json", key]), share
+        assert (shares / share / key).stat().st_mode & 0o077 == 0  # private: the owner alone
+    for row in rows:
+        keys = environ_of(row["pid"]).get("ORCH_KEYS")
+        if row["role"] == "llm":
+            assert keys is None  # the model server is not on the bus: no key at all
+            continue
+        share = {"manager": "manager", "worker": f"worker-{row['capability']}", "ui": "operator-admin"}[row["role"]]
+        assert keys is not None
+        assert Path(keys).resolve() == (shares / share).resolve(), row
 
 
 def test_the_fleet_state_directory_is_ignored_by_git() -> None:

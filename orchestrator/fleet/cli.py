@@ -13,11 +13,14 @@ from typing import Any
 
 import anyio
 
-from orchestrator.fleet.manifest import load_manifest
+from orchestrator.fleet.keys import KeyShares, ensure_keyring, hand_out
+from orchestrator.fleet.manifest import FleetManifest, load_manifest
 from orchestrator.fleet.preflight import check_processes
 from orchestrator.fleet.render import dump_documents, render_compose, render_kubernetes_files
 from orchestrator.fleet.supervisor import Supervisor, default_state_file, read_state
+from orchestrator.keys_cli import add_keys_flags
 from protocol.errors import ConfigError
+from protocol.keyring import keys_dir
 
 __all__ = ("add_fleet_parser",)
 
@@ -36,6 +39,7 @@ def add_fleet_parser(verbs: Any) -> None:
     up.add_argument("--state-file", type=Path, default=None,
                     help="where to write the fleet's state (default .orchestrator/fleet-NAME.json)")
     up.add_argument("--child-log-level", default="INFO", help="--log-level of the processes (default INFO)")
+    add_keys_flags(up)  # --keys DIR: the keyring fleet up makes or completes, and hands out; --insecure: none
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="list the fleet's processes: pid, capability, state, restarts")
@@ -57,9 +61,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     """``fleet up``: check the manifest (plugins, Redis, LLM, every process's executable), then supervise
     until SIGINT/SIGTERM."""
     manifest = load_manifest(args.manifest)
-    supervisor = Supervisor(manifest, state_file=args.state_file, log_dir=args.log_dir,
-                            child_log_level=args.child_log_level, manifest_path=args.manifest)
-    check_processes(manifest, [p.spec for p in supervisor.processes], source=args.manifest)
+    state_file = args.state_file or default_state_file(manifest.name)
+    environ = dict(os.environ)
+    if args.insecure:
+        environ["ORCH_INSECURE"] = "1"  # every process runs unsigned, and says so in its log
+    probe = Supervisor(manifest, state_file=state_file, environ=environ, child_log_level=args.child_log_level)
+    check_processes(manifest, [p.spec for p in probe.processes], source=args.manifest)  # before any key is made
+    keys = None if args.insecure else _keys(manifest, keys_dir(args.keys), state_file.parent)
+    supervisor = Supervisor(manifest, state_file=state_file, log_dir=args.log_dir, environ=environ,
+                            child_log_level=args.child_log_level, manifest_path=args.manifest, keys=keys)
+    check_processes(manifest, [p.spec for p in supervisor.processes], source=args.manifest)  # with their keys
 
     async def go() -> int:
         async with anyio.create_task_group() as tg:
@@ -69,6 +80,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return code
 
     return anyio.run(go)
+
+
+def _keys(manifest: FleetManifest, ring_dir: Path, state_dir: Path) -> KeyShares:
+    """Make or complete the fleet's keyring, and hand each role its share under ``STATE_DIR/fleet-NAME-keys``."""
+    ring, added = ensure_keyring(manifest, ring_dir)
+    if added:
+        print(f"[fleet] keyring {ring_dir}: added keys for {', '.join(added)}", flush=True)  # noqa: T201 - CLI output
+    return hand_out(manifest, ring, state_dir / f"fleet-{manifest.name}-keys")
 
 
 async def _stop_on_signal(supervisor: Supervisor, scope: anyio.CancelScope) -> None:

@@ -200,6 +200,9 @@ class UISpec(_Model):
     host: str = Field("127.0.0.1", description="fleet up: the address it binds (render: always 0.0.0.0)")
     port: int = Field(8080, ge=1, le=65535)
     replicas: int = Field(1, ge=0, description="render: console pods behind the Service")
+    operator: str | None = Field(None, description="the operator key the console acts with (default: the "
+                                                   "keyring's only operator, else admin)")
+    read_only: bool = Field(False, description="hand the console no operator key: it shows, nobody acts")
     resources: Resources = Resources()
 
 
