@@ -54,6 +54,11 @@ def add_fleet_parser(verbs: Any) -> None:
     render.add_argument("--target", required=True, choices=("kubernetes", "compose"))
     render.add_argument("--output", type=Path, default=None, metavar="DIR",
                         help="write files into DIR (kubernetes: one file per component; compose: compose.yaml)")
+    render.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                        help="the fleet's keyring (made or completed like fleet up does): kubernetes adds keys.yaml, "
+                             "one Secret per role with its private key (keep it out of version control); compose "
+                             "mounts the key files from DIR (default: the pods name Secrets NAME-keys-ROLE you "
+                             "create, compose reads ./keys next to compose.yaml)")
     render.set_defaults(func=cmd_render)
 
 
@@ -154,10 +159,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     """``fleet render``: print (or write) the rendered YAML; plugins are not loaded, services not checked."""
     manifest = load_manifest(args.manifest, plugins=False, services=False)
     header = HEADER.format(source=args.manifest, target=args.target)
+    ring = None
+    if args.keys is not None:
+        ring, added = ensure_keyring(manifest, args.keys)
+        if added:
+            print(f"keyring {args.keys}: added keys for {', '.join(added)}", file=sys.stderr)  # noqa: T201
     if args.target == "kubernetes":
-        files = {name: dump_documents(docs, header=header) for name, docs in render_kubernetes_files(manifest).items()}
+        files = {name: dump_documents(docs, header=header)
+                 for name, docs in render_kubernetes_files(manifest, ring).items()}
     else:
-        files = {"compose.yaml": dump_documents([render_compose(manifest)], header=header)}
+        keys_path = "./keys"
+        if args.keys is not None:  # compose reads secret files relative to the compose file
+            keys_path = os.path.relpath(args.keys.absolute(), (args.output or Path.cwd()).absolute())
+        compose = render_compose(manifest, ring=ring, keys_path=keys_path)
+        files = {"compose.yaml": dump_documents([compose], header=header)}
     if args.output is None:
         sys.stdout.write("---\n".join(files.values()))
         return 0
