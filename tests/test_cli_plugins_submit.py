@@ -62,7 +62,8 @@ def test_plugins_json_lists_every_plugin_with_stable_keys(tmp_path: Path) -> Non
 
 @pytest.mark.redis
 def test_submit_a_goal_plans_it_with_the_llm(redis_url: str) -> None:
-    env = {**base_env(), "ORCH_REDIS_URL": redis_url, "ORCH_NAMESPACE": f"t{uuid.uuid4().hex[:10]}"}
+    env = {**base_env(), "ORCH_REDIS_URL": redis_url, "ORCH_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
+           "ORCH_KEYS": os.environ["ORCH_KEYS"]}  # the session keyring: submit signs as its operator
     goal = "write a short market brief on heat pumps"
     proc = cli("submit", goal, "--json", env=env)  # no manager: the run is queued, its plan visible
     assert proc.returncode == 0, proc.stderr
