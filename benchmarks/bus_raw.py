@@ -14,6 +14,9 @@ Each measurement has the requester in this process and one worker in a separate 
   requester's CPU time per round trip (``time.process_time()``), which shows how much of the
   latency is Python work rather than waiting.
 
+The ``signed`` row is the same bus with Ed25519 signing on (the default for processes on Redis):
+every message signed by its sender's key and verified by its receiver.
+
 Figures are medians over ``--repeats`` runs. A fresh key namespace is used for every run.
 ``BUS_BENCH_NO_HIREDIS=1`` hides hiredis, to measure redis-py's pure-Python parser.
 """
@@ -21,6 +24,7 @@ Figures are medians over ``--repeats`` runs. A fresh key namespace is used for e
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import statistics
@@ -113,9 +117,27 @@ async def _raw_latency(r: aioredis.Redis, ns: str, n: int) -> list[float]:
 
 # -- RedisBus --------------------------------------------------------------------------------------
 
-def _bus_worker(url: str, ns: str, ready: Any) -> None:
+def _settings(keys: str | None, signer: str) -> BusSettings:
+    """Plain settings, or settings whose codec signs as ``signer`` with the keyring at ``keys``."""
+    if keys is None:
+        return BusSettings()
+    from protocol.codec import Codec
+    from protocol.keyring import Keyring
+
+    return BusSettings(codec=Codec(keyring=Keyring.load(keys), signers=(signer,)))
+
+
+def _keyring() -> str:
+    from protocol.keyring import Keyring
+
+    path = Path(tempfile.mkdtemp(prefix="bench-keys-"))
+    Keyring.init(path).add("worker", "bench")
+    return str(path)
+
+
+def _bus_worker(url: str, ns: str, ready: Any, keys: str | None = None) -> None:
     async def main() -> None:
-        async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
+        async with RedisBus.from_url(url, settings=_settings(keys, "worker:bench"), namespace=ns) as bus:
             it = bus.consume("tasks.bench", group="workers", consumer="w1")
             ready.set()
             async with anyio.create_task_group() as tg:
@@ -172,10 +194,10 @@ async def _bus_latency(bus: RedisBus, n: int) -> list[float]:
 
 # -- harness ---------------------------------------------------------------------------------------
 
-def _with_worker(target: Callable[[str, str, Any], None], url: str, ns: str) -> mp.process.BaseProcess:
+def _with_worker(target: Callable[..., None], url: str, ns: str, *extra: Any) -> mp.process.BaseProcess:
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=target, args=(url, ns, ready), daemon=True)
+    proc = ctx.Process(target=target, args=(url, ns, ready, *extra), daemon=True)
     proc.start()
     if not ready.wait(30):
         raise RuntimeError("worker did not start")
@@ -201,11 +223,12 @@ async def _run_raw(url: str, n: int, window: int, lat_n: int) -> tuple[float, li
     return tput, lat, cpu
 
 
-async def _run_bus(url: str, n: int, window: int, lat_n: int) -> tuple[float, list[float], float]:
+async def _run_bus(url: str, n: int, window: int, lat_n: int,
+                   keys: str | None = None) -> tuple[float, list[float], float]:
     """Throughput, round-trip latencies, and the requester's CPU seconds per round trip."""
     ns = f"bench{uuid.uuid4().hex[:8]}"
-    proc = _with_worker(_bus_worker, url, ns)
-    async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
+    proc = _with_worker(_bus_worker, url, ns, keys)
+    async with RedisBus.from_url(url, settings=_settings(keys, "manager"), namespace=ns) as bus:
         await _bus_latency(bus, 50)  # warm-up
         tput = await _bus_throughput(bus, n, window)
         cpu = time.process_time()
@@ -249,9 +272,11 @@ async def _report(url: str, args: argparse.Namespace) -> None:
 
     parser_name = "hiredis" if HIREDIS_AVAILABLE else "pure-Python parser"
     print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; window {args.window}; {parser_name}")
-    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "bus": {}}
+    rows: dict[str, dict[str, list[float]]] = {"raw": {}, "bus": {}, "signed": {}}
+    keys = _keyring()
+    signed = functools.partial(_run_bus, keys=keys)
     for rep in range(args.repeats):
-        for name, run in (("raw", _run_raw), ("bus", _run_bus)):
+        for name, run in (("raw", _run_raw), ("bus", _run_bus), ("signed", signed)):
             tput, lat, cpu = await run(url, args.tasks, args.window, args.latency_tasks)
             row = rows[name]
             row.setdefault("cpu", []).append(cpu * 1e6)
@@ -261,8 +286,10 @@ async def _report(url: str, args: argparse.Namespace) -> None:
             print(f"  repeat {rep + 1} {name}: {tput:8.0f} tasks/s  p50 {row['p50'][-1]:6.0f} us  "
                   f"p99 {row['p99'][-1]:6.0f} us  requester CPU {row['cpu'][-1]:4.0f} us/round trip")
     print_medians(rows, baseline="raw", measured="bus")
-    raw_cpu, bus_cpu = (statistics.median(rows[name]["cpu"]) for name in ("raw", "bus"))
-    print(f"requester CPU per round trip: raw {raw_cpu:.0f} us, bus {bus_cpu:.0f} us ({bus_cpu / raw_cpu:.2f}x)")
+    print_medians(rows, baseline="bus", measured="signed")
+    raw_cpu, bus_cpu, signed_cpu = (statistics.median(rows[name]["cpu"]) for name in ("raw", "bus", "signed"))
+    print(f"requester CPU per round trip: raw {raw_cpu:.0f} us, bus {bus_cpu:.0f} us ({bus_cpu / raw_cpu:.2f}x), "
+          f"signed {signed_cpu:.0f} us ({signed_cpu / raw_cpu:.2f}x)")
 
 
 def print_medians(rows: dict[str, dict[str, list[float]]], *, baseline: str, measured: str) -> None:

@@ -221,9 +221,14 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Ignored:
-    """The input changed nothing (a stale, duplicate or misrouted reply); worth a log line, no more."""
+    """The input changed nothing (a stale, duplicate or misrouted reply); worth a log line, no more.
+
+    ``suspicious`` marks what an honest process never sends (a reply signed by another capability's
+    key), which operators should hear about.
+    """
 
     reason: str
+    suspicious: bool = False
 
 
 # A HistoryEvent effect means: persist it with its task's (and run's) records, then publish it.
@@ -351,7 +356,7 @@ class RunEngine:
             return
         if reply.signer is not None and reply.signer != f"worker:{task.capability}":
             self._ignore(f"reply about task {task.id!r} (capability {task.capability!r}) is signed by "
-                         f"{reply.signer!r}, not by 'worker:{task.capability}'")
+                         f"{reply.signer!r}, not by 'worker:{task.capability}'", suspicious=True)
             return
         body = reply.body
         if isinstance(body, Heartbeat):
@@ -768,8 +773,8 @@ class RunEngine:
     def _touch(self, task: TaskRecord) -> None:
         self._touched[task.id] = None
 
-    def _ignore(self, reason: str) -> None:
-        self._effects.append(Ignored(reason))
+    def _ignore(self, reason: str, *, suspicious: bool = False) -> None:
+        self._effects.append(Ignored(reason, suspicious))
 
     def _plan(self, task: TaskRecord) -> str:
         deps = f" It builds on {', '.join(task.depends_on)}." if task.depends_on else ""

@@ -292,6 +292,8 @@ class Manager:
                     assert self._tg is not None
                     self._tg.start_soon(self._publish_final, run)
                     log.info("run_finished", run_id=run.run_id, state=str(effect.state), reason=effect.reason)
+                case Ignored(suspicious=True):
+                    log.warning("forged_input_ignored", run_id=run.run_id, reason=effect.reason)
                 case Ignored():
                     log.info("input_ignored", run_id=run.run_id, reason=effect.reason)
                 case Refused():

@@ -17,7 +17,7 @@ from orchestrator.records import Event, RunRecord, TaskRecord
 from protocol.bus import Bus
 from protocol.errors import OrchestratorError
 from protocol.history import Dispatched, RunFinished, Transitioned
-from protocol.keys import results_stream, tasks_stream, workers_group
+from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, results_stream, tasks_stream, workers_group
 from protocol.metrics import DURATION_BUCKETS, InferenceMetrics, MetricsServer, WorkerMetrics, children, serve_metrics
 from protocol.states import TaskEvent
 
@@ -122,4 +122,6 @@ class ManagerMetrics:
             stream = tasks_stream(capability)
             self.queue_depth.labels(capability).set(await bus.depth(stream, workers_group(capability)))
             for name in (stream, results_stream(capability)):
-                self.dead_letters.labels(name).set(len(await bus.dead_letters(name)))
+                self.dead_letters.labels(name).set(await bus.dead_letter_count(name))
+        for name in (JOBS_STREAM, OVERRIDES_STREAM):  # forged or malformed submissions and overrides land here
+            self.dead_letters.labels(name).set(await bus.dead_letter_count(name))

@@ -36,7 +36,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k == "ORCH_KEYS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["ORCH_VLLM_BINARY"] = f"{sys.executable} -m orchestrator.simulator"  # sim-llm stands in for `vllm serve`
     path = tmp_path / "fleet.yaml"

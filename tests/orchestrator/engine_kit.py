@@ -54,11 +54,12 @@ class Driver:
         return self.feed(Tick(self.at()))
 
     def done(self, task_id: str, output: Any, *, attempt: int | None = None, capability: str | None = None,
-             sender: str = "w1", self_check: bool = False, tokens: int = 0) -> list[Effect]:
+             sender: str = "w1", self_check: bool = False, tokens: int = 0,
+             signer: str | None = None) -> list[Effect]:
         task = self.run.tasks[task_id]
         return self.feed(Reply(task_id, task.attempt if attempt is None else attempt, sender,
                                capability or task.capability, Done(output=output, self_check=self_check,
-                                                                   tokens=tokens), self.at()))
+                                                                   tokens=tokens), self.at(), signer))
 
     def failed(self, task_id: str, error: str = "boom", *, retryable: bool = True) -> list[Effect]:
         task = self.run.tasks[task_id]

@@ -80,6 +80,18 @@ def test_stale_duplicate_and_misrouted_replies_change_nothing() -> None:
     assert [type(e) for e in d.done("a", 1)] == [Ignored]  # the same reply delivered twice
 
 
+def test_a_reply_signed_by_another_capabilitys_key_changes_nothing_and_is_flagged() -> None:
+    d = Driver(job({"id": "a", "capability": "x", "spec": {"expect": 1}}))
+    d.start()
+    before = d.run.model_dump()
+    effects = d.done("a", 1, signer="worker:y")
+    assert effects == [Ignored("reply about task 'a' (capability 'x') is signed by 'worker:y', not by 'worker:x'",
+                               suspicious=True)]
+    assert d.run.model_dump() == before
+    assert d.done("a", 1, signer="worker:x")  # the task's own capability key is accepted
+    assert d.run.tasks["a"].state is TaskState.ACCEPTED
+
+
 def test_a_workers_own_rejection_is_attributed_to_its_capability() -> None:
     d = Driver(job({"id": "a", "capability": "x"}))
     d.start()

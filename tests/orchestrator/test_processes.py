@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from orchestrator import processes
+from tests._trust import trust_as
 
 pytestmark = pytest.mark.redis
 
@@ -26,7 +27,7 @@ async def test_manager_that_loses_its_lease_stands_by_and_leads_again(redis_url:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: processes.run_manager(
                 url=redis_url, ledger=tmp_path / "ledger.db", name="m", namespace=namespace, lease_s=1.0,
-                manager_lease_s=0.3, ready=on_ready))
+                manager_lease_s=0.3, ready=on_ready, trust=trust_as("manager")))
             with anyio.fail_after(10):
                 await leading[0].wait()
                 # Redis forgets the lease (restarted empty, or the key expired during an outage)
