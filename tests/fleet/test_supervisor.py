@@ -21,8 +21,8 @@ from orchestrator.fleet.keys import ensure_keyring, hand_out
 from orchestrator.fleet.manifest import load_manifest
 from orchestrator.fleet.supervisor import Supervisor, read_state
 from orchestrator.job import load_job
-from orchestrator.trust import load_trust
 from tests._redis import RedisServer, free_port, redis_server_path
+from tests._trust import operator_trust
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "examples" / "slugify-plugin"
@@ -98,9 +98,9 @@ async def test_fleet_survives_a_killed_worker_and_the_run_is_accepted(tmp_path: 
         victim = next(p for p in state["processes"] if p["name"] == "worker-python-0")
         await anyio.sleep(1.0)  # the manager takes the lead and the workers subscribe
         m = load_manifest(path, environ={}, plugins=False, services=False)
-        # fleet up made the keyring in its working directory; a client there signs as its operator
-        trust = load_trust(tmp_path / ".orchestrator" / "keys", ["operator:admin"], insecure=False, what="a client")
-        async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2, trust=trust) as bus:
+        # fleet up handed out shares of the session keyring (ORCH_KEYS); the client signs as its operator
+        async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2,
+                                      trust=operator_trust()) as bus:
             run_id = await processes.submit_job(bus, load_job(job))
             with anyio.fail_after(20):
                 while (status := await processes.fetch_status(bus, run_id)) is None or not any(
