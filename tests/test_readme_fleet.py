@@ -109,6 +109,12 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
         assert all(p["state"] == "running" and p["restarts"] == 0 for p in rows), rows
         pids = [p["pid"] for p in rows]
         assert_each_process_holds_only_its_key(work / ".orchestrator", rows, data)
+        share = work / ".orchestrator" / "fleet-local-keys" / "manager" / "manager.key"
+        before = share.stat().st_ino
+        second = subprocess.run(shlex.split(up), cwd=work, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"already running under supervisor pid {fleet.pid}" in second.stderr
+        assert share.stat().st_ino == before  # the running fleet's keys were left alone
     finally:
         if fleet.poll() is None:
             fleet.send_signal(signal.SIGINT)  # Ctrl-C
