@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def start_sim(port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "orchestrator.simulator", "--port", str(port), "--max-num-seqs",
-           str(args.max_num_seqs), "--time-scale", str(args.time_scale)]
+           str(args.max_num_seqs), "--time-scale", str(args.time_scale), "--sim-admin"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 

@@ -26,7 +26,6 @@ from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.keyring import Keyring
 from protocol.logging import configure_logging
-from protocol.redis_bus import RedisBus
 from protocol.tracing import Tracing
 from workers import registry
 from workers.base import Worker
@@ -132,7 +131,7 @@ class Orchestrator:
     ``metrics_url`` (0 picks a free port; needs ``orchestrator[metrics]``). ``tracing`` turns on
     OpenTelemetry spans with a given provider; by default they follow ``Tracing.detect()``.
 
-    On a ``RedisBus`` every message is signed: the Orchestrator signs as ``manager`` and as each
+    On a ``RedisBus`` (any bus but the in-process one) every message is signed: the Orchestrator signs as ``manager`` and as each
     hosted worker's ``worker:<capability>``, with keys from ``keys`` (a directory or a
     ``Keyring``; default ``ORCH_KEYS`` or ``.orchestrator/keys``), and refuses to start without
     them unless ``insecure=True``. A bus built with a signing codec is used as it is.
@@ -176,9 +175,9 @@ class Orchestrator:
         self._stack: AsyncExitStack | None = None
 
     def _sign_on_redis(self) -> None:
-        """On Redis, sign as the manager and the hosted workers, unless the bus already signs or ``insecure``."""
-        if not isinstance(self.bus, RedisBus) or self.bus.settings.codec.verifies:
-            return
+        """On a shared bus, sign as the manager and the hosted workers, unless it already signs or ``insecure``."""
+        if isinstance(self.bus, MemoryBus) or self.bus.settings.codec.verifies:
+            return  # in one process nothing crosses a trust boundary
         signers = ["manager", *(f"worker:{c}" for c in sorted(self.workers))]
         trust = load_trust(self._keys, signers, insecure=self._insecure, what="an Orchestrator on Redis")
         self.bus.settings = replace(self.bus.settings, codec=trust.codec())

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve only these workers (entry point name or module:Class); repeatable")
     run.add_argument("--concurrency", type=int, default=8, help="tasks run at once per process (default: 8)")
     _llm_flags(run, fallback="; without one, work that needs a model runs on the built-in vLLM simulator")
+    run.add_argument("--ui", action="store_true",
+                     help="serve the web console for this run while it runs (prints a login URL)")
+    run.add_argument("--ui-port", type=int, default=8080, metavar="PORT",
+                     help="the console's port with --ui (default 8080; 0 picks a free one)")
+    run.add_argument("--ui-host", default="127.0.0.1", metavar="HOST",
+                     help="the address the console binds with --ui (default 127.0.0.1)")
     run.set_defaults(func=_cmd_run)
 
     plugins = verbs.add_parser("plugins", help="list installed worker plugins")
@@ -184,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_flags(watch)
     watch.add_argument("run_id")
     watch.set_defaults(func=_cmd_watch)
+
+    ui = verbs.add_parser("ui", help="serve the web console: runs, live task trees, and decisions by operators")
+    _redis_flags(ui)
+    ui.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; 0 picks a free one)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; anyone who reaches it can read every run)")
+    ui.add_argument("--operator", action="append", default=None, metavar="NAME",
+                    help="offer a login only to this operator (repeatable; default: every operator key in the "
+                         "keyring; with --insecure, only those named, and none makes the console read-only)")
+    ui.set_defaults(func=_cmd_ui)
 
     for verb, text in (("approve", "accept a task that waits for a person (spec approval: human)"),
                        ("reject", "send a task's result back with feedback (a redo the worker sees)"),
@@ -394,6 +411,9 @@ class _Console(Console):
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.ui:
+        _check_port("--ui-port", args.ui_port)
+        _console_module()
     console = _Console(stderr=args.json)
     result = anyio.run(_run, args, console)
     if args.json:
@@ -431,8 +451,12 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
                           "simulator. Its answers are simulated.[/yellow]", highlight=False, soft_wrap=True)
         orch = await stack.enter_async_context(Orchestrator(workers=args.worker, concurrency=args.concurrency,
                                                             llm=settings))
+        console_url = await _serve_run_console(stack, orch, args) if args.ui else None
         job = await orch.plan(goal) if goal is not None else args.job
         run = await orch.submit(job)
+        if console_url is not None:
+            _Console(stderr=True).print(f"orchestrator: this run in the console: {console_url}/#/run/{run.run_id}",
+                                        markup=False, highlight=False, soft_wrap=True)
         view = RunView()
         live_display = console.is_terminal and not args.json
         with Live(render_table(view, width=console.width), console=console, refresh_per_second=8, transient=True,
@@ -448,6 +472,71 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
         console.print("[yellow]note: every model answer in this run came from the vLLM simulator.[/yellow]",
                       highlight=False, soft_wrap=True)
     return result
+
+
+def _console_module() -> Any:
+    """``orchestrator.ui``, or a ConfigError saying how to install what it needs."""
+    try:
+        import orchestrator.ui as console
+    except ImportError as exc:
+        raise ConfigError(f"the web console needs starlette and uvicorn ({exc.name} is missing): "
+                          "pip install 'orchestrator[ui]'") from exc
+    return console
+
+
+def _check_port(flag: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{flag} must be a port number (0-65535), got {value}")
+
+
+def _announce_console(url: Any, operators: Any) -> None:
+    """Say where the console is and how each operator logs in (stderr: the tokens are secrets for its reader)."""
+    err = _Console(stderr=True)
+    ops = operators.all()
+    note = "" if ops else " (read-only: no operator)"
+    err.print(f"orchestrator: console at {url}{note}", markup=False, highlight=False, soft_wrap=True)
+    for op in ops:
+        err.print(f"orchestrator: log in as {op.identity}: {url.login_url(op.token)}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+async def _serve_run_console(stack: AsyncExitStack, orch: Orchestrator, args: argparse.Namespace) -> str:
+    """Serve the console for this process's runs until the run ends; the person running it is its operator."""
+    console = _console_module()
+    operators = console.Operators.named([_default_person()])
+    source = console.RunSource(orch.bus, orch.store.run_ids)
+    tg = await stack.enter_async_context(anyio.create_task_group())
+    stack.callback(tg.cancel_scope.cancel)
+    url = await tg.start(functools.partial(console.serve_console, source, operators, host=args.ui_host,
+                                           port=args.ui_port))
+    _announce_console(url, operators)
+    return str(url)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    _check_port("--port", args.port)
+    console = _console_module()
+    from orchestrator.ui.fleet import open_fleet_console
+
+    async def go() -> None:
+        async with AsyncExitStack() as stack:
+            source, operators = await open_fleet_console(
+                stack, url=processes.redis_url(args.redis), namespace=args.namespace, lease_s=args.lease_s,
+                keys=args.keys, insecure=args.insecure, operators=args.operator or [])
+            async with anyio.create_task_group() as tg:
+
+                async def ready(url: Any) -> None:
+                    _announce_console(url, operators)
+
+                tg.start_soon(functools.partial(console.serve_console, source, operators, host=args.host,
+                                                port=args.port, ready=ready))
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+
+    anyio.run(go)
+    return EXIT_ACCEPTED
 
 
 def _cmd_manager(args: argparse.Namespace) -> int:

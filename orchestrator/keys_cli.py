@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ def add_keys_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_operator_flag(parser: argparse.ArgumentParser) -> None:
     """``--as NAME``: which operator key signs (needed only when the keyring holds several)."""
-    parser.add_argument("--as", dest="as_name", default=None, metavar="NAME",
+    parser.add_argument("--as", dest="as_name", default=os.environ.get("ORCH_OPERATOR") or None, metavar="NAME",
                         help="sign as operator NAME (env ORCH_OPERATOR; default: the keyring's only operator key)")
 
 

@@ -59,22 +59,25 @@ TEST_CAPABILITIES = ["adder", "aliased", "asker", "bench", "blocker", "broken", 
 
 @pytest.fixture(scope="session", autouse=True)
 def test_keyring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One keyring for the session (manager, operator ``tests``, a worker key per test capability), in ORCH_KEYS."""
+    """One keyring for the session (manager, operators, a worker key per test capability), in ORCH_KEYS."""
     from protocol.keyring import Keyring
 
     path = tmp_path_factory.mktemp("keys")
     ring = Keyring.init(path, operator="tests")
     for capability in TEST_CAPABILITIES:
         ring.add("worker", capability)
-    saved = os.environ.get("ORCH_KEYS")
-    os.environ["ORCH_KEYS"] = str(path)
+    for person in ("alice", "bob", "carol", "dave"):  # operators who sign with --as NAME
+        ring.add("operator", person)
+    saved = {name: os.environ.get(name) for name in ("ORCH_KEYS", "ORCH_OPERATOR")}
+    os.environ.update(ORCH_KEYS=str(path), ORCH_OPERATOR="tests")  # clients sign as operator:tests unless --as
     try:
         yield path
     finally:
-        if saved is None:
-            os.environ.pop("ORCH_KEYS", None)
-        else:
-            os.environ["ORCH_KEYS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import os
@@ -13,16 +14,17 @@ from typing import Any
 
 import anyio
 import structlog
+from pydantic import ValidationError
 
 from ._http import Request, Response, StreamingResponse, json_response
 from .config import SIM_VERSION, SYSTEM_FINGERPRINT, FaultRates, SimConfig
 from .engine import Engine, EngineDead
-from .faults import Fault, FaultInjector
+from .faults import FAULTS, Fault, FaultInjector
 from .metrics import render_metrics
 from .policy import Policy, SimRequest
 from .sampling import Choice, GenParams, chat_logprobs, completion_logprobs, prompt_logprobs
 from .stats import SimStats
-from .structured import conform
+from .structured import MAX_ANSWER_CHARS, conform
 from .tokenizer import Tokenizer
 from .validation import (
     INT64_MAX,
@@ -32,6 +34,7 @@ from .validation import (
     check_grammar,
     check_json_schema,
     check_regex,
+    checked_json_schema,
     pydantic_error,
 )
 
@@ -39,7 +42,7 @@ __all__ = ("SimApp",)
 
 log = structlog.get_logger(__name__)
 
-_GUARDED = ("/v1", "/v2", "/inference", "/cohere")
+_GUARDED = ("/v1", "/v2", "/inference", "/cohere", "/_sim/")
 _SIM_HEADERS = [("x-simulated", "true")]
 _KNOWN_CHAT = frozenset({
     "messages", "model", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
@@ -81,6 +84,7 @@ class SimApp:
         self.policy = policy
         self.tokenizer = Tokenizer(config.vocab_size)
         self.faults = FaultInjector(config.faults, config.seed)
+        self._schema_threads = anyio.CapacityLimiter(2)
         self._routes = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
@@ -92,22 +96,25 @@ class SimApp:
             ("GET", "/load"): self._load,
             ("POST", "/tokenize"): self._tokenize,
             ("POST", "/detokenize"): self._detokenize,
-            ("GET", "/_sim/state"): self._state,
-            ("POST", "/_sim/faults"): self._set_faults,
-            ("POST", "/reset_prefix_cache"): self._reset_cache,
             ("GET", "/tokenizer_info"): self._tokenizer_info,
             ("POST", "/invocations"): self._invocations,
             ("POST", "/ping"): self._health,
             ("GET", "/openapi.json"): self._openapi,
             ("POST", "/v1/responses"): self._responses,
         }
+        if config.server_dev_mode:  # vLLM routes its dev endpoints only with VLLM_SERVER_DEV_MODE=1
+            self._routes[("POST", "/reset_prefix_cache")] = self._reset_cache
+        if config.sim_admin:  # test control and introspection: off unless asked for, never without the key
+            self._routes[("GET", "/_sim/state")] = self._state
+            self._routes[("POST", "/_sim/faults")] = self._set_faults
 
     async def __call__(self, req: Request) -> Response | StreamingResponse:
         """Route one request, with vLLM's auth rule and the simulator's marker header."""
         root = self.config.root_path.rstrip("/")
         if root and (req.path == root or req.path.startswith(root + "/")):
             req.path = req.path[len(root):] or "/"  # served under a proxy's prefix, and at the bare path too
-        self.stats.requests_by_endpoint[req.path] += 1
+        known = any(path == req.path for _, path in self._routes)
+        self.stats.requests_by_endpoint[req.path if known else "<other>"] += 1  # a client's paths must not grow it
         response = await self._dispatch(req)
         response.headers.extend(_SIM_HEADERS)
         if self.config.enable_request_id_headers:
@@ -167,15 +174,24 @@ class SimApp:
         return json_response(200, {"server_load": len(self.engine.running) + len(self.engine.waiting)})
 
     async def _state(self, req: Request) -> Response:
-        return json_response(200, {**self.stats.snapshot(), **self.engine.state(),
-                                   "config": self.config.model_dump(mode="json")})
+        config = self.config.model_dump(mode="json")
+        config["api_keys"] = ["<redacted>"] * len(self.config.api_keys)  # the state is for tests, not for secrets
+        return json_response(200, {**self.stats.snapshot(), **self.engine.state(), "config": config})
 
     async def _set_faults(self, req: Request) -> Response:
         body = self._json(req)
-        if "rates" in body:
-            self.faults.set_rates(FaultRates.model_validate(body["rates"]))
-        if "script" in body:
-            self.faults.script(body["script"])
+        try:
+            rates = FaultRates.model_validate(body["rates"]) if "rates" in body else None
+        except ValidationError as exc:
+            raise _bad(f"/_sim/faults: bad rates: {exc}", "rates") from exc
+        script = body.get("script", [])
+        bad_faults = [f for f in script if f is not None and f not in FAULTS] if isinstance(script, list) else script
+        if bad_faults or not isinstance(script, list):  # all checked before anything changes
+            raise _bad(f"/_sim/faults: script must list fault names from {FAULTS} (or null), got {bad_faults!r}",
+                       "script")
+        if rates is not None:
+            self.faults.set_rates(rates)
+        self.faults.script(script)
         if body.get("engine") == "dead":
             self.engine.kill()
         elif body.get("engine") == "alive":
@@ -249,6 +265,8 @@ class SimApp:
             body = json.loads(req.body or b"{}")
         except ValueError as exc:
             raise _validation(f"JSON decode error: {exc}", "body") from exc
+        except RecursionError as exc:
+            raise _validation("JSON decode error: the body nests too deeply", "body") from exc
         if not isinstance(body, dict):
             raise _validation("Input should be a valid dictionary [type=dict_type]", "body")
         return body
@@ -559,13 +577,14 @@ class SimApp:
         return self.tokenizer.decode(ids), ids
 
     def _answer_text(self, answer: Any, wants_json: bool, schema: dict[str, Any] | bool | None,
-                     choices: list[str] | None, prompt: str, i: int) -> str:
+                     choices: list[str] | None, prompt: str, i: int, max_tokens: int) -> str:
         if choices:
             if answer in choices and i == 0:
                 return str(answer)
             return choices[(zlib.crc32(prompt.encode()) + i) % len(choices)]
         if wants_json:
-            return conform(answer, schema)
+            # a token is at most 5 characters of compact JSON: longer text is cut at max_tokens anyway
+            return conform(answer, schema, max_chars=min(MAX_ANSWER_CHARS, 5 * (max_tokens + 1)))
         return answer if isinstance(answer, str) else json.dumps(answer)
 
     def _make_choice(self, body: dict[str, Any], params: GenParams, text: str, max_tokens: int, *, index: int,
@@ -583,8 +602,37 @@ class SimApp:
         return Choice(index=index, prompt_index=prompt_index, pieces=pieces, token_ids=ids,
                       finish_reason=finish_reason, stop_reason=stop_reason)
 
+    async def _precheck_schemas(self, schemas: list[tuple[Any, str]]) -> None:
+        """Check schemas not seen before in a worker thread, so a costly one never stalls other requests.
+
+        The later (synchronous) checks then find them in the cache; a bad schema's 400 is raised here.
+        At most two threads check at once: a flood of new schemas waits for them, nothing else does.
+        """
+        for schema, param in schemas:
+            if schema is not None and checked_json_schema(schema) is None:
+                await anyio.to_thread.run_sync(functools.partial(check_json_schema, schema, param=param),
+                                               limiter=self._schema_threads)
+
+    @staticmethod
+    def _schemas_in(body: dict[str, Any]) -> list[tuple[Any, str]]:
+        """The JSON schemas a generation request carries, with the parameter each is reported under."""
+        out: list[tuple[Any, str]] = []
+        so = body.get("structured_outputs")
+        if isinstance(so, dict) and so.get("json") is not None:
+            out.append((so["json"], "structured_outputs"))
+        rf = body.get("response_format")
+        js = rf.get("json_schema") if isinstance(rf, dict) and rf.get("type") == "json_schema" else None
+        if isinstance(js, dict):
+            out.append((js.get("schema", js.get("json_schema")), "response_format"))
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            out.append((fmt.get("schema"), "text"))
+        return out
+
     async def _generate(self, req: Request, *, chat: bool) -> Response | StreamingResponse:
         body = self._json(req)
+        await self._precheck_schemas(self._schemas_in(body))
         model = self._check_model(body)
         params = self._check_params(body, chat=chat)
         messages: list[dict[str, Any]] = []
@@ -619,7 +667,8 @@ class SimApp:
                                  schema if isinstance(schema, dict) else None)
             answer = self.policy(sim_req) if limits[p_idx] else ""
             for i in range(params.n):
-                text = self._answer_text(answer, wants_json, schema, allowed, prompt, i) if limits[p_idx] else ""
+                text = (self._answer_text(answer, wants_json, schema, allowed, prompt, i, limits[p_idx])
+                        if limits[p_idx] else "")
                 choice = self._make_choice(body, params, text, limits[p_idx], index=p_idx * params.n + i,
                                            prompt_index=p_idx)
                 choice.echo_text = echo_chat if chat else (prompt if params.echo else "")
@@ -661,6 +710,7 @@ class SimApp:
     async def _responses(self, req: Request) -> Response | StreamingResponse:
         """A minimal ``/v1/responses``: text ``input`` (or input messages) in, one ``message`` output item out."""
         body = self._json(req)
+        await self._precheck_schemas(self._schemas_in(body))
         model = self._check_model(body)
         raw = body.get("input")
         if isinstance(raw, str) and raw:
@@ -690,8 +740,8 @@ class SimApp:
             schema = check_json_schema(fmt["schema"], param="text")
         answer = self.policy(SimRequest("responses", model, tuple(messages), prompt, body,
                                         schema if isinstance(schema, dict) else None))
-        choice = self._make_choice({}, params, self._answer_text(answer, wants_json, schema, None, prompt, 0),
-                                   max_tokens, index=0, prompt_index=0)
+        text = self._answer_text(answer, wants_json, schema, None, prompt, 0, max_tokens)
+        choice = self._make_choice({}, params, text, max_tokens, index=0, prompt_index=0)
         seq = self.engine.submit(ids, max(len(choice.pieces), 1), salt=body.get("cache_salt"))
         try:
             await seq.done.wait()

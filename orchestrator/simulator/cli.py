@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import structlog
 import yaml
+from pydantic import ValidationError
 
 from ._vllm_flags import ALIASES, BOOL_FLAGS, LIST_FLAGS, OPTIONAL_FLAGS, VALUE_FLAGS, VLLM_VERSION
 from .config import FaultRates, LatencyModel, SimConfig
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault-malformed", type=float, default=0.0)
     sim.add_argument("--fault-mid-stream", type=float, default=0.0)
     sim.add_argument("--policy", default=None, help="module:attr of a Policy (a class is instantiated)")
+    sim.add_argument("--sim-admin", action="store_true",
+                     help="serve GET /_sim/state and POST /_sim/faults (for tests; behind the API key when one is set)")
+    sim.add_argument("--idle-timeout-s", type=float, default=None,
+                     help="close keep-alive connections idle this long; default $VLLM_HTTP_TIMEOUT_KEEP_ALIVE, else 5")
+    sim.add_argument("--request-timeout-s", type=float, default=30.0,
+                     help="a request's head and body must arrive within this (slow clients are dropped)")
     return p
 
 
@@ -225,7 +232,19 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
     extra: dict[str, Any] = {}
     if args.max_model_len is not None:
         extra["max_model_len"] = args.max_model_len
-    config = SimConfig(
+    try:
+        config = _config(args, served, api_keys, ignored, env, extra)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        parser.error(errors)  # exits 2 naming the setting, as for any other bad option
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config, args
+
+
+def _config(args: argparse.Namespace, served: list[str], api_keys: list[str], ignored: list[str],
+            env: dict[str, str], extra: dict[str, Any]) -> SimConfig:
+    return SimConfig(
         served_model_names=tuple(served), api_keys=tuple(api_keys), host=args.host,
         port=args.port, max_num_seqs=args.max_num_seqs, root_path=args.root_path,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
@@ -240,9 +259,21 @@ def config_from_args(argv: Sequence[str], env: dict[str, str] | None = None) -> 
                              prefill_s_per_token=args.prefill_per_token, jitter=args.jitter),
         faults=FaultRates(server_error=args.fault_5xx, hang=args.fault_hang, malformed=args.fault_malformed,
                           mid_stream_error=args.fault_mid_stream),
-        seed=args.seed, **extra,
+        seed=args.seed, sim_admin=args.sim_admin,
+        server_dev_mode=env.get("VLLM_SERVER_DEV_MODE", "0").strip().lower() in ("1", "true"), idle_timeout_s=_idle_timeout(args.idle_timeout_s, env),
+        request_timeout_s=args.request_timeout_s, **extra,
     )
-    return config, args
+
+
+def _idle_timeout(flag: float | None, env: dict[str, str]) -> float:
+    """``--idle-timeout-s``, else vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, else uvicorn's 5 s."""
+    if flag is not None:
+        return flag
+    raw = env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    try:
+        return float(raw) if raw else 5.0
+    except ValueError:
+        raise ValueError(f"VLLM_HTTP_TIMEOUT_KEEP_ALIVE={raw!r} is not a number") from None
 
 
 def serve(argv: Sequence[str] | None = None) -> int:

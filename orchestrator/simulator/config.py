@@ -85,6 +85,12 @@ class SimConfig(BaseModel):
     hang_seconds: float = Field(600.0, gt=0, description="how long a 'hang' fault holds the request")
     seed: int = 0
     ignored_flags: tuple[str, ...] = Field((), description="`vllm serve` options accepted but not modelled")
+    server_dev_mode: bool = Field(False, description="VLLM_SERVER_DEV_MODE: serve /reset_prefix_cache, as vLLM does")
+    sim_admin: bool = Field(False, description="serve /_sim/state and /_sim/faults (behind the API key when one is set)")
+    idle_timeout_s: float = Field(5.0, gt=0, description="close a keep-alive connection idle this long (uvicorn's 5 s)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request's head and body must arrive within this")
+    send_timeout_s: float = Field(60.0, gt=0, description="a client that takes longer to read one write is dropped")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger request bodies get 413")
 
     @property
     def model(self) -> str:

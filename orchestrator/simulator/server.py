@@ -9,7 +9,7 @@ from typing import Self
 import anyio
 import structlog
 
-from ._http import HttpServer
+from ._http import HttpLimits, HttpServer
 from .app import SimApp
 from .config import FaultRates, SimConfig
 from .engine import Engine
@@ -34,7 +34,10 @@ class SimulatedVLLM(anyio.AsyncContextManagerMixin):
         self.stats = SimStats()
         self.engine = Engine(self.config, self.stats)
         self.app = SimApp(self.config, self.engine, self.stats, policy or DefaultPolicy())
-        self._server = HttpServer(self.app, self.config.host, self.config.port)
+        c = self.config
+        self._server = HttpServer(self.app, c.host, c.port, HttpLimits(
+            idle_timeout_s=c.idle_timeout_s, request_timeout_s=c.request_timeout_s, send_timeout_s=c.send_timeout_s,
+            max_body_bytes=c.max_body_bytes))
         self.port = 0
 
     @property

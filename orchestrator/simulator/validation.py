@@ -10,24 +10,30 @@ Two kinds of 400, as vLLM sends them:
 from __future__ import annotations
 
 import json
+import math
 import re
+import threading
 from collections import OrderedDict
 from typing import Any
 
 import jsonschema
 
 from ._http import json_response
+from .schema_size import SchemaTooComplex, SmallestSize, resolve_ref, unfolded_nodes
 
 __all__ = (
     "INT64_MAX",
     "INT64_MIN",
     "MAX_JSON_NESTING",
+    "MAX_REGEX_CHARS",
     "MAX_SCHEMA_BYTES",
+    "MAX_SCHEMA_NODES",
     "HttpError",
     "bad",
     "check_grammar",
     "check_json_schema",
     "check_regex",
+    "checked_json_schema",
     "pydantic_error",
 )
 
@@ -35,6 +41,8 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_JSON_NESTING = 64  # vLLM's MAX_STRUCTURED_OUTPUT_JSON_NESTING
 MAX_SCHEMA_BYTES = 256 * 1024  # the simulator's own bound: a bigger schema is refused before any work
+MAX_REGEX_CHARS = 64 * 1024  # the simulator's own bound, like MAX_SCHEMA_BYTES
+MAX_SCHEMA_NODES = 4_000  # subschemas once $refs are followed: bounds the metaschema check and answer validation
 _MAX_REF_HOPS = 64
 
 
@@ -83,22 +91,6 @@ def _nesting(value: Any, limit: int) -> bool:
     return False
 
 
-def _resolve(root: dict[str, Any], ref: str) -> Any:
-    """Follow a local ``#/...`` JSON pointer; ``None`` when it points nowhere (or is not local)."""
-    if not ref.startswith("#"):
-        return None
-    node: Any = root
-    for part in [p for p in ref[1:].split("/") if p]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
 def _ref_cycle(root: dict[str, Any]) -> str | None:
     """A ``$ref`` that leads back to itself without any structure in between (``{"$ref": "#"}``).
 
@@ -121,7 +113,7 @@ def _ref_cycle(root: dict[str, Any]) -> str | None:
                 nxt = target.get("$ref") if isinstance(target, dict) else None
                 if not isinstance(nxt, str):
                     break
-                target = _resolve(root, nxt)
+                target = resolve_ref(root, nxt)
                 if target is None:
                     return f"$ref {nxt!r} does not resolve"
                 if id(target) in seen or (isinstance(target, dict) and _only_refs_to(target, seen)):
@@ -142,27 +134,50 @@ def _only_refs_to(node: dict[str, Any], seen: set[int]) -> bool:
     return False
 
 
-_CHECKED: OrderedDict[str, None] = OrderedDict()  # schemas already found valid (agents resend the same few)
+_CHECKED: OrderedDict[str, dict[str, Any] | bool] = OrderedDict()  # found valid (agents resend the same few)
 _CHECKED_MAX = 256
+_CHECKED_LOCK = threading.Lock()  # schemas are checked in worker threads too
 
 
-def check_json_schema(schema: Any, *, param: str = "structured_outputs") -> dict[str, Any] | bool:
-    """The schema as vLLM would compile it, or a 400 like vLLM's (xgrammar backend)."""
+def _cache_key(schema: Any) -> str:
+    if isinstance(schema, str):
+        return "text:" + schema if len(schema) <= MAX_SCHEMA_BYTES else ""
     if isinstance(schema, dict):
         try:
             key = json.dumps(schema, sort_keys=True)
-        except (TypeError, ValueError):
-            key = ""
-        if key in _CHECKED:
+        except (TypeError, ValueError, RecursionError):
+            return ""
+        return "json:" + key if len(key) <= MAX_SCHEMA_BYTES else ""
+    return ""
+
+
+def checked_json_schema(schema: Any) -> dict[str, Any] | bool | None:
+    """The checked form of ``schema`` when it was checked before, else ``None`` (cheap: one lookup)."""
+    key = _cache_key(schema)
+    with _CHECKED_LOCK:
+        found = _CHECKED.get(key) if key else None
+        if found is not None:
             _CHECKED.move_to_end(key)
-            return schema
-        checked = _check_json_schema(schema, param)
-        if key and len(key) <= MAX_SCHEMA_BYTES:
-            _CHECKED[key] = None
+    return found
+
+
+def check_json_schema(schema: Any, *, param: str = "structured_outputs") -> dict[str, Any] | bool:
+    """The schema as vLLM would compile it, or a 400 like vLLM's (xgrammar backend).
+
+    A schema not seen before can cost a few seconds to check (the metaschema check is slow in pure
+    Python); ``SimApp`` runs such checks in a worker thread first, so the event loop never waits.
+    """
+    key = _cache_key(schema)
+    found = checked_json_schema(schema)
+    if found is not None:
+        return found
+    checked = _check_json_schema(schema, param)
+    if key:
+        with _CHECKED_LOCK:
+            _CHECKED[key] = checked
             if len(_CHECKED) > _CHECKED_MAX:
                 _CHECKED.popitem(last=False)
-        return checked
-    return _check_json_schema(schema, param)
+    return checked
 
 
 def _check_json_schema(schema: Any, param: str) -> dict[str, Any] | bool:
@@ -186,6 +201,17 @@ def _check_json_schema(schema: Any, param: str) -> dict[str, Any] | bool:
     if cycle is not None:
         raise bad(f"Failed to transform json schema into a grammar: {cycle}", param)
     try:
+        unfolded_nodes(schema, MAX_SCHEMA_NODES)
+        smallest = SmallestSize(schema).of(schema)
+    except SchemaTooComplex as exc:
+        raise bad(f"Failed to transform json schema into a grammar: {exc}", param) from exc
+    except RecursionError as exc:
+        raise bad("Failed to transform json schema into a grammar: the schema nests too deeply once its $refs are "
+                  "followed", param) from exc
+    if smallest == math.inf:
+        raise bad("Failed to transform json schema into a grammar: the schema allows no finite value (every value "
+                  "would have to contain itself through a $ref, or nothing matches)", param)
+    try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise bad(f"Failed to transform json schema into a grammar: {exc.message}", param) from exc
@@ -198,10 +224,14 @@ def check_regex(pattern: Any, *, param: str = "structured_outputs") -> str:
         raise pydantic_error("string_type", ("body", param, "regex"), "Input should be a valid string", pattern)
     if "\x00" in pattern:
         raise bad("structured_outputs.regex must not contain a NUL character ('\\x00')")
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise bad(f"The regex is longer than {MAX_REGEX_CHARS} characters.", param)
     try:
-        re.compile(pattern)
+        re.compile(pattern)  # compiling is linear in the pattern; the simulator never matches it against text
     except re.error as exc:
         raise bad(f"Failed to transform regex into a grammar: {exc}", param) from exc
+    except RecursionError as exc:
+        raise bad("Failed to transform regex into a grammar: the regex nests too deeply", param) from exc
     return pattern
 
 
@@ -221,6 +251,8 @@ def check_grammar(grammar: Any, *, param: str = "structured_outputs") -> str:
         raise pydantic_error("string_type", ("body", param, "grammar"), "Input should be a valid string", grammar)
     if not grammar.strip():
         raise bad("structured_outputs.grammar cannot be an empty string")
+    if len(grammar) > MAX_SCHEMA_BYTES:
+        raise bad(f"The grammar is longer than {MAX_SCHEMA_BYTES} characters.", param)
     lines = [ln for ln in grammar.splitlines() if ln.strip() and not ln.strip().startswith(("#", "//"))]
     if any(_RULE.match(ln) for ln in lines):
         defined: set[str] = set()

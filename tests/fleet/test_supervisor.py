@@ -40,7 +40,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k == "ORCH_KEYS"}
+    e = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k in ("ORCH_KEYS", "ORCH_OPERATOR")}
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(PLUGIN), e.get("PYTHONPATH", "")])
     e["ORCH_VLLM_BINARY"] = f"{sys.executable} -m orchestrator.simulator"  # stands in for `vllm serve`
     return e

@@ -61,13 +61,13 @@ async def test_approve_reject_cancel_and_redo_from_another_process(cluster: Clus
     assert early.returncode == 2
     assert "cannot approve task 'cancel_me'" in early.stderr
 
-    assert cli(cluster, "approve", run_id, "approve_me", "--by", "alice").returncode == 0
-    assert cli(cluster, "reject", run_id, "reject_me", "--feedback", "cite the source", "--by", "bob").returncode == 0
-    assert cli(cluster, "cancel", run_id, "cancel_me", "--feedback", "not needed", "--by", "carol").returncode == 0
-    assert cli(cluster, "redo", run_id, "redo_me", "--feedback", "use the outline", "--by", "dave").returncode == 0
+    assert cli(cluster, "approve", run_id, "approve_me", "--as", "alice").returncode == 0
+    assert cli(cluster, "reject", run_id, "reject_me", "--feedback", "cite the source", "--as", "bob").returncode == 0
+    assert cli(cluster, "cancel", run_id, "cancel_me", "--feedback", "not needed", "--as", "carol").returncode == 0
+    assert cli(cluster, "redo", run_id, "redo_me", "--feedback", "use the outline", "--as", "dave").returncode == 0
 
     await until_state(cluster, run_id, "reject_me", "verify_done", attempts=2)
-    assert cli(cluster, "approve", run_id, "reject_me", "--by", "bob").returncode == 0
+    assert cli(cluster, "approve", run_id, "reject_me", "--as", "bob").returncode == 0
     status = await cluster.wait(run_id, timeout=40)
 
     tasks = {t["id"]: t for t in status["tasks"]}
@@ -85,14 +85,15 @@ async def test_approve_reject_cancel_and_redo_from_another_process(cluster: Clus
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     overrides = {(e["task_id"], e["body"]["action"], e["actor"]) for e in events if e["body"]["kind"] == "override"}
-    assert {("approve_me", "approve", "alice"), ("reject_me", "reject", "bob"), ("redo_me", "redo", "dave"),
-            ("reject_me", "approve", "bob")} <= overrides
+    # Each decision is recorded under the operator key that signed it.
+    assert {("approve_me", "approve", "operator:alice"), ("reject_me", "reject", "operator:bob"),
+            ("redo_me", "redo", "operator:dave"), ("reject_me", "approve", "operator:bob")} <= overrides
     rejected = next(e["body"]["verdict"] for e in events if e["task_id"] == "reject_me"
                     and e["body"].get("event") == "reject")  # a deciding verdict rides on its transition
-    assert (rejected["feedback"], rejected["verifier"]) == ("cite the source", "person:bob")
+    assert (rejected["feedback"], rejected["verifier"]) == ("cite the source", "person:operator:bob")
     cancel = next(e for e in events if e["task_id"] == "cancel_me" and e["body"].get("event") == "cancel")
-    assert cancel["actor"] == "carol"
+    assert cancel["actor"] == "operator:carol"
 
     text = cli(cluster, "events", run_id)
     assert "approve_me#1" in text.stdout
-    assert "by alice" in text.stdout
+    assert "by operator:alice" in text.stdout

@@ -60,6 +60,21 @@ def test_api_key_flag_wins_over_env() -> None:
     assert config_from_args(["--api-key", "a", "b"], env={"VLLM_API_KEY": "env"})[0].api_keys == ("a", "b")
 
 
+def test_exposure_options() -> None:
+    config, _ = config_from_args([], env={})
+    assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (False, 5.0, 30.0)
+    assert config_from_args([], env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})[0].idle_timeout_s == 12.0  # as vLLM
+    assert config.server_dev_mode is False
+    assert config_from_args([], env={"VLLM_SERVER_DEV_MODE": "1"})[0].server_dev_mode is True
+    config, _ = config_from_args(["--sim-admin", "--idle-timeout-s", "0.5", "--request-timeout-s", "3"],
+                                 env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "12"})
+    assert (config.sim_admin, config.idle_timeout_s, config.request_timeout_s) == (True, 0.5, 3.0)
+    for argv, env in ((["--idle-timeout-s", "0"], {}), ([], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "soon"})):
+        with pytest.raises(SystemExit) as info:
+            config_from_args(argv, env=env)
+        assert info.value.code == 2
+
+
 def test_config_file(tmp_path: Path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text("max_model_len: 4096\nenforce_eager: true\nserved_model_name: [x]\nenable_prefix_caching: false\n")
@@ -74,7 +89,7 @@ def test_human_readable_counts() -> None:
 @pytest.fixture
 async def served() -> AsyncIterator[str]:
     argv = [sys.executable, "-m", "orchestrator.simulator", *VLLM_SERVE, "--port", "0", "--root-path", "/llm",
-            "--enable-request-id-headers", "--time-scale", "0.001"]
+            "--enable-request-id-headers", "--time-scale", "0.001", "--sim-admin"]
     async with await anyio.open_process(argv, env={"VLLM_API_KEY": "sekret", "PATH": "/usr/bin:/bin"},
                                         stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
@@ -104,6 +119,8 @@ async def test_served_with_vllm_flags_env_key_and_root_path(served: str) -> None
         spec = (await http.get("/llm/openapi.json")).json()
         assert spec["servers"] == [{"url": "/llm"}]
         assert "/v1/chat/completions" in spec["paths"]
-        state = (await http.get("/_sim/state")).json()
+        assert (await http.get("/_sim/state")).status_code == 401  # admin needs the key too
+        state = (await http.get("/_sim/state", headers=auth)).json()
         assert "--enforce-eager" in state["config"]["ignored_flags"]
+        assert "sekret" not in json.dumps(state)
         assert json.dumps(state)

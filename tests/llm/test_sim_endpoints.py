@@ -104,3 +104,13 @@ async def test_responses_through_the_sdk(sim: SimulatedVLLM) -> None:
         assert cut.usage.output_tokens == 2
         with pytest.raises(openai.NotFoundError):
             await client.responses.create(model="nope", input="x")
+
+
+@pytest.mark.parametrize("dev_mode", [False, True])
+async def test_reset_prefix_cache_is_a_dev_mode_route_as_in_vllm(dev_mode: bool) -> None:
+    async with SimulatedVLLM(SimConfig(time_scale=0.005, server_dev_mode=dev_mode)) as sim, \
+            httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/reset_prefix_cache")
+        paths = (await http.get("/openapi.json")).json()["paths"]
+    assert r.status_code == (200 if dev_mode else 404)
+    assert ("/reset_prefix_cache" in paths) is dev_mode

@@ -36,7 +36,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k == "ORCH_KEYS"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k in ("ORCH_KEYS", "ORCH_OPERATOR")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["ORCH_VLLM_BINARY"] = f"{sys.executable} -m orchestrator.simulator"  # sim-llm stands in for `vllm serve`
     path = tmp_path / "fleet.yaml"
@@ -44,7 +44,8 @@ async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Pat
         "apiVersion": "orchestrator.dev/v1", "kind": "Fleet", "metadata": {"name": "judged"},
         "spec": {"namespace": f"j{os.getpid()}", "leaseSeconds": 2, "redis": {"url": redis_server.url},
                  "llm": {"serve": {"model": "sim-model", "port": free_port(), "startupTimeoutSeconds": 30,
-                                   "args": ["--time-scale", "0.01", "--dtype", "bfloat16", "--enforce-eager"]}},
+                                   "args": ["--time-scale", "0.01", "--dtype", "bfloat16", "--enforce-eager",
+                                            "--sim-admin"]}},
                  "ledger": {"path": str(tmp_path / "ledger.db")}, "manager": {"leaseSeconds": 2},
                  "workers": [{"capability": "python", "plugin": "python", "replicas": 1}],
                  "supervisor": {"backoffSeconds": 0.2, "gracePeriodSeconds": 5}}}))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
 import httpx
+import jsonschema
 import pytest
 
 from orchestrator.simulator import SimulatedVLLM
@@ -107,6 +109,54 @@ async def test_legitimately_recursive_schema_is_served(sim_llm: SimulatedVLLM) -
     r = await _post(sim_llm, "/v1/chat/completions", {"messages": HELLO, "structured_outputs": {"json": tree}})
     assert r.status_code == 200
     assert "name" in r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, "no finite value"),
+        ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "no finite value"),
+        ({"anyOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"type": "array", "items": {"$ref": "#"}, "minItems": 2}}},
+         "no finite value"),
+        ({"$defs": {**{f"d{i}": {"oneOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(30)},
+                    "d30": {"type": "string"}}, "$ref": "#/$defs/d0"}, "more than 4000 subschemas"),
+    ],
+)
+async def test_schemas_without_a_finite_or_affordable_value_are_refused(sim_llm: SimulatedVLLM,
+                                                                        schema: dict[str, Any], fragment: str) -> None:
+    with anyio.fail_after(10):
+        r = await _post(sim_llm, "/v1/chat/completions", {"messages": HELLO, "structured_outputs": {"json": schema}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "BadRequestError"
+    assert fragment in r.json()["error"]["message"]
+
+
+async def test_recursion_with_a_way_out_is_served_a_valid_value(sim_llm: SimulatedVLLM) -> None:
+    schema = {"anyOf": [{"type": "array", "items": {"$ref": "#"}, "minItems": 2}, {"type": "integer", "minimum": 7}]}
+    r = await _post(sim_llm, "/v1/chat/completions", {"messages": HELLO, "structured_outputs": {"json": schema}})
+    assert r.status_code == 200, r.text
+    value = json.loads(r.json()["choices"][0]["message"]["content"])
+    jsonschema.validate(value, schema)  # the first alternative, whose items take the way out: [7, 7]
+    assert value == [7, 7]
+
+
+async def test_a_minimal_value_longer_than_max_tokens_is_cut_there(sim_llm: SimulatedVLLM) -> None:
+    schema = {"type": "object", "required": ["s"], "properties": {"s": {"type": "string", "minLength": 10**9}}}
+    with anyio.fail_after(10):
+        r = await _post(sim_llm, "/v1/chat/completions",
+                        {"messages": HELLO, "max_tokens": 20, "structured_outputs": {"json": schema}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"].startswith('{"s": "xxxx')
+    assert r.json()["usage"]["completion_tokens"] == 20
+
+
+async def test_regex_bounds(sim_llm: SimulatedVLLM) -> None:
+    for regex, fragment in (("a" * 70_000, "longer than"), ("(" * 5000 + ")" * 5000, "nests too deeply")):
+        r = await _post(sim_llm, "/v1/chat/completions", {"messages": HELLO, "structured_outputs": {"regex": regex}})
+        assert r.status_code == 400, r.text
+        assert fragment in r.json()["error"]["message"]
 
 
 async def test_valid_grammar_and_regex_are_served(sim_llm: SimulatedVLLM) -> None:

@@ -184,6 +184,7 @@ async def test_validation_400s(sim_llm: SimulatedVLLM, body: dict[str, object], 
     assert fragment in err["message"]
 
 
+@pytest.mark.parametrize("sim_config", [SimConfig(time_scale=0.005, sim_admin=True)])
 async def test_fault_admin_endpoint(sim_llm: SimulatedVLLM) -> None:
     async with httpx.AsyncClient(base_url=sim_llm.url) as http:
         await http.post("/_sim/faults", json={"script": ["server_error"]})

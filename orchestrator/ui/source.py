@@ -1,0 +1,179 @@
+"""Where the console reads runs and sends a person's decisions: a bus, and a way to list its runs.
+
+Both the Redis fleet and an in-process run publish the same things on their bus: each run's
+summary (``status``), its history stream (``events``) and an overrides stream the manager
+consumes. So one source serves both; only listing runs differs (Redis is scanned for summaries,
+an in-process run asks its store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+from orchestrator import processes
+from orchestrator.records import events_of
+from orchestrator.ui.view import RunPage
+from protocol.bus import Bus
+from protocol.errors import BusUnavailable, ConfigError
+from protocol.history import HistoryEvent, RunStarted
+from protocol.keys import JOBS_STREAM, events_stream, run_snapshot_key
+from protocol.messages import OverrideAction, Submit
+from protocol.redis_bus import RedisBus
+from protocol.settings import redact_url
+
+__all__ = ("MAX_RUNS", "RunSource", "redis_run_ids")
+
+MAX_RUNS = 500  # the run list shows the newest this many; ``status RUN`` still finds older ones
+
+_READ_COUNT = 1000
+SUMMARY_LAG_S = 2.0  # the manager refreshes a running run's summary every 0.5 s
+
+RunIds = Callable[[], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryBatch:
+    """New entries of a run's history, and where to read on from."""
+
+    events: list[HistoryEvent]
+    after: str
+
+
+class RunSource:
+    """Reads runs from ``bus``; ``run_ids`` lists the runs there are (newest or not, any order)."""
+
+    def __init__(self, bus: Bus, run_ids: RunIds) -> None:
+        self.bus = bus
+        self._run_ids = run_ids
+
+    async def runs(self) -> list[dict[str, Any]]:
+        """Every run's head (id, goal, state, reason, tokens, started, task counts), newest first."""
+        rows: list[dict[str, Any]] = []
+        for run_id in (await self._run_ids())[:MAX_RUNS * 2]:
+            status = await processes.fetch_status(self.bus, run_id)
+            if status is None:
+                continue
+            rows.append(_row(status, await self._started(run_id)))
+        rows.extend(await self._queued({r["run_id"] for r in rows}))
+        rows.sort(key=lambda r: -(r["started"] or 0.0))
+        return rows[:MAX_RUNS]
+
+    async def _started(self, run_id: str) -> float | None:
+        """When the run started: the time of its first history entry (None once that expired)."""
+        for _, env in await self.bus.read(events_stream(run_id), count=1):
+            for event in events_of(env):
+                if isinstance(event.body, RunStarted):
+                    return event.time
+        return None
+
+    async def _queued(self, known: set[str]) -> list[dict[str, Any]]:
+        """Submissions no manager has taken yet."""
+        rows = []
+        after = "0"
+        while batch := await self.bus.read(JOBS_STREAM, after=after):
+            after = batch[-1][0]
+            for _, env in batch:
+                if isinstance(env.body, Submit) and env.run_id not in known:
+                    tasks = env.body.job.get("tasks")
+                    rows.append({"run_id": env.run_id, "goal": str(env.body.job.get("goal", "")), "state": "queued",
+                                 "reason": "waiting for a manager to take the submission", "tokens": 0,
+                                 "started": env.time, "tasks": len(tasks) if isinstance(tasks, list) else 0,
+                                 "by_state": {}})
+        return rows
+
+    async def status(self, run_id: str) -> dict[str, Any] | None:
+        """The manager's latest summary of the run (or a queued submission's), or None."""
+        return await processes.find_run(self.bus, run_id)
+
+    async def history(self, run_id: str, *, after: str = "0", block_s: float = 0.0) -> HistoryBatch:
+        """The run's history after entry ``after``; with ``block_s``, waits that long for the first new entry.
+
+        The wait is the bus's blocking read (XREAD BLOCK on Redis), so a follower costs nothing while
+        nothing happens.
+        """
+        events: list[HistoryEvent] = []
+        entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT, block_s=block_s)
+        while entries:
+            for entry_id, env in entries:
+                after = entry_id
+                events.extend(events_of(env))
+            if len(entries) < _READ_COUNT:
+                break
+            entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT)
+        return HistoryBatch(events, after)
+
+    async def follow(self, run_id: str, *, block_s: float) -> AsyncGenerator[HistoryBatch]:
+        """The whole history, then each new batch as the manager records it (empty batches every ``block_s``)."""
+        batch = await self.history(run_id)
+        yield batch
+        after = batch.after
+        while True:
+            batch = await self.history(run_id, after=after, block_s=block_s)
+            after = batch.after
+            yield batch
+
+    async def act(self, run_id: str, task_id: str, action: OverrideAction, *, feedback: str, by: str,
+                  bus: Bus | None = None) -> None:
+        """Send a person's decision, checked like the CLI's (``processes.send_override``), on ``bus`` or ours.
+
+        That check reads the run's summary, which the manager refreshes twice a second, while the page
+        follows the history as it is written: a decision the history already allows is checked again
+        for up to ``SUMMARY_LAG_S`` before its refusal stands.
+        """
+        deadline = anyio.current_time() + SUMMARY_LAG_S
+        while True:
+            try:
+                await processes.send_override(bus or self.bus, run_id, task_id, action, feedback=feedback, by=by)
+                return
+            except processes.UnknownRun:
+                raise
+            except ConfigError:
+                if anyio.current_time() >= deadline or not await self._history_allows(run_id, task_id, action):
+                    raise
+            await anyio.sleep(0.1)
+
+    async def _history_allows(self, run_id: str, task_id: str, action: OverrideAction) -> bool:
+        page = RunPage()
+        for event in (await self.history(run_id)).events:
+            page.apply(event)
+        if not task_id:
+            return action in page.to_json()["actions"]
+        return any(t["id"] == task_id and action in t["actions"] for t in page.to_json()["tasks"])
+
+
+def _row(status: dict[str, Any], started: float | None) -> dict[str, Any]:
+    tasks = status.get("tasks") or []
+    by_state: dict[str, int] = {}
+    for t in tasks:
+        by_state[str(t.get("state"))] = by_state.get(str(t.get("state")), 0) + 1
+    return {"run_id": status.get("run_id", ""), "goal": status.get("goal", ""), "state": status.get("state", ""),
+            "reason": status.get("reason", ""), "tokens": status.get("tokens", 0), "started": started,
+            "tasks": len(tasks), "by_state": by_state}
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def redis_run_ids(bus: RedisBus, url: str) -> RunIds:
+    """Lists the runs whose summaries a manager keeps in the bus's Redis namespace (a SCAN, never KEYS)."""
+    prefix = bus.value_key(run_snapshot_key(""))
+
+    async def run_ids() -> list[str]:
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            keys = [k.decode() if isinstance(k, bytes) else str(k)
+                    async for k in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raise BusUnavailable(f"cannot reach Redis at {redact_url(url)} to list runs: {exc}") from exc
+        finally:
+            await client.aclose()
+        return [k[len(prefix):] for k in keys]
+
+    return run_ids
+
