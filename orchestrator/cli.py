@@ -40,7 +40,7 @@ from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
 from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
-from orchestrator.trust import pick_operator
+from orchestrator.trust import Trust, pick_operator
 from protocol.bus import Bus
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
 from protocol.inference import InferenceClient
@@ -610,12 +610,16 @@ async def _plan_goal(goal: str, args: argparse.Namespace) -> Job:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    # A file: capabilities are the fleet's business, everything else is checked here. Words: a goal to plan.
-    job = load_job(args.job) if _is_job_file(args.job) else anyio.run(_plan_goal, args.job, args)
+    # A file: capabilities are the fleet's business, everything else is checked here. Words: a goal to plan,
+    # once the operator's key is known to be there (no plan is made for a submission that cannot be signed).
+    job = load_job(args.job) if _is_job_file(args.job) else None
+    trust = _client_trust(args)
+    if job is None:
+        job = anyio.run(_plan_goal, args.job, args)
     url = processes.redis_url(args.redis)
 
     async def go() -> int:
-        async with _client_bus(args) as bus:
+        async with _client_bus(args, trust) as bus:
             if args.wait:  # nothing would ever end the wait: say so, and submit nothing
                 try:
                     left = max(1.0, MANAGER_DEADLINE_S - _process_age_s())
@@ -747,10 +751,15 @@ def _cmd_override(args: argparse.Namespace) -> int:
     return EXIT_ACCEPTED
 
 
-def _client_bus(args: argparse.Namespace) -> Any:
-    """A bus for a client verb: signing as the operator where the verb sends (``--as``), else only checking."""
+def _client_trust(args: argparse.Namespace) -> Trust:
+    """A client verb's keys: signing as the operator where the verb sends (``--as``), else only checking."""
     signers = [pick_operator(args.keys, args.as_name)] if hasattr(args, "as_name") and not args.insecure else []
-    trust = trust_of(args, signers, what=f"'orchestrator {args.verb}'")
+    return trust_of(args, signers, what=f"'orchestrator {args.verb}'")
+
+
+def _client_bus(args: argparse.Namespace, trust: Trust | None = None) -> Any:
+    """A bus for a client verb (``_client_trust`` unless the caller loaded it already)."""
+    trust = trust or _client_trust(args)
     return processes.open_bus(processes.redis_url(args.redis), namespace=args.namespace, lease_s=args.lease_s,
                               retry_budget_s=5.0, trust=trust)
 

@@ -63,7 +63,7 @@ def test_plugins_json_lists_every_plugin_with_stable_keys(tmp_path: Path) -> Non
 @pytest.mark.redis
 def test_submit_a_goal_plans_it_with_the_llm(redis_url: str) -> None:
     env = {**base_env(), "ORCH_REDIS_URL": redis_url, "ORCH_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
-           "ORCH_KEYS": os.environ["ORCH_KEYS"]}  # the session keyring: submit signs as its operator
+           "ORCH_KEYS": os.environ["ORCH_KEYS"], "ORCH_OPERATOR": "tests"}  # the session keyring's operator
     goal = "write a short market brief on heat pumps"
     proc = cli("submit", goal, "--json", env=env)  # no manager: the run is queued, its plan visible
     assert proc.returncode == 0, proc.stderr
@@ -76,6 +76,15 @@ def test_submit_a_goal_plans_it_with_the_llm(redis_url: str) -> None:
     assert data["goal"] == goal
     assert data["tasks"]
     assert {t["capability"] for t in data["tasks"]} == {"llm"}
+
+
+@pytest.mark.redis
+def test_submit_a_goal_without_an_operator_key_plans_nothing(redis_url: str, tmp_path: Path) -> None:
+    env = {**base_env(), "ORCH_REDIS_URL": redis_url, "ORCH_KEYS": str(tmp_path / "no-keyring")}
+    proc = cli("submit", "write a short market brief on heat pumps", env=env)
+    assert proc.returncode == 2
+    assert "no operator key" in proc.stderr
+    assert "planned by the built-in vLLM simulator" not in proc.stderr  # refused before any planning
 
 
 @pytest.mark.redis
