@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -36,13 +37,9 @@ def fleet_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     match = re.search(r"<!-- example: fleet -->\n```bash\n(.*?)```", text, re.S)
     assert match, "README has no 'fleet' example"
-    return [line.split("  #")[0].strip() for line in match.group(1).splitlines() if line.strip()]
-
-
-def has_ui_verb() -> bool:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "ui", "--help"], capture_output=True,
-                          timeout=60, cwd=ROOT)
-    return proc.returncode == 0
+    lines = [line.split("#")[0].strip() if line.lstrip().startswith("#") else line.split("  #")[0].strip()
+             for line in match.group(1).splitlines()]
+    return [line for line in lines if line]
 
 
 @pytest.fixture
@@ -72,7 +69,8 @@ def wait_all_running(path: Path, count: int, fleet: subprocess.Popen[str], timeo
 
 
 def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: RedisServer) -> None:
-    activate, start_redis, up, submit, status = fleet_commands()
+    install, activate, start_redis, up, submit, status = fleet_commands()
+    assert install == ".venv/bin/pip install -q -e '.[ui]'"  # here: installed with .[test], which holds .[ui]
     assert activate == ". .venv/bin/activate"  # here: this interpreter's bin directory first on PATH
     assert start_redis.startswith("redis-server")  # here: the private server, through ORCH_REDIS_URL
     work = tmp_path / "work"
@@ -80,10 +78,7 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
     job_rel = shlex.split(submit)[2]
     data = yaml.safe_load((ROOT / manifest_rel).read_text())
     data["spec"]["llm"]["serve"]["port"] = free_port()
-    if has_ui_verb():
-        data["spec"]["ui"]["port"] = free_port()
-    else:  # the console is built elsewhere; until this installation has `orchestrator ui`, run without it
-        del data["spec"]["ui"]
+    data["spec"]["ui"]["port"] = free_port()
     (work / manifest_rel).parent.mkdir(parents=True)
     (work / manifest_rel).write_text(yaml.safe_dump(data, sort_keys=False))
     (work / job_rel).parent.mkdir(parents=True)
@@ -97,7 +92,7 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
     fleet = subprocess.Popen(shlex.split(up), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         workers = sum(w["replicas"] for w in data["spec"]["workers"])
-        expected = 1 + 1 + workers + (1 if "ui" in data["spec"] else 0)  # the simulator, the manager, ...
+        expected = 1 + 1 + workers + 1  # the simulator, the manager, the workers, the console
         wait_all_running(work / ".orchestrator" / "fleet-local.json", expected, fleet)
         done = subprocess.run(shlex.split(submit), cwd=work, env=env, capture_output=True, text=True, timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -109,6 +104,8 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
         assert all(p["state"] == "running" and p["restarts"] == 0 for p in rows), rows
         pids = [p["pid"] for p in rows]
         assert_each_process_holds_only_its_key(work / ".orchestrator", rows, data)
+        page = httpx.get(f"http://127.0.0.1:{data['spec']['ui']['port']}/", timeout=10)  # the console answers
+        assert page.status_code == 200, page.text[:500]
         share = work / ".orchestrator" / "fleet-local-keys" / "manager" / "manager.key"
         before = share.stat().st_ino
         second = subprocess.run(shlex.split(up), cwd=work, env=env, capture_output=True, text=True, timeout=60)
@@ -146,8 +143,6 @@ def assert_each_process_holds_only_its_key(state_dir: Path, rows: list[dict[str,
                 "operator-admin": "operator.admin.key"}
     shares = state_dir / "fleet-local-keys"
     for share, key in expected.items():
-        if share == "operator-admin" and "ui" not in data["spec"]:
-            continue
         assert sorted(p.name for p in (shares / share).iterdir()) == sorted(["keyring.json", key]), share
         assert (shares / share / key).stat().st_mode & 0o077 == 0  # private: the owner alone
     for row in rows:

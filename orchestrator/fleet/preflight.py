@@ -4,12 +4,14 @@ A process whose executable is not on ``PATH`` would otherwise be restarted with 
 is given up ("exited with 127"), after the processes before it had started. Here each one is
 resolved first: its executable on the ``PATH`` it will run with, and, for the processes that run
 this installation's own CLI (manager, workers, console), its command line against the CLI's parser,
-so a verb this installation lacks (``ui`` without the console) is named too. Worker plugins are
+so a verb this installation lacks is named too, and the console's optional dependencies
+(``orchestrator[ui]``) must import. Worker plugins are
 resolved through the entry point registry by :func:`~orchestrator.fleet.manifest.check_plugins`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -55,6 +57,16 @@ def _cli_problem(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _console_problem() -> str | None:
+    """Why ``orchestrator ui`` would fail on import here (its optional dependencies), or None."""
+    try:
+        importlib.import_module("orchestrator.ui")
+    except ImportError as exc:
+        return (f"the web console needs starlette and uvicorn ({exc.name or exc} is missing): "
+                "pip install 'orchestrator[ui]', or remove spec.ui")
+    return None
+
+
 def check_processes(manifest: FleetManifest, specs: Sequence[ProcessSpec], *, source: str = "<manifest>") -> None:
     """Raise :class:`ManifestError` naming the first process that cannot start, and what it lacks."""
     for spec in specs:
@@ -73,4 +85,7 @@ def check_processes(manifest: FleetManifest, specs: Sequence[ProcessSpec], *, so
             if problem is not None:
                 raise ManifestError(f"process {spec.name!r} cannot start: this installation's orchestrator CLI "
                                     f"refuses its command line ({problem}); nothing was started",
+                                    source=source, field=field)
+            if spec.role == "ui" and (problem := _console_problem()) is not None:
+                raise ManifestError(f"process {spec.name!r} cannot start: {problem}; nothing was started",
                                     source=source, field=field)

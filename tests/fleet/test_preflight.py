@@ -85,3 +85,24 @@ def test_fleet_up_exits_2_before_starting_anything(tmp_path: Path, redis_server:
     assert "process 'vllm' cannot start: executable 'no-such-vllm-binary' is not found on PATH" in proc.stderr
     assert "started" not in proc.stdout  # no "[fleet] started ..." line: nothing ran
     assert not (tmp_path / ".orchestrator" / "fleet-pre.json").exists()
+
+
+@pytest.mark.redis
+def test_a_console_without_its_dependencies_is_refused_before_anything_starts(tmp_path: Path,
+                                                                              redis_server: RedisServer) -> None:
+    blocked = tmp_path / "blocked"
+    (blocked / "starlette").mkdir(parents=True)  # shadows the installed one, as if it were not installed
+    (blocked / "starlette" / "__init__.py").write_text("raise ModuleNotFoundError('No module named starlette', "
+                                                       "name='starlette')\n")
+    data = manifest_data()
+    data["spec"].update({"redis": {"url": redis_server.url}, "ui": {"port": 18099}})  # type: ignore[attr-defined]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "up", str(path)], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}"}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert ("spec.ui: process 'ui' cannot start: the web console needs starlette and uvicorn (starlette is "
+            "missing): pip install 'orchestrator[ui]'") in proc.stderr
+    assert not (tmp_path / ".orchestrator").exists()  # no state, no keys: nothing was started or made
