@@ -17,9 +17,9 @@ from orchestrator.fleet.keys import KeyShares, ensure_keyring, hand_out
 from orchestrator.fleet.manifest import FleetManifest, load_manifest
 from orchestrator.fleet.preflight import check_processes
 from orchestrator.fleet.render import dump_documents, render_compose, render_kubernetes_files
-from orchestrator.fleet.supervisor import Supervisor, default_state_file, read_state
+from orchestrator.fleet.supervisor import Supervisor, _take_lock, default_state_file, lock_file, read_state
 from orchestrator.keys_cli import add_keys_flags
-from protocol.errors import ConfigError, OrchestratorError
+from protocol.errors import ConfigError
 from protocol.keyring import keys_dir
 
 __all__ = ("add_fleet_parser",)
@@ -72,11 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         environ["ORCH_INSECURE"] = "1"  # every process runs unsigned, and says so in its log
     probe = Supervisor(manifest, state_file=state_file, environ=environ, child_log_level=args.child_log_level)
     check_processes(manifest, [p.spec for p in probe.processes], source=args.manifest)  # before any key is made
-    running = _running_supervisor(state_file)
-    if running is not None:  # before the shares are rewritten under the running fleet's processes
-        raise OrchestratorError(f"fleet {manifest.name!r} is already running under supervisor pid {running} "
-                                f"(see {state_file}); stop it first (SIGTERM to that pid) or give this one "
-                                "another --state-file")
+    _refuse_if_running(state_file, manifest.name)
     keys = None if args.insecure else _keys(manifest, keys_dir(args.keys), state_file.parent)
     supervisor = Supervisor(manifest, state_file=state_file, log_dir=args.log_dir, environ=environ,
                             child_log_level=args.child_log_level, manifest_path=args.manifest, keys=keys)
@@ -92,19 +88,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return anyio.run(go)
 
 
-def _running_supervisor(state_file: Path) -> int | None:
-    """The pid of a live `fleet up` that wrote ``state_file``, or None (no file, or its supervisor is gone)."""
-    try:
-        pid = int(read_state(state_file).get("supervisor_pid") or 0)
-    except (OSError, ValueError, TypeError):
-        return None
-    if not pid or pid == os.getpid() or not _alive(pid):
-        return None
-    try:  # a recycled pid is not our supervisor
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return pid  # no /proc: trust the liveness check
-    return pid if b"fleet" in cmdline and b"up" in cmdline else None
+def _refuse_if_running(state_file: Path, fleet: str) -> None:
+    """Raise FleetAlreadyRunning when a supervisor holds this fleet's lock (the lock ``Supervisor.run`` takes).
+
+    Checked before the key shares are rewritten, which would pull them from under the running fleet;
+    the lock is released at once and taken for good by ``Supervisor.run``.
+    """
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    os.close(_take_lock(lock_file(state_file), fleet))
 
 
 def _keys(manifest: FleetManifest, ring_dir: Path, state_dir: Path) -> KeyShares:

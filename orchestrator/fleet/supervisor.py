@@ -1,12 +1,16 @@
 """The local supervisor behind ``orchestrator fleet up``.
 
 Starts vLLM (when the manifest serves it) and waits for its ``/health``, then the manager and
-every worker replica; restarts a process that exits with exponential backoff; gives a process
+every worker replica, each through ``_lifeline`` so that it gets SIGTERM when the supervisor
+dies, even by ``kill -9``; restarts a process that exits with exponential backoff; gives a process
 up (state ``failed``) after ``maxQuickRestarts`` restarts in a row that each ran less than
 ``stableSeconds``; on :meth:`Supervisor.stop` sends SIGTERM to every child, waits the grace
 period, then SIGKILLs what is left, and stops vLLM last. Each process's output is streamed with
 a ``[name]`` prefix, or written to ``<log_dir>/<name>.log``. The state file (JSON) is rewritten on
-every change; ``orchestrator fleet status`` reads it.
+every change; ``orchestrator fleet status`` reads it. The supervisor holds an ``flock`` on the lock
+file next to it (``fleet-NAME.lock``, holding its pid) for as long as it runs: a second supervisor
+of the same fleet refuses to start (:class:`FleetAlreadyRunning`), and the kernel drops the lock
+when the holder dies, so a stale file after a crash blocks nothing.
 
 Signals are the CLI's business: it calls :meth:`Supervisor.stop`.
 """
@@ -14,6 +18,7 @@ Signals are the CLI's business: it calls :meth:`Supervisor.stop`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -35,8 +40,11 @@ from anyio.streams.text import TextReceiveStream
 from orchestrator.fleet.commands import ProcessSpec, process_specs
 from orchestrator.fleet.keys import KeyShares
 from orchestrator.fleet.manifest import FleetManifest
+from protocol.errors import OrchestratorError
 
-__all__ = ("ProcessState", "Supervisor", "default_state_file", "read_state")
+__all__ = ("FleetAlreadyRunning", "ProcessState", "Supervisor", "default_state_file", "lock_file", "read_state")
+
+_LIFELINE = Path(__file__).with_name("_lifeline.py")
 
 log = structlog.get_logger("orchestrator.fleet")
 
@@ -46,6 +54,37 @@ Sink = Callable[[str, str], None]
 def default_state_file(name: str) -> Path:
     """``.orchestrator/fleet-<name>.json`` under the current directory."""
     return Path(".orchestrator") / f"fleet-{name}.json"
+
+
+class FleetAlreadyRunning(OrchestratorError):
+    """Another supervisor holds this fleet's lock; ``pid`` is its process id (None when unreadable)."""
+
+    def __init__(self, message: str, *, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def lock_file(state_file: Path) -> Path:
+    """The lock next to a state file: ``fleet-NAME.json`` -> ``fleet-NAME.lock``."""
+    return state_file.with_suffix(".lock")
+
+
+def _take_lock(path: Path, fleet: str) -> int:
+    """Hold ``path`` locked (the fd stays open, not inherited) with our pid in it; raise when another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        pid = int(text) if text.isdigit() else None
+        raise FleetAlreadyRunning(
+            f"fleet {fleet!r} is already running under supervisor pid {pid if pid else '(unknown)'} "
+            f"(it holds {path}); stop it first (SIGTERM to that pid) or give this one another --state-file",
+            pid=pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -118,9 +157,17 @@ class Supervisor:
     async def run(self) -> int:
         """Start and supervise the fleet until :meth:`stop`, or until the manager or vLLM gives up.
 
-        Returns 0 after a clean stop, 1 when a process was given up.
+        Returns 0 after a clean stop, 1 when a process was given up. Raises
+        :class:`FleetAlreadyRunning` (exit 1 from the CLI) when another supervisor runs this fleet.
         """
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(lock_file(self.state_file), self.manifest.name)
+        try:
+            return await self._run_locked()
+        finally:
+            os.close(lock)  # the file stays: removing it would let a third supervisor lock a new inode
+
+    async def _run_locked(self) -> int:
         Path(self.manifest.spec.ledger.path).parent.mkdir(parents=True, exist_ok=True)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -221,8 +268,11 @@ class Supervisor:
         if self.log_dir is not None:
             log_file = (self.log_dir / f"{proc.spec.name}.log").open("ab")
         try:
+            # Through _lifeline: SIGTERM (drain) reaches the process when this supervisor dies, even by SIGKILL.
+            argv = [sys.executable, "-I", "-S", str(_LIFELINE), str(os.getpid()), str(int(signal.SIGTERM)), "--",
+                    *proc.spec.argv]
             process = await anyio.open_process(
-                list(proc.spec.argv), stdin=subprocess.DEVNULL, stdout=log_file or subprocess.PIPE,
+                argv, stdin=subprocess.DEVNULL, stdout=log_file or subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=dict(proc.spec.env), start_new_session=True)
         except OSError as exc:
             if log_file is not None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +13,7 @@ from anyio.abc import SocketStream
 from structlog.testing import capture_logs
 
 from protocol.errors import ConfigError, WorkerError
+from tests._proc_scan import Proc, collect_descendants, wait_until_none_living
 from workers.base import Task
 from workers.builtin import PythonConfig, PythonWorker, SandboxError, SandboxLimits, run_snippet
 
@@ -36,23 +37,6 @@ async def fails(task: Task, **config: Any) -> SandboxError:
     with pytest.raises(SandboxError) as info:
         await run(task, **config)
     return info.value
-
-
-def process_is_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie waiting for a reaper."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
-async def wait_until_gone(pid: int) -> bool:
-    for _ in range(150):
-        if process_is_gone(pid):
-            return True
-        await anyio.sleep(0.02)
-    return False
 
 
 # --- what the worker returns -------------------------------------------------------------------
@@ -109,6 +93,21 @@ async def test_non_json_result_is_a_clear_error() -> None:
     )
 
 
+async def _run_watching(task: Task, seen: set[Proc], **config: Any) -> Any:
+    """Run ``task`` while collecting every process below this one (the sandbox's, whatever they fork)."""
+    failure: SandboxError | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect_descendants, os.getpid(), seen)
+        try:
+            value = await run(task, **config)
+        except SandboxError as exc:  # raised past the task group, not wrapped in an exception group
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return value
+
+
 async def test_wall_clock_limit_kills_the_process_group() -> None:
     snippet = """
         import os, time
@@ -119,39 +118,46 @@ async def test_wall_clock_limit_kills_the_process_group() -> None:
         print(os.getpid(), child, flush=True)
         time.sleep(60)
     """
-    with anyio.fail_after(5):
-        error = await fails(make_task(snippet), timeout_s=1)
+    seen: set[Proc] = set()
+    with anyio.fail_after(5), pytest.raises(SandboxError) as info:
+        await _run_watching(make_task(snippet), seen, timeout_s=1)
+    error = info.value
     assert str(error) == "snippet ran past its 1 s time limit"
     assert error.result is not None
     assert error.result.timed_out
     assert error.result.killed_by == "wall clock"
     assert 1.0 <= error.result.duration_s < 3
-    leader, child = map(int, error.result.stdout.split())
-    assert await wait_until_gone(leader)
-    assert await wait_until_gone(child), "the forked child outlived the sandbox"
+    assert len(seen) >= 4, seen  # launcher, init, snippet process, its forked child
+    assert await anyio.to_thread.run_sync(wait_until_none_living, seen) == set(), "the sandbox outlived its limit"
 
 
-async def test_background_child_is_killed_when_the_snippet_finishes(tmp_path: Path) -> None:
+async def test_background_child_is_killed_when_the_snippet_finishes() -> None:
     snippet = """
         import subprocess
         result = subprocess.Popen(["sleep", "60"]).pid
     """
-    pid = await run(make_task(snippet))
-    assert await wait_until_gone(pid)
+    seen: set[Proc] = set()
+    await _run_watching(make_task(snippet), seen)
+    assert await anyio.to_thread.run_sync(wait_until_none_living, seen) == set()
 
 
-async def test_cancelling_the_caller_kills_the_sandbox_and_removes_its_directory(tmp_path: Path) -> None:
-    marker = tmp_path / "pid"
-    snippet = """
-        import os, time
-        with open(task_input, "w") as f:
-            f.write(f"{os.getpid()} {os.getcwd()}")
-        time.sleep(60)
-    """
-    with anyio.move_on_after(1):
-        await run(make_task(snippet, task_input=str(marker)))
-    pid, workdir = (await anyio.Path(marker).read_text()).split()
-    assert await wait_until_gone(int(pid))
+async def test_cancelling_the_caller_kills_the_sandbox_and_removes_its_directory() -> None:
+    seen: set[Proc] = set()
+    workdirs: set[str] = set()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect_descendants, os.getpid(), seen)
+        tg.start_soon(run, make_task("import time\ntime.sleep(60)"))
+        for _ in range(500):  # up to 10 s for the launcher, the init and the snippet process
+            if len(seen) >= 3:
+                break
+            await anyio.sleep(0.02)
+        await anyio.sleep(0.3)
+        for pid, _ in seen:
+            with contextlib.suppress(OSError):
+                workdirs.add(os.readlink(f"/proc/{pid}/cwd"))
+        tg.cancel_scope.cancel()
+    assert await anyio.to_thread.run_sync(wait_until_none_living, seen) == set()
+    [workdir] = [w for w in workdirs if "orch-sandbox-" in w]
     assert not await anyio.Path(workdir).exists()
 
 
@@ -285,8 +291,11 @@ async def test_oversize_output_is_truncated() -> None:
 
 async def test_protections_are_reported() -> None:
     outcome = await run_snippet("result = 1", globals_in={}, limits=SandboxLimits())
-    assert {"process_group", "wall_clock", "temp_cwd", "minimal_env", "output_caps", "socket_guard",
-            "rlimit_cpu", "rlimit_as", "rlimit_fsize"} <= set(outcome.protections)
+    assert {"process_group", "wall_clock", "temp_cwd", "minimal_env", "output_caps", "no_capabilities",
+            "no_new_privs", "rlimit_cpu", "rlimit_as", "rlimit_fsize"} <= set(outcome.protections)
+    assert "socket_guard" not in outcome.protections  # advisory, and nothing the worker can measure
+    assert outcome.measured["no_new_privs"] is True
+    assert outcome.measured["pid"] not in (os.getpid(), 0)
 
 
 async def test_reserved_names_are_refused() -> None:
@@ -348,3 +357,5 @@ def test_a_task_may_not_loosen_what_the_operator_set() -> None:
         PythonWorker().task_config({"python": "/bin/sh", "env": {"A": "1"}, "max_timeout_s": 9999})
     assert str(info.value) == ("task config for capability 'python' sets 'env', 'max_timeout_s', 'python', which "
                                "only the worker's own config may set")
+    with pytest.raises(ConfigError, match="'allow_network_without_namespace', 'sandbox_user'"):
+        PythonWorker().task_config({"sandbox_user": "root", "allow_network_without_namespace": True})
