@@ -86,7 +86,10 @@ def ensure_keyring(manifest: FleetManifest, path: Path) -> tuple[Keyring, list[s
             raise KeyringError(f"{path} has the public key of {ident} but not its private key, so this fleet "
                                f"cannot sign as it: run `fleet up` where that key is, or pass --keys DIR")
         role, name = role_of(ident)
-        ring.add(role, name)  # type: ignore[arg-type]  # role_of of an identity this module built
+        if role == "manager":
+            ring.add("manager")
+        else:
+            ring.add("worker" if role == "worker" else "operator", name)
         added.append(ident)
     return ring, added
 
