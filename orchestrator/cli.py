@@ -39,10 +39,12 @@ from orchestrator.display import RunView, event_line, render_summary, render_tab
 from orchestrator.gctune import tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
+from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
-from orchestrator.trust import pick_operator
+from orchestrator.trust import Trust, pick_operator
 from protocol.bus import Bus
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
+from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
 from protocol.settings import RedisSettings, count, env_value, port, redact_url, seconds, setting_error
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     plugins = verbs.add_parser("plugins", help="list installed worker plugins")
+    plugins.add_argument("--json", action="store_true",
+                         help="print a JSON array, one object per plugin: name, capability, target, package, "
+                              "version, description, needs_llm, error")
     plugins.set_defaults(func=_cmd_plugins)
 
     verbs.add_parser("sim-llm", add_help=False,
@@ -163,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     _observability_flags(worker)
     worker.set_defaults(func=_cmd_worker)
 
-    submit = verbs.add_parser("submit", help="submit a job to the running manager; prints the run id")
+    submit = verbs.add_parser("submit", help="submit a job file, or plan and submit a goal, to the running manager; "
+                                             "prints the run id")
     _redis_flags(submit)
-    submit.add_argument("job", help="path to a job file (YAML)")
+    submit.add_argument("job", metavar="JOB_OR_GOAL",
+                        help="a job file (YAML), or a goal in words for the LLM planner (tasks for capability llm)")
     submit.add_argument("--json", action="store_true", help="print JSON ({'run_id'}, or the final run with --wait)")
     submit.add_argument("--wait", action="store_true", help="block until the run ends; exit 0 accepted, 1 not")
+    _llm_flags(submit, fallback="; the planner's server for a goal (without one: the built-in vLLM simulator)")
     add_operator_flag(submit)
     _allow_check_flag(submit)
     submit.set_defaults(func=_cmd_submit)
@@ -460,17 +468,16 @@ async def _run(args: argparse.Namespace, console: Console) -> RunResult:
             _Console(stderr=True).print(f"orchestrator: this run in the console: {console_url}/#/run/{run.run_id}",
                                         markup=False, highlight=False, soft_wrap=True)
         view = RunView()
-        wide = console.width >= 120
         live_display = console.is_terminal and not args.json
-        with Live(render_table(view, wide=wide), console=console, refresh_per_second=8, transient=True,
+        with Live(render_table(view, width=console.width), console=console, refresh_per_second=8, transient=True,
                   auto_refresh=live_display) as live:
             async for event in run.events():
                 view.apply(event)
                 if live_display:
-                    live.update(render_table(view, wide=wide))
+                    live.update(render_table(view, width=console.width))
         result = await run.wait()
     if not args.json:
-        console.print(render_summary(view, result.to_dict(), wide=console.width >= 120))
+        console.print(render_summary(view, result.to_dict(), width=console.width))
     if simulated:
         console.print("[yellow]note: every model answer in this run came from the vLLM simulator.[/yellow]",
                       highlight=False, soft_wrap=True)
@@ -596,20 +603,40 @@ def _process_age_s() -> float:
     return time.monotonic() - _IMPORTED
 
 
+async def _plan_goal(goal: str, args: argparse.Namespace) -> Job:
+    """Plan ``goal`` into a job here, as ``run`` does: on the LLM given, else on the built-in simulator.
+
+    The plan's tasks use capability ``llm``, which the fleet's LLM workers serve.
+    """
+    async with AsyncExitStack() as stack:
+        settings = _llm_settings(args)
+        if settings is None:
+            sim = await stack.enter_async_context(SimulatedVLLM(SimConfig(time_scale=0.05)))
+            settings = InferenceSettings(url=sim.url, model=sim.model)
+            print("orchestrator: note: no LLM server configured (--llm-url or ORCH_LLM_URL): the goal is planned "  # noqa: T201
+                  "by the built-in vLLM simulator; its plan is simulated", file=sys.stderr)
+        client = await stack.enter_async_context(InferenceClient(settings))
+        return await Planner(client, capabilities=["llm"]).plan(goal)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    # Capabilities are the fleet's business; everything else is checked here (the manager checks again).
-    job = load_job(args.job, checks=default_checks(args.allow_check))
+    # A file: capabilities are the fleet's business, everything else is checked here. Words: a goal to plan,
+    # once the operator's key is known to be there (no plan is made for a submission that cannot be signed).
+    job = load_job(args.job, checks=default_checks(args.allow_check)) if _is_job_file(args.job) else None
+    trust = _client_trust(args)
+    if job is None:
+        job = anyio.run(_plan_goal, args.job, args)
     url = processes.redis_url(args.redis)
 
     async def go() -> int:
-        async with _client_bus(args) as bus:
+        async with _client_bus(args, trust) as bus:
             if args.wait:  # nothing would ever end the wait: say so, and submit nothing
                 try:
                     left = max(1.0, MANAGER_DEADLINE_S - _process_age_s())
                     await processes.wait_for_manager(url, namespace=args.namespace, within_s=left)
                 except processes.NoActiveManager as exc:
                     raise processes.NoActiveManager(f"{exc}; the job was not submitted") from None
-            run_id = await processes.submit_job(bus, job, source=args.job)
+            run_id = await processes.submit_job(bus, job, source=args.job if _is_job_file(args.job) else "goal")
             await _warn_unserved(bus, job, run_id)
             if not args.wait:
                 if await processes.active_manager(url, namespace=args.namespace) is None:
@@ -706,14 +733,15 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                 for event in await processes.read_events(bus, args.run_id):
                     view.apply(event)
             else:
-                with Live(render_table(view), console=console, refresh_per_second=4, transient=True) as live:
+                with Live(render_table(view, width=console.width), console=console, refresh_per_second=4,
+                          transient=True) as live:
                     async for event in processes.follow_events(bus, args.run_id):
                         view.apply(event)
-                        live.update(render_table(view, wide=console.width >= 120))
+                        live.update(render_table(view, width=console.width))
             status = await processes.fetch_status(bus, args.run_id)
         if status is None:
             raise _unknown_run(args.run_id)
-        console.print(render_summary(view, status, wide=console.width >= 120))
+        console.print(render_summary(view, status, width=console.width))
         return status
 
     status = anyio.run(go)
@@ -733,10 +761,15 @@ def _cmd_override(args: argparse.Namespace) -> int:
     return EXIT_ACCEPTED
 
 
-def _client_bus(args: argparse.Namespace) -> Any:
-    """A bus for a client verb: signing as the operator where the verb sends (``--as``), else only checking."""
+def _client_trust(args: argparse.Namespace) -> Trust:
+    """A client verb's keys: signing as the operator where the verb sends (``--as``), else only checking."""
     signers = [pick_operator(args.keys, args.as_name)] if hasattr(args, "as_name") and not args.insecure else []
-    trust = trust_of(args, signers, what=f"'orchestrator {args.verb}'")
+    return trust_of(args, signers, what=f"'orchestrator {args.verb}'")
+
+
+def _client_bus(args: argparse.Namespace, trust: Trust | None = None) -> Any:
+    """A bus for a client verb (``_client_trust`` unless the caller loaded it already)."""
+    trust = trust or _client_trust(args)
     return processes.open_bus(processes.redis_url(args.redis), namespace=args.namespace, lease_s=args.lease_s,
                               retry_budget_s=5.0, trust=trust)
 
@@ -759,12 +792,38 @@ def _print_run(result: dict[str, Any], *, as_json: bool) -> None:
         console.print(f"reason: {result['reason']}", markup=False)
 
 
-def _cmd_plugins(args: argparse.Namespace) -> int:
+def plugin_rows() -> list[dict[str, Any]]:
+    """Every installed worker plugin, imported to read what it declares (``plugins --json``).
+
+    Keys: ``name`` (entry point), ``capability`` (what the class declares; null if it failed to
+    load), ``target`` (``module:Class``), ``package`` and ``version`` (its distribution, or null),
+    ``description`` (the first line of the class's docstring, or ""), ``needs_llm``, and ``error``
+    (why it failed to load, or null).
+    """
     rows: list[dict[str, Any]] = []
     for name, ep in sorted(registry.available().items()):
-        rows.append({"capability": name, "target": ep.value, "package": ep.dist.name if ep.dist else ""})
-    for row in rows:
-        print(f"{row['capability']:<20} {row['target']:<50} {row['package']}")  # noqa: T201 - CLI output
+        row: dict[str, Any] = {"name": name, "capability": None, "target": ep.value,
+                               "package": ep.dist.name if ep.dist else None,
+                               "version": ep.dist.version if ep.dist else None,
+                               "description": "", "needs_llm": None, "error": None}
+        try:
+            cls = registry.load_entry_point(ep)
+        except PluginLoadError as exc:
+            row["error"] = str(exc)
+        else:
+            doc = cls.__dict__.get("__doc__") or ""  # its own docstring, not the Worker base class's
+            row.update(capability=cls.capability, description=doc.strip().split("\n")[0],
+                       needs_llm=cls.needs_inference)
+        rows.append(row)
+    return rows
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(plugin_rows()))  # noqa: T201 - the --json contract is stdout
+        return EXIT_ACCEPTED
+    for name, ep in sorted(registry.available().items()):
+        print(f"{name:<20} {ep.value:<50} {ep.dist.name if ep.dist else ''}")  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
 
 

@@ -27,7 +27,11 @@ from protocol.history import (
     WaitingChanged,
 )
 
-__all__ = ("RunView", "event_line", "render_summary", "render_table")
+__all__ = ("WIDE_COLUMNS", "RunView", "event_line", "render_summary", "render_table")
+
+# Below this terminal width the table drops the capability, worker and tokens columns, and says so.
+WIDE_COLUMNS = 120
+HIDDEN_WHEN_NARROW = ("capability", "worker", "tokens")
 
 STATE_STYLE = {
     "not_done": "cyan", "done": "blue", "verify_done": "magenta", "redo": "yellow",
@@ -46,12 +50,25 @@ def _elapsed(task: TaskView, now: float) -> str:
     return f"{(task.finished or now) - task.started:.2f}s"
 
 
+def _hidden_note(width: int | None) -> str:
+    size = f"{width} columns" if width is not None else "narrow"
+    *first, last = HIDDEN_WHEN_NARROW
+    return f"{', '.join(first)} and {last} hidden: terminal {size}, shown from {WIDE_COLUMNS}"
+
+
 def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any] | None = None, *,
-                 wide: bool = True) -> Table:
+                 wide: bool = True, width: int | None = None) -> Table:
     """The run as a tree: each task under the tasks it depends on, with state, attempt, worker, elapsed time,
-    tokens, and the latest note (or the output, at the end)."""
+    tokens, and the latest note (or the output, at the end).
+
+    ``wide=False`` drops the capability, worker and tokens columns and says so under the table
+    (``width``, the terminal's, goes in that note). ``width`` alone decides ``wide`` when given.
+    """
     now = now or time.time()
-    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD)
+    if width is not None:
+        wide = width >= WIDE_COLUMNS
+    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption=None if wide else _hidden_note(width), caption_justify="left")
     for column in ("task", "capability", "state", "attempt", "elapsed") if wide else ("task", "state", "try", "time"):
         table.add_column(column, no_wrap=True)
     if wide:
@@ -120,7 +137,7 @@ def _clip(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True) -> Group:
+def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True, width: int | None = None) -> Group:
     """The closing summary: the final table and one line on how the run ended."""
     counts: dict[str, int] = {}
     for t in result["tasks"]:
@@ -134,7 +151,7 @@ def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True) 
     if result.get("reason"):
         line.append(f"\nreason: {result['reason']}")
     outputs = {t["id"]: t["output"] for t in result["tasks"]}
-    return Group(render_table(view, outputs=outputs, wide=wide), line)
+    return Group(render_table(view, outputs=outputs, wide=wide, width=width), line)
 
 
 def event_line(event: HistoryEvent) -> str:

@@ -33,3 +33,21 @@ def test_worker_importable_from_workers() -> None:
     from workers.base import Worker as BaseWorker
 
     assert Worker is BaseWorker
+
+
+def test_user_facing_errors_are_importable_from_orchestrator() -> None:
+    import orchestrator
+    from orchestrator import ConfigError, JobError, ManifestError, OrchestratorError, PlanError
+    from protocol import errors
+
+    assert JobError is errors.JobError
+    assert issubclass(JobError, ConfigError)
+    assert issubclass(ManifestError, ConfigError)
+    assert issubclass(PlanError, OrchestratorError)
+    exported = {n for n in orchestrator.__all__ if isinstance(getattr(orchestrator, n), type)
+                and issubclass(getattr(orchestrator, n), BaseException)}
+    assert {"OrchestratorError", "ConfigError", "JobError", "ManifestError", "PluginLoadError", "PlanError",
+            "BusUnavailable", "InferenceError", "NoActiveManager", "UnknownRun"} <= exported
+    with pytest.raises(JobError, match="duplicate task id"):  # what a user catches, raised where users meet it
+        orchestrator.parse_job({"goal": "g", "tasks": [{"id": "a", "capability": "python"},
+                                                       {"id": "a", "capability": "python"}]})

@@ -68,3 +68,24 @@ def test_frames_follow_the_state_machine_and_show_why_a_task_was_redone_or_faile
 def test_the_closing_summary_matches_the_snapshot() -> None:
     _, view = frames()
     assert final(view) == (DATA / "watch_final.txt").read_text()
+
+
+def summary_at(view: RunView, width: int) -> str:
+    tasks = [{"id": t.id, "state": t.state, "output": f"{t.id}: a complete answer" if t.state == "accepted" else None}
+             for t in view.tasks.values()]
+    console = Console(record=True, width=width, color_system=None, file=io.StringIO())
+    console.print(render_summary(view, {"state": view.state, "reason": view.reason, "tasks": tasks}, width=width))
+    return console.export_text()
+
+
+def test_a_narrow_terminal_says_which_columns_it_hid_and_why() -> None:
+    _, view = frames()
+    narrow = summary_at(view, 100)
+    assert "capability, worker and tokens hidden: terminal 100 columns, shown from 120" in narrow
+    header = next(line for line in narrow.splitlines() if line.strip().startswith("task"))
+    for column in ("capability", "worker", "tokens"):
+        assert column not in header
+    assert narrow == (DATA / "watch_final_narrow.txt").read_text()
+    wide = summary_at(view, 130)
+    assert "hidden" not in wide
+    assert wide == (DATA / "watch_final.txt").read_text()  # the wide table is unchanged

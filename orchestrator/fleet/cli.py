@@ -13,10 +13,14 @@ from typing import Any
 
 import anyio
 
-from orchestrator.fleet.manifest import load_manifest
+from orchestrator.fleet.keys import KeyShares, ensure_keyring, hand_out
+from orchestrator.fleet.manifest import FleetManifest, load_manifest
+from orchestrator.fleet.preflight import check_processes
 from orchestrator.fleet.render import dump_documents, render_compose, render_kubernetes_files
-from orchestrator.fleet.supervisor import Supervisor, default_state_file, read_state
+from orchestrator.fleet.supervisor import Supervisor, _take_lock, default_state_file, lock_file, read_state
+from orchestrator.keys_cli import add_keys_flags
 from protocol.errors import ConfigError
+from protocol.keyring import keys_dir
 
 __all__ = ("add_fleet_parser",)
 
@@ -35,6 +39,7 @@ def add_fleet_parser(verbs: Any) -> None:
     up.add_argument("--state-file", type=Path, default=None,
                     help="where to write the fleet's state (default .orchestrator/fleet-NAME.json)")
     up.add_argument("--child-log-level", default="INFO", help="--log-level of the processes (default INFO)")
+    add_keys_flags(up)  # --keys DIR: the keyring fleet up makes or completes, and hands out; --insecure: none
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="list the fleet's processes: pid, capability, state, restarts")
@@ -49,14 +54,29 @@ def add_fleet_parser(verbs: Any) -> None:
     render.add_argument("--target", required=True, choices=("kubernetes", "compose"))
     render.add_argument("--output", type=Path, default=None, metavar="DIR",
                         help="write files into DIR (kubernetes: one file per component; compose: compose.yaml)")
+    render.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                        help="the fleet's keyring (made or completed like fleet up does): kubernetes adds keys.yaml, "
+                             "one Secret per role with its private key (keep it out of version control); compose "
+                             "mounts the key files from DIR (default: the pods name Secrets NAME-keys-ROLE you "
+                             "create, compose reads ./keys next to compose.yaml)")
     render.set_defaults(func=cmd_render)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """``fleet up``: check the manifest (plugins, Redis, LLM), then supervise until SIGINT/SIGTERM."""
+    """``fleet up``: check the manifest (plugins, Redis, LLM, every process's executable), then supervise
+    until SIGINT/SIGTERM."""
     manifest = load_manifest(args.manifest)
-    supervisor = Supervisor(manifest, state_file=args.state_file, log_dir=args.log_dir,
-                            child_log_level=args.child_log_level, manifest_path=args.manifest)
+    state_file = args.state_file or default_state_file(manifest.name)
+    environ = dict(os.environ)
+    if args.insecure:
+        environ["ORCH_INSECURE"] = "1"  # every process runs unsigned, and says so in its log
+    probe = Supervisor(manifest, state_file=state_file, environ=environ, child_log_level=args.child_log_level)
+    check_processes(manifest, [p.spec for p in probe.processes], source=args.manifest)  # before any key is made
+    _refuse_if_running(state_file, manifest.name)
+    keys = None if args.insecure else _keys(manifest, keys_dir(args.keys), state_file.parent)
+    supervisor = Supervisor(manifest, state_file=state_file, log_dir=args.log_dir, environ=environ,
+                            child_log_level=args.child_log_level, manifest_path=args.manifest, keys=keys)
+    check_processes(manifest, [p.spec for p in supervisor.processes], source=args.manifest)  # with their keys
 
     async def go() -> int:
         async with anyio.create_task_group() as tg:
@@ -66,6 +86,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         return code
 
     return anyio.run(go)
+
+
+def _refuse_if_running(state_file: Path, fleet: str) -> None:
+    """Raise FleetAlreadyRunning when a supervisor holds this fleet's lock (the lock ``Supervisor.run`` takes).
+
+    Checked before the key shares are rewritten, which would pull them from under the running fleet;
+    the lock is released at once and taken for good by ``Supervisor.run``.
+    """
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    os.close(_take_lock(lock_file(state_file), fleet))
+
+
+def _keys(manifest: FleetManifest, ring_dir: Path, state_dir: Path) -> KeyShares:
+    """Make or complete the fleet's keyring, and hand each role its share under ``STATE_DIR/fleet-NAME-keys``."""
+    ring, added = ensure_keyring(manifest, ring_dir)
+    if added:
+        print(f"[fleet] keyring {ring_dir}: added keys for {', '.join(added)}", flush=True)  # noqa: T201 - CLI output
+    return hand_out(manifest, ring, state_dir / f"fleet-{manifest.name}-keys")
 
 
 async def _stop_on_signal(supervisor: Supervisor, scope: anyio.CancelScope) -> None:
@@ -132,10 +170,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     """``fleet render``: print (or write) the rendered YAML; plugins are not loaded, services not checked."""
     manifest = load_manifest(args.manifest, plugins=False, services=False)
     header = HEADER.format(source=args.manifest, target=args.target)
+    ring = None
+    if args.keys is not None:
+        ring, added = ensure_keyring(manifest, args.keys)
+        if added:
+            print(f"keyring {args.keys}: added keys for {', '.join(added)}", file=sys.stderr)  # noqa: T201
     if args.target == "kubernetes":
-        files = {name: dump_documents(docs, header=header) for name, docs in render_kubernetes_files(manifest).items()}
+        files = {name: dump_documents(docs, header=header)
+                 for name, docs in render_kubernetes_files(manifest, ring).items()}
     else:
-        files = {"compose.yaml": dump_documents([render_compose(manifest)], header=header)}
+        keys_path = "./keys"
+        if args.keys is not None:  # compose reads secret files relative to the compose file
+            keys_path = os.path.relpath(args.keys.absolute(), (args.output or Path.cwd()).absolute())
+        compose = render_compose(manifest, ring=ring, keys_path=keys_path)
+        files = {"compose.yaml": dump_documents([compose], header=header)}
     if args.output is None:
         sys.stdout.write("---\n".join(files.values()))
         return 0

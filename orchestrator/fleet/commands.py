@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from orchestrator.fleet.manifest import FleetManifest, ServeSpec, WorkerSpec
+from orchestrator.fleet.keys import KeyShares
+from orchestrator.fleet.manifest import FleetManifest, ServeSpec, UISpec, WorkerSpec
 
-__all__ = ("ProcessSpec", "child_env", "manager_command", "process_specs", "vllm_command", "worker_command")
+__all__ = ("ProcessSpec", "child_env", "manager_command", "process_specs", "ui_command", "vllm_command",
+           "worker_command")
 
-Role = Literal["llm", "manager", "worker"]
+Role = Literal["llm", "manager", "worker", "ui"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,13 @@ def vllm_command(serve: ServeSpec, *, served_model_name: str | None = None) -> l
     """``vllm serve MODEL --host H --port P [--served-model-name N] [--tensor-parallel-size G] ARGS...``.
 
     ``serve.command`` is the binary (``vllm`` unless the manifest or ``ORCH_VLLM_BINARY`` says
-    otherwise, e.g. ``python -m orchestrator.simulator`` in tests).
+    otherwise). A command starting with ``orchestrator`` runs this installation's CLI, so
+    ``[orchestrator, sim-llm]`` serves the built-in simulator whether or not ``orchestrator`` is on PATH.
     """
-    argv = [*serve.command, "serve", serve.model, "--host", serve.host, "--port", str(serve.port)]
+    command = list(serve.command)
+    if command[0] == "orchestrator":
+        command = [*_cli_binary(), *command[1:]]
+    argv = [*command, "serve", serve.model, "--host", serve.host, "--port", str(serve.port)]
     if served_model_name and served_model_name != serve.model:
         argv += ["--served-model-name", served_model_name]
     if serve.gpus > 1 and "--tensor-parallel-size" not in serve.args and "-tp" not in serve.args:
@@ -45,8 +51,12 @@ def vllm_command(serve: ServeSpec, *, served_model_name: str | None = None) -> l
     return [*argv, *serve.args]
 
 
+def _cli_binary() -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli"]
+
+
 def _cli(log_level: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "--log-level", log_level]
+    return [*_cli_binary(), "--log-level", log_level]
 
 
 def _llm_flags(manifest: FleetManifest) -> list[str]:
@@ -80,6 +90,17 @@ def worker_command(manifest: FleetManifest, worker: WorkerSpec, index: int, *, l
             *_llm_flags(manifest)]
 
 
+def ui_command(ui: UISpec, *, operator: str | None = None, log_level: str = "INFO") -> list[str]:
+    """``orchestrator ui --host H --port P [--operator NAME]`` (Redis URL and namespace from the environment).
+
+    ``operator`` (``operator:NAME``) lets people who log in act as that key; without it the page is read-only.
+    """
+    argv = [*_cli(log_level), "ui", "--host", ui.host, "--port", str(ui.port)]
+    if operator:
+        argv += ["--operator", operator.removeprefix("operator:")]
+    return argv
+
+
 def child_env(manifest: FleetManifest, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of every child: ours, plus the fleet's Redis URL, namespace and API key."""
     env = dict(os.environ if environ is None else environ)
@@ -93,19 +114,38 @@ def child_env(manifest: FleetManifest, environ: Mapping[str, str] | None = None)
     return env
 
 
+def _with_keys(env: Mapping[str, str], keys: KeyShares | None, role: Role, capability: str = "") -> dict[str, str]:
+    """``env`` with ``ORCH_KEYS`` set to the process's own share (and removed where it has none)."""
+    out = dict(env)
+    if keys is None:
+        return out  # unsigned (--insecure), or keys the caller arranged through the environment
+    share = keys.for_process(role, capability)
+    if share is None:
+        out.pop("ORCH_KEYS", None)
+    else:
+        out["ORCH_KEYS"] = str(share)
+    return out
+
+
 def process_specs(manifest: FleetManifest, environ: Mapping[str, str] | None = None, *,
-                  log_level: str = "INFO") -> list[ProcessSpec]:
-    """Every process of the fleet in start order: vLLM (when served), the manager, each worker replica."""
+                  log_level: str = "INFO", keys: KeyShares | None = None) -> list[ProcessSpec]:
+    """Every process of the fleet in start order: vLLM (when served), the manager, each worker replica, the console."""
     env = child_env(manifest, environ)
     specs: list[ProcessSpec] = []
     serve = manifest.spec.llm.serve
     if serve is not None:
         specs.append(ProcessSpec("vllm", "llm", tuple(vllm_command(serve, served_model_name=manifest.llm_model)),
-                                 env=env))
-    specs.append(ProcessSpec("manager", "manager", tuple(manager_command(manifest, log_level=log_level)), env=env))
+                                 env=_with_keys(env, keys, "llm")))
+    specs.append(ProcessSpec("manager", "manager", tuple(manager_command(manifest, log_level=log_level)),
+                             env=_with_keys(env, keys, "manager")))
     for worker in manifest.spec.workers:
         for i in range(worker.replicas):
             specs.append(ProcessSpec(f"worker-{worker.capability}-{i}", "worker",
                                      tuple(worker_command(manifest, worker, i, log_level=log_level)),
-                                     capability=worker.capability, env=env))
+                                     capability=worker.capability,
+                                     env=_with_keys(env, keys, "worker", worker.capability)))
+    if manifest.ui is not None:
+        operator = keys.console if keys is not None else None
+        specs.append(ProcessSpec("ui", "ui", tuple(ui_command(manifest.ui, operator=operator, log_level=log_level)),
+                                 env=_with_keys(env, keys, "ui")))
     return specs

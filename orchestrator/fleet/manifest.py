@@ -59,6 +59,7 @@ __all__ = (
     "Resources",
     "ServeSpec",
     "SupervisorSpec",
+    "UISpec",
     "WorkerSpec",
     "check_plugins",
     "check_services",
@@ -194,6 +195,19 @@ class WorkerSpec(_Model):
         return self.plugin or self.capability
 
 
+class UISpec(_Model):
+    """The operator's web console (``orchestrator ui``), run beside the manager."""
+
+    enabled: bool = Field(True, description="false keeps the section but runs no console")
+    host: str = Field("127.0.0.1", description="fleet up: the address it binds (render: always 0.0.0.0)")
+    port: int = Field(8080, ge=1, le=65535)
+    replicas: int = Field(1, ge=0, description="render: console pods behind the Service")
+    operator: str | None = Field(None, description="the operator key the console acts with (default: the "
+                                                   "keyring's only operator, else admin)")
+    read_only: bool = Field(False, description="hand the console no operator key: it shows, nobody acts")
+    resources: Resources = Resources()
+
+
 class SupervisorSpec(_Model):
     """How ``fleet up`` restarts processes."""
 
@@ -216,6 +230,7 @@ class FleetSpec(_Model):
     ledger: LedgerSpec = LedgerSpec()
     manager: ManagerSpec = ManagerSpec()
     workers: tuple[WorkerSpec, ...] = ()
+    ui: UISpec | None = Field(None, description="the operator's web console; absent: none")
     supervisor: SupervisorSpec = SupervisorSpec()
 
     @field_validator("workers", mode="before")
@@ -272,6 +287,12 @@ class FleetManifest(_Model):
             host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
             return f"http://{host}:{serve.port}"
         return self.spec.llm.url
+
+    @property
+    def ui(self) -> UISpec | None:
+        """The console to run, or None when the manifest has none (or disables it)."""
+        ui = self.spec.ui
+        return ui if ui is not None and ui.enabled else None
 
     @property
     def llm_model(self) -> str | None:

@@ -7,25 +7,35 @@ probes and a Service on 8000 (when ``spec.llm.serve`` is set); the manager as a 
 StatefulSet with a volumeClaimTemplate for its ledger and a headless Service; one Deployment per
 worker capability with the manifest's replicas and resources. Pods find each other through
 ``ORCH_*`` environment variables; the LLM API key comes from the Secret ``<name>-secrets``
-(key ``llm-api-key``, optional), never from the rendered text.
+(key ``llm-api-key``, optional), never from the rendered text. Each pod on the bus mounts one
+Secret of the fleet's keyring, its own role's (``NAME-keys-manager``, ``NAME-keys-worker-CAP``,
+``NAME-keys-operator-NAME`` for the console) at ``KEYS_MOUNT``; ``render_kubernetes(m, ring)``
+also renders those Secrets from a keyring.
 
 Compose (``render_compose``): the same services on one machine, with a GPU device reservation
 for vLLM, named volumes for Redis and the ledger, ``deploy.replicas`` for workers and
-healthchecks.
+healthchecks. With ``spec.ui``, the operator's console: a Deployment and Service ``<name>-ui``
+(Kubernetes) or a ``ui`` service publishing its port (compose).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.fleet.commands import vllm_command
+from orchestrator.fleet.keys import PUBLIC_SHARE, console_operator, fleet_identities, share_name
 from orchestrator.fleet.manifest import FleetManifest, Resources, WorkerSpec
+from protocol.keyring import PUBLIC_FILE, Keyring, identity, role_of
 
-__all__ = ("dump_documents", "render_compose", "render_kubernetes", "render_kubernetes_files")
+__all__ = ("KEYS_MOUNT", "dump_documents", "key_file", "render_compose", "render_kubernetes", "render_kubernetes_files",
+           "secret_name")
 
 LEDGER_DIR = "/var/lib/orchestrator"
 MANIFEST_DIR = "/etc/orchestrator"
@@ -33,6 +43,9 @@ MANIFEST_DIR = "/etc/orchestrator"
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
 VLLM_PORT = 8000
 SECRET_KEY = "llm-api-key"
+# ORCH_KEYS of every pod on the bus: the public keyring and its role's key. Not under MANIFEST_DIR: a mount
+# point inside a read-only configMap volume cannot be created.
+KEYS_MOUNT = "/etc/orchestrator-keys"
 
 Doc = dict[str, Any]
 
@@ -53,16 +66,16 @@ def _meta(m: FleetManifest, name: str, labels: dict[str, str]) -> Doc:
     return {"name": name, "labels": {**m.metadata.labels, **labels}}
 
 
-def _redis_url(m: FleetManifest) -> str:
-    return m.spec.redis.url if m.spec.redis.external else f"redis://{m.name}-redis:6379/0"
+def _redis_url(m: FleetManifest, host: str) -> str:
+    return m.spec.redis.url if m.spec.redis.external else f"redis://{host}:6379/0"
 
 
 def _llm_url(m: FleetManifest, host: str) -> str | None:
     return f"http://{host}:{VLLM_PORT}" if m.spec.llm.serve is not None else m.spec.llm.url
 
 
-def _env(m: FleetManifest, *, llm_host: str) -> list[Doc]:
-    env: list[Doc] = [{"name": "ORCH_REDIS_URL", "value": _redis_url(m)},
+def _env(m: FleetManifest, *, llm_host: str, redis_host: str) -> list[Doc]:
+    env: list[Doc] = [{"name": "ORCH_REDIS_URL", "value": _redis_url(m, redis_host)},
                       {"name": "ORCH_NAMESPACE", "value": m.spec.namespace},
                       {"name": "ORCH_LEASE_S", "value": f"{m.spec.lease_seconds:g}"}]
     url = _llm_url(m, llm_host)
@@ -73,6 +86,11 @@ def _env(m: FleetManifest, *, llm_host: str) -> list[Doc]:
     if _has_key(m):
         env.append(_secret_env("ORCH_LLM_API_KEY", m))
     return env
+
+
+def _k8s_env(m: FleetManifest) -> list[Doc]:
+    # Pods reach each other through the Services `NAME-redis` and `NAME-vllm`.
+    return _env(m, llm_host=f"{m.name}-vllm", redis_host=f"{m.name}-redis")
 
 
 def _has_key(m: FleetManifest) -> bool:
@@ -174,58 +192,140 @@ def _allow_checks(m: FleetManifest) -> list[str]:
     return [flag for ref in m.spec.manager.allow_checks for flag in ("--allow-check", ref)]
 
 
-def _manager(m: FleetManifest) -> list[Doc]:
+# -- keys: one share (public keyring + one role's private key) per role, mounted only where it is needed --------
+
+
+def key_file(ident: str) -> str:
+    """The file a keyring keeps ``ident``'s private key in (``manager.key``, ``worker.python.key``)."""
+    role, name = role_of(ident)
+    return f"{role}.{name}.key" if name else f"{role}.key"
+
+
+def _share_of(m: FleetManifest, role: str, capability: str = "", ring: Keyring | None = None) -> str | None:
+    """The identity whose private key a pod of ``role`` holds; None for the read-only console."""
+    if role == "manager":
+        return "manager"
+    if role == "worker":
+        return identity("worker", capability)
+    return console_operator(m, ring)
+
+
+def secret_name(m: FleetManifest, ident: str | None) -> str:
+    """``NAME-keys-manager``, ``NAME-keys-worker-python``, ``NAME-keys-operator-admin``, ``NAME-keys-public``."""
+    return f"{m.name}-keys-{_dns(share_name(ident) if ident else PUBLIC_SHARE)}"
+
+
+def _key_volume(m: FleetManifest, ident: str | None) -> tuple[Doc, Doc, Doc]:
+    # 0440: readable by the pod's fsGroup (10001), as the runAsUser is not the files' owner.
+    volume = {"name": "keys", "secret": {"secretName": secret_name(m, ident), "defaultMode": 0o440}}
+    mount = {"name": "keys", "mountPath": KEYS_MOUNT, "readOnly": True}
+    return volume, mount, {"name": "ORCH_KEYS", "value": KEYS_MOUNT}
+
+
+def _key_secrets(m: FleetManifest, ring: Keyring) -> list[Doc]:
+    """One Secret per role, holding the public keyring and that role's private key (``Keyring.export``)."""
+    idents: list[str | None] = list(fleet_identities(m, ring))
+    if m.ui is not None and console_operator(m, ring) is None:
+        idents.append(None)  # the read-only console: the public keyring alone
+    docs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ident in idents:
+            share = ring.export(Path(tmp) / share_name(ident or PUBLIC_SHARE), [ident] if ident else []).path
+            data = {f.name: base64.b64encode(f.read_bytes()).decode() for f in sorted(share.iterdir())}
+            docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                         "metadata": _meta(m, secret_name(m, ident), _labels(m, "keys")), "data": data})
+    return docs
+
+
+def _manager(m: FleetManifest, ring: Keyring | None = None) -> list[Doc]:
     labels = _labels(m, "manager")
     volume, mount = _manifest_volume(m)
+    key_volume, key_mount, key_env = _key_volume(m, _share_of(m, "manager", ring=ring))
     ledger = f"{LEDGER_DIR}/ledger.db"
     container = _container(
         "manager", m.spec.image, command=["orchestrator", "--log-level", "INFO", "manager"],
         args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}", *_allow_checks(m)],
-        env=[*_env(m, llm_host=f"{m.name}-vllm"), {"name": "ORCH_LEDGER", "value": ledger}],
+        env=[*_k8s_env(m), {"name": "ORCH_LEDGER", "value": ledger}, key_env],
         resources=_resources(m.spec.manager.resources),
-        volumeMounts=[{"name": "ledger", "mountPath": LEDGER_DIR}, mount])
+        volumeMounts=[{"name": "ledger", "mountPath": LEDGER_DIR}, mount, key_mount])
     sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(m, f"{m.name}-manager", labels),
            "spec": {"serviceName": f"{m.name}-manager", "replicas": 1, "selector": {"matchLabels": labels},
                     "template": {"metadata": {"labels": labels}, "spec": {
                         "terminationGracePeriodSeconds": int(m.spec.supervisor.grace_period_seconds),
-                        "securityContext": POD_SECURITY, "containers": [container], "volumes": [volume]}},
+                        "securityContext": POD_SECURITY, "containers": [container],
+                        "volumes": [volume, key_volume]}},
                     "volumeClaimTemplates": [_claim("ledger", m.spec.ledger.storage)]}}
     return [_service(m, f"{m.name}-manager", "manager", 9000, headless=True), sts]
 
 
-def _worker(m: FleetManifest, w: WorkerSpec) -> Doc:
+def _worker(m: FleetManifest, w: WorkerSpec, ring: Keyring | None = None) -> Doc:
     labels = _labels(m, "worker", w.capability)
     volume, mount = _manifest_volume(m)
+    key_volume, key_mount, key_env = _key_volume(m, _share_of(m, "worker", w.capability, ring))
     grace = m.spec.supervisor.grace_period_seconds
     container = _container(
         "worker", m.spec.image, command=["orchestrator", "--log-level", "INFO", "worker"],
         args=["--capability", w.capability, "--plugin", w.plugin_ref, "--concurrency", str(w.concurrency),
               "--config", json.dumps(w.config, separators=(",", ":")), "--drain-s", f"{max(grace * 2 / 3, 0.5):g}"],
-        env=_env(m, llm_host=f"{m.name}-vllm"), resources=_resources(w.resources), volumeMounts=[mount])
+        env=[*_k8s_env(m), key_env], resources=_resources(w.resources), volumeMounts=[mount, key_mount])
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _meta(m, f"{m.name}-worker-{_dns(w.capability)}", labels),
             "spec": {"replicas": w.replicas, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels}, "spec": {
                          "terminationGracePeriodSeconds": int(grace), "securityContext": POD_SECURITY,
-                         "containers": [container], "volumes": [volume]}}}}
+                         "containers": [container], "volumes": [volume, key_volume]}}}}
 
 
-def render_kubernetes_files(m: FleetManifest) -> dict[str, list[Doc]]:
-    """The Kubernetes objects grouped by file name (``configmap.yaml``, ``redis.yaml``, ...)."""
+def _ui_args(m: FleetManifest, operator: str | None) -> list[str]:
+    assert m.ui is not None
+    args = ["--host", "0.0.0.0", "--port", str(m.ui.port)]
+    return [*args, "--operator", operator.removeprefix("operator:")] if operator else args
+
+
+def _ui(m: FleetManifest, ring: Keyring | None = None) -> list[Doc]:
+    ui = m.ui
+    assert ui is not None
+    labels = _labels(m, "ui")
+    operator = _share_of(m, "ui", ring=ring)
+    key_volume, key_mount, key_env = _key_volume(m, operator)
+    probe = {"tcpSocket": {"port": ui.port}, "periodSeconds": 10}
+    container = _container(
+        "ui", m.spec.image, command=["orchestrator", "--log-level", "INFO", "ui"],
+        args=_ui_args(m, operator), ports=[{"name": "http", "containerPort": ui.port}],
+        env=[*_k8s_env(m), key_env], resources=_resources(ui.resources), volumeMounts=[key_mount],
+        readinessProbe={**probe, "initialDelaySeconds": 2}, livenessProbe={**probe, "initialDelaySeconds": 15})
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(m, f"{m.name}-ui", labels),
+        "spec": {"replicas": ui.replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {
+                     "securityContext": POD_SECURITY, "containers": [container], "volumes": [key_volume]}}}}
+    return [_service(m, f"{m.name}-ui", "ui", ui.port), deployment]
+
+
+def render_kubernetes_files(m: FleetManifest, ring: Keyring | None = None) -> dict[str, list[Doc]]:
+    """The Kubernetes objects grouped by file name (``configmap.yaml``, ``redis.yaml``, ...).
+
+    With ``ring``, ``keys.yaml`` holds one Secret per role made from it (private keys: keep that file out
+    of version control); without, the pods name those Secrets and you create them (docs/fleet.md).
+    """
     files: dict[str, list[Doc]] = {"configmap.yaml": [_configmap(m)]}
+    if ring is not None:
+        files["keys.yaml"] = _key_secrets(m, ring)
     if not m.spec.redis.external:
         files["redis.yaml"] = _redis(m)
     if m.spec.llm.serve is not None:
         files["vllm.yaml"] = _vllm(m)
-    files["manager.yaml"] = _manager(m)
+    files["manager.yaml"] = _manager(m, ring)
     if m.spec.workers:
-        files["workers.yaml"] = [_worker(m, w) for w in m.spec.workers]
+        files["workers.yaml"] = [_worker(m, w, ring) for w in m.spec.workers]
+    if m.ui is not None:
+        files["ui.yaml"] = _ui(m, ring)
     return files
 
 
-def render_kubernetes(m: FleetManifest) -> list[Doc]:
+def render_kubernetes(m: FleetManifest, ring: Keyring | None = None) -> list[Doc]:
     """Every Kubernetes object of the fleet, in apply order."""
-    return [doc for docs in render_kubernetes_files(m).values() for doc in docs]
+    return [doc for docs in render_kubernetes_files(m, ring).values() for doc in docs]
 
 
 def _compose_resources(r: Resources) -> Doc:
@@ -237,14 +337,33 @@ def _compose_resources(r: Resources) -> Doc:
     return {"limits": limits} if limits else {}
 
 
-def render_compose(m: FleetManifest) -> Doc:
-    """A compose file (compose specification) for the fleet on one machine."""
-    env = {e["name"]: e["value"] for e in _env(m, llm_host="vllm") if "value" in e}
+def _compose_keys(m: FleetManifest, ident: str | None, keys_path: str, secrets: Doc) -> Doc:
+    """A service's share of the keyring as compose file secrets mounted at ``KEYS_MOUNT``; adds them to ``secrets``."""
+    secrets["keyring"] = {"file": f"{keys_path}/{PUBLIC_FILE}"}
+    mounts = [{"source": "keyring", "target": f"{KEYS_MOUNT}/{PUBLIC_FILE}"}]
+    if ident is not None:
+        name = f"key-{_dns(share_name(ident))}"
+        secrets[name] = {"file": f"{keys_path}/{key_file(ident)}"}
+        mounts.append({"source": name, "target": f"{KEYS_MOUNT}/{key_file(ident)}"})
+    return {"secrets": mounts}
+
+
+def render_compose(m: FleetManifest, *, ring: Keyring | None = None, keys_path: str = "./keys") -> Doc:
+    """A compose file (compose specification) for the fleet on one machine.
+
+    Each service on the bus mounts the keyring's ``keyring.json`` and its own role's key file from
+    ``keys_path`` (relative to the compose file) at ``KEYS_MOUNT``; ``ring`` only picks the console's
+    operator (its only operator key), as ``fleet up`` does.
+    """
+    # Compose services reach each other by service name: `redis`, `vllm`.
+    env = {e["name"]: e["value"] for e in _env(m, llm_host="vllm", redis_host="redis") if "value" in e}
     if _has_key(m):
         env["ORCH_LLM_API_KEY"] = "${ORCH_LLM_API_KEY:-}"
     services: Doc = {}
     depends: Doc = {}
     volumes: Doc = {"ledger": {}}
+    secrets: Doc = {}
+    env["ORCH_KEYS"] = KEYS_MOUNT
     if not m.spec.redis.external:
         services["redis"] = {
             "image": m.spec.redis.image, "command": ["redis-server", "--appendonly", "yes", "--dir", "/data"],
@@ -277,7 +396,7 @@ def render_compose(m: FleetManifest) -> Doc:
         "command": ["manager", "--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}",
                     *_allow_checks(m)],
         "environment": {**env, "ORCH_LEDGER": ledger}, "volumes": [f"ledger:{LEDGER_DIR}"],
-        "restart": "unless-stopped", "stop_grace_period": grace}
+        **_compose_keys(m, "manager", keys_path, secrets), "restart": "unless-stopped", "stop_grace_period": grace}
     if depends:
         manager["depends_on"] = dict(depends)
     if (res := _compose_resources(m.spec.manager.resources)):
@@ -290,8 +409,8 @@ def render_compose(m: FleetManifest) -> Doc:
             "command": ["worker", "--capability", w.capability, "--plugin", w.plugin_ref, "--concurrency",
                         str(w.concurrency), "--config", json.dumps(w.config, separators=(",", ":")),
                         "--drain-s", f"{max(grace_s * 2 / 3, 0.5):g}"],
-            "environment": dict(env), "restart": "unless-stopped", "stop_grace_period": grace,
-            "deploy": {"replicas": w.replicas}}
+            "environment": dict(env), **_compose_keys(m, identity("worker", w.capability), keys_path, secrets),
+            "restart": "unless-stopped", "stop_grace_period": grace, "deploy": {"replicas": w.replicas}}
         if (res := _compose_resources(w.resources)):
             worker["deploy"]["resources"] = res
         if w.resources.gpu:
@@ -300,7 +419,19 @@ def render_compose(m: FleetManifest) -> Doc:
         if depends:
             worker["depends_on"] = dict(depends)
         services[f"worker-{_dns(w.capability)}"] = worker
-    return {"services": services, "volumes": volumes}
+    if m.ui is not None:
+        operator = _share_of(m, "ui", ring=ring)
+        ui: Doc = {
+            "image": m.spec.image, "entrypoint": ["orchestrator", "--log-level", "INFO"],
+            "command": ["ui", *_ui_args(m, operator)], "environment": dict(env),
+            **_compose_keys(m, operator, keys_path, secrets),
+            "ports": [f"{m.ui.port}:{m.ui.port}"], "restart": "unless-stopped"}
+        if (res := _compose_resources(m.ui.resources)):
+            ui["deploy"] = {"resources": res}
+        if "redis" in depends:  # the console reads the bus; it does not need the LLM
+            ui["depends_on"] = {"redis": depends["redis"]}
+        services["ui"] = ui
+    return {"services": services, "volumes": volumes, "secrets": secrets}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -38,6 +38,7 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from orchestrator.fleet.commands import ProcessSpec, process_specs
+from orchestrator.fleet.keys import KeyShares
 from orchestrator.fleet.manifest import FleetManifest
 from protocol.errors import OrchestratorError
 
@@ -121,13 +122,15 @@ class Supervisor:
 
     def __init__(self, manifest: FleetManifest, *, state_file: Path | None = None, log_dir: Path | None = None,
                  environ: Mapping[str, str] | None = None, sink: Sink | None = None,
-                 child_log_level: str = "INFO", manifest_path: str = "") -> None:
+                 child_log_level: str = "INFO", manifest_path: str = "", keys: KeyShares | None = None) -> None:
         self.manifest = manifest
         self.state_file = state_file or default_state_file(manifest.name)
         self.log_dir = log_dir
         self.sink = sink or _stdout_sink
         self.manifest_path = manifest_path
-        self.processes = [ProcessState(s) for s in process_specs(manifest, environ, log_level=child_log_level)]
+        # ``keys``: each process's share of the keyring (``fleet.keys.hand_out``); None leaves ORCH_KEYS as inherited.
+        self.processes = [ProcessState(s) for s in process_specs(manifest, environ, log_level=child_log_level,
+                                                                 keys=keys)]
         self.exit_code = 0
         self._stopping = anyio.Event()  # stop the manager and workers
         self._stop_llm = anyio.Event()  # then vLLM
@@ -242,8 +245,8 @@ class Supervisor:
                           f"Last output: {proc.last_error or '(none)'}")
                 log.error("process_failed", process=proc.spec.name, exit_code=code, last_output=proc.last_error)
                 self.exit_code = 1
-                if proc.spec.role != "worker":
-                    self.stop()  # no fleet without its manager (or its LLM)
+                if proc.spec.role in ("manager", "llm"):
+                    self.stop()  # no fleet without its manager (or its LLM); a worker or the console is not vital
                 break
             delay = min(policy.backoff_seconds * 2 ** max(quick - 1, 0), policy.max_backoff_seconds)
             proc.state = "backoff"

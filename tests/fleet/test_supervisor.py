@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from orchestrator import processes
+from orchestrator.fleet.keys import ensure_keyring, hand_out
 from orchestrator.fleet.manifest import load_manifest
 from orchestrator.fleet.supervisor import Supervisor, read_state
 from orchestrator.job import load_job
@@ -97,6 +98,7 @@ async def test_fleet_survives_a_killed_worker_and_the_run_is_accepted(tmp_path: 
         victim = next(p for p in state["processes"] if p["name"] == "worker-python-0")
         await anyio.sleep(1.0)  # the manager takes the lead and the workers subscribe
         m = load_manifest(path, environ={}, plugins=False, services=False)
+        # fleet up handed out shares of the session keyring (ORCH_KEYS); the client signs as its operator
         async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2,
                                       trust=operator_trust()) as bus:
             run_id = await processes.submit_job(bus, load_job(job))
@@ -141,8 +143,10 @@ async def test_a_plugin_that_crashes_on_import_is_given_up(tmp_path: Path, redis
         {"capability": "python", "replicas": 1}], maxQuickRestarts=2)
     m = load_manifest(path, environ=env(), plugins=False, services=False)  # past the check that would refuse it
     lines: list[tuple[str, str]] = []
+    ring, _ = ensure_keyring(m, tmp_path / "keys")  # what fleet up does before it starts the supervisor
     supervisor = Supervisor(m, state_file=tmp_path / "state.json", environ=env(),
-                            sink=lambda name, line: lines.append((name, line)))
+                            sink=lambda name, line: lines.append((name, line)),
+                            keys=hand_out(m, ring, tmp_path / "shares"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(supervisor.run)
         with anyio.fail_after(40):
