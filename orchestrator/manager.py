@@ -27,6 +27,7 @@ from orchestrator.engine import (
     Ended,
     Ignored,
     Input,
+    Instant,
     Redrive,
     Refused,
     Reply,
@@ -116,6 +117,7 @@ class Manager:
         self._spans: dict[tuple[str, str], Any] = {}  # the open span of each task's current attempt (tracing on)
         self._engines: dict[str, RunEngine] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self._starting: dict[str, anyio.Event] = {}  # runs submitted, waiting for their creation to be durable
         self._logs: dict[str, _EventLog] = {}  # live events of runs in memory, for events() and wait()
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -153,14 +155,34 @@ class Manager:
         at = now()
         run = RunRecord.new(job, run_id, now=at.wall)
         engine = self._track(run)
+        self._starting[run.run_id] = started = anyio.Event()
         await self.store.create_run(run)
-        async with self._lock(run.run_id):
-            await self._execute(engine, engine.apply(Start(at)))
-        await self._publish_snapshot(run)
+        assert self._tg is not None  # _track checked that serve() runs
+        self._tg.start_soon(self._start, engine, at, started)
         return run.run_id
+
+    async def _start(self, engine: RunEngine, at: Instant, started: anyio.Event) -> None:
+        """Dispatch a new run once its creation is durable.
+
+        Nothing goes to a worker for a run the ledger could still lose, and submissions arriving
+        meanwhile share the group commit (one fsync for many runs instead of one each).
+        """
+        run = engine.run
+        try:
+            await self.store.sync()
+            async with self._lock(run.run_id):
+                await self._execute(engine, engine.apply(Start(at)))
+        except Exception:  # the run stays in the ledger as running; the next manager resumes it
+            log.exception("run_start_failed", run_id=run.run_id)
+            return
+        finally:
+            self._starting.pop(run.run_id, None)
+            started.set()
+        await self._publish_snapshot(run)
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
+        engine = self._engines.get(run_id)
         if run_id in self._logs:
             while not self._logs[run_id].finished:
                 await self._logs[run_id].next_change().wait()
@@ -168,6 +190,8 @@ class Manager:
             async for _ in self.events(run_id):
                 pass
         await self.store.sync()
+        if engine is not None and engine.finished:  # ended here: the record in memory is the durable one
+            return engine.run.model_copy(deep=True)
         run = await self.store.get_run(run_id)
         if run is None:
             raise ConfigError(f"unknown run {run_id!r}")
@@ -218,6 +242,8 @@ class Manager:
         engine = self._engines.get(run_id)
         if engine is None:
             raise ConfigError(f"run {run_id!r} is not running on this manager")
+        if (starting := self._starting.get(run_id)) is not None:
+            await starting.wait()
         async with self._lock(run_id):
             effects = engine.apply(change)
             await self._execute(engine, effects)
@@ -259,6 +285,8 @@ class Manager:
         else:
             targets = [self._engines[run_id]] if run_id in self._engines else []
         for engine in targets:
+            if engine.run.run_id in self._starting:  # not started yet: nothing for a watchdog to see
+                continue
             async with self._lock(engine.run.run_id):
                 if engine.finished:
                     continue
