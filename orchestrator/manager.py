@@ -209,13 +209,18 @@ class Manager:
             for event in await self.store.events(run_id, after):
                 yield event
             return
-        if log_.first_seq > after + 1:  # a resumed run: the part before this manager comes from the store
-            for event in await self.store.events(run_id, after):
-                if event.seq >= log_.first_seq:
-                    break
-                after = event.seq
-                yield event
         while True:
+            if log_.first_seq > after + 1:
+                # Before what memory holds (a resumed run, or older than the log keeps): from the store.
+                before = after
+                for event in await self.store.events(run_id, after):
+                    if event.seq >= log_.first_seq:
+                        break
+                    after = event.seq
+                    yield event
+                if after == before:  # the store has nothing before the log: go on from the log
+                    after = log_.first_seq - 1
+                continue
             batch = log_.since(after)
             for event in batch:
                 after = event.seq
@@ -529,17 +534,28 @@ class Manager:
         return lock
 
 
+_EVENTS_KEPT = 4096  # per run in memory; followers further behind read the store (a big run's history is big)
+
+
 @dataclass(slots=True)
 class _EventLog:
-    """A run's events since this manager took it over, with a wake-up for followers."""
+    """A run's latest events (at most about ``keep``), with a wake-up for followers.
+
+    ``first_seq`` is the sequence number of the oldest event held; everything before it is in
+    the store (an event is recorded there before it is appended here).
+    """
 
     first_seq: int
     events: list[Event] = field(default_factory=list)
     changed: anyio.Event = field(default_factory=anyio.Event)
     finished: bool = False
+    keep: int = _EVENTS_KEPT
 
     def append(self, event: Event) -> None:
         self.events.append(event)
+        if len(self.events) >= 2 * self.keep:  # drop the older half at once: amortized O(1) per event
+            del self.events[:-self.keep]
+            self.first_seq = self.events[0].seq
         if isinstance(event.body, RunFinished):
             self.finished = True
         self.changed.set()  # cheap when already set: a new event is made only when someone waits
