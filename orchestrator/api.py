@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -17,11 +19,14 @@ from orchestrator.manager import Judge, Manager, ManagerObserver, ManagerSetting
 from orchestrator.planner import Planner
 from orchestrator.records import Event, RunRecord, RunState
 from orchestrator.store import MemoryStore, Store
+from orchestrator.trust import load_trust
 from protocol.bus import Bus, MemoryBus
 from protocol.errors import ConfigError, JobError
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
+from protocol.keyring import Keyring
 from protocol.logging import configure_logging
+from protocol.redis_bus import RedisBus
 from protocol.tracing import Tracing
 from workers import registry
 from workers.base import Worker
@@ -126,14 +131,21 @@ class Orchestrator:
     ``metrics_port`` serves Prometheus metrics of the manager, hosted workers and LLM client at
     ``metrics_url`` (0 picks a free port; needs ``orchestrator[metrics]``). ``tracing`` turns on
     OpenTelemetry spans with a given provider; by default they follow ``Tracing.detect()``.
+
+    On a ``RedisBus`` every message is signed: the Orchestrator signs as ``manager`` and as each
+    hosted worker's ``worker:<capability>``, with keys from ``keys`` (a directory or a
+    ``Keyring``; default ``ORCH_KEYS`` or ``.orchestrator/keys``), and refuses to start without
+    them unless ``insecure=True``. A bus built with a signing codec is used as it is.
     """
 
     def __init__(self, *, bus: Bus | None = None, store: Store | None = None,
                  workers: Iterable[WorkerLike] | None = None, host_workers: bool = True, concurrency: int = 8,
                  llm: InferenceSettings | InferenceClient | None = None, judge: Judge | None = None,
                  manager_settings: ManagerSettings | None = None, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", tracing: Tracing | None = None) -> None:
+                 metrics_host: str = "127.0.0.1", tracing: Tracing | None = None,
+                 keys: str | os.PathLike[str] | Keyring | None = None, insecure: bool = False) -> None:
         self.bus = bus or MemoryBus()
+        self._keys, self._insecure = keys, insecure
         self.store = store or MemoryStore()
         self._worker_specs = list(workers) if workers is not None else None
         self._host_workers = host_workers
@@ -162,6 +174,14 @@ class Orchestrator:
         self.manager = Manager(self.bus, self.store, manager_settings, judge=judge, observers=observers,
                                tracing=self.tracing)
         self._stack: AsyncExitStack | None = None
+
+    def _sign_on_redis(self) -> None:
+        """On Redis, sign as the manager and the hosted workers, unless the bus already signs or ``insecure``."""
+        if not isinstance(self.bus, RedisBus) or self.bus.settings.codec.verifies:
+            return
+        signers = ["manager", *(f"worker:{c}" for c in sorted(self.workers))]
+        trust = load_trust(self._keys, signers, insecure=self._insecure, what="an Orchestrator on Redis")
+        self.bus.settings = replace(self.bus.settings, codec=trust.codec())
 
     @property
     def capabilities(self) -> set[str] | None:
@@ -193,6 +213,7 @@ class Orchestrator:
                     self.manager.judge = LLMJudge(self.inference)
             if self._host_workers:
                 self.workers, self._unavailable = _instantiate(self._worker_specs, has_llm=self.inference is not None)
+            self._sign_on_redis()
             await stack.enter_async_context(self.bus)
             await stack.enter_async_context(self.store)
             tg = await stack.enter_async_context(anyio.create_task_group())

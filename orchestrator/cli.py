@@ -36,7 +36,9 @@ from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
 from orchestrator.gctune import tune_gc
 from orchestrator.job import Job, load_job
+from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
 from orchestrator.simulator import SimConfig, SimulatedVLLM
+from orchestrator.trust import pick_operator
 from protocol.bus import Bus
 from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
 from protocol.inference_settings import InferenceSettings
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("job", help="path to a job file (YAML)")
     submit.add_argument("--json", action="store_true", help="print JSON ({'run_id'}, or the final run with --wait)")
     submit.add_argument("--wait", action="store_true", help="block until the run ends; exit 0 accepted, 1 not")
+    add_operator_flag(submit)
     submit.set_defaults(func=_cmd_submit)
 
     status = verbs.add_parser("status", help="show a run's tasks, states, attempts and outputs")
@@ -187,12 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
         override.add_argument("--feedback", required=verb == "reject", default="",
                               help="what to change (the worker sees it in task.feedback)" if verb != "cancel"
                               else "why (recorded as the reason)")
-        override.add_argument("--by", default=_default_person(), help="who decides (default: USER@HOST)")
+        override.add_argument("--by", default=_default_person(),
+                              help="a display name for unsigned buses (default: USER@HOST); with keys the "
+                                   "history records the operator key's identity")
+        add_operator_flag(override)
         override.set_defaults(func=_cmd_override, action=verb)
 
     from orchestrator.fleet.cli import add_fleet_parser  # fleet up | status | render
 
     add_fleet_parser(verbs)
+    add_keys_parser(verbs)
     return parser
 
 
@@ -268,6 +275,7 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-s", type=float, default=_FromEnv("ORCH_LEASE_S", seconds, 30.0),
                         help="task lease: a dead worker's task is picked up this long after it died "
                              "(env ORCH_LEASE_S; default 30)")
+    add_keys_flags(parser)
 
 
 def _check_redis(args: argparse.Namespace) -> None:
@@ -443,7 +451,8 @@ def _cmd_manager(args: argparse.Namespace) -> int:
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
         manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
-        max_queue=args.max_queue, exit_after_s=args.exit_after_s))
+        max_queue=args.max_queue, exit_after_s=args.exit_after_s,
+        trust=trust_of(args, ["manager"], what="the manager")))
     return EXIT_ACCEPTED
 
 
@@ -461,7 +470,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         plugin=args.plugin or args.capability, concurrency=args.concurrency,
         name=args.name or processes.default_name("worker"), namespace=args.namespace, lease_s=args.lease_s,
         config=config, drain_s=args.drain_s, exit_after_s=args.exit_after_s, llm=_llm_settings(args),
-        observability=_observability(args)))
+        observability=_observability(args),
+        trust=trust_of(args, [f"worker:{args.capability}"], what=f"a worker for {args.capability!r}")))
     return EXIT_ACCEPTED
 
 
@@ -618,13 +628,17 @@ def _cmd_override(args: argparse.Namespace) -> int:
 
     anyio.run(go)
     target = f"task {args.task_id!r} of run {args.run_id}" if args.task_id else f"run {args.run_id}"
-    print(f"{args.action} sent for {target} by {args.by}")  # noqa: T201 - CLI output
+    who = args.by if args.insecure else pick_operator(args.keys, args.as_name)
+    print(f"{args.action} sent for {target} by {who}")  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
 
 
 def _client_bus(args: argparse.Namespace) -> Any:
+    """A bus for a client verb: signing as the operator where the verb sends (``--as``), else only checking."""
+    signers = [pick_operator(args.keys, args.as_name)] if hasattr(args, "as_name") and not args.insecure else []
+    trust = trust_of(args, signers, what=f"'orchestrator {args.verb}'")
     return processes.open_bus(processes.redis_url(args.redis), namespace=args.namespace, lease_s=args.lease_s,
-                              retry_budget_s=5.0)
+                              retry_budget_s=5.0, trust=trust)
 
 
 def _print_run(result: dict[str, Any], *, as_json: bool) -> None:

@@ -93,7 +93,11 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A worker's message about a task, as it arrived on ``capability``'s result stream."""
+    """A worker's message about a task, as it arrived on ``capability``'s result stream.
+
+    ``signer`` is the identity whose key signed it, when the bus verifies signatures (None on an
+    unsigned bus, where nothing about the sender is proven).
+    """
 
     task_id: str
     attempt: int
@@ -101,6 +105,7 @@ class Reply:
     capability: str
     body: Done | Failed | VerifyResponse | Heartbeat | Progress
     at: Instant
+    signer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +348,10 @@ class RunEngine:
         if reply.capability != task.capability:
             self._ignore(f"reply about task {task.id!r} (capability {task.capability!r}) arrived on the "
                          f"result stream of {reply.capability!r}")
+            return
+        if reply.signer is not None and reply.signer != f"worker:{task.capability}":
+            self._ignore(f"reply about task {task.id!r} (capability {task.capability!r}) is signed by "
+                         f"{reply.signer!r}, not by 'worker:{task.capability}'")
             return
         body = reply.body
         if isinstance(body, Heartbeat):

@@ -412,7 +412,8 @@ class Manager:
         if not isinstance(env.body, _REPLIES):
             log.warning("unexpected_message_on_result_stream", run_id=env.run_id, type=env.type)
             return
-        reply = Reply(env.task_id, env.attempt, env.sender, capability, env.body, now())
+        signer = env.signer if self.bus.settings.codec.verifies else None
+        reply = Reply(env.task_id, env.attempt, env.sender, capability, env.body, now(), signer)
         with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt):
             async with self._lock(env.run_id):
                 await self._execute(engine, engine.apply(reply))
@@ -439,12 +440,18 @@ class Manager:
             if isinstance(env.body, Override):
                 try:
                     await self.override(env.run_id, env.task_id, env.body.action, feedback=env.body.feedback,
-                                        by=env.body.by or env.sender)
+                                        by=self._who(env))
                 except Exception as exc:  # a person's bad request must not stop the manager
                     log.warning("override_refused", run_id=env.run_id, task_id=env.task_id, action=env.body.action,
                                 by=env.body.by, reason=str(exc), error_type=type(exc).__name__)
             await self.store.sync()
             await self.bus.ack(delivery)
+
+    def _who(self, env: Envelope) -> str:
+        """Who sent an override: the key that signed it, or (on an unsigned bus) the name it gives itself."""
+        if self.bus.settings.codec.verifies:
+            return env.signer
+        return env.body.by if isinstance(env.body, Override) and env.body.by else env.sender
 
     async def _record_rejected(self, run_id: str, submit: Submit, reason: str) -> None:
         at = now()

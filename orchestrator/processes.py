@@ -28,6 +28,7 @@ from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
 from orchestrator.records import Event, events_of
+from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
 from protocol.errors import BusUnavailable, ConfigError, OrchestratorError
@@ -70,16 +71,17 @@ def default_name(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def open_bus(url: str, *, namespace: str, lease_s: float, retry_budget_s: float | None = 30.0,
+def open_bus(url: str, *, namespace: str, lease_s: float, trust: Trust, retry_budget_s: float | None = 30.0,
              max_queue: int | None = None) -> RedisBus:
-    """A Redis bus with the process's lease and retry budget; ``max_queue`` bounds each capability's task stream.
+    """A Redis bus with the process's lease, retry budget and signing; ``max_queue`` bounds each task stream.
 
+    ``trust`` says how messages are signed and checked (``load_trust``; ``INSECURE`` for unsigned).
     ``retry_budget_s`` is how long Redis may stay unreachable before a call raises ``BusUnavailable``;
     None waits for as long as the outage lasts (the manager and worker processes).
     """
     settings = RedisSettings.from_url(url, namespace=namespace, retry_budget_s=retry_budget_s,
                                       max_task_stream_len=max_queue)
-    return RedisBus(settings, BusSettings(lease_s=lease_s))
+    return RedisBus(settings, BusSettings(lease_s=lease_s, codec=trust.codec()))
 
 
 def _check_exit_after(exit_after_s: float | None) -> None:
@@ -162,8 +164,8 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
                       observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
-                      exit_after_s: float | None = None) -> None:
-    """Wait for leadership, then manage runs until a signal.
+                      exit_after_s: float | None = None, trust: Trust) -> None:
+    """Wait for leadership, then manage runs until a signal; ``trust`` must let it sign as ``manager``.
 
     ``max_queue`` is back-pressure: dispatching waits while a capability has that many tasks
     waiting or in flight, so a slow capability does not pile up unbounded work in Redis.
@@ -197,7 +199,7 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
                                      bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
-                                     exit_after_s=exit_after_s)
+                                     exit_after_s=exit_after_s, trust=trust)
             await _lead_forever(lease, lead, name)
 
 
@@ -215,10 +217,10 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
                 tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
-                exit_after_s: float | None = None) -> None:
+                exit_after_s: float | None = None, trust: Trust) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,
-                         retry_budget_s=exit_after_s) as bus,
+                         retry_budget_s=exit_after_s, trust=trust) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
         manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
@@ -236,7 +238,8 @@ async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namesp
 
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
                      lease_s: float, config: dict[str, Any], drain_s: float, exit_after_s: float | None = None,
-                     llm: InferenceSettings | None = None, observability: Observability = NO_OBSERVABILITY) -> int:
+                     llm: InferenceSettings | None = None, observability: Observability = NO_OBSERVABILITY,
+                     trust: Trust) -> int:
     """Serve one capability until SIGTERM (drain); Redis outages are waited out, however long they last.
 
     With ``exit_after_s`` it raises ``BusUnavailable`` (the CLI exits 1) once Redis has been
@@ -255,12 +258,12 @@ async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int
         return await _serve_worker(worker, url=url, capability=capability, concurrency=concurrency, name=name,
                                    namespace=namespace, lease_s=lease_s, drain_s=drain_s,
                                    exit_after_s=exit_after_s, llm=llm if worker_class.needs_inference else None,
-                                   metrics_registry=metrics_registry, tracing=tracing)
+                                   metrics_registry=metrics_registry, tracing=tracing, trust=trust)
 
 
 async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: int, name: str, namespace: str,
                         lease_s: float, drain_s: float, exit_after_s: float | None, llm: InferenceSettings | None,
-                        metrics_registry: Any, tracing: Tracing) -> int:
+                        metrics_registry: Any, tracing: Tracing, trust: Trust) -> int:
     observers: list[RuntimeObserver] = []
     if metrics_registry is not None:
         from protocol.metrics import WorkerMetrics
@@ -269,7 +272,7 @@ async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: 
     async with AsyncExitStack() as stack:
         client = await _inference(stack, llm, registry=metrics_registry, tracing=tracing)
         bus = await stack.enter_async_context(open_bus(url, namespace=namespace, lease_s=lease_s,
-                                                       retry_budget_s=exit_after_s))
+                                                       retry_budget_s=exit_after_s, trust=trust))
         runtime = WorkerRuntime(bus, {capability: worker},
                                 RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client,
                                 observers=observers, tracing=tracing)

@@ -29,6 +29,7 @@ from typing import Self
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from protocol.authority import signer_for
 from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.errors import LeaseLost, ProtocolError
@@ -216,7 +217,7 @@ class MemoryBus(Bus):
         return self._streams.setdefault(name, _Stream())
 
     async def publish(self, stream: str, envelope: Envelope) -> str:
-        return await self.publish_frame(stream, self.settings.codec.encode(envelope))
+        return await self.publish_frame(stream, self.settings.codec.encode(envelope, signer=signer_for(stream)))
 
     async def publish_frame(self, stream: str, frame: bytes) -> str:
         s = self._stream(stream)
@@ -271,7 +272,7 @@ class MemoryBus(Bus):
 
     def _deliver(self, name: str, s: _Stream, group: str, g: _Group, entry_id: int, p: _Pending) -> Delivery | None:
         try:
-            envelope = self.settings.codec.decode(s.entries[entry_id])
+            envelope = self.settings.codec.decode(s.entries[entry_id], stream=name)
         except ProtocolError as exc:
             self._dead_letter(name, s, g, entry_id, p.deliveries, f"undecodable frame: {exc}")
             return None
@@ -304,7 +305,7 @@ class MemoryBus(Bus):
         await anyio.lowlevel.checkpoint()
 
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
-        frame = self.settings.codec.encode(envelope)
+        frame = self.settings.codec.encode(envelope, signer=signer_for(stream))
         s, g, entry_id, _ = self._owned(delivery)
         self._ack(s, g, entry_id)
         return await self.publish_frame(stream, frame)
@@ -335,7 +336,7 @@ class MemoryBus(Bus):
         return sum(1 for i in s.entries if i > g.last_id) + len(g.pending)
 
     async def broadcast(self, topic: str, envelope: Envelope) -> None:
-        self.settings.codec.encode(envelope)  # same size and encodability checks as the wire
+        self.settings.codec.encode(envelope, signer=signer_for(topic))  # same size and encodability checks as the wire
         for send in list(self._subscribers.get(topic, ())):
             with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
                 send.send_nowait(envelope)
@@ -354,7 +355,7 @@ class MemoryBus(Bus):
             if frame is None:
                 continue
             try:
-                out.append((str(entry_id), self.settings.codec.decode(frame)))
+                out.append((str(entry_id), self.settings.codec.decode(frame, stream=stream)))
             except ProtocolError:
                 continue
             if len(out) == count:

@@ -3,23 +3,27 @@
 Decoding never raises anything but :class:`~protocol.errors.ProtocolError`: a frame is
 checked for size, then unpacked, then its version and body type are checked (so the error
 says which one is wrong), then the whole envelope is validated (unknown fields rejected).
-Optionally envelopes carry an HMAC-SHA256 over their encoding without the ``sig`` field,
-so a worker holding only its own key cannot pose as the manager.
+A codec built with a :class:`~protocol.keyring.Keyring` signs every envelope it encodes (Ed25519
+over the encoding without the ``sig`` field, with the signer's identity inside the signed part)
+and, on the way in, rejects a frame unless a known key signed it and that key's role may send
+that message on that stream (:mod:`protocol.authority`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import msgpack
 from pydantic import ValidationError
 
+from protocol.authority import check_sender
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import BadSignature, DecodeError, FrameTooLarge, UnknownMessageType, UnsupportedVersion
 from protocol.messages import MessageType
+
+if TYPE_CHECKING:
+    from protocol.keyring import Keyring
 
 __all__ = ("DEFAULT_MAX_FRAME_BYTES", "Codec")
 
@@ -29,17 +33,37 @@ _KNOWN_TYPES = frozenset(get_args(MessageType))
 
 @dataclass(frozen=True, slots=True)
 class Codec:
-    """Encodes and decodes envelopes; one instance per process is enough."""
+    """Encodes and decodes envelopes; one instance per process is enough.
+
+    ``keyring`` turns signing on: ``signers`` are the identities this process may sign as (the
+    first is used where the stream does not decide, e.g. an operator's submissions).
+    """
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    hmac_key: bytes | None = None
+    keyring: Keyring | None = None
+    signers: tuple[str, ...] = ()
 
-    def encode(self, envelope: Envelope) -> bytes:
-        """Pack an envelope (signing it when a key is set); raises DecodeError for unencodable values."""
+    def __post_init__(self) -> None:
+        if self.keyring is not None:
+            for ident in self.signers:
+                self.keyring.signing_key(ident)  # fail now, naming the missing key, not on first publish
+
+    @property
+    def verifies(self) -> bool:
+        """Whether decoded envelopes' ``signer`` fields are proven (signing on)."""
+        return self.keyring is not None
+
+    def encode(self, envelope: Envelope, *, signer: str | None = None) -> bytes:
+        """Pack an envelope, signed as ``signer`` (default: this process's first identity) when signing is on."""
         data = envelope.model_dump(exclude={"sig"})
         try:
-            if self.hmac_key is not None:
-                data["sig"] = self._sign(msgpack.packb(data, use_bin_type=True))
+            if self.keyring is not None:
+                ident = signer or envelope.signer or (self.signers[0] if self.signers else "")
+                if ident not in self.signers:
+                    raise BadSignature(f"this process holds no key to sign as {ident or 'anyone'!r} "
+                                       f"(it signs as: {', '.join(self.signers) or 'nobody'})")
+                data["signer"] = ident
+                data["sig"] = self.keyring.signing_key(ident).sign(msgpack.packb(data, use_bin_type=True))
             frame: bytes = msgpack.packb(data, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc
@@ -48,8 +72,8 @@ class Codec:
                                 f"{self.max_frame_bytes}")
         return frame
 
-    def decode(self, frame: bytes) -> Envelope:
-        """Unpack and validate a frame, or raise a ProtocolError that says what is wrong."""
+    def decode(self, frame: bytes, *, stream: str | None = None) -> Envelope:
+        """Unpack and validate a frame (read from ``stream``), or raise a ProtocolError that says what is wrong."""
         if not isinstance(frame, bytes | bytearray | memoryview):
             raise DecodeError(f"frame must be bytes, got {type(frame).__name__}")
         if len(frame) > self.max_frame_bytes:
@@ -61,8 +85,8 @@ class Codec:
         if not isinstance(data, dict):
             raise DecodeError(f"frame must hold a map, got {type(data).__name__}")
         self._check_header(data)
-        if self.hmac_key is not None:
-            self._check_signature(data)
+        if self.keyring is not None:
+            self._check_signature(data, stream)
         try:
             return Envelope.model_validate(data)
         except ValidationError as exc:
@@ -81,16 +105,14 @@ class Codec:
         if not isinstance(kind, str) or kind not in _KNOWN_TYPES:
             raise UnknownMessageType(f"unknown message type {kind!r}")
 
-    def _check_signature(self, data: dict[str, Any]) -> None:
+    def _check_signature(self, data: dict[str, Any], stream: str | None) -> None:
+        assert self.keyring is not None
         sig = data.pop("sig", None)
-        if not isinstance(sig, bytes):
+        signer = data.get("signer")
+        if not isinstance(sig, bytes) or not isinstance(signer, str) or not signer:
             raise BadSignature("message is not signed")
-        if not hmac.compare_digest(sig, self._sign(msgpack.packb(data, use_bin_type=True))):
-            raise BadSignature("message signature does not match")
-
-    def _sign(self, payload: bytes) -> bytes:
-        assert self.hmac_key is not None
-        return hmac.new(self.hmac_key, payload, hashlib.sha256).digest()
+        check_sender(data["body"]["type"], signer, stream)  # cheap, and says more than "bad signature"
+        self.keyring.verify(signer, sig, msgpack.packb(data, use_bin_type=True))
 
 
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:

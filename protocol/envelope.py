@@ -25,7 +25,9 @@ class Envelope(BaseModel):
 
     ``task_id`` is the job's task id (stable across attempts); ``attempt`` counts from 1.
     ``trace`` carries W3C trace context (``traceparent``) when tracing is on.
-    ``sig`` is an optional HMAC over the encoded envelope without it.
+    ``signer`` is the identity whose key made ``sig`` (``manager``, ``worker:<capability>``,
+    ``operator:<name>``); both are set by a signing codec, and proven only when the receiving
+    codec verifies (``Codec.verifies``). ``sender`` is a free-form process name for logs.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -38,6 +40,7 @@ class Envelope(BaseModel):
     sender: str = ""
     time: float = Field(default_factory=time.time)
     trace: dict[str, str] = Field(default_factory=dict)
+    signer: str = ""
     sig: bytes | None = None
     body: Body
 

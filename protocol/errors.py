@@ -11,7 +11,7 @@ OrchestratorError
 │ ├ FrameTooLarge      over the configured size limit
 │ ├ UnsupportedVersion an envelope from another protocol version
 │ ├ UnknownMessageType a body type this version does not know
-│ └ BadSignature       HMAC missing or wrong
+│ └ BadSignature       unsigned, wrongly signed, or signed by a role that may not send it
 ├ BusError             the transport
 │ ├ BusUnavailable     cannot reach the broker after retries
 │ └ LeaseLost          a commit from a consumer that no longer owns the entry

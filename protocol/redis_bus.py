@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
+from protocol.authority import signer_for
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
 from protocol.envelope import Envelope
 from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
@@ -320,7 +321,7 @@ class RedisBus(Bus):
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish(self, stream: str, envelope: Envelope) -> str:
-        return await self.publish_frame(stream, self.settings.codec.encode(envelope))
+        return await self.publish_frame(stream, self.settings.codec.encode(envelope, signer=signer_for(stream)))
 
     async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
         if not envelopes:
@@ -328,7 +329,7 @@ class RedisBus(Bus):
         key, limit = self.key(stream), self.redis_settings.max_task_stream_len
         if limit is not None and stream.startswith("tasks."):
             return await super().publish_many(stream, envelopes)  # back-pressure is per message
-        frames = [self.settings.codec.encode(envelope) for envelope in envelopes]
+        frames = [self.settings.codec.encode(envelope, signer=signer_for(stream)) for envelope in envelopes]
         ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0,), (frame,)) for frame in frames])
         return [_s(entry_id) for entry_id in ids]
 
@@ -434,7 +435,7 @@ class RedisBus(Bus):
     async def _decode(self, stream: str, key: str, dead: str, group: str, consumer: str, entry_id: str,
                       frame: bytes, deliveries: int) -> Delivery | None:
         try:
-            envelope = self.settings.codec.decode(frame)
+            envelope = self.settings.codec.decode(frame, stream=stream)
         except ProtocolError as exc:
             reason = f"undecodable frame: {exc}"
         else:
@@ -465,7 +466,7 @@ class RedisBus(Bus):
                                          for d in deliveries])
 
     async def commit(self, delivery: Delivery, stream: str, envelope: Envelope) -> str:
-        frame = self.settings.codec.encode(envelope)
+        frame = self.settings.codec.encode(envelope, signer=signer_for(stream))
         return _s(await self._fenced(lua.COMMIT, delivery, (self.key(delivery.stream), self.key(stream)), (), frame))
 
     async def renew(self, delivery: Delivery) -> None:
@@ -534,7 +535,7 @@ class RedisBus(Bus):
         for _, entries in reply or ():
             for entry_id, fields in entries:
                 try:
-                    out.append((_s(entry_id), self.settings.codec.decode(bytes(fields[b"f"]))))
+                    out.append((_s(entry_id), self.settings.codec.decode(bytes(fields[b"f"]), stream=stream)))
                 except (ProtocolError, KeyError):
                     continue  # a log reader skips what it cannot read; the log's writer owns it
         return out
@@ -583,7 +584,7 @@ class RedisBus(Bus):
         return counts
 
     async def broadcast(self, topic: str, envelope: Envelope) -> None:
-        frame = self.settings.codec.encode(envelope)
+        frame = self.settings.codec.encode(envelope, signer=signer_for(topic))
         await self._call("broadcast", lambda: self._redis.publish(self.channel(topic), frame))
 
     @contextlib.asynccontextmanager
@@ -615,6 +616,6 @@ class RedisBus(Bus):
             if message is None or message["type"] != "message":
                 continue
             try:
-                yield self.settings.codec.decode(message["data"])
+                yield self.settings.codec.decode(message["data"], stream=topic)
             except ProtocolError as exc:
                 log.warning("control_message_dropped", topic=topic, error=str(exc))

@@ -51,6 +51,32 @@ def _collect_garbage_per_module() -> Iterator[None]:
     gc.collect()
 
 
+# Every capability a test serves from a worker process or a signed bus. Processes started by tests find
+# the session's keyring through ORCH_KEYS, as a deployment's would; a capability missing here fails with
+# "no private key for worker:<cap>", which names the line to change.
+TEST_CAPABILITIES = ["adder", "aliased", "asker", "bench", "blocker", "broken", "c", "coin", "crashy", "drafter", "echo", "effect", "flaky", "gate", "ghost", "lax", "learner", "llm", "mine", "named", "noop", "nope", "objects", "open", "other", "picky", "pyhton", "python", "same", "selfcheck", "shout", "sleeper", "slow", "slowcheck", "slugify", "step", "str", "stubborn", "stuck", "suffix", "syncpicky", "waiter", "worker", "writer", "x", "y"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_keyring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One keyring for the session (manager, operator ``tests``, a worker key per test capability), in ORCH_KEYS."""
+    from protocol.keyring import Keyring
+
+    path = tmp_path_factory.mktemp("keys")
+    ring = Keyring.init(path, operator="tests")
+    for capability in TEST_CAPABILITIES:
+        ring.add("worker", capability)
+    saved = os.environ.get("ORCH_KEYS")
+    os.environ["ORCH_KEYS"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("ORCH_KEYS", None)
+        else:
+            os.environ["ORCH_KEYS"] = saved
+
+
 @pytest.fixture
 def debug_logs() -> Iterator[None]:
     """Let every log level through for the test: tests that ran earlier may have configured WARNING."""

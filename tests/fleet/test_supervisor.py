@@ -21,6 +21,7 @@ from orchestrator.fleet.manifest import load_manifest
 from orchestrator.fleet.supervisor import Supervisor, read_state
 from orchestrator.job import load_job
 from tests._redis import RedisServer, free_port, redis_server_path
+from tests._trust import operator_trust
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "examples" / "slugify-plugin"
@@ -96,7 +97,8 @@ async def test_fleet_survives_a_killed_worker_and_the_run_is_accepted(tmp_path: 
         victim = next(p for p in state["processes"] if p["name"] == "worker-python-0")
         await anyio.sleep(1.0)  # the manager takes the lead and the workers subscribe
         m = load_manifest(path, environ={}, plugins=False, services=False)
-        async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2) as bus:
+        async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2,
+                                      trust=operator_trust()) as bus:
             run_id = await processes.submit_job(bus, load_job(job))
             with anyio.fail_after(20):
                 while (status := await processes.fetch_status(bus, run_id)) is None or not any(

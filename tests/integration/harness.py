@@ -26,6 +26,7 @@ from orchestrator.job import load_job
 from protocol.errors import OrchestratorError
 from protocol.redis_bus import RedisBus
 from tests._redis import RedisServer
+from tests._trust import operator_trust
 from tests.integration.checker import CheckResult, Fault, check_run
 from tests.integration.effects import open_store
 
@@ -147,7 +148,8 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def bus(self) -> AsyncIterator[RedisBus]:
-        async with processes.open_bus(self.url, namespace="orch", lease_s=self.lease_s, retry_budget_s=2.0) as bus:
+        async with processes.open_bus(self.url, namespace="orch", lease_s=self.lease_s, retry_budget_s=2.0,
+                                      trust=operator_trust()) as bus:
             yield bus
 
     def write_job(self, name: str, tasks: list[dict[str, Any]], **budget: Any) -> Path:

@@ -17,6 +17,7 @@ from orchestrator import processes
 from orchestrator.fleet.manifest import load_manifest
 from orchestrator.job import load_job
 from tests._redis import RedisServer, free_port, redis_server_path
+from tests._trust import operator_trust
 from tests.fleet.test_supervisor import wait_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,8 @@ async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Pat
                 p["state"] == "running" for p in ps.values()))
             await anyio.sleep(1.0)  # the manager takes the lead and the worker subscribes
             m = load_manifest(path, environ={}, plugins=False, services=False)
-            async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2) as bus:
+            async with processes.open_bus(redis_server.url, namespace=m.spec.namespace, lease_s=2,
+                                      trust=operator_trust()) as bus:
                 run_id = await processes.submit_job(bus, load_job(ROOT / "examples" / "quickstart.yaml"))
                 with anyio.fail_after(45):
                     result = await processes.wait_for_run(bus, run_id)

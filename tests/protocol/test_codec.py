@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, get_args
 
 import msgpack
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from protocol.authority import SENDER_ROLE
 from protocol.codec import Codec
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import (
@@ -35,6 +38,7 @@ from protocol.history import (
     WaitingChanged,
     WaitingFor,
 )
+from protocol.keyring import Keyring
 from protocol.messages import (
     Assign,
     Cancel,
@@ -56,7 +60,21 @@ from protocol.states import RunState, TaskEvent, TaskState, VerifyStage
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PER_TYPE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-KEY = b"test-hmac-key"
+# Signed codecs: one keyring holding a key for each role, so any message type can be signed by its sender.
+_RING = Keyring.init(Path(tempfile.mkdtemp(prefix="codec-keys-")), operator="o")
+_RING.add("worker", "w")
+SIGNED = Codec(keyring=_RING, signers=("manager", "operator:o", "worker:w"))
+SIGNER_OF = {kind: {"manager": "manager", "worker": "worker:w", "operator": "operator:o"}[role]
+             for kind, role in SENDER_ROLE.items()}
+
+
+def codec_of(signed: bool) -> Codec:
+    return SIGNED if signed else Codec()
+
+
+def encode(codec: Codec, envelope: Envelope) -> bytes:
+    """Encode as the message type's sender would (signing, when the codec signs)."""
+    return codec.encode(envelope, signer=SIGNER_OF[envelope.type] if codec.verifies else None)
 
 # --- strategies -------------------------------------------------------------------------------------------------
 
@@ -183,12 +201,11 @@ def test_every_message_type_round_trips(kind: str, data: st.DataObject) -> None:
 @given(data=st.data())
 def test_every_message_type_round_trips_signed(kind: str, data: st.DataObject) -> None:
     sent = data.draw(envelopes(BODIES[kind]))
-    codec = Codec(hmac_key=KEY)
-    frame = codec.encode(sent)
+    frame = encode(SIGNED, sent)
     assert isinstance(_raw(frame)["sig"], bytes)
-    got = codec.decode(frame)
-    # The signature is checked and stripped on the way in.
-    assert got == sent
+    got = SIGNED.decode(frame)
+    # The signature is checked and stripped on the way in; the signer it proves stays.
+    assert got == sent.model_copy(update={"signer": SIGNER_OF[kind]})
     assert got.sig is None
 
 
@@ -197,7 +214,7 @@ def test_every_message_type_round_trips_signed(kind: str, data: st.DataObject) -
 def test_encode_ignores_a_sig_already_on_the_envelope(sent: Envelope) -> None:
     stale = sent.model_copy(update={"sig": b"stale"})
     assert "sig" not in _raw(Codec().encode(stale))
-    assert Codec(hmac_key=KEY).decode(Codec(hmac_key=KEY).encode(stale)) == sent
+    assert SIGNED.decode(encode(SIGNED, stale)) == sent.model_copy(update={"signer": SIGNER_OF[sent.type]})
 
 
 # --- decode never raises anything but ProtocolError --------------------------------------------------------------
@@ -214,7 +231,7 @@ def _decode_or_protocol_error(codec: Codec, frame: bytes) -> None:
 @PROPS
 @given(frame=st.binary(max_size=200), signed=st.booleans())
 def test_random_bytes_raise_only_protocol_error(frame: bytes, signed: bool) -> None:
-    _decode_or_protocol_error(Codec(hmac_key=KEY if signed else None), frame)
+    _decode_or_protocol_error(codec_of(signed), frame)
 
 
 def _with_extra_keys(head: dict[Any, Any], keys: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[Any, Any]]:
@@ -238,14 +255,14 @@ HEADER_MAPS = st.fixed_dictionaries(
 @PROPS
 @given(data=HEADER_MAPS, signed=st.booleans())
 def test_random_maps_with_hashable_body_type_raise_only_protocol_error(data: dict[Any, Any], signed: bool) -> None:
-    _decode_or_protocol_error(Codec(hmac_key=KEY if signed else None), _pack(data))
+    _decode_or_protocol_error(codec_of(signed), _pack(data))
 
 
 @PROPS
 @given(data=st.dictionaries(ENVELOPE_KEYS | TEXT | st.binary(max_size=5), WIRE, max_size=6), signed=st.booleans())
 @example(data={"v": PROTOCOL_VERSION, "body": {"type": []}}, signed=False)
 def test_random_maps_raise_only_protocol_error(data: dict[Any, Any], signed: bool) -> None:
-    _decode_or_protocol_error(Codec(hmac_key=KEY if signed else None), _pack(data))
+    _decode_or_protocol_error(codec_of(signed), _pack(data))
 
 
 @pytest.mark.parametrize("kind", [[], ["assign"], {}, {"type": "assign"}])
@@ -257,8 +274,8 @@ def test_unhashable_body_type_raises_unknown_message_type(kind: Any) -> None:
 @PROPS
 @given(sent=ANY_ENVELOPE, data=st.data(), signed=st.booleans())
 def test_mutated_valid_frames_raise_only_protocol_error(sent: Envelope, data: st.DataObject, signed: bool) -> None:
-    codec = Codec(hmac_key=KEY if signed else None)
-    raw = _raw(codec.encode(sent))
+    codec = codec_of(signed)
+    raw = _raw(encode(codec, sent))
     target = raw if data.draw(st.booleans(), label="top level") else raw["body"]
     key = data.draw(st.sampled_from(sorted(target)) | TEXT, label="key")
     if data.draw(st.booleans(), label="delete"):
@@ -381,38 +398,86 @@ def test_invalid_field_value_is_named() -> None:
 def test_missing_signature_is_a_bad_signature() -> None:
     frame = Codec().encode(heartbeat())
     with pytest.raises(BadSignature, match="not signed"):
-        Codec(hmac_key=KEY).decode(frame)
+        SIGNED.decode(frame)
 
 
 @pytest.mark.parametrize("sig", ["text", 1, None, [b"x"]])
 def test_non_bytes_signature_is_a_bad_signature(sig: Any) -> None:
-    raw = _raw(Codec().encode(heartbeat()))
+    raw = _raw(encode(SIGNED, heartbeat()))
     raw["sig"] = sig
     with pytest.raises(BadSignature, match="not signed"):
-        Codec(hmac_key=KEY).decode(_pack(raw))
+        SIGNED.decode(_pack(raw))
 
 
-def test_signature_from_another_key_is_a_bad_signature() -> None:
-    frame = Codec(hmac_key=b"worker key").encode(heartbeat())
-    with pytest.raises(BadSignature, match="does not match"):
-        Codec(hmac_key=KEY).decode(frame)
+def test_signature_from_another_keyring_is_a_bad_signature() -> None:
+    other = Keyring.init(Path(tempfile.mkdtemp(prefix="codec-other-")), operator="o")
+    other.add("worker", "w")
+    frame = Codec(keyring=other, signers=("worker:w",)).encode(heartbeat())
+    with pytest.raises(BadSignature, match="does not match 'worker:w'"):
+        SIGNED.decode(frame)
 
 
 def test_tampered_signed_frame_is_a_bad_signature() -> None:
-    raw = _raw(Codec(hmac_key=KEY).encode(heartbeat()))
+    raw = _raw(encode(SIGNED, heartbeat()))
     raw["task_id"] = "t2"
     with pytest.raises(BadSignature, match="does not match"):
-        Codec(hmac_key=KEY).decode(_pack(raw))
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_signer_swapped_for_another_is_a_bad_signature() -> None:
+    # The signer's name is inside the signed part: relabelling a worker's frame as the manager's fails.
+    raw = _raw(SIGNED.encode(Envelope(run_id="r", task_id="t", attempt=1, body=Assign(capability="w", instruction="i")),
+                             signer="manager"))
+    raw["signer"] = "worker:w"
+    with pytest.raises(BadSignature):
+        SIGNED.decode(_pack(raw))
+
+
+@pytest.mark.parametrize(("body", "signer", "wanted"), [
+    (Assign(capability="w", instruction="i"), "worker:w", "manager"),
+    (Cancel(reason="stop"), "worker:w", "manager"),
+    (Cancel(reason="stop"), "operator:o", "manager"),
+    (Override(action="approve"), "worker:w", "operator"),
+    (Override(action="approve"), "manager", "operator"),
+    (Submit(job={}), "worker:w", "operator"),
+    (Done(output=1), "operator:o", "worker"),
+])
+def test_a_role_that_may_not_send_a_message_is_refused_even_with_a_valid_signature(body: Any, signer: str,
+                                                                                   wanted: str) -> None:
+    frame = SIGNED.encode(Envelope(run_id="r", task_id="t", attempt=1, body=body), signer=signer)
+    with pytest.raises(BadSignature, match=rf"must be signed by a key of role '{wanted}', not by '{signer}'"):
+        SIGNED.decode(frame)
+
+
+def test_a_worker_key_may_not_publish_on_another_capabilitys_stream() -> None:
+    frame = SIGNED.encode(Envelope(run_id="r", task_id="t", attempt=1, body=Done(output=1)), signer="worker:w")
+    assert SIGNED.decode(frame, stream="results.w").signer == "worker:w"
+    with pytest.raises(BadSignature, match=r"'worker:w' may not publish on 'results\.other'"):
+        SIGNED.decode(frame, stream="results.other")
+
+
+def test_a_signer_missing_from_the_keyring_is_named() -> None:
+    raw = _raw(encode(SIGNED, heartbeat()))
+    raw["signer"] = "worker:ghost"
+    with pytest.raises(BadSignature, match="'worker:ghost', which has no key in the keyring"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_codec_refuses_to_sign_as_an_identity_it_does_not_hold() -> None:
+    codec = Codec(keyring=_RING, signers=("worker:w",))
+    with pytest.raises(BadSignature, match="no key to sign as 'manager'"):
+        codec.encode(heartbeat(), signer="manager")
 
 
 def test_signed_frame_decoded_without_a_key_is_accepted_unverified_and_keeps_its_sig() -> None:
-    # Contract as written: a codec without a key does not check signatures at all, and the raw
+    # A codec without a keyring does not check signatures at all (``--insecure``), and the raw
     # ``sig`` stays on the envelope. That holds for a forged signature too.
     sent = heartbeat()
-    frame = Codec(hmac_key=KEY).encode(sent)
+    frame = encode(SIGNED, sent)
     got = Codec().decode(frame)
+    assert not Codec().verifies
     assert got.sig == _raw(frame)["sig"]
-    assert got.model_copy(update={"sig": None}) == sent
+    assert got.model_copy(update={"sig": None, "signer": ""}) == sent
 
     forged = _raw(frame)
     forged["sig"] = b"forged"
@@ -434,5 +499,5 @@ def test_signed_frame_decoded_without_a_key_is_accepted_unverified_and_keeps_its
 @pytest.mark.parametrize("signed", [False, True], ids=["plain", "signed"])
 def test_unencodable_output_raises_protocol_error_naming_the_type(body: Any, signed: bool) -> None:
     with pytest.raises(ProtocolError, match=rf"cannot encode '{body.type}' message") as info:
-        Codec(hmac_key=KEY if signed else None).encode(Envelope(body=body))
+        encode(codec_of(signed), Envelope(body=body))
     assert isinstance(info.value.__cause__, TypeError | ValueError | OverflowError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -16,6 +17,7 @@ from protocol.envelope import Envelope
 from protocol.errors import BusError
 from protocol.messages import Assign
 from protocol.redis_bus import RedisBus
+from tests._trust import trust_as
 from tests.observability.fakes import Echo
 from workers.runtime import WorkerRuntime
 
@@ -54,7 +56,8 @@ async def test_a_worker_with_only_the_documented_grants_serves_a_run(redis_url: 
     settings = BusSettings(lease_s=2, block_s=0.05)
     job = {"goal": "echo as a restricted user",
            "tasks": [{"id": f"t{i}", "capability": "echo", "input": i, "spec": {"expect": i}} for i in range(5)]}
-    worker_bus = RedisBus.from_url(url, settings=settings, namespace=namespace, retry_budget_s=5)
+    worker_settings = replace(settings, codec=trust_as("worker:echo").codec())  # a worker signs its replies
+    worker_bus = RedisBus.from_url(url, settings=worker_settings, namespace=namespace, retry_budget_s=5)
     async with Orchestrator(bus=RedisBus.from_url(redis_url, settings=settings, namespace=namespace),
                             workers=[], host_workers=False) as orch, \
             worker_bus, WorkerRuntime(worker_bus, {"echo": Echo()}).running():

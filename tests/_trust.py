@@ -1,0 +1,15 @@
+"""The session keyring (ORCH_KEYS, set by the ``test_keyring`` fixture) as a test client uses it."""
+
+from __future__ import annotations
+
+from orchestrator.trust import Trust, load_trust
+
+
+def operator_trust() -> Trust:
+    """Sign as the session's operator, as ``orchestrator submit`` would."""
+    return load_trust(None, ["operator:tests"], insecure=False, what="a test client")
+
+
+def trust_as(*signers: str) -> Trust:
+    """Sign as any identities of the session keyring (a test playing several roles at once)."""
+    return load_trust(None, signers, insecure=False, what="a test")

@@ -1,0 +1,236 @@
+"""Forgeries against a real manager and real workers, made as an attacker would: raw redis-py and msgpack.
+
+The attacker can write to Redis and, in some tests, holds a worker's private key (a compromised
+worker). Every forgery must be dead-lettered with its reason or ignored, change nothing, and lose
+nothing: the real work still completes and is recorded under the real signer's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from tests._redis import RedisServer, redis_server_path
+
+pytestmark = [pytest.mark.redis, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not found")]
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "orch"
+
+
+def _key(stream: str) -> str:
+    kind, _, cap = stream.partition(".")
+    if kind in ("tasks", "results") and cap:
+        return f"{NS}:{{cap.{cap}}}:{kind}"
+    return f"{NS}:{{s.{stream}}}:stream"
+
+
+class Attacker:
+    """Writes frames straight into Redis, signed with whatever private key it managed to steal (or none)."""
+
+    def __init__(self, url: str, keys: Path) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.keys = keys
+
+    def frame(self, body: dict[str, Any], *, run_id: str = "", task_id: str = "", attempt: int = 0,
+              sign_as: str | None = None, claim: str | None = None) -> bytes:
+        data: dict[str, Any] = {"v": 1, "msg_id": uuid.uuid4().hex, "run_id": run_id, "task_id": task_id,
+                                "attempt": attempt, "sender": "attacker", "time": time.time(), "trace": {},
+                                "signer": claim or sign_as or "", "body": body}
+        if sign_as is not None:
+            role, _, name = sign_as.partition(":")
+            path = self.keys / (f"{role}.{name}.key" if name else f"{role}.key")
+            key: Any = load_pem_private_key(path.read_bytes(), password=None)
+            data["sig"] = key.sign(msgpack.packb(data, use_bin_type=True))
+        return msgpack.packb(data, use_bin_type=True)
+
+    def add(self, stream: str, frame: bytes) -> None:
+        self.r.xadd(_key(stream), {"f": frame})
+
+    def dead(self, stream: str) -> list[str]:
+        """The reasons of the stream's dead letters."""
+        return [fields[b"reason"].decode() for _, fields in self.r.xrange(_key(stream) + ":dead")]
+
+
+class Fleet:
+    def __init__(self, tmp: Path, keys: Path) -> None:
+        self.tmp = tmp
+        self.redis = RedisServer(tmp / "redis").start()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.attacker = Attacker(self.redis.url, keys)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis", self.redis.url],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env())
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / f"proc{len(self.procs)}.log").open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--log-level", "INFO", "--log-json",
+                                     *args, "--redis", self.redis.url, "--lease-s", "2"], cwd=ROOT, env=_env(),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        self.procs.append(proc)
+        return proc
+
+    def manager(self) -> None:
+        self.spawn("manager", "--ledger", str(self.tmp / "ledger.db"), "--manager-lease-s", "2")
+
+    def worker(self, capability: str) -> None:
+        plugin = {"echo": "tests.security.plugins:Echo", "slow": "tests.security.plugins:Slow"}[capability]
+        self.spawn("worker", "--capability", capability, "--plugin", plugin)
+
+    def submit(self, job: dict[str, Any]) -> str:
+        path = self.tmp / f"job-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(json.dumps(job))
+        return self.cli("submit", str(path)).stdout.strip()
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", run_id, "--json", check=False).stdout or "{}"))
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        out = self.cli("events", run_id, "--json").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        self.attacker.r.close()
+        self.redis.stop()
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ORCH_INSECURE", None)
+    return env
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, test_keyring: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, test_keyring)
+    try:
+        f.manager()
+        yield f
+    finally:
+        f.close()
+
+
+def _until(what: str, probe: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _task(status: dict[str, Any], task_id: str) -> dict[str, Any]:
+    return next(t for t in status.get("tasks", ()) if t["id"] == task_id)
+
+
+def test_forged_approvals_are_dead_lettered_and_the_real_one_records_the_operator_key(fleet: Fleet) -> None:
+    fleet.worker("echo")
+    run_id = fleet.submit({"goal": "gated", "tasks": [
+        {"id": "t", "capability": "echo", "input": 7, "spec": {"expect": 7, "approval": "human"}}]})
+    _until("the task to wait for a person", lambda: (s := fleet.status(run_id)).get("tasks")
+           and _task(s, "t").get("stage") == "human")
+
+    forge = {"type": "override", "action": "approve", "feedback": "", "by": "the-boss"}
+    a = fleet.attacker
+    a.add("overrides", a.frame(forge, run_id=run_id, task_id="t"))  # unsigned
+    a.add("overrides", a.frame(forge, run_id=run_id, task_id="t", sign_as="worker:echo"))  # a stolen worker key
+    a.add("overrides", a.frame(forge, run_id=run_id, task_id="t", sign_as="worker:echo", claim="operator:tests"))
+    reasons = _until("three dead letters", lambda: len(r := a.dead("overrides")) >= 3 and r)
+    assert any("not signed" in r for r in reasons), reasons
+    assert any("must be signed by a key of role 'operator', not by 'worker:echo'" in r for r in reasons), reasons
+    assert any("does not match 'operator:tests'" in r for r in reasons), reasons
+    time.sleep(0.5)
+    status = fleet.status(run_id)
+    assert status["state"] == "running"
+    assert _task(status, "t")["stage"] == "human"
+
+    fleet.cli("approve", run_id, "t", "--by", "someone-typed-this")
+    final = _until("acceptance", lambda: (s := fleet.status(run_id))["state"] != "running" and s)
+    assert final["state"] == "accepted"
+    overrides = [e for e in fleet.events(run_id) if e.get("body", {}).get("kind") == "override"]
+    assert [o["actor"] for o in overrides] == ["operator:tests"]  # the key, not the name typed with --by
+
+
+def test_forged_and_cross_capability_results_change_nothing(fleet: Fleet) -> None:
+    # No echo worker yet: the assign waits in Redis while the attacker answers for it.
+    run_id = fleet.submit({"goal": "two capabilities", "tasks": [
+        {"id": "t", "capability": "echo", "input": 7, "spec": {"expect": 7}},
+        {"id": "o", "capability": "slow", "input": 1, "config": {"sleep_s": 0.1}}]})
+    _until("attempt 1 dispatched", lambda: _task(fleet.status(run_id), "t")["attempts"] >= 1
+           if fleet.status(run_id).get("tasks") else False)
+    done = {"type": "done", "output": 999999, "tokens": 0, "duration_s": 0.0, "self_check": False}
+    a = fleet.attacker
+    a.add("results.echo", a.frame(done, run_id=run_id, task_id="t", attempt=1))  # unsigned
+    a.add("results.echo", a.frame(done, run_id=run_id, task_id="t", attempt=1, sign_as="worker:slow"))
+    # Validly signed by the slow worker, on its own stream, but about the echo task: the engine refuses it.
+    a.add("results.slow", a.frame(done, run_id=run_id, task_id="t", attempt=1, sign_as="worker:slow"))
+    reasons = _until("two dead letters", lambda: len(r := a.dead("results.echo")) >= 2 and r)
+    assert any("not signed" in r for r in reasons), reasons
+    assert any("'worker:slow' may not publish on 'results.echo'" in r for r in reasons), reasons
+    time.sleep(1.0)
+    assert _task(fleet.status(run_id), "t")["state"] == "not_done"
+
+    fleet.worker("echo")
+    fleet.worker("slow")
+    final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
+    assert final["state"] == "accepted", final
+    assert _task(final, "t")["output"] == 7
+
+
+def test_a_cancel_signed_by_a_worker_key_does_not_stop_work(fleet: Fleet) -> None:
+    fleet.worker("slow")
+    run_id = fleet.submit({"goal": "slow", "tasks": [
+        {"id": "s", "capability": "slow", "input": 3, "config": {"sleep_s": 3}, "spec": {"expect": 3}}]})
+    _until("the task in flight", lambda: (s := fleet.status(run_id)).get("tasks") and
+           _task(s, "s")["attempts"] >= 1)
+    time.sleep(0.5)
+    a = fleet.attacker
+    cancel = {"type": "cancel", "reason": "forged", "by": "manager"}
+    for sign_as in (None, "worker:slow", "operator:tests"):
+        a.r.publish(f"{NS}:ctl:control", a.frame(cancel, run_id=run_id, task_id="s", sign_as=sign_as))
+    # An operator's cancel goes to the manager as an override: that path exists, and is audited.
+    final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
+    assert final["state"] == "accepted", final
+    assert _task(final, "s")["attempts"] == 1
+
+
+def test_a_job_submitted_with_a_worker_key_never_runs(fleet: Fleet) -> None:
+    a = fleet.attacker
+    job = {"goal": "from a compromised worker", "tasks": [{"id": "t", "capability": "echo", "input": 1}]}
+    a.add("jobs", a.frame({"type": "submit", "job": job, "source": ""}, run_id="evil", sign_as="worker:echo"))
+    reasons = _until("a dead letter", lambda: a.dead("jobs"))
+    assert "must be signed by a key of role 'operator', not by 'worker:echo'" in reasons[0]
+    assert fleet.status("evil")["error_type"] == "UnknownRun"
+
+
+def test_processes_without_keys_refuse_to_start_and_name_the_command(tmp_path: Path) -> None:
+    env = {**_env(), "ORCH_KEYS": str(tmp_path / "none")}
+    for args, hint in ((["manager"], "orchestrator keys init"),
+                       (["worker", "--capability", "echo"], "orchestrator keys add worker echo"),
+                       (["submit", str(ROOT / "examples" / "quickstart.yaml")], "orchestrator keys init")):
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis", "redis://127.0.0.1:1/0"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        assert hint in done.stderr, done.stderr
+        assert "--insecure" in done.stderr, done.stderr
