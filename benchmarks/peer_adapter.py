@@ -15,8 +15,9 @@ checkout, and calls ``Adapter(variant)``:
 
 The variant comes from the harness's ``--variant`` or, so that the shared ``run_all.sh`` can run
 it unchanged, from ``ORCH_PEER_ADAPTER=lifecycle``. ``benchmarks/peers.sh`` runs both rows beside
-the peers in one run. ``ORCH_INSECURE=1`` is passed on to the worker (unsigned bus messages,
-where the project signs them).
+the peers in one run. ``ORCH_INSECURE=1`` turns signing off for the row (unsigned bus messages, where signing is
+the default on Redis): both sides then run with ``--insecure``; otherwise each adapter makes a
+keyring of its own (the manager's key and ``worker:noop``) and both sides sign and verify.
 """
 
 import asyncio
@@ -39,9 +40,26 @@ def _orchestrator_cli() -> str:
     return os.path.join(os.path.dirname(sys.executable), "orchestrator")
 
 
-def _worker_argv(url):
+def _keyring():
+    """A fresh keyring with the manager's and the no-op worker's keys, or None with ORCH_INSECURE=1."""
+    from orchestrator.trust import insecure_from_env
+    from protocol.keyring import Keyring
+
+    if insecure_from_env():
+        return None
+    ring = Keyring.init(tempfile.mkdtemp(prefix="peer-keys-"))
+    ring.add("worker", "noop")
+    return ring
+
+
+def _worker_argv(url, ring):
+    keys = ["--insecure"] if ring is None else ["--keys", str(ring.path)]
     return [_orchestrator_cli(), "worker", "--redis", url, "--namespace", NS, "--capability", "noop",
-            "--plugin", "orch_noop:Noop", "--concurrency", "256"]
+            "--plugin", "orch_noop:Noop", "--concurrency", "256", *keys]
+
+
+def _signed(ring) -> str:
+    return "unsigned (--insecure)" if ring is None else "Ed25519-signed"
 
 
 class BusAdapter:
@@ -50,10 +68,11 @@ class BusAdapter:
 
     def __init__(self, variant: str):
         self.variant = variant
-        self.label = "orchestrator RedisBus + WorkerRuntime (this project)"
+        self.ring = _keyring()
+        self.label = f"orchestrator RedisBus + WorkerRuntime (this project, {_signed(self.ring)})"
 
     def worker_argv(self, url):
-        return _worker_argv(url)
+        return _worker_argv(url, self.ring)
 
     def notes(self):
         return {
@@ -64,7 +83,11 @@ class BusAdapter:
         }
 
     async def setup(self, url):
-        self.bus = RedisBus.from_url(url, namespace=NS)
+        from orchestrator.trust import Trust
+        from protocol.bus import BusSettings
+
+        codec = Trust(self.ring, ("manager",)).codec()  # the client plays the manager: it sends assigns
+        self.bus = RedisBus.from_url(url, namespace=NS, settings=BusSettings(codec=codec))
         await self.bus.__aenter__()
         self.pending: dict[str, asyncio.Future] = {}
         self.run = uuid.uuid4().hex
@@ -118,10 +141,11 @@ class LifecycleAdapter:
 
     def __init__(self, variant: str):
         self.variant = variant
-        self.label = "orchestrator full lifecycle (manager + ledger + spec check, this project)"
+        self.ring = _keyring()
+        self.label = f"orchestrator full lifecycle (manager + ledger + spec check, this project, {_signed(self.ring)})"
 
     def worker_argv(self, url):
-        return _worker_argv(url)
+        return _worker_argv(url, self.ring)
 
     def notes(self):
         return {
@@ -140,7 +164,8 @@ class LifecycleAdapter:
         tune_gc()  # what the manager process does at start
         self.tmp = tempfile.mkdtemp(prefix="peer-ledger-")
         self.orch = Orchestrator(bus=RedisBus.from_url(url, namespace=NS),
-                                 store=SQLiteStore(os.path.join(self.tmp, "ledger.db")), host_workers=False)
+                                 store=SQLiteStore(os.path.join(self.tmp, "ledger.db")), host_workers=False,
+                                 keys=self.ring, insecure=self.ring is None)
         await self.orch.__aenter__()
 
     async def submit(self, payload):

@@ -11,7 +11,8 @@ independent no-op tasks, each with a spec ``expect`` check; ``--workers`` separa
 ``orchestrator worker`` processes (``benchmarks/noop.py``, concurrency 256) do the work. The job
 is either a YAML file the child loads (``--form file``, what a person writes) or a ``Job`` built
 in Python (``--form python``); ``both`` (the default) runs the file at every size and the
-Python-built job at the largest. The run must end ``accepted``.
+Python-built job at the largest. The run must end ``accepted``. Bus messages are signed (a
+keyring made for the benchmark) unless ``ORCH_INSECURE=1``.
 
 Reported per run: tasks/s from submit to acceptance; the manager process's peak resident memory
 (``VmHWM``), its resident memory before the job existed, and the difference per task; the
@@ -62,7 +63,7 @@ def _python_job(n: int):  # type: ignore[no-untyped-def]
         for i in range(n)))
 
 
-def child(url: str, ns: str, n: int, form: str, tmp: str) -> None:
+def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
     """One run in this (fresh) process; prints a JSON line with the figures."""
     import anyio
 
@@ -81,7 +82,7 @@ def child(url: str, ns: str, n: int, form: str, tmp: str) -> None:
 
     async def main() -> dict[str, object]:
         async with Orchestrator(bus=RedisBus.from_url(url, namespace=ns), store=SQLiteStore(ledger),
-                                host_workers=False) as orch:
+                                host_workers=False, keys=keys or None, insecure=not keys) as orch:
             rss_before = _status_kb("VmRSS")
             start = time.perf_counter()
             job = orch.load(job_file) if form == "file" else _python_job(n)
@@ -100,11 +101,25 @@ def child(url: str, ns: str, n: int, form: str, tmp: str) -> None:
     print(json.dumps(anyio.run(main)), flush=True)
 
 
-def _workers(url: str, ns: str, count: int) -> list[subprocess.Popen[bytes]]:
+def _keyring(tmp: str) -> str:
+    """A keyring with the manager's and the no-op worker's keys ('' with ORCH_INSECURE=1: unsigned)."""
+    from orchestrator.trust import insecure_from_env
+    from protocol.keyring import Keyring
+
+    if insecure_from_env():
+        return ""
+    ring = Keyring.init(Path(tmp) / "keys")
+    ring.add("worker", "noop")
+    return str(ring.path)
+
+
+def _workers(url: str, ns: str, count: int, keys: str) -> list[subprocess.Popen[bytes]]:
     orch = Path(sys.executable).with_name("orchestrator")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), env_path()]))
+    trust = ["--keys", keys] if keys else ["--insecure"]
     return [subprocess.Popen([str(orch), "--log-level", "WARNING", "worker", "--redis", url, "--namespace", ns,
-                              "--capability", "noop", "--plugin", "noop:NoopWorker", "--concurrency", "256"],
+                              "--capability", "noop", "--plugin", "noop:NoopWorker", "--concurrency", "256",
+                              *trust],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(count)]
 
@@ -119,11 +134,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--form", choices=("file", "python", "both"), default="both")
-    parser.add_argument("--child", nargs=4, metavar=("NS", "N", "FORM", "TMP"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("NS", "N", "FORM", "TMP", "KEYS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        ns, n, form, tmp = args.child
-        child(args.url, ns, int(n), form, tmp)
+        ns, n, form, tmp, keys = args.child
+        child(args.url, ns, int(n), form, tmp, keys)
         return
     server = None
     url = args.url
@@ -133,6 +148,7 @@ def main() -> None:
         server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
         url = server.url
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    keys = _keyring(tmp)
     plan = [(n, "file" if args.form == "both" else args.form) for n in args.tasks]
     if args.form == "both":
         plan.append((max(args.tasks), "python"))
@@ -140,9 +156,9 @@ def main() -> None:
     try:
         for n, form in plan:
             ns = f"scale{uuid.uuid4().hex[:8]}"
-            workers = _workers(url, ns, args.workers)
+            workers = _workers(url, ns, args.workers, keys)
             try:
-                out = subprocess.run([sys.executable, __file__, "--url", url, "--child", ns, str(n), form, tmp],
+                out = subprocess.run([sys.executable, __file__, "--url", url, "--child", ns, str(n), form, tmp, keys],
                                      capture_output=True, text=True, check=False)
             finally:
                 for w in workers:
