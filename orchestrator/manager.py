@@ -99,6 +99,7 @@ class ManagerSettings:
     snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
     publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
+    events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
 
 
 class Manager:
@@ -276,7 +277,7 @@ class Manager:
         served = self._watchdogs.served if self._watchdogs is not None else None
         engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served)
         self._engines[run.run_id] = engine
-        self._logs[run.run_id] = _EventLog(first_seq=run.next_seq)
+        self._logs[run.run_id] = _EventLog(first_seq=run.next_seq, keep=self.settings.events_kept)
         while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._engines:
             del self._logs[oldest]
         for capability in {t.capability for t in run.tasks.values()}:
@@ -541,12 +542,9 @@ class Manager:
         return lock
 
 
-_EVENTS_KEPT = 4096  # per run in memory; followers further behind read the store (a big run's history is big)
-
-
 @dataclass(slots=True)
 class _EventLog:
-    """A run's latest events (at most about ``keep``), with a wake-up for followers.
+    """A run's latest events (between ``keep`` and twice that), with a wake-up for followers.
 
     ``first_seq`` is the sequence number of the oldest event held; everything before it is in
     the store (an event is recorded there before it is appended here).
@@ -556,7 +554,7 @@ class _EventLog:
     events: list[Event] = field(default_factory=list)
     changed: anyio.Event = field(default_factory=anyio.Event)
     finished: bool = False
-    keep: int = _EVENTS_KEPT
+    keep: int = 4096
 
     def append(self, event: Event) -> None:
         self.events.append(event)
