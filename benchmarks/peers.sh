@@ -7,7 +7,7 @@
 #   ONLY="streams-ref dramatiq orchestrator orchestrator-lifecycle" RUNS=2 bash benchmarks/peers.sh
 #
 # The shared harness is used as it is, from a scratch directory (PEERS_WORK, default .peers/ here,
-# git-ignored) that links its files; only run_all.sh is copied, with the lifecycle row added. The
+# git-ignored) holding a copy of its files; run_all.sh gets the lifecycle row added. The
 # peers' venvs are the shared ones (run ../shared/peers/setup.sh once); .venv-orch is made here
 # with this checkout installed editable, so it always runs the code as it is now.
 # Results: $PEERS_WORK/results/summary.md (RESULTS_DIR as in run_all.sh, relative to PEERS_WORK).
@@ -22,8 +22,11 @@ if [ ! -x "$SHARED/.venv/bin/python" ]; then
   echo "the peers' venvs are missing: run 'bash $SHARED/setup.sh' from $PROJECT first" >&2
   exit 2
 fi
+# Copies, not links: Python resolves a linked script to its real directory, and the harness writes
+# its worker logs next to harness.py.
 for f in "$SHARED"/*.py "$SHARED"/*.sh "$SHARED"/*.txt; do
-  ln -sfn "$f" "$WORK/$(basename "$f")"
+  rm -f "$WORK/$(basename "$f")"
+  cp "$f" "$WORK/"
 done
 for v in .venv .venv-taskiq13; do [ -e "$SHARED/$v" ] && ln -sfn "$SHARED/$v" "$WORK/$v"; done
 rm -f "$WORK/run_all.sh"
