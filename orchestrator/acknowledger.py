@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import structlog
 
 from orchestrator.records import Event, events_envelope
 from orchestrator.store import Store
 from protocol.bus import Bus, Delivery
+from protocol.errors import FrameTooLarge
 from protocol.keys import events_stream
 
 __all__ = ("Acknowledger",)
+
+log = structlog.get_logger("orchestrator.acknowledger")
 
 _EVENTS_PER_MESSAGE = 500  # keeps a batch of history well under the frame size limit
 
@@ -66,7 +70,20 @@ class Acknowledger:
 
     async def _publish(self, run_id: str, chunks: list[list[Event]]) -> None:
         for chunk in chunks:  # in order: a follower reads the stream as the run's history
+            await self._publish_chunk(run_id, chunk)
+
+    async def _publish_chunk(self, run_id: str, chunk: list[Event]) -> None:
+        try:
             await self.bus.publish(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
+        except FrameTooLarge:
+            if len(chunk) > 1:  # big events (outputs, a big run's start): send the halves
+                half = len(chunk) // 2
+                await self._publish_chunk(run_id, chunk[:half])
+                await self._publish_chunk(run_id, chunk[half:])
+                return
+            # One event over the frame limit (the start of a run of ~20,000 tasks or more, a huge output):
+            # the ledger keeps it, and followers on other machines see a gap in the sequence numbers.
+            log.warning("event_too_large_to_mirror", run_id=run_id, seq=chunk[0].seq, type=chunk[0].body.kind)
 
 
 def _by_run(events: list[Event]) -> dict[str, list[list[Event]]]:

@@ -96,7 +96,9 @@ class Budget(_Frozen):
     """Limits that stop loops and runaway runs."""
 
     max_attempts: int = Field(default=3, ge=1, le=100)
-    max_tasks: int = Field(default=200, ge=1)
+    # A cap a job may set on its own size. None (the default): a job a person wrote may be as large as
+    # they wrote it; the planner's output is capped by its own limits (PlanLimits.max_tasks) and this.
+    max_tasks: int | None = Field(default=None, ge=1)
     deadline_s: float = Field(default=3600.0, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     # How long a task may wait for a capability that no live worker serves before it fails (guard no_worker).
@@ -138,7 +140,7 @@ def check_graph(job: Job, source: str | None = None) -> None:
                 raise JobError(f"depends on unknown task {dep!r}", source=source, task_id=t.id, field="depends_on")
             if dep == t.id:
                 raise JobError("depends on itself", source=source, task_id=t.id, field="depends_on")
-    if len(job.tasks) > job.budget.max_tasks:
+    if job.budget.max_tasks is not None and len(job.tasks) > job.budget.max_tasks:
         raise JobError(f"{len(job.tasks)} tasks exceed budget.max_tasks={job.budget.max_tasks}", source=source,
                        field="tasks")
     cycle = _find_cycle({t.id: t.depends_on for t in job.tasks})

@@ -88,7 +88,7 @@ class SQLiteStore(Store):
         self._runs[run.run_id] = run
         for task in run.tasks.values():
             self._tasks[(run.run_id, task.id)] = task
-        await self.sync()
+        await anyio.lowlevel.checkpoint()  # durable at the next sync, with whatever else is buffered by then
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         self._buffer(run, task, event)

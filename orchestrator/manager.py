@@ -28,6 +28,7 @@ from orchestrator.engine import (
     Ended,
     Ignored,
     Input,
+    Instant,
     Redrive,
     Refused,
     Reply,
@@ -100,6 +101,7 @@ class ManagerSettings:
     snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
     publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
+    events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
 
 
 class Manager:
@@ -120,6 +122,7 @@ class Manager:
         self._spans: dict[tuple[str, str], Any] = {}  # the open span of each task's current attempt (tracing on)
         self._engines: dict[str, RunEngine] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self._starting: dict[str, anyio.Event] = {}  # runs submitted, waiting for their creation to be durable
         self._logs: dict[str, _EventLog] = {}  # live events of runs in memory, for events() and wait()
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -157,14 +160,34 @@ class Manager:
         at = now()
         run = RunRecord.new(job, run_id, now=at.wall)
         engine = self._track(run)
+        self._starting[run.run_id] = started = anyio.Event()
         await self.store.create_run(run)
-        async with self._lock(run.run_id):
-            await self._execute(engine, engine.apply(Start(at)))
-        await self._publish_snapshot(run)
+        assert self._tg is not None  # _track checked that serve() runs
+        self._tg.start_soon(self._start, engine, at, started)
         return run.run_id
+
+    async def _start(self, engine: RunEngine, at: Instant, started: anyio.Event) -> None:
+        """Dispatch a new run once its creation is durable.
+
+        Nothing goes to a worker for a run the ledger could still lose, and submissions arriving
+        meanwhile share the group commit (one fsync for many runs instead of one each).
+        """
+        run = engine.run
+        try:
+            await self.store.sync()
+            async with self._lock(run.run_id):
+                await self._execute(engine, engine.apply(Start(at)))
+        except Exception:  # the run stays in the ledger as running; the next manager resumes it
+            log.exception("run_start_failed", run_id=run.run_id)
+            return
+        finally:
+            self._starting.pop(run.run_id, None)
+            started.set()
+        await self._publish_snapshot(run)
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
+        engine = self._engines.get(run_id)
         if run_id in self._logs:
             while not self._logs[run_id].finished:
                 await self._logs[run_id].next_change().wait()
@@ -172,6 +195,8 @@ class Manager:
             async for _ in self.events(run_id):
                 pass
         await self.store.sync()
+        if engine is not None and engine.finished:  # ended here: the record in memory is the durable one
+            return engine.run.model_copy(deep=True)
         run = await self.store.get_run(run_id)
         if run is None:
             raise ConfigError(f"unknown run {run_id!r}")
@@ -189,13 +214,18 @@ class Manager:
             for event in await self.store.events(run_id, after):
                 yield event
             return
-        if log_.first_seq > after + 1:  # a resumed run: the part before this manager comes from the store
-            for event in await self.store.events(run_id, after):
-                if event.seq >= log_.first_seq:
-                    break
-                after = event.seq
-                yield event
         while True:
+            if log_.first_seq > after + 1:
+                # Before what memory holds (a resumed run, or older than the log keeps): from the store.
+                before = after
+                for event in await self.store.events(run_id, after):
+                    if event.seq >= log_.first_seq:
+                        break
+                    after = event.seq
+                    yield event
+                if after == before:  # the store has nothing before the log: go on from the log
+                    after = log_.first_seq - 1
+                continue
             batch = log_.since(after)
             for event in batch:
                 after = event.seq
@@ -222,6 +252,8 @@ class Manager:
         engine = self._engines.get(run_id)
         if engine is None:
             raise ConfigError(f"run {run_id!r} is not running on this manager")
+        if (starting := self._starting.get(run_id)) is not None:
+            await starting.wait()
         async with self._lock(run_id):
             effects = engine.apply(change)
             await self._execute(engine, effects)
@@ -249,7 +281,7 @@ class Manager:
         served = self._watchdogs.served if self._watchdogs is not None else None
         engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served)
         self._engines[run.run_id] = engine
-        self._logs[run.run_id] = _EventLog(first_seq=run.next_seq)
+        self._logs[run.run_id] = _EventLog(first_seq=run.next_seq, keep=self.settings.events_kept)
         while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._engines:
             del self._logs[oldest]
         for capability in {t.capability for t in run.tasks.values()}:
@@ -263,12 +295,23 @@ class Manager:
         else:
             targets = [self._engines[run_id]] if run_id in self._engines else []
         for engine in targets:
-            async with self._lock(engine.run.run_id):
+            if engine.run.run_id in self._starting:  # not started yet: nothing for a watchdog to see
+                continue
+            lock = self._lock(engine.run.run_id)
+            try:
+                # A free lock is taken without a checkpoint: a tick visits every run, most have nothing
+                # to do, and a yield per run made a tick cost O(runs) scheduler turns.
+                lock.acquire_nowait()
+            except anyio.WouldBlock:
+                await lock.acquire()
+            try:
                 if engine.finished:
                     continue
                 effects = engine.apply(change)
                 if effects:
                     await self._execute(engine, effects)
+            finally:
+                lock.release()
             if effects:
                 self._stale_snapshots.add(engine.run.run_id)
 
@@ -551,15 +594,23 @@ def _within_limits(body: Any) -> Any:
 
 @dataclass(slots=True)
 class _EventLog:
-    """A run's events since this manager took it over, with a wake-up for followers."""
+    """A run's latest events (between ``keep`` and twice that), with a wake-up for followers.
+
+    ``first_seq`` is the sequence number of the oldest event held; everything before it is in
+    the store (an event is recorded there before it is appended here).
+    """
 
     first_seq: int
     events: list[Event] = field(default_factory=list)
     changed: anyio.Event = field(default_factory=anyio.Event)
     finished: bool = False
+    keep: int = 4096
 
     def append(self, event: Event) -> None:
         self.events.append(event)
+        if len(self.events) >= 2 * self.keep:  # drop the older half at once: amortized O(1) per event
+            del self.events[:-self.keep]
+            self.first_seq = self.events[0].seq
         if isinstance(event.body, RunFinished):
             self.finished = True
         self.changed.set()  # cheap when already set: a new event is made only when someone waits

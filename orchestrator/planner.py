@@ -143,6 +143,10 @@ class Planner:
             if self.repairs:
                 log.warning("plan_repaired", ask=ask, repairs=self.repairs)
             try:
+                limit = min(self.limits.max_tasks, self.budget.max_tasks or self.limits.max_tasks)
+                if len(tasks) > limit:  # the schema says so too, but not every server enforces it
+                    raise JobError(f"{len(tasks)} tasks exceed the plan's limit of {limit}", source="plan",
+                                   field="tasks")
                 job = parse_job({"goal": goal, "tasks": tasks,
                                  "budget": self.budget.model_dump()}, source="plan", capabilities=self.capabilities)
             except JobError as exc:

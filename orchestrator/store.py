@@ -31,7 +31,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_run(self, run: RunRecord) -> None:
-        """Store a new run."""
+        """Store a new run (durable once a later ``sync`` returns)."""
 
     @abc.abstractmethod
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:

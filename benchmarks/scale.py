@@ -1,0 +1,184 @@
+"""Big jobs end to end on Redis: the manager's peak memory and the ledger's size as a run grows.
+
+Run from the repository root::
+
+    python benchmarks/scale.py                                  # 1,000, 10,000 and 100,000 tasks, 3 workers
+    python benchmarks/scale.py --tasks 2000 --workers 2 --form python
+
+For each size, in a fresh child process (so its peak RSS belongs to that size alone), an
+``Orchestrator`` on Redis with its SQLite ledger and no hosted workers runs one job of
+independent no-op tasks, each with a spec ``expect`` check; ``--workers`` separate
+``orchestrator worker`` processes (``benchmarks/noop.py``, concurrency 256) do the work. The job
+is either a YAML file the child loads (``--form file``, what a person writes) or a ``Job`` built
+in Python (``--form python``); ``both`` (the default) runs the file at every size and the
+Python-built job at the largest. The run must end ``accepted``. Bus messages are signed (a
+keyring made for the benchmark) unless ``ORCH_INSECURE=1``.
+
+Reported per run: tasks/s from submit to acceptance; the manager process's peak resident memory
+(``VmHWM``), its resident memory before the job existed, and the difference per task; the
+ledger's size on disk (database plus write-ahead log, after the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+INPUT = "x" * 64
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _write_job_file(path: Path, n: int) -> None:
+    # Written by hand, as a person's file would be: no budget.max_tasks.
+    with path.open("w") as f:
+        f.write(f"goal: scale benchmark, {n} tasks\n")
+        f.write("budget:\n  deadline_s: 3600\n")
+        f.write("tasks:\n")
+        for i in range(n):
+            f.write(f"  - id: t{i}\n    capability: noop\n    instruction: noop\n    input: {INPUT}\n"
+                    f"    spec: {{expect: {INPUT}}}\n")
+
+
+def _python_job(n: int):  # type: ignore[no-untyped-def]
+    from orchestrator.job import Job, Spec, TaskDef
+
+    return Job(goal=f"scale benchmark, {n} tasks", tasks=tuple(
+        TaskDef(id=f"t{i}", capability="noop", instruction="noop", input=INPUT, spec=Spec(expect=INPUT))
+        for i in range(n)))
+
+
+def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
+    """One run in this (fresh) process; prints a JSON line with the figures."""
+    import anyio
+
+    from orchestrator.api import Orchestrator
+    from orchestrator.gctune import tune_gc
+    from orchestrator.ledger import SQLiteStore
+    from protocol.logging import configure_logging
+    from protocol.redis_bus import RedisBus
+
+    configure_logging("WARNING")
+    tune_gc()  # as the manager process does
+    ledger = Path(tmp) / f"{ns}.db"
+    job_file = Path(tmp) / f"{ns}.yaml"
+    if form == "file":
+        _write_job_file(job_file, n)
+
+    async def main() -> dict[str, object]:
+        async with Orchestrator(bus=RedisBus.from_url(url, namespace=ns), store=SQLiteStore(ledger),
+                                host_workers=False, keys=keys or None, insecure=not keys) as orch:
+            rss_before = _status_kb("VmRSS")
+            start = time.perf_counter()
+            job = orch.load(job_file) if form == "file" else _python_job(n)
+            run = await orch.submit(job)
+            del job
+            result = await run.wait()
+            elapsed = time.perf_counter() - start
+            if not result.accepted:
+                raise SystemExit(f"run ended {result.state}: {result.reason}")
+            accepted = sum(t.state == "accepted" for t in result.record.tasks.values())
+        ledger_bytes = sum(p.stat().st_size for p in ledger.parent.glob(ledger.name + "*"))
+        return {"tasks": n, "form": form, "accepted": accepted, "seconds": round(elapsed, 2),
+                "tasks_per_s": round(n / elapsed), "rss_before_kb": rss_before, "peak_rss_kb": _status_kb("VmHWM"),
+                "ledger_bytes": ledger_bytes}
+
+    print(json.dumps(anyio.run(main)), flush=True)
+
+
+def _keyring(tmp: str) -> str:
+    """A keyring with the manager's and the no-op worker's keys ('' with ORCH_INSECURE=1: unsigned)."""
+    from orchestrator.trust import insecure_from_env
+    from protocol.keyring import Keyring
+
+    if insecure_from_env():
+        return ""
+    ring = Keyring.init(Path(tmp) / "keys")
+    ring.add("worker", "noop")
+    return str(ring.path)
+
+
+def _workers(url: str, ns: str, count: int, keys: str) -> list[subprocess.Popen[bytes]]:
+    orch = Path(sys.executable).with_name("orchestrator")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), env_path()]))
+    trust = ["--keys", keys] if keys else ["--insecure"]
+    return [subprocess.Popen([str(orch), "--log-level", "WARNING", "worker", "--redis", url, "--namespace", ns,
+                              "--capability", "noop", "--plugin", "noop:NoopWorker", "--concurrency", "256",
+                              *trust],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(count)]
+
+
+def env_path() -> str:
+    return os.environ.get("PYTHONPATH", "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an existing Redis (default: start a throwaway redis-server)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--form", choices=("file", "python", "both"), default="both")
+    parser.add_argument("--child", nargs=5, metavar=("NS", "N", "FORM", "TMP", "KEYS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        ns, n, form, tmp, keys = args.child
+        child(args.url, ns, int(n), form, tmp, keys)
+        return
+    server = None
+    url = args.url
+    if url is None:
+        from tests._redis import RedisServer
+
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+        url = server.url
+    tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    keys = _keyring(tmp)
+    plan = [(n, "file" if args.form == "both" else args.form) for n in args.tasks]
+    if args.form == "both":
+        plan.append((max(args.tasks), "python"))
+    rows = []
+    try:
+        for n, form in plan:
+            ns = f"scale{uuid.uuid4().hex[:8]}"
+            workers = _workers(url, ns, args.workers, keys)
+            try:
+                out = subprocess.run([sys.executable, __file__, "--url", url, "--child", ns, str(n), form, tmp, keys],
+                                     capture_output=True, text=True, check=False)
+            finally:
+                for w in workers:
+                    w.terminate()
+                for w in workers:
+                    w.wait(30)
+            if out.returncode != 0:
+                print(out.stdout, out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"the {n}-task run failed")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["kb_per_task"] = round((row["peak_rss_kb"] - row["rss_before_kb"]) / n, 3)
+            rows.append(row)
+            print(f"{n:>7} tasks ({form:6}): {row['tasks_per_s']:>6} tasks/s, manager peak RSS "
+                  f"{row['peak_rss_kb'] / 1024:7.1f} MiB (before the job {row['rss_before_kb'] / 1024:.1f} MiB, "
+                  f"{row['kb_per_task'] * 1024:6.0f} bytes/task), ledger {row['ledger_bytes'] / 1e6:7.1f} MB "
+                  f"({row['ledger_bytes'] / n:.0f} bytes/task)", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
