@@ -9,7 +9,6 @@ from orchestrator.api import Orchestrator, Run, RunResult
 from orchestrator.job import Budget, Job, Spec, TaskDef, load_job, parse_job
 from orchestrator.manager import Manager, ManagerSettings
 from orchestrator.planner import PlanError
-from orchestrator.processes import NoActiveManager, UnknownRun
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord
 from orchestrator.store import MemoryStore, Store
 from protocol.errors import (
@@ -18,9 +17,11 @@ from protocol.errors import (
     InferenceError,
     JobError,
     ManifestError,
+    NoActiveManager,
     OrchestratorError,
     PluginLoadError,
     ServiceUnreachable,
+    UnknownRun,
 )
 
 __all__ = (

@@ -32,7 +32,7 @@ from orchestrator.records import Event, events_of
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
-from protocol.errors import BusUnavailable, ConfigError, OrchestratorError
+from protocol.errors import BusUnavailable, ConfigError, NoActiveManager, UnknownRun
 from protocol.history import RunFinished
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
@@ -52,14 +52,6 @@ __all__ = ("NoActiveManager", "Observability", "UnknownRun", "active_manager", "
 log = structlog.get_logger("orchestrator.processes")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class UnknownRun(ConfigError):
-    """No manager has reported this run and no submission of it is waiting: a mistyped or expired id."""
-
-
-class NoActiveManager(OrchestratorError):
-    """Nothing holds the manager lease, so nothing will start or move a submitted run."""
 
 
 def redis_url(cli_value: str | None) -> str:

@@ -4,8 +4,10 @@
 OrchestratorError
 ├ ConfigError          misuse or bad settings, found at startup
 │ ├ JobError           an invalid job file or object (names file, task id, field)
+│ ├ UnknownRun         a run id no manager has reported and no submission waits for
 │ └ ManifestError      an invalid fleet manifest (names file, field path, reason)
 │   └ ServiceUnreachable  the manifest's Redis or LLM does not answer
+├ NoActiveManager      nothing holds the manager lease
 ├ ProtocolError        a frame that cannot be trusted
 │ ├ DecodeError        truncated, random or mistyped bytes
 │ ├ FrameTooLarge      over the configured size limit
@@ -51,6 +53,7 @@ __all__ = (
     "JobError",
     "LeaseLost",
     "ManifestError",
+    "NoActiveManager",
     "NoCapableWorker",
     "OrchestratorError",
     "PluginLoadError",
@@ -58,6 +61,7 @@ __all__ = (
     "ServiceUnreachable",
     "TaskError",
     "UnknownMessageType",
+    "UnknownRun",
     "UnsupportedVersion",
     "WorkerError",
 )
@@ -123,6 +127,14 @@ class UnknownMessageType(ProtocolError):
 
 class BadSignature(ProtocolError):
     """An HMAC signature that is missing or does not match."""
+
+
+class UnknownRun(ConfigError):
+    """No manager has reported this run and no submission of it is waiting: a mistyped or expired id."""
+
+
+class NoActiveManager(OrchestratorError):
+    """Nothing holds the manager lease, so nothing will start or move a submitted run."""
 
 
 class BusError(OrchestratorError):
