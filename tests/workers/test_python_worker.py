@@ -13,7 +13,7 @@ from anyio.abc import SocketStream
 from structlog.testing import capture_logs
 
 from protocol.errors import ConfigError, WorkerError
-from tests._proc_scan import Proc, collect_descendants, wait_until_none_living
+from tests._proc_scan import Proc, collect_descendants, descendants, wait_until_none_living
 from workers.base import Task
 from workers.builtin import PythonConfig, PythonWorker, SandboxError, SandboxLimits, run_snippet
 
@@ -94,8 +94,12 @@ async def test_non_json_result_is_a_clear_error() -> None:
 
 
 async def _run_watching(task: Task, seen: set[Proc], **config: Any) -> Any:
-    """Run ``task`` while collecting every process below this one (the sandbox's, whatever they fork)."""
+    """Run ``task`` while collecting every process below this one (the sandbox's, whatever they fork).
+
+    Processes that were already there (a session's redis-server, a browser driver) are not the sandbox's.
+    """
     failure: SandboxError | None = None
+    before = descendants(os.getpid())
     async with anyio.create_task_group() as tg:
         tg.start_soon(collect_descendants, os.getpid(), seen)
         try:
@@ -103,6 +107,7 @@ async def _run_watching(task: Task, seen: set[Proc], **config: Any) -> Any:
         except SandboxError as exc:  # raised past the task group, not wrapped in an exception group
             failure = exc
         tg.cancel_scope.cancel()
+    seen -= before
     if failure is not None:
         raise failure
     return value
