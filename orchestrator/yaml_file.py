@@ -17,9 +17,13 @@ import yaml
 
 __all__ = ("MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES", "load_bounded_yaml", "read_yaml")
 
-MAX_YAML_BYTES = 8 * 1024 * 1024
+MAX_YAML_BYTES = 64 * 1024 * 1024  # a job of 100,000 tasks is about 22 MB
 MAX_YAML_DEPTH = 100  # containers inside containers, aliases expanded
-MAX_YAML_VALUES = 1_000_000  # scalars, sequences and mappings (keys included), aliases expanded
+# Values once aliases are expanded (scalars, sequences and mappings, keys included): at most this many,
+# or, for a big file, at most ALIAS_GROWTH times the values written in it. The file's size bounds what
+# is written; this bounds what aliases can add to it.
+MAX_YAML_VALUES = 1_000_000
+ALIAS_GROWTH = 4
 
 
 class YAMLTooLarge(yaml.YAMLError):
@@ -55,9 +59,41 @@ def read_yaml(path: str | os.PathLike[str], error: _SourcedError, *, what: str) 
 
 def load_bounded_yaml(text: str) -> Any:
     """``yaml.safe_load`` with the bounds above; YAMLTooLarge (a YAMLError) when a bound is crossed."""
+    if _C_LOADER is not None:
+        return _load_with_libyaml(text, _C_LOADER)
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+# libyaml's safe loader, when PyYAML was built with it: about 10x faster on a job of 100,000 tasks.
+_C_LOADER: Any = getattr(yaml, "CSafeLoader", None)
+
+
+def _load_with_libyaml(text: str, loader_class: Any) -> Any:
+    """The same bounds with libyaml: nesting checked on the event stream before its (recursive) composer runs."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=loader_class):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own limit (1,000), met while scanning ahead
+            raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels") from exc
+        raise
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
     finally:
         loader.dispose()
 
@@ -110,13 +146,14 @@ def _check_expansion(root: yaml.Node) -> None:
                     stack.append((kid, False))
             continue
         on_path.discard(key)
-        size[key] = 1 + sum(size[id(k)] for k in kids)
+        size[key] = 1 + sum(size[id(k)] for k in kids)  # counted, never built: big ints cost nothing here
         depth[key] = 0 if isinstance(node, yaml.ScalarNode) else 1 + max((depth[id(k)] for k in kids), default=0)
-        if size[key] > MAX_YAML_VALUES:
-            raise YAMLTooLarge(f"is too large: it expands to more than {MAX_YAML_VALUES} values (aliases "
-                               "count each time they are used)")
         if depth[key] > MAX_YAML_DEPTH:
             raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+    limit = max(MAX_YAML_VALUES, ALIAS_GROWTH * len(size))  # len(size): the values written, each once
+    if size[id(root)] > limit:
+        raise YAMLTooLarge(f"is too large: it expands to more than {limit} values (aliases count each time they "
+                           f"are used)")
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

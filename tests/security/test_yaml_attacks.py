@@ -97,3 +97,15 @@ def test_the_simulator_config_file_is_bounded_too(tmp_path: Path) -> None:
                           preexec_fn=_limit_memory)
     assert proc.returncode == 2
     assert f"--config {str(path)!r}: the file is too large" in proc.stderr
+
+
+def test_a_big_file_written_out_is_not_mistaken_for_an_expansion() -> None:
+    # The value bound limits what aliases add, not what a person writes: a 100,000-task job is
+    # about 22 MB and a million values, written out.
+    from orchestrator.yaml_file import MAX_YAML_VALUES, load_bounded_yaml
+
+    items = MAX_YAML_VALUES + 200_000
+    assert load_bounded_yaml("[" + ",".join(["0"] * items) + "]") == [0] * items
+    # ... while aliases may still not multiply it more than four times.
+    with pytest.raises(Exception, match="expands to more than"):
+        load_bounded_yaml("a: &a [" + ",".join(["0"] * 1000) + "]\nb: [" + ",".join(["*a"] * 1100) + "]")
