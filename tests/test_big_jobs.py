@@ -79,7 +79,8 @@ def test_a_2000_task_job_file_is_accepted_through_real_processes(redis_url: str,
     job.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), ORCH_REDIS_URL=redis_url,
-               ORCH_NAMESPACE=f"t{uuid.uuid4().hex[:10]}", ORCH_KEYS=os.environ["ORCH_KEYS"])
+               ORCH_NAMESPACE=f"t{uuid.uuid4().hex[:10]}", ORCH_KEYS=os.environ["ORCH_KEYS"],
+               ORCH_OPERATOR=os.environ["ORCH_OPERATOR"])
     log = (tmp_path / "processes.log").open("ab")
     procs = [subprocess.Popen([*COMMAND, "manager", "--ledger", str(tmp_path / "ledger.db")], cwd=ROOT, env=env,
                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)]
