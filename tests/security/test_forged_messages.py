@@ -17,59 +17,47 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import redis
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from tests._redis import RedisServer, redis_server_path
+from tests.security import attacker as atk
 
 pytestmark = [pytest.mark.redis, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not found")]
 
 ROOT = Path(__file__).resolve().parents[2]
-NS = "orch"
-
-
-def _key(stream: str) -> str:
-    kind, _, cap = stream.partition(".")
-    if kind in ("tasks", "results") and cap:
-        return f"{NS}:{{cap.{cap}}}:{kind}"
-    return f"{NS}:{{s.{stream}}}:stream"
 
 
 class Attacker:
     """Writes frames straight into Redis, signed with whatever private key it managed to steal (or none)."""
 
-    def __init__(self, url: str, keys: Path) -> None:
+    def __init__(self, url: str) -> None:
         self.r = redis.Redis.from_url(url)
-        self.keys = keys
 
-    def frame(self, body: dict[str, Any], *, run_id: str = "", task_id: str = "", attempt: int = 0,
-              sign_as: str | None = None, claim: str | None = None) -> bytes:
-        data: dict[str, Any] = {"v": 1, "msg_id": uuid.uuid4().hex, "run_id": run_id, "task_id": task_id,
-                                "attempt": attempt, "sender": "attacker", "time": time.time(), "trace": {},
-                                "signer": claim or sign_as or "", "body": body}
+    def frame(self, body: dict[str, Any], *, sign_as: str | None = None, claim: str | None = None,
+              **header: Any) -> bytes:
+        """``claim``: the signer the frame names, when it is not the one whose key signed it."""
+        data = atk.envelope(body, **header)
         if sign_as is not None:
-            role, _, name = sign_as.partition(":")
-            path = self.keys / (f"{role}.{name}.key" if name else f"{role}.key")
-            key: Any = load_pem_private_key(path.read_bytes(), password=None)
-            data["sig"] = key.sign(msgpack.packb(data, use_bin_type=True))
-        return msgpack.packb(data, use_bin_type=True)
+            data = atk.sign(data, sign_as)
+        if claim is not None:
+            data["signer"] = claim
+        return atk.pack(data)
 
     def add(self, stream: str, frame: bytes) -> None:
-        self.r.xadd(_key(stream), {"f": frame})
+        atk.add(self.r, stream, frame)
 
     def dead(self, stream: str) -> list[str]:
         """The reasons of the stream's dead letters."""
-        return [fields[b"reason"].decode() for _, fields in self.r.xrange(_key(stream) + ":dead")]
+        return [fields[b"reason"].decode() for _, fields in self.r.xrange(atk.dead_key(stream))]
 
 
 class Fleet:
-    def __init__(self, tmp: Path, keys: Path) -> None:
+    def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.redis = RedisServer(tmp / "redis").start()
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.attacker = Attacker(self.redis.url, keys)
+        self.attacker = Attacker(self.redis.url)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis", self.redis.url],
@@ -121,8 +109,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, test_keyring: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, test_keyring)
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
     try:
         f.manager()
         yield f
@@ -208,7 +196,7 @@ def test_a_cancel_signed_by_a_worker_key_does_not_stop_work(fleet: Fleet) -> Non
     a = fleet.attacker
     cancel = {"type": "cancel", "reason": "forged", "by": "manager"}
     for sign_as in (None, "worker:slow", "operator:tests"):
-        a.r.publish(f"{NS}:ctl:control", a.frame(cancel, run_id=run_id, task_id="s", sign_as=sign_as))
+        a.r.publish(f"{atk.NS}:ctl:control", a.frame(cancel, run_id=run_id, task_id="s", sign_as=sign_as))
     # An operator's cancel goes to the manager as an override: that path exists, and is audited.
     final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
     assert final["state"] == "accepted", final
