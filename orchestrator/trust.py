@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
@@ -92,7 +91,3 @@ def _make_hint(signers: Sequence[str]) -> str:
         adds = " and ".join(f"'orchestrator keys add worker {w}'" for w in workers)
         return f"'orchestrator keys init' then {adds}"
     return "'orchestrator keys init'"
-
-
-def default_keys_dir() -> Path:
-    return keys_dir(None)

@@ -8,12 +8,16 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from protocol.bus import Bus, BusSettings, MemoryBus
 from tests._redis import RedisServer, redis_server_path
+
+if TYPE_CHECKING:
+    from tests.integration.harness import Cluster
 
 BusFactory = Callable[[BusSettings], Awaitable[Bus]]
 
@@ -84,6 +88,33 @@ def test_keyring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test (its own port and data dir), stopped by pid at the end."""
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A private redis-server plus the managers and workers a test starts, every process killed by pid at the end."""
+    from tests.integration.harness import Cluster
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not on PATH; install Redis 7 to run these tests")
+    c = Cluster(tmp_path)
+    try:
+        c.redis.start()
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture

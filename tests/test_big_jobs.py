@@ -19,6 +19,7 @@ from orchestrator.api import Orchestrator
 from orchestrator.job import parse_job
 from orchestrator.manager import ManagerSettings
 from protocol.errors import JobError
+from tests._trust import env_without_orch
 from workers import Task, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +78,9 @@ def test_a_2000_task_job_file_is_accepted_through_real_processes(redis_url: str,
     lines += [f"  - {{id: t{i}, capability: noop, input: {i}, spec: {{expect: {i}}}}}" for i in range(2_000)]
     job = tmp_path / "big.yaml"
     job.write_text("\n".join(lines) + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = env_without_orch(keep_keyring=True)
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), ORCH_REDIS_URL=redis_url,
-               ORCH_NAMESPACE=f"t{uuid.uuid4().hex[:10]}", ORCH_KEYS=os.environ["ORCH_KEYS"],
-               ORCH_OPERATOR=os.environ["ORCH_OPERATOR"])
+               ORCH_NAMESPACE=f"t{uuid.uuid4().hex[:10]}")
     log = (tmp_path / "processes.log").open("ab")
     procs = [subprocess.Popen([*COMMAND, "manager", "--ledger", str(tmp_path / "ledger.db")], cwd=ROOT, env=env,
                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)]

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests._redis import free_port
+from tests._trust import env_without_orch
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).parent / "orchestrator"
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k in ("ORCH_KEYS", "ORCH_OPERATOR")}
+    env = env_without_orch(keep_keyring=True)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._trust import env_without_orch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,7 @@ def cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.Comp
 
 
 def base_env(*paths: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = env_without_orch(keep_keyring=False)
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), str(ROOT), env.get("PYTHONPATH", "")])
     return env
 

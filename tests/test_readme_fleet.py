@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from tests._redis import RedisServer, free_port, redis_server_path
+from tests._trust import env_without_orch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(180),
@@ -41,14 +41,6 @@ def fleet_commands() -> list[str]:
              for line in match.group(1).splitlines()]
     return [line for line in lines if line]
 
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def wait_all_running(path: Path, count: int, fleet: subprocess.Popen[str], timeout: float = 90.0) -> dict[str, Any]:
@@ -83,7 +75,7 @@ def test_the_readme_fleet_flow_runs_as_written(tmp_path: Path, redis_server: Red
     (work / manifest_rel).write_text(yaml.safe_dump(data, sort_keys=False))
     (work / job_rel).parent.mkdir(parents=True)
     shutil.copy(ROOT / job_rel, work / job_rel)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = env_without_orch(keep_keyring=False)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["ORCH_REDIS_URL"] = redis_server.url
     assert shutil.which("orchestrator", path=env["PATH"]), "orchestrator is not installed next to this python"

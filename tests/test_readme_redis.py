@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests._redis import RedisServer, redis_server_path
+from tests._trust import env_without_orch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_the_readme_redis_flow_runs_as_written(tmp_path: Path) -> None:
         # Only the server differs: the README's URL is the machine's shared Redis.
         script = re.sub(r"redis://127\.0\.0\.1:6379/0", redis.url, block)
         (tmp_path / "examples").symlink_to(ROOT / "examples")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}  # no keyring from the tests
+        env = env_without_orch(keep_keyring=False)  # no keyring from the tests
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONPATH"] = str(ROOT)
         # The block starts the manager and a worker in the background; stop them when it ends.

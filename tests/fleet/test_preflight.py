@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ from orchestrator.fleet.commands import ProcessSpec, process_specs
 from orchestrator.fleet.manifest import parse_manifest
 from orchestrator.fleet.preflight import check_processes
 from protocol.errors import ManifestError
-from tests._redis import RedisServer, redis_server_path
+from tests._redis import RedisServer
+from tests._trust import env_without_orch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,16 +61,6 @@ def test_a_verb_this_installation_lacks_is_named() -> None:
         check_processes(m, [spec])
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 @pytest.mark.redis
 def test_fleet_up_exits_2_before_starting_anything(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -78,7 +68,7 @@ def test_fleet_up_exits_2_before_starting_anything(tmp_path: Path, redis_server:
     data["spec"]["redis"] = {"url": redis_server.url}  # type: ignore[index]
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = env_without_orch(keep_keyring=False)
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "up", str(path)], cwd=tmp_path,
                           env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -98,7 +88,7 @@ def test_a_console_without_its_dependencies_is_refused_before_anything_starts(tm
     data["spec"].update({"redis": {"url": redis_server.url}, "ui": {"port": 18099}})  # type: ignore[attr-defined]
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = env_without_orch(keep_keyring=False)
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "fleet", "up", str(path)], cwd=tmp_path,
                           env={**env, "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}"}, capture_output=True, text=True,
                           timeout=60)

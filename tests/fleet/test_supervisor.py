@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from orchestrator.fleet.manifest import load_manifest
 from orchestrator.fleet.supervisor import Supervisor, read_state
 from orchestrator.job import load_job
 from tests._redis import RedisServer, free_port, redis_server_path
-from tests._trust import operator_trust
+from tests._trust import env_without_orch, operator_trust
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "examples" / "slugify-plugin"
@@ -30,17 +29,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90),
               pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not on PATH")]
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k in ("ORCH_KEYS", "ORCH_OPERATOR")}
+    e = env_without_orch(keep_keyring=True)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(PLUGIN), e.get("PYTHONPATH", "")])
     e["ORCH_VLLM_BINARY"] = f"{sys.executable} -m orchestrator.simulator"  # stands in for `vllm serve`
     return e

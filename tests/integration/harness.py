@@ -97,7 +97,8 @@ class Cluster:
     def url(self) -> str:
         return self.redis.url
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def spawn(self, name: str, args: list[str]) -> Proc:
+        """Start ``orchestrator ARGS`` with JSON logs to logs/NAME.log; killed by pid in ``close``."""
         log = self.tmp / "logs" / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("ORCH_REDIS_URL", None)
@@ -115,14 +116,14 @@ class Cluster:
 
     def manager(self, name: str | None = None, *, exit_after_s: float | None = None) -> Proc:
         name = name or self._name("manager")
-        return self._spawn(name, ["manager", "--redis", self.url, "--ledger", str(self.ledger), "--name", name,
+        return self.spawn(name, ["manager", "--redis", self.url, "--ledger", str(self.ledger), "--name", name,
                                   "--lease-s", str(self.lease_s), "--manager-lease-s", str(self.manager_lease_s),
                                   *_exit_after(exit_after_s)])
 
     def worker(self, name: str | None = None, *, concurrency: int = 4, drain_s: float = 5.0,
                lease_s: float | None = None, exit_after_s: float | None = None) -> Proc:
         name = name or self._name("worker")
-        return self._spawn(name, ["worker", "--redis", self.url, "--capability", "effect", "--plugin", PLUGIN,
+        return self.spawn(name, ["worker", "--redis", self.url, "--capability", "effect", "--plugin", PLUGIN,
                                   "--config", json.dumps({"store": str(self.store)}),
                                   "--concurrency", str(concurrency), "--name", name,
                                   "--lease-s", str(lease_s or self.lease_s), "--drain-s", str(drain_s),

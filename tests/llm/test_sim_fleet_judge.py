@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -17,7 +16,7 @@ from orchestrator import processes
 from orchestrator.fleet.manifest import load_manifest
 from orchestrator.job import load_job
 from tests._redis import RedisServer, free_port, redis_server_path
-from tests._trust import operator_trust
+from tests._trust import env_without_orch, operator_trust
 from tests.fleet.test_supervisor import wait_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,17 +25,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90),
               pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not on PATH")]
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 async def test_quickstart_is_accepted_in_a_fleet_judged_by_sim_llm(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k in ("ORCH_KEYS", "ORCH_OPERATOR")}
+    env = env_without_orch(keep_keyring=True)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["ORCH_VLLM_BINARY"] = f"{sys.executable} -m orchestrator.simulator"  # sim-llm stands in for `vllm serve`
     path = tmp_path / "fleet.yaml"

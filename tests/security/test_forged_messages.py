@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests._redis import RedisServer, redis_server_path
+from tests._redis import redis_server_path
+from tests.integration.harness import Cluster
 from tests.security import attacker as atk
 
 pytestmark = [pytest.mark.redis, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not found")]
@@ -53,36 +54,26 @@ class Attacker:
 
 
 class Fleet:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.redis = RedisServer(tmp / "redis").start()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.attacker = Attacker(self.redis.url)
+    """A cluster (private Redis, a real manager) with workers of the adversarial plugins, and the CLI a person uses."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.attacker = Attacker(cluster.url)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis", self.redis.url],
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis", self.cluster.url],
                               cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env())
         if check:
             assert done.returncode == 0, done.stderr
         return done
 
-    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"proc{len(self.procs)}.log").open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--log-level", "INFO", "--log-json",
-                                     *args, "--redis", self.redis.url, "--lease-s", "2"], cwd=ROOT, env=_env(),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        self.procs.append(proc)
-        return proc
-
-    def manager(self) -> None:
-        self.spawn("manager", "--ledger", str(self.tmp / "ledger.db"), "--manager-lease-s", "2")
-
     def worker(self, capability: str) -> None:
         plugin = {"echo": "tests.security.plugins:Echo", "slow": "tests.security.plugins:Slow"}[capability]
-        self.spawn("worker", "--capability", capability, "--plugin", plugin)
+        self.cluster.spawn(f"{capability}-worker", ["worker", "--redis", self.cluster.url, "--capability", capability,
+                                                    "--plugin", plugin, "--lease-s", "2"])
 
     def submit(self, job: dict[str, Any]) -> str:
-        path = self.tmp / f"job-{uuid.uuid4().hex[:6]}.yaml"
+        path = self.cluster.tmp / f"job-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(json.dumps(job))
         return self.cli("submit", str(path)).stdout.strip()
 
@@ -93,14 +84,6 @@ class Fleet:
         out = self.cli("events", run_id, "--json").stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        self.attacker.r.close()
-        self.redis.stop()
-
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -109,13 +92,13 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
+def fleet(cluster: Cluster) -> Iterator[Fleet]:
+    f = Fleet(cluster)
+    cluster.manager()
     try:
-        f.manager()
         yield f
     finally:
-        f.close()
+        f.attacker.r.close()
 
 
 def _until(what: str, probe: Callable[[], Any], timeout_s: float = 30.0) -> Any:

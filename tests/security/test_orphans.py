@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from orchestrator.job import load_job
 from orchestrator.trust import INSECURE
 from tests._proc_scan import Proc, descendants, wait_until_none_living, with_environment
 from tests._redis import RedisServer, redis_server_path
+from tests._trust import env_without_orch
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = f"orphans-{os.getpid()}"
@@ -47,17 +47,9 @@ result = 1
 """
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    e = env_without_orch(keep_keyring=False)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
     e["ORCH_INSECURE"] = "1"  # these tests are about processes, not message signing
     return e

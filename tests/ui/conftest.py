@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from protocol.keyring import Keyring
-from tests._redis import free_port, redis_server_path
+from tests._redis import free_port
 from tests.integration.harness import Cluster
 
 CHROMIUM = "chromium"
@@ -45,17 +44,6 @@ def _chromium() -> str:
     return path
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not on PATH; install Redis 7 to run the console tests")
-    c = Cluster(tmp_path)
-    try:
-        c.redis.start()
-        yield c
-    finally:
-        c.close()
-
 
 @pytest.fixture
 async def console(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Console:
@@ -70,10 +58,10 @@ async def console(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Console:
     ring.add("worker", "python")
     monkeypatch.setenv("ORCH_KEYS", str(ring.path))
     cluster.manager()
-    cluster._spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python", "--lease-s", "5",
+    cluster.spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python", "--lease-s", "5",
                                      "--config", json.dumps({"timeout_s": 60})])
     port = free_port()
-    proc = cluster._spawn("ui", ["ui", "--redis", cluster.url, "--port", str(port), "--operator", "alice"])
+    proc = cluster.spawn("ui", ["ui", "--redis", cluster.url, "--port", str(port), "--operator", "alice"])
     login = None
     with anyio.fail_after(20):
         while login is None:
