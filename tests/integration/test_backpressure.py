@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90)]
 
 
 async def test_dispatch_waits_while_a_capability_is_full(cluster: Cluster) -> None:
-    cluster._spawn("manager", ["manager", "--redis", cluster.url, "--ledger", str(cluster.ledger), "--lease-s", "5",
+    cluster.spawn("manager", ["manager", "--redis", cluster.url, "--ledger", str(cluster.ledger), "--lease-s", "5",
                                "--max-queue", "3"])
     cluster.worker(concurrency=1)
     n = 12

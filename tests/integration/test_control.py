@@ -48,7 +48,7 @@ async def until_state(cluster: Cluster, run_id: str, task_id: str, state: str, a
 
 async def test_approve_reject_cancel_and_redo_from_another_process(cluster: Cluster) -> None:
     cluster.manager()
-    cluster._spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python", "--concurrency", "8",
+    cluster.spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python", "--concurrency", "8",
                                      "--lease-s", "5", "--config", json.dumps({"timeout_s": 90})])
     run_id = await cluster.submit(cluster.write_job("control", TASKS))
 

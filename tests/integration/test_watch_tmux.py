@@ -25,7 +25,7 @@ async def test_watch_draws_the_run_live_and_ends_with_a_summary(cluster: Cluster
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install tmux)")
     cluster.manager()
-    cluster._spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python",
+    cluster.spawn("python-worker", ["worker", "--redis", cluster.url, "--capability", "python",
                                      "--config", json.dumps({"timeout_s": 60})])
     run_id = await cluster.submit(cluster.write_job("watched", [
         {"id": "slow", "capability": "python", "instruction": "import time\ntime.sleep(4)\nresult = 'slept'",
