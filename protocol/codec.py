@@ -64,7 +64,7 @@ class Codec:
                     raise BadSignature(f"this process holds no key to sign as {ident or 'anyone'!r} "
                                        f"(it signs as: {', '.join(self.signers) or 'nobody'})")
                 data["signer"] = ident
-                data["sig"] = self.keyring.signing_key(ident).sign(msgpack.packb(data, use_bin_type=True))
+                data["sig"] = self.keyring.sign(ident, msgpack.packb(data, use_bin_type=True))
             frame: bytes = msgpack.packb(data, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from nacl import bindings as sodium
+from nacl.exceptions import BadSignatureError
 
 from protocol.errors import BadSignature, ConfigError
 
@@ -143,7 +144,10 @@ class Keyring:
     path: Path
     public: dict[str, _Public] = field(default_factory=dict)
     private: dict[str, Ed25519PrivateKey] = field(default_factory=dict)
-    _verifiers: dict[str, tuple[Ed25519PublicKey, ...]] = field(default_factory=dict, repr=False)
+    # Raw keys for libsodium, which signs and verifies about twice as fast as OpenSSL here (the
+    # files stay PEM, read and written with cryptography).
+    _verifiers: dict[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
+    _signers: dict[str, tuple[Ed25519PrivateKey, bytes]] = field(default_factory=dict, repr=False)
     _loaded_mtime: float = field(default=0.0, repr=False)
 
     # -- creating and changing ---------------------------------------------------------------
@@ -284,6 +288,16 @@ class Keyring:
         """The operator identities whose private keys this directory holds."""
         return sorted(i for i in self.private if i.startswith("operator:"))
 
+    def sign(self, ident: str, payload: bytes) -> bytes:
+        """``ident``'s Ed25519 signature over ``payload``; KeyringError when this directory lacks its key."""
+        key = self.signing_key(ident)
+        cached = self._signers.get(ident)
+        if cached is None or cached[0] is not key:  # first use, or the key was rotated since
+            _, secret = sodium.crypto_sign_seed_keypair(key.private_bytes_raw())
+            cached = self._signers[ident] = (key, secret)
+        signature: bytes = sodium.crypto_sign(payload, cached[1])[:sodium.crypto_sign_BYTES]
+        return signature
+
     def verify(self, ident: str, signature: bytes, payload: bytes) -> None:
         """Raise BadSignature unless ``signature`` is ``ident``'s over ``payload``."""
         keys = self._verifiers.get(ident)
@@ -293,14 +307,16 @@ class Keyring:
                 entry = self.public.get(ident)
             if entry is None:
                 raise BadSignature(f"signed by {ident!r}, which has no key in the keyring")
-            keys = tuple(Ed25519PublicKey.from_public_bytes(p) for p in (entry.current, *entry.previous))
+            keys = (entry.current, *entry.previous)
             self._verifiers[ident] = keys
-        for key in keys:
-            try:
-                key.verify(signature, payload)
-                return
-            except InvalidSignature:
-                continue
+        if len(signature) == sodium.crypto_sign_BYTES:
+            signed = signature + payload
+            for key in keys:
+                try:
+                    sodium.crypto_sign_open(signed, key)
+                    return
+                except BadSignatureError:
+                    continue
         raise BadSignature(f"signature does not match {ident!r}'s key")
 
     def _entry(self, ident: str) -> _Public:
