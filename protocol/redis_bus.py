@@ -26,7 +26,7 @@ import hashlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Self, TypeVar, cast
 
 import anyio
@@ -564,6 +564,19 @@ class RedisBus(Bus):
     async def put_value(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
         px = None if ttl_s is None else max(1, int(ttl_s * 1000))
         await self._call("put_value", lambda: self._redis.set(self.value_key(key), value, px=px))
+
+    async def put_values(self, values: Mapping[str, bytes], *, ttl_s: float | None = None) -> None:
+        if not values:
+            return
+        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
+
+        async def send() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for key, value in values.items():
+                pipe.set(self.value_key(key), value, px=px)
+            await pipe.execute()
+
+        await self._call("put_values", send)
 
     async def get_value(self, key: str) -> bytes | None:
         value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))

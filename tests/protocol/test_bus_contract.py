@@ -206,6 +206,18 @@ async def test_values_are_stored_read_and_expire(bus: Bus) -> None:
     assert await bus.get_value(key + "-short") is None
 
 
+async def test_several_values_are_stored_at_once_and_expire(bus: Bus) -> None:
+    keys = [f"value-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    await bus.put_values({})  # nothing to store is not an error
+    await bus.put_values({k: k.encode() for k in keys})
+    assert [await bus.get_value(k) for k in keys] == [k.encode() for k in keys]
+    await bus.put_values({keys[0]: b"short"}, ttl_s=0.1)
+    assert await bus.get_value(keys[0]) == b"short"
+    await anyio.sleep(0.3)
+    assert await bus.get_value(keys[0]) is None
+    assert await bus.get_value(keys[1]) == keys[1].encode()
+
+
 async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:
     first = await bus.incarnation()
     assert first
