@@ -33,9 +33,12 @@ rm -f "$WORK/run_all.sh"
 sed 's#^  "orchestrator|.venv-orch|peer_orchestrator.py|default"#&\n  "orchestrator-lifecycle|.venv-orch|peer_orchestrator.py|lifecycle"#' \
   "$SHARED/run_all.sh" > "$WORK/run_all.sh"
 grep -q '"orchestrator-lifecycle|' "$WORK/run_all.sh" || { echo "could not add the lifecycle row to run_all.sh" >&2; exit 1; }
-if [ ! -x "$WORK/.venv-orch/bin/orchestrator" ]; then
-  "${PYTHON:-python3}" -m venv "$WORK/.venv-orch"
+# (Re)installed whenever pyproject.toml changed, so a new dependency reaches the benchmark too.
+STAMP=$(sha256sum "$PROJECT/pyproject.toml" | cut -c1-16)
+if [ ! -x "$WORK/.venv-orch/bin/orchestrator" ] || [ "$(cat "$WORK/.venv-orch/.pyproject" 2>/dev/null)" != "$STAMP" ]; then
+  [ -x "$WORK/.venv-orch/bin/python" ] || "${PYTHON:-python3}" -m venv "$WORK/.venv-orch"
   "$WORK/.venv-orch/bin/pip" install -q -e "$PROJECT" hiredis
+  echo "$STAMP" > "$WORK/.venv-orch/.pyproject"
 fi
 echo "$PROJECT" > "$WORK/.venv-orch/project-path"
 cd "$WORK"

@@ -90,6 +90,7 @@ Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
 ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 
 _FINISHED_LOGS_KEPT = 100
+_DISPATCH_SLICE = 1000  # assigns built and published at once
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
 
 
@@ -185,9 +186,7 @@ class Manager:
         finally:
             self._starting.pop(run.run_id, None)
             started.set()
-        # Published by the next refresh (within snapshot_interval_s) if the run is still going by then; a
-        # short run publishes only its final summary. A bus submission's summary goes out before its ack.
-        self._stale_snapshots.add(run.run_id)
+        await self._publish_snapshot(run)  # so status and the console know the run as soon as it is under way
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
@@ -329,12 +328,12 @@ class Manager:
             await self.store.record_all(run, [(run.tasks.get(e.task_id) if e.task_id else None, e) for e in events])
             for event in events:
                 self._recorded(run, event)
-        assigns: dict[str, list[Envelope]] = {}
+        assigns: dict[str, list[tuple[TaskRecord, int]]] = {}
         for effect in effects:
             match effect:
                 case SendAssign():
                     task = run.tasks[effect.task_id]
-                    assigns.setdefault(task.capability, []).append(self._assign(run, task))
+                    assigns.setdefault(task.capability, []).append((task, task.attempt))
                 case RequestCheck():
                     await self._check(engine, effect)
                 case StopWork():
@@ -351,8 +350,13 @@ class Manager:
                     log.info("input_ignored", run_id=run.run_id, reason=effect.reason)
                 case Refused():
                     log.warning("override_refused", run_id=run.run_id, reason=effect.reason)
-        for capability, envelopes in assigns.items():  # a dispatch wave goes out in one call per capability
-            await self.bus.publish_many(tasks_stream(capability), envelopes)
+        for capability, tasks in assigns.items():
+            # A dispatch wave goes out in a few calls per capability, built a slice at a time: the envelopes
+            # and frames of a 100,000-task wave built at once were a third of the manager's peak memory.
+            # A task whose attempt moved on meanwhile (a check above re-dispatched it) was sent by then.
+            for i in range(0, len(tasks), _DISPATCH_SLICE):
+                await self.bus.publish_many(tasks_stream(capability), [
+                    self._assign(run, task) for task, attempt in tasks[i:i + _DISPATCH_SLICE] if task.attempt == attempt])
 
     def _recorded(self, run: RunRecord, event: Event) -> None:
         """What follows recording an event: followers, observers, tracing, the status cache, the log."""
