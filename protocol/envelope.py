@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,8 +16,12 @@ PROTOCOL_VERSION = 1
 
 
 def new_id() -> str:
-    """A random, sortable-enough identifier for messages, runs and attempts."""
-    return uuid.uuid4().hex
+    """A random, sortable-enough identifier for messages, runs and attempts (32 hex digits).
+
+    128 random bits straight from ``os.urandom``: the same shape as ``uuid4().hex`` (whose version
+    bits only cost six of them) at a fraction of the cost, on a path every message takes.
+    """
+    return os.urandom(16).hex()
 
 
 class Envelope(BaseModel):
