@@ -106,12 +106,20 @@ class _Batcher:
     bounded by the socket timeouts); a caller cancelled while its item still waits in the queue
     withdraws it, and a sender cancelled while it waits out an outage between attempts
     withdraws its own items and leaves the others queued for their callers to send.
+
+    The batcher holds one pooled connection for the life of the bus (taken at the first write,
+    given back by ``RedisBus.aclose``) and writes the packed commands on it directly, skipping
+    redis-py's per-command pool checkout and pipeline machinery. A connection error disconnects
+    it, so the retry (``RedisBus._call``) reconnects; one the server closed while it sat idle is
+    reconnected before use, as the pool would.
     """
 
     def __init__(self, bus: RedisBus) -> None:
         self._bus = bus
         self._queue: dict[tuple[Any, ...], list[_Op]] = {}
-        self._in_flight: anyio.Event | None = None
+        self._busy = False  # a batch is in flight
+        self._idle: anyio.Event | None = None  # made only when someone waits for the batch in flight
+        self._conn: Any = None  # redis.asyncio.Connection, held while the bus is open
 
     async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
                   item: tuple[Any, ...]) -> Any:
@@ -128,9 +136,11 @@ class _Batcher:
             self._queue.setdefault(group, []).append(op)
             ops.append((group, op))
         while not all(op.done for _, op in ops):
-            if self._in_flight is not None:
+            if self._busy:
+                if self._idle is None:
+                    self._idle = anyio.Event()
                 try:
-                    await self._in_flight.wait()
+                    await self._idle.wait()
                 except BaseException:
                     for group, op in ops:
                         queued = self._queue.get(group, [])
@@ -138,7 +148,7 @@ class _Batcher:
                             queued.remove(op)
                     raise
                 continue
-            self._in_flight = anyio.Event()
+            self._busy = True
             batch, self._queue = self._queue, {}
             try:
                 await self._flush(batch)
@@ -152,8 +162,10 @@ class _Batcher:
                         self._queue[group] = rest + self._queue.get(group, [])
                 raise
             finally:
-                finished, self._in_flight = self._in_flight, None
-                finished.set()
+                self._busy = False
+                if self._idle is not None:
+                    finished, self._idle = self._idle, None
+                    finished.set()
         for (script, *_), op in ops:
             if isinstance(op.error, ResponseError) and _forbidden(op.error):
                 raise self._bus._forbidden_error(script.name, op.error) from op.error
@@ -187,24 +199,48 @@ class _Batcher:
         bus = self._bus
         commands = [("EVALSHA", bus._sha[script.name], len(keys), *keys, *fixed, *(a for op in ops for a in op.item))
                     for script, keys, fixed, ops in calls]
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await bus._hold_connection()
         for attempt in range(2):
-            replies: list[Any]
-            if len(commands) == 1:  # the common idle case: skip the pipeline machinery
-                try:
-                    replies = [await bus._redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
-                except ResponseError as exc:
-                    replies = [exc]
-            else:
-                pipe = bus._redis.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await _roundtrip(conn, commands)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
         if all(_transient(r) for r in replies):
             raise replies[0]  # nothing was applied (e.g. READONLY after a failover): _call retries the batch
         return replies
+
+    async def aclose(self) -> None:
+        """Give the held connection back to the pool (the bus is closing)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._bus._return_connection(conn)
+
+
+async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on a held connection and read every reply (error replies as values).
+
+    Any failure part way (connection lost, timeout, cancellation) disconnects ``conn``, so what is
+    left unread on the socket can never be taken for the next command's reply; the next send reconnects.
+    """
+    if conn.is_connected and conn._reader.at_eof():  # closed by the server while idle: reconnect first
+        await conn.disconnect()
+    try:
+        if len(commands) == 1:
+            await conn.send_packed_command(conn.pack_command(*commands[0]))
+        else:
+            await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    return replies
 
 
 class RedisBus(Bus):
@@ -227,6 +263,13 @@ class RedisBus(Bus):
         self._writes = _Batcher(self)
         self._outage = Outage(rs.safe_url, limit_s=rs.retry_budget_s)
 
+    async def _hold_connection(self) -> Any:
+        """A connected connection taken from the pool, for a caller that keeps it (see _roundtrip)."""
+        return await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+
+    async def _return_connection(self, conn: Any) -> None:
+        await self._redis.connection_pool.release(conn)
+
     async def _load_scripts(self) -> None:
         for script in lua.ALL:
             await self._redis.script_load(script.source)
@@ -248,6 +291,7 @@ class RedisBus(Bus):
     async def aclose(self) -> None:
         """Close every pooled connection."""
         with anyio.CancelScope(shield=True):
+            await self._writes.aclose()
             await self._redis.aclose()
 
     # -- names ---------------------------------------------------------------------------------
