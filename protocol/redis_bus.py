@@ -83,6 +83,20 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _frame(fields: Any) -> bytes:
+    """The ``f`` field of a stream entry's raw field list (``b""`` when it has none)."""
+    if not fields:
+        return b""
+    if isinstance(fields, dict):
+        return bytes(fields.get(b"f", b""))
+    if fields[0] == b"f":  # every entry the bus writes has ``f`` alone
+        return bytes(fields[1])
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"f":
+            return bytes(fields[i + 1])
+    return b""
+
+
 class _Op:
     __slots__ = ("done", "error", "item", "result")
 
@@ -403,6 +417,20 @@ class RedisBus(Bus):
         # consumer thus never sits on entries other consumers could run.
         count, batch_at = 1, 0.0
         await self._call("consume", lambda: self._ensure_group(key, group))
+        # The blocking XREADGROUP runs on a connection held for the life of this generator (taken at
+        # the first read, given back to the pool when it closes): no pool checkout and no reply
+        # callbacks per read. A failed read disconnects it and the retry reconnects it.
+        conn: Any = None
+
+        async def xreadgroup() -> Any:
+            nonlocal conn
+            if conn is None:
+                conn = await self._hold_connection()
+            [reply] = await _roundtrip(conn, [("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+                                              "BLOCK", block_ms, "STREAMS", key, ">")])
+            if isinstance(reply, ResponseError):
+                raise reply
+            return reply
 
         async def read(fn: Callable[[], Awaitable[Any]]) -> Any:
             try:
@@ -444,28 +472,33 @@ class RedisBus(Bus):
                         batch_at = time.monotonic()
                         buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
                         continue
-                reply = await read(functools.partial(
-                    self._redis.xreadgroup, group, consumer, {key: ">"}, count=count, block=block_ms))
+                reply = await read(xreadgroup)
                 if not reply:
                     next_reclaim = 0.0  # idle: look for expired leases on every poll
                     continue
                 batch_at = time.monotonic()
-                for _, entries in reply:
+                # RESP2: [[key, entries]]; RESP3: {key: entries}. An entry is [id, [field, value, ...]].
+                for entries in reply.values() if isinstance(reply, dict) else (r[1] for r in reply):
                     for entry_id, fields in entries:
-                        buffered.append((batch_at, _s(entry_id), fields.get(b"f", b"") if fields else b"", 1))
+                        buffered.append((batch_at, _s(entry_id), _frame(fields), 1))
         finally:
-            # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,
-            # or they would sit pending for this consumer until the lease ran out. Not for longer
-            # than that lease, though: with Redis away the hand-back would wait for it.
-            if buffered:
-                stale = [(e[1], e[3]) for e in buffered]
-                buffered.clear()
-                give_up_s = min(rs.socket_timeout_s, bs.lease_s)
-                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + give_up_s):
-                    try:
-                        await self._hand_back(key, group, consumer, stale)
-                    except Exception as exc:  # the lease expires anyway
-                        log.warning("prefetched_entries_not_handed_back", key=key, error=str(exc))
+            try:
+                # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,
+                # or they would sit pending for this consumer until the lease ran out. Not for longer
+                # than that lease, though: with Redis away the hand-back would wait for it.
+                if buffered:
+                    stale = [(e[1], e[3]) for e in buffered]
+                    buffered.clear()
+                    give_up_s = min(rs.socket_timeout_s, bs.lease_s)
+                    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + give_up_s):
+                        try:
+                            await self._hand_back(key, group, consumer, stale)
+                        except Exception as exc:  # the lease expires anyway
+                            log.warning("prefetched_entries_not_handed_back", key=key, error=str(exc))
+            finally:
+                if conn is not None:  # a read cut short disconnected it: the pool reconnects it when lent
+                    with anyio.CancelScope(shield=True):
+                        await self._return_connection(conn)
 
     async def _hand_back(self, key: str, group: str, consumer: str, entries: list[tuple[str, int]]) -> None:
         async def one(entry_id: str, deliveries: int) -> None:
