@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 import threading
 import time
@@ -36,13 +37,14 @@ from typing import Any, Protocol, Self, TypeVar, cast
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope, new_id
 from protocol.errors import ConfigError, LeaseLost, OrchestratorError, ProtocolError
 from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
+from protocol.logging import enabled as logging_enabled
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
 from protocol.tracing import Tracing
 from workers.base import Task, Worker, WorkerContext
@@ -55,6 +57,9 @@ _T = TypeVar("_T")
 
 # The envelope a handler is working on, so a worker can report progress without passing ids around.
 _current: ContextVar[tuple[Envelope, str] | None] = ContextVar("orchestrator_current_task", default=None)
+
+# The span of a task when tracing is off: no span name or attributes are built per task.
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,27 +188,34 @@ class WorkerRuntime:
         started = time.monotonic()
         outcome = "handed_back"
         try:
-            with (bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name),
-                  self.tracing.span(f"{env.type} {capability}", parent=env.trace, kind="consumer",
-                                    attributes={"orchestrator.run_id": env.run_id, "orchestrator.task_id": env.task_id,
-                                                "orchestrator.attempt": env.attempt,
-                                                "orchestrator.worker": self.name}) as span):
-                with scope:
-                    token = _current.set((env, capability))
-                    try:
-                        reply = await self._handle(capability, worker, env)
-                    finally:
-                        _current.reset(token)
-                if scope.cancelled_caught:
-                    entry = self._in_flight.get(_key(delivery))
-                    if entry is None or not entry.cancelled_by:
-                        return  # handed back during drain: another worker will redo it
-                    reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
-                                             retryable=False), sender=self.name)
-                outcome = _outcome(reply)
-                if span is not None:
-                    span.set_attribute("orchestrator.outcome", outcome)
-                await self._commit(capability, delivery, reply)
+            # Ids for every line logged while this task runs (this task's own context, so the tokens
+            # put back what was there: cheaper than bound_contextvars, which copies the whole context).
+            bound = bind_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name)
+            try:
+                with (self.tracing.span(f"{env.type} {capability}", parent=env.trace, kind="consumer",
+                                        attributes={"orchestrator.run_id": env.run_id,
+                                                    "orchestrator.task_id": env.task_id,
+                                                    "orchestrator.attempt": env.attempt,
+                                                    "orchestrator.worker": self.name})
+                      if self.tracing.enabled else _NO_SPAN) as span:
+                    with scope:
+                        token = _current.set((env, capability))
+                        try:
+                            reply = await self._handle(capability, worker, env)
+                        finally:
+                            _current.reset(token)
+                    if scope.cancelled_caught:
+                        entry = self._in_flight.get(_key(delivery))
+                        if entry is None or not entry.cancelled_by:
+                            return  # handed back during drain: another worker will redo it
+                        reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
+                                                 retryable=False), sender=self.name)
+                    outcome = _outcome(reply)
+                    if span is not None:
+                        span.set_attribute("orchestrator.outcome", outcome)
+                    await self._commit(capability, delivery, reply)
+            finally:
+                reset_contextvars(**bound)
         finally:
             if self.observers:
                 duration = time.monotonic() - started
@@ -219,7 +231,8 @@ class WorkerRuntime:
             log.warning("unexpected_message_dropped", type=env.type)
             return env.reply(Failed(error=f"workers do not handle {env.type!r} messages", retryable=False),
                              sender=self.name)
-        log.info("task_received", type=env.type, capability=capability)
+        if logging_enabled(logging.INFO):  # skip building the line when info is filtered (per task)
+            log.info("task_received", type=env.type, capability=capability)
         try:
             config = worker.task_config(body.config)
         except ConfigError as exc:
@@ -257,7 +270,8 @@ class WorkerRuntime:
             return env.reply(VerifyResponse(verdict=verdict), sender=self.name)
         self.completed += 1
         duration = time.monotonic() - started
-        log.info("task_finished", duration_s=round(duration, 4))
+        if logging_enabled(logging.INFO):
+            log.info("task_finished", duration_s=round(duration, 4))
         return env.reply(Done(output=output, duration_s=duration, self_check=worker.has_own_verify(),
                               tokens=self._tokens(env) - tokens_before), sender=self.name)
 
