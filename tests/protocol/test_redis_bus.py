@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -518,3 +519,74 @@ async def test_closing_a_consumer_hands_back_its_prefetched_entries(redis_url: s
         await a.aclose()  # type: ignore[attr-defined]
         others = await take(bus.consume("tasks.echo", group="g", consumer="b"), 7, within=1.0)
         assert len({d.entry_id for d in [*quick, *others]}) == 15
+
+
+# -- held connections: the batcher's and each open consume's -------------------------------------
+
+
+def _in_use(bus: RedisBus) -> int:
+    return len(bus._redis.connection_pool._in_use_connections)
+
+
+async def test_a_closed_consume_gives_its_connection_back_to_the_pool(redis_server: RedisServer) -> None:
+    async with RedisBus.from_url(redis_server.url, settings=FAST, namespace=ns()) as bus:
+        await bus.publish("tasks.echo", assign(0))
+        assert _in_use(bus) == 1  # the batcher's
+        deliveries = bus.consume("tasks.echo", group="g", consumer="c")
+        with anyio.fail_after(5):
+            delivery = await anext(aiter(deliveries))
+        assert _in_use(bus) == 2  # and the consume's
+        await bus.ack(delivery)
+        await deliveries.aclose()  # an async generator
+        assert _in_use(bus) == 1
+
+        # Cancelled in the middle of a blocking read: the connection goes back too, and comes out clean.
+        async def drain() -> None:
+            async for _ in bus.consume("tasks.echo", group="g", consumer="c"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            await anyio.sleep(0.2)  # several empty polls of block_s
+            assert _in_use(bus) == 2
+            tg.cancel_scope.cancel()
+        assert _in_use(bus) == 1
+        await bus.publish("tasks.echo", assign(1))
+        async with contextlib.aclosing(bus.consume("tasks.echo", group="g", consumer="c")) as again:
+            with anyio.fail_after(5):
+                delivery = await anext(again)
+        assert delivery.envelope.task_id == "t1"
+        assert _in_use(bus) == 1
+
+
+async def test_held_connections_recover_when_the_server_kills_them(redis_server: RedisServer) -> None:
+    async with RedisBus.from_url(redis_server.url, settings=FAST, namespace=ns()) as bus:
+        await bus.publish("tasks.echo", assign(0))
+        async with contextlib.aclosing(bus.consume("tasks.echo", group="g", consumer="c")) as deliveries:
+            with anyio.fail_after(5):
+                first = await anext(deliveries)
+            await bus.ack(first)
+            raw = Redis.from_url(redis_server.url)
+            try:
+                killed = await raw.client_kill_filter(_type="normal", skipme=True)
+            finally:
+                await raw.aclose()
+            assert int(killed) >= 2  # the batcher's connection and the consume's
+            with anyio.fail_after(5):
+                await bus.publish("tasks.echo", assign(1))  # the batcher reconnects
+                second = await anext(deliveries)  # and so does the consume
+            assert second.envelope.task_id == "t1"
+            await bus.commit(second, "results.echo", second.envelope.reply(Done(output=1), sender="w"))
+        assert [e.body.type for _, e in await bus.read("results.echo")] == ["done"]
+
+
+async def test_consume_reads_resp3_replies(redis_server: RedisServer) -> None:
+    async with RedisBus.from_url(redis_server.url + "?protocol=3", settings=FAST, namespace=ns()) as bus:
+        await bus.publish_many("tasks.echo", [assign(0), assign(1)])
+        async with contextlib.aclosing(bus.consume("tasks.echo", group="g", consumer="c")) as deliveries:
+            with anyio.fail_after(5):
+                got = [await anext(deliveries), await anext(deliveries)]
+            assert [d.envelope.task_id for d in got] == ["t0", "t1"]
+            for d in got:
+                await bus.commit(d, "results.echo", d.envelope.reply(Done(output=1), sender="w"))
+        assert await bus.depth("tasks.echo", "g") == 0
