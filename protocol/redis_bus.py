@@ -241,10 +241,22 @@ async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any
     if conn.is_connected and conn._reader.at_eof():  # closed by the server while idle: reconnect first
         await conn.disconnect()
     try:
-        if len(commands) == 1:
-            await conn.send_packed_command(conn.pack_command(*commands[0]))
+        packed = conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
+        if not conn.is_connected or conn._writer.transport.is_closing():
+            await conn.send_packed_command(packed)  # connects first (and times out, as redis-py does)
         else:
-            await conn.send_packed_command(conn.pack_commands(commands))
+            # redis-py's send wraps every write in asyncio.wait_for, a task per command. The socket
+            # nearly always takes the whole write at once; only wait (bounded) when some is left.
+            writer = conn._writer
+            writer.writelines(packed)
+            if writer.transport.get_write_buffer_size():
+                try:
+                    with anyio.fail_after(conn.socket_timeout):
+                        await writer.drain()
+                except TimeoutError:
+                    raise RedisTimeoutError("Timeout writing to socket") from None
+                except OSError as exc:
+                    raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
         replies: list[Any] = []
         for _ in commands:
             try:
