@@ -590,3 +590,20 @@ async def test_consume_reads_resp3_replies(redis_server: RedisServer) -> None:
             for d in got:
                 await bus.commit(d, "results.echo", d.envelope.reply(Done(output=1), sender="w"))
         assert await bus.depth("tasks.echo", "g") == 0
+
+
+def test_the_bus_packs_commands_byte_for_byte_as_redis_py() -> None:
+    from redis.asyncio.connection import Connection
+
+    from protocol.redis_bus import _pack
+
+    big = os.urandom(20_000)
+    commands = [("EVALSHA", "ab" * 20, 2, "k1", "k2", 0, -7, 10**15, "héllo", b"", b"\x00\r\n", big),
+                ("XREADGROUP", "GROUP", "g", "c", "COUNT", 32, "BLOCK", 50, "STREAMS", "key", ">"),
+                ("EVALSHA", "x" * 6000, b"y" * 6000, b"z" * 6001)]
+    packed = _pack(commands)
+    assert packed is not None
+    assert b"".join(packed) == b"".join(Connection().pack_commands(commands))
+    assert any(part is big for part in packed)  # large values go out uncopied
+    for odd in (1.5, True, memoryview(b"m"), bytearray(b"b")):  # left to redis-py (which refuses bools)
+        assert _pack([("SET", "k", odd)]) is None
