@@ -738,7 +738,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     async for event in processes.follow_events(bus, args.run_id):
                         view.apply(event)
                         live.update(render_table(view, width=console.width))
-            status = await processes.fetch_status(bus, args.run_id)
+            if view.state.value in _EXIT_FOR_STATE:  # followed to its end: wait for the summary to agree
+                status = await processes.ended_status(bus, args.run_id)
+            else:
+                status = await processes.fetch_status(bus, args.run_id)
         if status is None:
             raise _unknown_run(args.run_id)
         console.print(render_summary(view, status, width=console.width))

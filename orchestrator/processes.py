@@ -294,6 +294,21 @@ async def fetch_status(bus: Bus, run_id: str) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
+async def ended_status(bus: Bus, run_id: str, *, within_s: float = 10.0, poll_s: float = 0.05
+                       ) -> dict[str, Any] | None:
+    """The summary of a run whose history has ended, once it says so too (or the latest after ``within_s``).
+
+    The manager records a run's end in its history a moment before it publishes the final
+    summary, so a follower that saw the end may still read ``running`` for a short while.
+    """
+    status = await fetch_status(bus, run_id)
+    with anyio.move_on_after(within_s):
+        while status is not None and status["state"] in ("queued", "running"):
+            await anyio.sleep(poll_s)
+            status = await fetch_status(bus, run_id)
+    return status
+
+
 async def find_run(bus: Bus, run_id: str) -> dict[str, Any] | None:
     """The run's summary, like ``fetch_status``; for a submission no manager has taken yet, one in state ``queued``.
 

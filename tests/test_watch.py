@@ -6,10 +6,14 @@ import io
 import json
 from pathlib import Path
 
+import anyio
 from rich.console import Console
 
 from orchestrator.display import RunView, render_summary, render_table
+from orchestrator.processes import ended_status
 from orchestrator.records import Event
+from protocol.bus import MemoryBus
+from protocol.keys import run_snapshot_key
 
 DATA = Path(__file__).parent / "data"
 NOW = 1_800_000_010.0  # after the last recorded event, so elapsed times are fixed
@@ -89,3 +93,30 @@ def test_a_narrow_terminal_says_which_columns_it_hid_and_why() -> None:
     wide = summary_at(view, 130)
     assert "hidden" not in wide
     assert wide == (DATA / "watch_final.txt").read_text()  # the wide table is unchanged
+
+
+# -- the final summary after a followed run ends ----------------------------------------------------
+
+
+async def test_a_run_whose_history_ended_gets_its_final_summary_once_the_manager_publishes_it() -> None:
+    bus = MemoryBus()
+    key = run_snapshot_key("r1")
+    await bus.put_value(key, json.dumps({"run_id": "r1", "state": "running", "tasks": []}).encode())
+
+    async def publish_final() -> None:
+        await anyio.sleep(0.3)  # the manager publishes the summary a moment after the history's end
+        await bus.put_value(key, json.dumps({"run_id": "r1", "state": "accepted", "tasks": []}).encode())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish_final)
+        status = await ended_status(bus, "r1", within_s=10)
+    assert status is not None
+    assert status["state"] == "accepted"
+
+
+async def test_a_summary_that_never_catches_up_is_returned_as_it_is_after_the_wait() -> None:
+    bus = MemoryBus()
+    await bus.put_value(run_snapshot_key("r1"), json.dumps({"run_id": "r1", "state": "running"}).encode())
+    status = await ended_status(bus, "r1", within_s=0.2)
+    assert status == {"run_id": "r1", "state": "running"}  # watch then exits 3 (not ended), as before
+    assert await ended_status(bus, "unknown", within_s=0.2) is None
