@@ -138,7 +138,8 @@ class WorkerRuntime:
             await self._serve(task_status)
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as tg, self.bus.subscribe(CONTROL_TOPIC) as control:
+        # The subscription outlives the task group, so the control watcher has ended before it closes.
+        async with self.bus.subscribe(CONTROL_TOPIC) as control, anyio.create_task_group() as tg:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._announce)
