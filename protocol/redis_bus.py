@@ -275,8 +275,10 @@ async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any
         await conn.disconnect()
     try:
         packed = _pack(commands) or conn.pack_commands(commands)
-        if not conn.is_connected or conn._writer.transport.is_closing():
-            await conn.send_packed_command(packed)  # connects first (and times out, as redis-py does)
+        if not conn.is_connected or conn._writer.transport.is_closing() or conn.health_check_interval:
+            # redis-py's own send: it connects first, times out as configured, and runs the health
+            # check a URL's ``health_check_interval`` asks for.
+            await conn.send_packed_command(packed)
         else:
             # redis-py's send wraps every write in asyncio.wait_for, a task per command. The socket
             # nearly always takes the whole write at once; only wait (bounded) when some is left.

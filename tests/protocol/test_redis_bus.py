@@ -592,6 +592,24 @@ async def test_consume_reads_resp3_replies(redis_server: RedisServer) -> None:
         assert await bus.depth("tasks.echo", "g") == 0
 
 
+async def test_held_connections_run_the_health_check_a_url_asks_for(redis_server: RedisServer) -> None:
+    raw = Redis.from_url(redis_server.url)
+
+    async def pings() -> int:
+        return int((await raw.info("commandstats")).get("cmdstat_ping", {}).get("calls", 0))
+
+    try:
+        async with RedisBus.from_url(redis_server.url + "?health_check_interval=1", settings=FAST,
+                                     namespace=ns()) as bus:
+            await bus.publish("tasks.echo", assign(0))
+            await anyio.sleep(1.2)  # idle past the interval: the next command checks the connection first
+            before = await pings()
+            await bus.publish("tasks.echo", assign(1))
+            assert await pings() > before
+    finally:
+        await raw.aclose()
+
+
 def test_the_bus_packs_commands_byte_for_byte_as_redis_py() -> None:
     from redis.asyncio.connection import Connection
 
