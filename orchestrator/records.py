@@ -117,8 +117,9 @@ Event = HistoryEvent  # the name readers of orchestrator have used; one model ev
 
 def events_envelope(run_id: str, events: Sequence[HistoryEvent], sender: str) -> Envelope:
     """Events of one run as one bus message, for followers on other machines."""
-    return Envelope.model_construct(run_id=run_id, sender=sender,  # built from checked values
-                                    body=RunEvents.model_construct(events=tuple(events)))
+    # Validated, not model_construct: the events are model instances, which validation takes as they
+    # are, and model_construct resolves every default factory's signature on each call (6x slower).
+    return Envelope(run_id=run_id, sender=sender, body=RunEvents(events=tuple(events)))
 
 
 def events_of(env: Envelope) -> list[HistoryEvent]:
