@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "LIVE", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "Script")
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "LIVE", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "SET_VALUE",
+           "Script")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,4 +220,27 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """, fixed=0, width=0)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE)
+# Plain writes, as scripts so they share the write batcher's round trips and connection (a
+# run's summaries and its history's expiry were a tenth of a one-task run's manager time on
+# redis-py's own per-command path).
+# KEYS: value key. ARGV: time to live in ms (0: none) | value. The last item's value stays.
+SET_VALUE = Script("set_value", r"""
+local px = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  if px > 0 then redis.call('SET', KEYS[1], ARGV[i], 'PX', px) else redis.call('SET', KEYS[1], ARGV[i]) end
+  out[#out + 1] = 1
+end
+return out
+""", fixed=1, width=1)
+
+# KEYS: key. ARGV: time to live in seconds, per item. 1 when the key exists, else 0.
+EXPIRE = Script("expire", r"""
+local out = {}
+for i = 1, #ARGV do
+  out[#out + 1] = redis.call('EXPIRE', KEYS[1], ARGV[i])
+end
+return out
+""", fixed=0, width=1)
+
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, SET_VALUE, EXPIRE)

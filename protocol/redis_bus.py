@@ -672,7 +672,7 @@ class RedisBus(Bus):
         return out
 
     async def expire(self, stream: str, ttl_s: float) -> None:
-        await self._call("expire", lambda: self._redis.expire(self.key(stream), max(1, int(ttl_s))))
+        await self._writes.run(lua.EXPIRE, (self.key(stream),), (), (max(1, int(ttl_s)),))
 
     async def incarnation(self) -> str:
         # The first caller after Redis lost its data writes a new id; everyone then reads the same one.
@@ -686,21 +686,14 @@ class RedisBus(Bus):
         return await self._call("incarnation", read)
 
     async def put_value(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
-        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        await self._call("put_value", lambda: self._redis.set(self.value_key(key), value, px=px))
+        await self.put_values({key: value}, ttl_s=ttl_s)
 
     async def put_values(self, values: Mapping[str, bytes], *, ttl_s: float | None = None) -> None:
-        if not values:
-            return
-        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
-
-        async def send() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            for key, value in values.items():
-                pipe.set(self.value_key(key), value, px=px)
-            await pipe.execute()
-
-        await self._call("put_values", send)
+        # Through the write batcher: one write for all of them, shared with whatever else is queued.
+        px = 0 if ttl_s is None else max(1, int(ttl_s * 1000))
+        if values:
+            await self._writes.run_many([(lua.SET_VALUE, (self.value_key(key),), (px,), (value,))
+                                         for key, value in values.items()])
 
     async def get_value(self, key: str) -> bytes | None:
         value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))
