@@ -22,7 +22,7 @@ __all__ = ("Tracing",)
 log = structlog.get_logger(__name__)
 
 AttributeValue = str | int | float | bool
-_NULL = contextlib.nullcontext()
+NO_SPAN = contextlib.nullcontext()  # what span() gives when tracing is off; shared, it holds nothing
 _TRUTHY = ("1", "true", "yes", "on")
 
 
@@ -88,7 +88,7 @@ class Tracing:
         Yields None when off.
         """
         if not self.enabled:
-            return _NULL
+            return NO_SPAN
         return self._current(name, parent, kind, attributes)
 
     def inject(self, span: Any = None) -> dict[str, str]:

@@ -46,7 +46,7 @@ from protocol.inference import InferenceClient
 from protocol.keys import CONTROL_TOPIC, results_stream, tasks_stream, workers_group
 from protocol.logging import enabled as logging_enabled
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
-from protocol.tracing import Tracing
+from protocol.tracing import NO_SPAN, Tracing
 from workers.base import Task, Worker, WorkerContext
 
 __all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
@@ -57,9 +57,6 @@ _T = TypeVar("_T")
 
 # The envelope a handler is working on, so a worker can report progress without passing ids around.
 _current: ContextVar[tuple[Envelope, str] | None] = ContextVar("orchestrator_current_task", default=None)
-
-# The span of a task when tracing is off: no span name or attributes are built per task.
-_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,36 +185,29 @@ class WorkerRuntime:
             observer.handler_started(capability, env)
         started = time.monotonic()
         outcome = "handed_back"
+        # Ids for every line logged while this task runs (this task's own context, so the tokens put
+        # back what was there: cheaper than bound_contextvars, which copies the whole context).
+        bound = bind_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name)
         try:
-            # Ids for every line logged while this task runs (this task's own context, so the tokens
-            # put back what was there: cheaper than bound_contextvars, which copies the whole context).
-            bound = bind_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name)
-            try:
-                with (self.tracing.span(f"{env.type} {capability}", parent=env.trace, kind="consumer",
-                                        attributes={"orchestrator.run_id": env.run_id,
-                                                    "orchestrator.task_id": env.task_id,
-                                                    "orchestrator.attempt": env.attempt,
-                                                    "orchestrator.worker": self.name})
-                      if self.tracing.enabled else _NO_SPAN) as span:
-                    with scope:
-                        token = _current.set((env, capability))
-                        try:
-                            reply = await self._handle(capability, worker, env)
-                        finally:
-                            _current.reset(token)
-                    if scope.cancelled_caught:
-                        entry = self._in_flight.get(_key(delivery))
-                        if entry is None or not entry.cancelled_by:
-                            return  # handed back during drain: another worker will redo it
-                        reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
-                                                 retryable=False), sender=self.name)
-                    outcome = _outcome(reply)
-                    if span is not None:
-                        span.set_attribute("orchestrator.outcome", outcome)
-                    await self._commit(capability, delivery, reply)
-            finally:
-                reset_contextvars(**bound)
+            with self._task_span(env, capability) as span:
+                with scope:
+                    token = _current.set((env, capability))
+                    try:
+                        reply = await self._handle(capability, worker, env)
+                    finally:
+                        _current.reset(token)
+                if scope.cancelled_caught:
+                    entry = self._in_flight.get(_key(delivery))
+                    if entry is None or not entry.cancelled_by:
+                        return  # handed back during drain: another worker will redo it
+                    reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
+                                             retryable=False), sender=self.name)
+                outcome = _outcome(reply)
+                if span is not None:
+                    span.set_attribute("orchestrator.outcome", outcome)
+                await self._commit(capability, delivery, reply)
         finally:
+            reset_contextvars(**bound)
             if self.observers:
                 duration = time.monotonic() - started
                 for observer in self.observers:
@@ -225,6 +215,13 @@ class WorkerRuntime:
             self._in_flight.pop(_key(delivery), None)
             self._finished.set()
             limiter.release()
+
+    def _task_span(self, env: Envelope, capability: str) -> contextlib.AbstractContextManager[Any]:
+        if not self.tracing.enabled:  # per task: not even the name and attributes are built
+            return NO_SPAN
+        return self.tracing.span(f"{env.type} {capability}", parent=env.trace, kind="consumer",
+                                 attributes={"orchestrator.run_id": env.run_id, "orchestrator.task_id": env.task_id,
+                                             "orchestrator.attempt": env.attempt, "orchestrator.worker": self.name})
 
     async def _handle(self, capability: str, worker: Worker, env: Envelope) -> Envelope:
         body = env.body
