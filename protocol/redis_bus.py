@@ -89,9 +89,7 @@ def _frame(fields: Any) -> bytes:
         return b""
     if isinstance(fields, dict):
         return bytes(fields.get(b"f", b""))
-    if fields[0] == b"f":  # every entry the bus writes has ``f`` alone
-        return bytes(fields[1])
-    for i in range(0, len(fields) - 1, 2):
+    for i in range(0, len(fields) - 1, 2):  # every entry the bus writes has ``f`` first (and alone)
         if fields[i] == b"f":
             return bytes(fields[i + 1])
     return b""
