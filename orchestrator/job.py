@@ -19,6 +19,7 @@ from pydantic import (
 
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.yaml_file import read_yaml
+from protocol._compact import SharedFieldsSet
 from protocol.errors import ConfigError, JobError
 from protocol.limits import JOB_LIMITS, LimitExceeded, check_shape
 
@@ -77,7 +78,7 @@ class Spec(_Frozen):
         return value
 
 
-class TaskDef(_Frozen):
+class TaskDef(_Frozen, SharedFieldsSet):
     """One task of a job."""
 
     id: str = Field(pattern=_ID_PATTERN)

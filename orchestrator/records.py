@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from orchestrator.job import Job, Spec, TaskDef
+from protocol._compact import SharedFieldsSet
 from protocol.envelope import Envelope, new_id
 from protocol.history import HistoryEvent, Waiting
 from protocol.messages import Redo, RunEvents
@@ -17,7 +18,7 @@ from protocol.states import TERMINAL, RunState, TaskState, VerifyStage
 __all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord", "events_envelope", "events_of")
 
 
-class AttemptRecord(BaseModel):
+class AttemptRecord(SharedFieldsSet):
     """One attempt at a task: who did it, what came back, what the verifiers said."""
 
     attempt: int
@@ -29,7 +30,7 @@ class AttemptRecord(BaseModel):
     finished: float | None = None
 
 
-class TaskRecord(BaseModel):
+class TaskRecord(SharedFieldsSet):
     """A task's definition and its live state; changed only by the manager through ``transition``."""
 
     id: str

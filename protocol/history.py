@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from protocol._compact import SharedFieldsSet
 from protocol.states import TERMINAL, RunState, TaskEvent, TaskState, VerifyStage
 
 __all__ = (
@@ -42,7 +43,8 @@ Guard = Literal["attempts", "tokens", "deadline", "loop", "repeated_feedback", "
 WaitingFor = Literal["worker", "person", "dependency", "retry"]
 
 
-class _Model(BaseModel):
+class _Model(SharedFieldsSet):
+    # Events are made four or more per task and a run start outlines every task: one fields-set per class.
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
