@@ -4,13 +4,14 @@ A job file may come from anyone, so loading one must not cost more than its size
 ``yaml.safe_load`` shares aliased nodes, which is cheap until the data is walked: a 677-byte file
 of nested aliases ("billion laughs") expands to a billion values, and took 3 GB before it was
 killed. Here the file's size, its nesting depth and the number of values it expands to (aliases
-counted every time they are used) are bounded before anything is built, and recursive aliases
-are refused.
+counted every time they are used) are bounded before the document is handed out, and recursive
+aliases are refused; what is built meanwhile is only what the file writes out (aliases are shared).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 import yaml
@@ -58,107 +59,190 @@ def read_yaml(path: str | os.PathLike[str], error: _SourcedError, *, what: str) 
 
 
 def load_bounded_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with the bounds above; YAMLTooLarge (a YAMLError) when a bound is crossed."""
-    if _C_LOADER is not None:
-        return _load_with_libyaml(text, _C_LOADER)
-    loader = _BoundedLoader(text)
+    """``yaml.safe_load`` with the bounds above; YAMLTooLarge (a YAMLError) when a bound is crossed.
+
+    Built straight from the parser's events, checking the bounds as it goes: PyYAML's own loader first
+    composes a node graph of the whole document (about 6 KB a task for a big job file, and most of its
+    time), then builds the data from it. Aliases are shared, not copied, as ``safe_load`` shares them;
+    their expanded size is counted. Tags beyond the JSON-like ones (``!!set``, ``!!omap``, ``!!pairs``,
+    application tags) are refused: no job or manifest uses them.
+    """
+    loader = _LOADER(text)
     try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-# libyaml's safe loader, when PyYAML was built with it: about 10x faster on a job of 100,000 tasks.
-_C_LOADER: Any = getattr(yaml, "CSafeLoader", None)
-
-
-def _load_with_libyaml(text: str, loader_class: Any) -> Any:
-    """The same bounds with libyaml: nesting checked on the event stream before its (recursive) composer runs."""
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=loader_class):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_YAML_DEPTH:
-                    raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels")
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
+        return _Builder(loader).document()
+    except YAMLTooLarge:
+        raise
     except yaml.YAMLError as exc:
         if "maximum nesting depth" in str(exc):  # libyaml's own limit (1,000), met while scanning ahead
             raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels") from exc
         raise
-    loader = loader_class(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node)
-        return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """A SafeLoader that stops composing past the depth bound and checks the expanded size before building."""
+# libyaml's parser when PyYAML was built with it (several times faster); the same events either way.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        # The composer recurses once per level: stop long before Python's recursion limit does.
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH + 1:  # the values inside the deepest container are one more
-                raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def get_single_node(self) -> yaml.Node | None:
-        node: yaml.Node | None = super().get_single_node()
-        if node is not None:
-            _check_expansion(node)
-        return node
+_TAG = "tag:yaml.org,2002:"
+_STR, _MAP, _SEQ, _MERGE, _VALUE = (_TAG + t for t in ("str", "map", "seq", "merge", "value"))
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("null", "bool", "int", "float", "binary", "timestamp"))
+_MERGE_KEY = object()  # what a ``<<`` key builds: its value is merged into the mapping, not stored
+_NO_KEY = object()  # a mapping waiting for its next key
 
 
-def _check_expansion(root: yaml.Node) -> None:
-    """Count values and depth as if every alias were copied out, without copying (each node once, iteratively)."""
-    size: dict[int, int] = {}
-    depth: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if key in size:
-            continue
-        kids = _children(node)
-        if not children_done:
-            if key in on_path:
-                raise YAMLTooLarge("has an alias inside the collection it refers to (a recursive structure)")
-            on_path.add(key)
-            stack.append((node, True))
-            for kid in kids:
-                if id(kid) in on_path:
-                    raise YAMLTooLarge("has an alias inside the collection it refers to (a recursive structure)")
-                if id(kid) not in size:
-                    stack.append((kid, False))
-            continue
-        on_path.discard(key)
-        size[key] = 1 + sum(size[id(k)] for k in kids)  # counted, never built: big ints cost nothing here
-        depth[key] = 0 if isinstance(node, yaml.ScalarNode) else 1 + max((depth[id(k)] for k in kids), default=0)
-        if depth[key] > MAX_YAML_DEPTH:
-            raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
-    limit = max(MAX_YAML_VALUES, ALIAS_GROWTH * len(size))  # len(size): the values written, each once
-    if size[id(root)] > limit:
-        raise YAMLTooLarge(f"is too large: it expands to more than {limit} values (aliases count each time they "
-                           f"are used)")
+class _Open:
+    """A collection being built: its value so far, and what the bounds need to know about it."""
+
+    __slots__ = ("anchor", "depth", "is_map", "key", "mark", "merges", "size", "value")
+
+    def __init__(self, is_map: bool, anchor: str | None, mark: Any) -> None:
+        self.is_map = is_map
+        self.anchor = anchor
+        self.mark = mark
+        self.value: Any = {} if is_map else []
+        self.key: Any = _NO_KEY
+        self.merges: list[dict[Any, Any]] = []  # as they appear; the first to give a key wins
+        self.size = 1  # values once aliases are expanded, this one included
+        self.depth = 0  # the deepest child's nesting, aliases expanded
 
 
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    return []
+class _Builder:
+    """Builds one document from parser events, with the bounds of this module checked on the way."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.anchors: dict[str, tuple[Any, int, int]] = {}  # anchor -> (value, expanded size, depth)
+        self.open_anchors: set[str] = set()
+        self.written = 0  # values as written, each alias counted once
+
+    def document(self) -> Any:
+        loader = self.loader
+        loader.get_event()  # stream start
+        if loader.check_event(yaml.StreamEndEvent):
+            loader.get_event()
+            return None
+        start: Any = loader.get_event()  # document start
+        value, size, _ = self._value()
+        if value is _MERGE_KEY:
+            raise _unknown_tag(_MERGE, start)
+        loader.get_event()  # document end
+        if not loader.check_event(yaml.StreamEndEvent):
+            another: Any = loader.get_event()
+            raise yaml.composer.ComposerError("expected a single document in the stream", start.start_mark,
+                                              "but found another document", another.start_mark)
+        limit = max(MAX_YAML_VALUES, ALIAS_GROWTH * self.written)
+        if size > limit:
+            raise YAMLTooLarge(f"is too large: it expands to more than {limit} values (aliases count each time they "
+                               f"are used)")
+        return value
+
+    def _value(self) -> tuple[Any, int, int]:
+        """The next node's value, its size and its depth, aliases expanded (iteratively: no recursion)."""
+        loader = self.loader
+        stack: list[_Open] = []
+        while True:
+            event: Any = loader.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                value, size, depth = self._alias(event)
+            elif isinstance(event, yaml.ScalarEvent):
+                self.written += 1
+                value, size, depth = self._scalar(event), 1, 0
+                self._define(event.anchor, event, (value, size, depth))
+            elif isinstance(event, yaml.CollectionStartEvent):
+                self.written += 1
+                if len(stack) >= MAX_YAML_DEPTH:
+                    raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels")
+                is_map = isinstance(event, yaml.MappingStartEvent)
+                if event.tag not in (None, "!", _MAP if is_map else _SEQ):
+                    raise _unknown_tag(event.tag, event)
+                self._define(event.anchor, event, None)
+                stack.append(_Open(is_map, event.anchor, event.start_mark))
+                continue
+            else:  # the end of the innermost open collection
+                done = stack.pop()
+                value, size, depth = self._finish(done), done.size, 1 + done.depth
+                if depth > MAX_YAML_DEPTH:
+                    raise YAMLTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+                if done.anchor is not None:
+                    self.open_anchors.discard(done.anchor)
+                    self.anchors[done.anchor] = (value, size, depth)
+            if not stack:
+                return value, size, depth
+            self._add(stack[-1], value, size, depth, event)
+
+    def _define(self, anchor: str | None, event: Any, entry: tuple[Any, int, int] | None) -> None:
+        if anchor is None:
+            return
+        if anchor in self.anchors or anchor in self.open_anchors:
+            raise yaml.composer.ComposerError(None, None, f"found duplicate anchor {anchor!r}", event.start_mark)
+        if entry is None:
+            self.open_anchors.add(anchor)
+        else:
+            self.anchors[anchor] = entry
+
+    def _alias(self, event: Any) -> tuple[Any, int, int]:
+        if event.anchor in self.open_anchors:
+            raise YAMLTooLarge("has an alias inside the collection it refers to (a recursive structure)")
+        if event.anchor not in self.anchors:
+            raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", event.start_mark)
+        return self.anchors[event.anchor]
+
+    def _scalar(self, event: Any) -> Any:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+        if tag in (_STR, _VALUE):  # "=" (the value key) is a plain string once safe_load has built it
+            return event.value
+        if tag == _MERGE:
+            return _MERGE_KEY
+        if tag not in _SCALAR_TAGS:
+            raise _unknown_tag(tag, event)
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        return self.loader.yaml_constructors[tag](self.loader, node)
+
+    @staticmethod
+    def _add(parent: _Open, value: Any, size: int, depth: int, event: Any) -> None:
+        if value is _MERGE_KEY and not (parent.is_map and parent.key is _NO_KEY):
+            raise _unknown_tag(_MERGE, event)
+        parent.size += size
+        parent.depth = max(parent.depth, depth)
+        if not parent.is_map:
+            parent.value.append(value)
+        elif parent.key is _NO_KEY:
+            if not isinstance(value, Hashable):
+                raise yaml.constructor.ConstructorError("while constructing a mapping", parent.mark,
+                                                        "found unhashable key", event.start_mark)
+            parent.key = value
+        else:
+            if parent.key is _MERGE_KEY:
+                parent.merges.extend(_mergeable(value, parent.mark, event.start_mark))
+            else:
+                parent.value[parent.key] = value
+            parent.key = _NO_KEY
+
+    @staticmethod
+    def _finish(done: _Open) -> Any:
+        if not done.merges:
+            return done.value
+        merged: dict[Any, Any] = {}
+        for source in done.merges:
+            for key, value in source.items():
+                merged.setdefault(key, value)
+        merged.update(done.value)  # the mapping's own keys win over merged ones
+
+        return merged
+
+
+def _unknown_tag(tag: str, event: Any) -> yaml.YAMLError:
+    return yaml.constructor.ConstructorError(None, None, f"could not determine a constructor for the tag {tag!r}",
+                                             event.start_mark)
+
+
+def _mergeable(value: Any, mark: Any, at: Any) -> list[dict[Any, Any]]:
+    """What a ``<<`` merges: a mapping, or a list of mappings (the first to give a key wins)."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return value
+    raise yaml.constructor.ConstructorError("while constructing a mapping", mark,
+                                            "expected a mapping or list of mappings for merging", at)
