@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,8 @@ class ManagerSettings:
     incarnation_check_s: float = 1.0  # how often presence, dead letters and bus data loss are looked at
     snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
+    # ... and no faster than this many bytes of summary a second per run (a 100,000-task run's is ~25 MB)
+    snapshot_bytes_per_s: float = 2_000_000.0
     publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
     events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
 
@@ -130,7 +133,7 @@ class Manager:
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stale_snapshots: set[str] = set()
-        self._snapshots = Snapshots()
+        self._snapshots = Snapshots(bytes_per_s=self.settings.snapshot_bytes_per_s)
         self._acker = Acknowledger(bus, store, sender=self.name, publish_events=self.settings.publish_events,
                                    on_committed=self._stale_snapshots.update)
         self._watchdogs: Watchdogs | None = None
@@ -544,17 +547,18 @@ class Manager:
         """Refresh the summaries of runs that changed; a summary of a big run is too costly for every reply."""
         while True:
             await anyio.sleep(self.settings.snapshot_interval_s)
-            stale = set(self._stale_snapshots)
-            self._stale_snapshots.clear()  # in place: the acknowledger holds its update method
+            at = time.monotonic()
+            stale = {run_id for run_id in self._stale_snapshots if self._snapshots.due(run_id, at)}
+            self._stale_snapshots.difference_update(stale)  # in place: the acknowledger holds its update method
             # One round trip for all of them: with thousands of short runs in flight, one each was a
             # noticeable share of the manager's time.
-            summaries = {run_snapshot_key(run_id): self._snapshots.render(self._engines[run_id].run)
+            summaries = {run_snapshot_key(run_id): self._snapshots.render(self._engines[run_id].run, now=at)
                          for run_id in stale if run_id in self._engines}
             await self.bus.put_values(summaries, ttl_s=self.settings.snapshot_ttl_s)
 
     async def _publish_snapshot(self, run: RunRecord) -> None:
         if run.run_id in self._engines:
-            data = self._snapshots.render(run)
+            data = self._snapshots.render(run, now=time.monotonic())
         else:  # a run this manager does not hold (a rejected submission)
             data = json.dumps(run.summary(), default=str).encode()
         await self.bus.put_value(run_snapshot_key(run.run_id), data, ttl_s=self.settings.snapshot_ttl_s)

@@ -13,11 +13,26 @@ def test_a_cached_summary_follows_the_tasks_that_changed() -> None:
     run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "a", "capability": "x"},
                                                           {"id": "b", "capability": "x"}]}))
     snapshots = Snapshots()
-    assert json.loads(snapshots.render(run)) == run.summary()
+    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
     run.tasks["a"].output, run.tokens = {"n": 1}, 7
     snapshots.changed(run.run_id, "a")
-    assert json.loads(snapshots.render(run)) == run.summary()
+    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
     run.tasks["b"].output = 2  # not reported as changed: the cached JSON stays until it is
-    assert json.loads(snapshots.render(run))["tasks"][1]["output"] is None
+    assert json.loads(snapshots.render(run, now=0.0))["tasks"][1]["output"] is None
     snapshots.changed(run.run_id, "b")
-    assert json.loads(snapshots.render(run)) == run.summary()
+    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
+
+
+def test_a_big_summary_is_due_again_only_when_its_size_allows() -> None:
+    small = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "a", "capability": "x"}]}))
+    big = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(2000)]}))
+    snapshots = Snapshots(bytes_per_s=100_000.0)
+    assert snapshots.due(big.run_id, 10.0)  # never rendered: due at once
+    size = len(snapshots.render(big, now=10.0))
+    assert size > 200_000  # about 2 s of the budget
+    assert not snapshots.due(big.run_id, 10.0 + size / 100_000.0 - 0.01)
+    assert snapshots.due(big.run_id, 10.0 + size / 100_000.0)
+    snapshots.render(small, now=10.0)
+    assert snapshots.due(small.run_id, 10.01)  # a few hundred bytes: due again at the next refresh
+    snapshots.forget(big.run_id)
+    assert snapshots.due(big.run_id, 10.0)
