@@ -108,6 +108,8 @@ class ManagerSettings:
     snapshot_bytes_per_s: float = 2_000_000.0
     publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
     events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
+    # Records of recently finished runs kept for wait(), counted in tasks (a run bigger than this is not kept)
+    finished_tasks_kept: int = 10_000
 
 
 class Manager:
@@ -130,6 +132,7 @@ class Manager:
         self._locks: dict[str, anyio.Lock] = {}
         self._starting: dict[str, anyio.Event] = {}  # runs submitted, waiting for their creation to be durable
         self._logs: dict[str, _EventLog] = {}  # live events of runs in memory, for events() and wait()
+        self._finished = _FinishedRuns(self.settings.finished_tasks_kept)
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stale_snapshots: set[str] = set()
@@ -194,6 +197,10 @@ class Manager:
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
         engine = self._engines.get(run_id)
+        if engine is None and (finished := self._finished.get(run_id)) is not None:
+            # Ended here a moment ago: submitting many runs and then waiting for each read every one back
+            # from the ledger (and its history, once its events had left memory).
+            return finished
         if run_id in self._logs:
             while not self._logs[run_id].finished:
                 await self._logs[run_id].next_change().wait()
@@ -534,6 +541,7 @@ class Manager:
         Then the manager lets the run go: the store has it, and its events stay in memory a while for followers.
         """
         await self.store.sync()
+        self._finished.put(run)
         await self._publish_snapshot(run)
         if self.settings.publish_events:
             await self.bus.expire(events_stream(run.run_id), self.settings.snapshot_ttl_s)
@@ -611,6 +619,27 @@ def _within_limits(body: Any) -> Any:
         except LimitExceeded as exc:
             return Failed(error=f"output rejected: {exc}", error_type="LimitExceeded", retryable=True)
     return body
+
+
+class _FinishedRuns:
+    """The records of the latest runs that ended here, oldest dropped first, at most ``tasks`` tasks in all."""
+
+    def __init__(self, tasks: int) -> None:
+        self.limit = tasks
+        self._runs: dict[str, RunRecord] = {}
+        self._tasks = 0
+
+    def put(self, run: RunRecord) -> None:
+        if len(run.tasks) > self.limit or run.run_id in self._runs:
+            return
+        self._runs[run.run_id] = run
+        self._tasks += len(run.tasks)
+        while self._tasks > self.limit:
+            oldest = self._runs.pop(next(iter(self._runs)))
+            self._tasks -= len(oldest.tasks)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        return self._runs.get(run_id)
 
 
 @dataclass(slots=True)

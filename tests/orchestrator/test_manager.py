@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.api import Orchestrator
 from orchestrator.manager import ManagerSettings
+from orchestrator.store import MemoryStore
 from protocol.errors import JobError
 from protocol.history import Dispatched, RunFinished, Transitioned
 from tests._history import verdicts
@@ -270,3 +271,39 @@ async def test_a_task_the_bus_dead_letters_fails_its_run_with_the_reason() -> No
         tg.cancel_scope.cancel()
     assert result.state == "failed"
     assert result.record.tasks["t"].reason.startswith("dead-lettered by the bus: delivered 2 times")
+
+
+class CountingStore(MemoryStore):
+    """The in-memory store, counting the reads of runs and histories."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get_run(self, run_id: str) -> Any:
+        self.reads += 1
+        return await super().get_run(run_id)
+
+    async def events(self, run_id: str, after: int = 0) -> Any:
+        self.reads += 1
+        return await super().events(run_id, after)
+
+
+async def test_waiting_on_runs_that_just_ended_reads_nothing_back_from_the_store() -> None:
+    # Submit many, then wait for each: the latest finished runs (up to finished_tasks_kept tasks) come
+    # from memory; older ones from the store, as before.
+    store = CountingStore()
+    async with Orchestrator(workers=ALL, store=store, manager_settings=ManagerSettings(finished_tasks_kept=30)) as orch:
+        runs = [await orch.submit(job({"id": "a", "capability": "echo", "input": i})) for i in range(40)]
+        with anyio.fail_after(10):
+            for run in runs:  # to each run's end (from the manager's memory: no store reads)
+                async for _ in run.events():
+                    pass
+        before = store.reads
+        latest = [await run.wait() for run in runs[-30:]]
+        assert store.reads == before
+        oldest = [await run.wait() for run in runs[:10]]
+        assert store.reads > before
+    assert [r.outputs["a"] for r in oldest + latest] == [*range(10), *range(10, 40)]
+    assert all(r.accepted for r in oldest + latest)
+
