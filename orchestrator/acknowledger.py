@@ -43,7 +43,9 @@ class Acknowledger:
 
     def defer(self, delivery: Delivery) -> None:
         """Acknowledge ``delivery`` after the next sync."""
-        self._deliveries.append(delivery)
+        # Its receipt, not the delivery: replies wait here by the thousand while a big commit runs, and their
+        # decoded messages were the largest part of the manager's peak memory.
+        self._deliveries.append(delivery.receipt())
         self._touched.add(delivery.envelope.run_id)
         self._wake.set()
 

@@ -250,6 +250,19 @@ async def test_read_waits_for_the_next_entry(bus: Bus, stream: str) -> None:
     assert [env.task_id for _, env in got] == ["t1"]
 
 
+async def test_a_receipt_acknowledges_its_entry_without_holding_the_message(bus: Bus, stream: str) -> None:
+    await bus.publish_many(stream, [assign(i) for i in range(3)])
+    got = await take(bus.consume(stream, group="g", consumer="c"), 3)
+    receipts = [d.receipt() for d in got]
+    assert [(r.stream, r.group, r.consumer, r.entry_id) for r in receipts] == \
+        [(d.stream, d.group, d.consumer, d.entry_id) for d in got]
+    assert all(r.frame == b"" and r.envelope.type == "heartbeat" for r in receipts)
+    await bus.ack(receipts[0])
+    await bus.ack_many(receipts[1:])
+    assert await bus.depth(stream, "g") == 0
+    assert await nothing_within(bus.consume(stream, group="g", consumer="c2"), bus.settings.lease_s * 2)
+
+
 async def test_publish_many_keeps_order_and_ack_many_acknowledges_them_all(bus: Bus, stream: str) -> None:
     ids = await bus.publish_many(stream, [assign(i) for i in range(5)])
     assert len(ids) == 5
