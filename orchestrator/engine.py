@@ -264,6 +264,17 @@ class RunEngine:
     def finished(self) -> bool:
         return self.run.state is not RunState.RUNNING
 
+    def tick_due(self) -> float:
+        """The monotonic time before which a ``Tick`` changes nothing in this run, so the shell may skip it.
+
+        Time matters to a run only at its deadline and at a task's retry time; the clock a skipped
+        tick would have advanced is caught up by the next input.
+        """
+        if self._last_mono is None:
+            return 0.0
+        deadline = self._last_mono + self.run.job.budget.deadline_s - self.run.elapsed_s
+        return min(deadline, min(self._retry_at.values(), default=deadline))
+
     def apply(self, event: Input) -> list[Effect]:
         """Apply one input; returns what the shell must do, in order."""
         self._effects = []

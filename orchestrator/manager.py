@@ -39,6 +39,7 @@ from orchestrator.engine import (
     SendAssign,
     Start,
     StopWork,
+    Tick,
 )
 from orchestrator.job import Job, parse_job
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord
@@ -312,6 +313,8 @@ class Manager:
         for engine in targets:
             if engine.run.run_id in self._starting:  # not started yet: nothing for a watchdog to see
                 continue
+            if isinstance(change, Tick) and change.at.mono < engine.tick_due():
+                continue  # a tick visits every run, and most have no deadline or retry due
             lock = self._lock(engine.run.run_id)
             try:
                 # A free lock is taken without a checkpoint: a tick visits every run, most have nothing

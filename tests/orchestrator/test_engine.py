@@ -9,7 +9,7 @@ import pytest
 from orchestrator.engine import Ended, Ignored, Instant, Refused, StopWork, Tick
 from protocol.history import Transitioned, WaitingChanged
 from protocol.states import OVERRIDE_RULES, TaskState, VerifyStage, override_allowed
-from tests.orchestrator.engine_kit import Driver, checks, sent
+from tests.orchestrator.engine_kit import WALL0, Driver, checks, sent
 
 EVEN = "tests.orchestrator.checks:is_even"
 
@@ -175,6 +175,27 @@ def test_a_retry_waits_its_backoff_then_goes_out() -> None:
     assert sent(d.failed("a")) == []
     assert sent(d.advance(9)) == []  # doubled: 10 s
     assert sent(d.advance(1)) == ["a"]
+
+
+def test_ticks_before_tick_due_change_nothing_so_the_manager_skips_them() -> None:
+    d = Driver(job({"id": "a", "capability": "x"}, retry_backoff_s=5, deadline_s=60))
+    assert d.engine.tick_due() == 0.0  # no input yet: the first tick starts the clock
+    d.start()
+    assert d.engine.tick_due() == 60.0  # only the deadline is ahead
+    d.failed("a")
+    assert d.engine.tick_due() == 5.0  # the retry comes first
+    before = d.run.model_dump()
+    assert d.feed(Tick(Instant(WALL0 + 4.9, 4.9))) == []
+    assert {k: v for k, v in d.run.model_dump().items() if k != "elapsed_s"} == \
+        {k: v for k, v in before.items() if k != "elapsed_s"}
+    d.mono = 5.0
+    assert sent(d.feed(Tick(d.at()))) == ["a"]
+    assert d.engine.tick_due() == 60.0  # 55 s of the deadline are left at mono 5
+    d.mono = 59.9
+    assert d.feed(Tick(d.at())) == []
+    d.mono = 60.0
+    d.feed(Tick(d.at()))
+    assert "deadline of 60 s" in d.run.reason
 
 
 def test_a_non_retryable_failure_ends_the_task_with_its_guard() -> None:
