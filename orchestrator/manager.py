@@ -310,10 +310,11 @@ class Manager:
             targets = list(self._engines.values())
         else:
             targets = [self._engines[run_id]] if run_id in self._engines else []
+        tick_at = change.at.mono if isinstance(change, Tick) else None
         for engine in targets:
             if engine.run.run_id in self._starting:  # not started yet: nothing for a watchdog to see
                 continue
-            if isinstance(change, Tick) and change.at.mono < engine.tick_due():
+            if tick_at is not None and tick_at < engine.tick_due():
                 continue  # a tick visits every run, and most have no deadline or retry due
             lock = self._lock(engine.run.run_id)
             try:

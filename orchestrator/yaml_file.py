@@ -229,7 +229,6 @@ class _Builder:
             for key, value in source.items():
                 merged.setdefault(key, value)
         merged.update(done.value)  # the mapping's own keys win over merged ones
-
         return merged
 
 
