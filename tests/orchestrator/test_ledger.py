@@ -7,13 +7,15 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic_core import PydanticSerializationError
 
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, ledger
+from orchestrator.engine import Instant, RunEngine, Start
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
-from orchestrator.records import RunRecord
+from orchestrator.records import RunRecord, TaskRecord
 from protocol.bus import BusSettings, MemoryBus
-from protocol.history import RunFinished, Transitioned
+from protocol.history import HistoryEvent, RunFinished, Transitioned
 from tests._history import transitions
 from workers import Task, Worker
 
@@ -81,3 +83,61 @@ async def test_submitting_the_same_run_id_twice_starts_one_run(tmp_path: Path) -
         result = await orch.attach(first).wait()
     assert first == second == "fixed-id"
     assert result.accepted
+
+
+def _wide_run(n: int) -> RunRecord:
+    return RunRecord.new(parse_job({"goal": "wide", "tasks": [{"id": f"t{i}", "capability": "step"} for i in range(n)]}),
+                         "wide-run", now=1.0)
+
+
+def _start(run: RunRecord) -> list[tuple[TaskRecord | None, HistoryEvent]]:
+    """What the engine's start of ``run`` changed: each task dispatched, one event each and one for the run."""
+    effects = RunEngine(run).apply(Start(Instant(1.0, 0.0)))
+    return [(run.tasks.get(e.task_id) if e.task_id else None, e) for e in effects if isinstance(e, HistoryEvent)]
+
+
+@pytest.fixture
+def big_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of more than 10,000 rows take the big-batch path (50,000 in production: a slow test)."""
+    monkeypatch.setattr(ledger, "_BIG_BATCH_ROWS", 10_000)
+
+
+@pytest.mark.usefixtures("big_batches")
+async def test_a_big_batch_is_written_whole(tmp_path: Path) -> None:
+    # 12,000 task rows and 12,001 events: written a slice at a time, committed as one.
+    run = _wide_run(12_000)
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        await store.create_run(run)
+        await store.record_all(run, _start(run))
+        await store.sync()
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        back = await store.get_run(run.run_id)
+        events = await store.events(run.run_id)
+    assert back is not None
+    assert list(back.tasks) == [f"t{i}" for i in range(12_000)]  # in the job's order
+    assert {t.attempt for t in back.tasks.values()} == {1}
+    assert [e.seq for e in events] == list(range(1, 12_002))
+
+
+@pytest.mark.usefixtures("big_batches")
+async def test_a_big_batch_that_cannot_be_written_leaves_nothing_half_done(tmp_path: Path) -> None:
+    run = _wide_run(12_000)
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        await store.create_run(run)
+        await store.sync()
+        changes = _start(run)
+        run.tasks["t11000"].output = object()  # not JSON: its row, in the third slice, fails to serialize
+        await store.record_all(run, changes)
+        with pytest.raises(PydanticSerializationError, match="object"):
+            await store.sync()
+        # The connection is usable afterwards, and nothing of the failed batch was committed.
+        run.tasks["t11000"].output = None
+        await store.record(run, run.tasks["t0"], changes[1][1])
+        await store.sync()
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        back = await store.get_run(run.run_id)
+        events = await store.events(run.run_id)
+    assert back is not None
+    assert [e.seq for e in events] == [changes[1][1].seq]
+    assert [t.id for t in back.tasks.values() if t.attempt] == ["t0"]
+
