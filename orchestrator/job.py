@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from weakref import WeakValueDictionary
 
 from pydantic import (
     BaseModel,
@@ -16,6 +17,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticSerializationError
 
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.yaml_file import read_yaml
@@ -78,6 +80,21 @@ class Spec(_Frozen):
         return value
 
 
+# One instance of each distinct spec among the tasks in memory: a generated job gives thousands of tasks
+# the same spec, and each parsed copy was ~490 bytes a task. Specs are frozen, so sharing one is safe.
+_SPECS: WeakValueDictionary[str, Spec] = WeakValueDictionary()
+
+
+def shared_spec(spec: Spec) -> Spec:
+    """The one instance in memory of specs equal to ``spec`` (``spec`` itself when it is the first)."""
+    try:
+        key = spec.model_dump_json(by_alias=True)  # tells an absent ``expect`` from ``expect: null``
+    except PydanticSerializationError:  # not JSON data: the store will say so; nothing to share
+        return spec
+    known = _SPECS.setdefault(key, spec)
+    return known if known == spec else spec  # JSON alike but not equal (a set and a list): keep both
+
+
 class TaskDef(_Frozen, SharedFieldsSet):
     """One task of a job."""
 
@@ -91,6 +108,11 @@ class TaskDef(_Frozen, SharedFieldsSet):
     timeout_s: float | None = Field(default=None, gt=0)
     config: dict[str, Any] = Field(default_factory=dict)
     spec: Spec = Field(default_factory=Spec)
+
+    @field_validator("spec")
+    @classmethod
+    def _one_of_each_spec(cls, value: Spec) -> Spec:
+        return shared_spec(value)
 
 
 class Budget(_Frozen):

@@ -203,7 +203,9 @@ class SQLiteStore(Store):
                   self.db.execute("SELECT task_id, record FROM tasks WHERE run_id = ?", (run_id,))}
         # Tasks come back in the job's order, which the run's job keeps.
         data["tasks"] = {t.id: stored.pop(t.id) for t in job.tasks if t.id in stored}
-        return RunRecord.model_validate(data)
+        run = RunRecord.model_validate(data)
+        run.release_task_defs()
+        return run
 
     async def running_runs(self) -> list[RunRecord]:
         runs = [await self.get_run(run_id) for run_id in await self.run_ids(state="running")]

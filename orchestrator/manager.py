@@ -172,6 +172,7 @@ class Manager:
         engine = self._track(run)
         self._starting[run.run_id] = started = anyio.Event()
         await self.store.create_run(run)
+        run.release_task_defs()  # the store took the job; a 100,000-task job's list was ~0.5 KB a task
         assert self._tg is not None  # _track checked that serve() runs
         self._tg.start_soon(self._start, engine, at, started)
         return run.run_id
@@ -532,6 +533,7 @@ class Manager:
     async def _resume(self) -> None:
         """Pick up the runs a previous manager left unfinished, and re-drive their in-flight tasks."""
         for run in await self.store.running_runs():
+            run.release_task_defs()
             engine = self._track(run)
             async with self._lock(run.run_id):
                 await self._execute(engine, engine.apply(Redrive(now())))

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from orchestrator.job import Job, Spec, TaskDef
+from orchestrator.job import Job, Spec, TaskDef, shared_spec
 from protocol._compact import SharedFieldsSet
 from protocol.envelope import Envelope, new_id
 from protocol.history import HistoryEvent, Waiting
@@ -55,6 +55,11 @@ class TaskRecord(SharedFieldsSet):
     redo: list[Redo] = Field(default_factory=list)
     attempts: list[AttemptRecord] = Field(default_factory=list)
 
+    @field_validator("spec")
+    @classmethod
+    def _one_of_each_spec(cls, value: Spec) -> Spec:
+        return shared_spec(value)
+
     @field_validator("verify_stage", mode="before")
     @classmethod
     def _no_stage(cls, value: Any) -> Any:
@@ -85,6 +90,8 @@ class RunRecord(BaseModel):
 
     run_id: str = Field(default_factory=new_id)
     goal: str
+    # The job as submitted. Its task list is let go once the run is stored (``release_task_defs``): each
+    # task's definition is in its record in ``tasks``, and the ledger keeps the job as it came.
     job: Job
     state: RunState = RunState.RUNNING
     tasks: dict[str, TaskRecord]
@@ -103,6 +110,11 @@ class RunRecord(BaseModel):
         tasks = {t.id: TaskRecord.from_def(t, job.budget.max_attempts) for t in job.tasks}
         return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
                    created=time.time() if now is None else now)
+
+    def release_task_defs(self) -> None:
+        """Keep the job's goal and budget, not its task list (a second copy of every task's definition)."""
+        if self.job.tasks:
+            self.job = self.job.model_copy(update={"tasks": ()})
 
     def summary(self, *, with_tasks: bool = True) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""

@@ -31,7 +31,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_run(self, run: RunRecord) -> None:
-        """Store a new run (durable once a later ``sync`` returns)."""
+        """Store a new run (durable once a later ``sync`` returns).
+
+        Take the job (``run.job``) before returning: the manager then lets go of its task list.
+        """
 
     @abc.abstractmethod
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,19 @@ async def test_a_big_batch_that_cannot_be_written_leaves_nothing_half_done(tmp_p
     assert [e.seq for e in events] == [changes[1][1].seq]
     assert [t.id for t in back.tasks.values() if t.attempt] == ["t0"]
 
+
+async def test_a_live_run_keeps_each_definition_once_and_the_ledger_keeps_the_job(tmp_path: Path) -> None:
+    job = parse_job(chain(3))
+    async with Orchestrator(workers=[Step], store=SQLiteStore(tmp_path / "l.db")) as orch:
+        run = await orch.submit(job)
+        live = orch.manager.snapshot(run.run_id)
+        result = await run.wait()
+    assert result.accepted
+    assert live.job.tasks == ()
+    assert live.job.goal == job.goal
+    assert live.job.budget == job.budget
+    assert [t.instruction for t in live.tasks.values()] == [t.instruction for t in job.tasks]
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        stored_job = await anyio.to_thread.run_sync(
+            lambda: store.db.execute("SELECT job FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()[0])
+    assert parse_job(json.loads(stored_job)) == job

@@ -1,0 +1,47 @@
+"""Task records share one instance of each distinct spec, and never two specs that mean different things."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.job import Spec, TaskDef
+from orchestrator.records import TaskRecord
+
+
+def _record(spec: Spec, task_id: str = "t") -> TaskRecord:
+    return TaskRecord.from_def(TaskDef(id=task_id, capability="c", spec=spec), 3)
+
+
+def test_equal_specs_of_different_tasks_are_one_instance() -> None:
+    first, second = _record(Spec(expect={"a": [1, 2]}, check="exact"), "a"), _record(Spec(expect={"a": [1, 2]},
+                                                                                          check="exact"), "b")
+    assert first.spec is second.spec
+
+
+def test_a_record_read_back_from_json_shares_the_spec_too() -> None:
+    record = _record(Spec(expect="x"))
+    assert TaskRecord.model_validate_json(record.model_dump_json(by_alias=True)).spec is record.spec
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    (Spec(expect=None), Spec()),                  # expect null is a check; no expect is none
+    (Spec(expect={1, 2}), Spec(expect=[1, 2])),   # alike as JSON, not equal
+    (Spec(expect=(1, 2)), Spec(expect=[1, 2])),
+    (Spec(expect=1), Spec(expect=True)),
+    (Spec(expect=1), Spec(expect=1.0)),
+])
+def test_specs_that_differ_are_not_shared(one: Spec, other: Spec) -> None:
+    first, second = _record(one), _record(other)
+    assert first.spec is not second.spec
+    assert first.spec == one
+    assert second.spec == other
+    assert first.spec.has_expect == one.has_expect
+    assert second.spec.has_expect == other.has_expect
+
+
+def test_a_spec_that_is_not_json_data_is_kept_as_it_is() -> None:
+    marker: Any = object()
+    spec = Spec(expect=marker)
+    assert _record(spec).spec is spec
