@@ -17,6 +17,7 @@ from orchestrator.records import Event, events_envelope
 from orchestrator.store import Store
 from protocol.bus import Bus, Delivery
 from protocol.errors import FrameTooLarge
+from protocol.history import RunStarted
 from protocol.keys import events_stream
 
 __all__ = ("Acknowledger",)
@@ -77,21 +78,29 @@ class Acknowledger:
     async def _publish_chunk(self, run_id: str, chunk: list[Event]) -> None:
         try:
             await self.bus.publish(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
+            return
         except FrameTooLarge:
-            if len(chunk) > 1:  # big events (outputs, a big run's start): send the halves
-                half = len(chunk) // 2
-                await self._publish_chunk(run_id, chunk[:half])
-                await self._publish_chunk(run_id, chunk[half:])
-                return
-            # One event over the frame limit (the start of a run of ~20,000 tasks or more, a huge output):
-            # the ledger keeps it, and followers on other machines see a gap in the sequence numbers.
-            log.warning("event_too_large_to_mirror", run_id=run_id, seq=chunk[0].seq, type=chunk[0].body.kind)
+            pass  # handled below, not in here: the error's traceback holds the encoded attempt until the block ends
+        if len(chunk) > 1:  # big events (outputs, a big run's start): send the halves
+            half = len(chunk) // 2
+            await self._publish_chunk(run_id, chunk[:half])
+            await self._publish_chunk(run_id, chunk[half:])
+            return
+        # One event over the frame limit (the start of a run of ~20,000 tasks or more, a huge output):
+        # the ledger keeps it, and followers on other machines see a gap in the sequence numbers.
+        log.warning("event_too_large_to_mirror", run_id=run_id, seq=chunk[0].seq, type=chunk[0].body.kind)
 
 
 def _by_run(events: list[Event]) -> dict[str, list[list[Event]]]:
     """Events grouped per run, in order, in chunks that fit a bus message."""
-    runs: dict[str, list[Event]] = {}
+    runs: dict[str, list[list[Event]]] = {}
     for event in events:
-        runs.setdefault(event.run_id, []).append(event)
-    return {run_id: [run_events[i:i + _EVENTS_PER_MESSAGE] for i in range(0, len(run_events), _EVENTS_PER_MESSAGE)]
-            for run_id, run_events in runs.items()}
+        chunks = runs.setdefault(event.run_id, [[]])
+        # A run's start names every task, so a big run's does not fit a message: alone, it is found too
+        # big at once, instead of after halving its chunk down to it (an encoding of it at every step).
+        if len(chunks[-1]) >= _EVENTS_PER_MESSAGE or isinstance(event.body, RunStarted):
+            chunks.append([])
+        chunks[-1].append(event)
+        if isinstance(event.body, RunStarted):
+            chunks.append([])
+    return {run_id: [chunk for chunk in chunks if chunk] for run_id, chunks in runs.items()}

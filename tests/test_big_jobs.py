@@ -18,7 +18,11 @@ import pytest
 from orchestrator.api import Orchestrator
 from orchestrator.job import parse_job
 from orchestrator.manager import ManagerSettings
+from orchestrator.records import events_of
+from protocol.bus import BusSettings, MemoryBus
+from protocol.codec import Codec
 from protocol.errors import JobError
+from protocol.keys import events_stream
 from tests._trust import env_without_orch
 from workers import Task, Worker
 
@@ -69,6 +73,18 @@ async def test_a_follower_behind_the_events_kept_in_memory_gets_the_rest_from_th
         from_store = await orch.store.events(run.run_id)
     assert seqs == list(range(1, len(from_store) + 1))
     assert len(seqs) == 2 + 4 * 40  # started, four per task, finished
+
+
+async def test_followers_get_every_event_but_a_start_too_big_for_one_message() -> None:
+    # 8 KiB messages: the start of 300 tasks (~14 KB) cannot be mirrored, and batches of events must be split.
+    bus = MemoryBus(BusSettings(codec=Codec(max_frame_bytes=8 * 1024)))
+    async with Orchestrator(bus=bus, workers=[Echo()]) as orch:
+        run = await orch.submit({"goal": "wide", "tasks": _tasks(300)})
+        assert (await run.wait()).accepted
+        from_store = await orch.store.events(run.run_id)
+    mirrored = [event.seq for _, env in await bus.read(events_stream(run.run_id), count=100_000)
+                for event in events_of(env)]
+    assert mirrored == [e.seq for e in from_store[1:]]  # in order, nothing lost but the start (seq 1)
 
 
 @pytest.mark.redis
