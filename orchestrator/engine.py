@@ -16,6 +16,7 @@ and every wait has a budget or a person behind it.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,21 +371,22 @@ class RunEngine:
                          f"{reply.signer!r}, not by 'worker:{task.capability}'", suspicious=True)
             return
         body = reply.body
+        sender = sys.intern(reply.sender)  # kept in records: one string per worker, not one per task
         if isinstance(body, Heartbeat):
             if not task.terminal and reply.attempt == task.attempt > 0:
-                task.worker = reply.sender
+                task.worker = sender
             return
         if isinstance(body, Progress):
             if not task.terminal and reply.attempt == task.attempt > 0:
-                self._emit(task, ProgressNoted(message=body.message, fraction=body.fraction), actor=reply.sender)
+                self._emit(task, ProgressNoted(message=body.message, fraction=body.fraction), actor=sender)
             return
         if reply.attempt != task.attempt or task.attempt == 0:
             self._ignore(f"stale {body.type} for attempt {reply.attempt} of task {task.id!r} "
                          f"(attempt {task.attempt} is current)")
         elif isinstance(body, Done) and task.state is TaskState.NOT_DONE and task.id not in self._retry_at:
-            self._done(task, reply.sender, body)
+            self._done(task, sender, body)
         elif isinstance(body, Failed) and task.state is TaskState.NOT_DONE and task.id not in self._retry_at:
-            self._failed(task, reply.sender, body)
+            self._failed(task, sender, body)
         elif task.state is TaskState.VERIFY_DONE and task.verify_stage is VerifyStage.WORKER and \
                 isinstance(body, VerifyResponse | Failed):
             if isinstance(body, Failed):  # the check itself broke: a rejection that says so, not a silent wait
