@@ -45,14 +45,20 @@ class Snapshots:
     def render(self, run: RunRecord, *, now: float) -> bytes:
         """The run's summary (``RunRecord.summary()``) as JSON, rendered at ``now`` (monotonic seconds)."""
         cached = self._tasks.setdefault(run.run_id, {})
-        parts = []
+        head = _dumps(run.summary(with_tasks=False))
+        # One join over every piece, separators included: joining the tasks and then adding the head made
+        # two more copies of a summary that is 25 MB at 100,000 tasks.
+        parts = [head[:-1], b', "tasks": [']
         for task in run.tasks.values():
             part = cached.get(task.id)
             if part is None:
                 part = cached[task.id] = _dumps(task.summary())
-            parts.append(part)
-        head = _dumps(run.summary(with_tasks=False))
-        data = head[:-1] + b', "tasks": [' + b", ".join(parts) + b"]}"
+            parts += (part, b", ")
+        if run.tasks:
+            parts.pop()  # the last separator
+        parts.append(b"]}")
+        data = b"".join(parts)
+        del parts
         self._not_before[run.run_id] = now + len(data) / self.bytes_per_s
         return data
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from orchestrator.job import parse_job
 from orchestrator.records import RunRecord
 from orchestrator.snapshots import Snapshots
@@ -36,3 +38,9 @@ def test_a_big_summary_is_due_again_only_when_its_size_allows() -> None:
     assert snapshots.due(small.run_id, 10.01)  # a few hundred bytes: due again at the next refresh
     snapshots.forget(big.run_id)
     assert snapshots.due(big.run_id, 10.0)
+
+
+@pytest.mark.parametrize("tasks", [0, 1, 3])
+def test_the_summary_is_valid_json_whatever_the_number_of_tasks(tasks: int) -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(tasks)]}))
+    assert json.loads(Snapshots().render(run, now=0.0)) == run.summary()
