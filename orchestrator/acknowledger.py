@@ -25,6 +25,7 @@ __all__ = ("Acknowledger",)
 log = structlog.get_logger("orchestrator.acknowledger")
 
 _EVENTS_PER_MESSAGE = 500  # keeps a batch of history well under the frame size limit
+_TASKS_IN_A_SHARED_START = 5_000  # a start naming more tasks goes in a message of its own (~50 bytes a task)
 
 
 class Acknowledger:
@@ -96,11 +97,13 @@ def _by_run(events: list[Event]) -> dict[str, list[list[Event]]]:
     runs: dict[str, list[list[Event]]] = {}
     for event in events:
         chunks = runs.setdefault(event.run_id, [[]])
-        # A run's start names every task, so a big run's does not fit a message: alone, it is found too
-        # big at once, instead of after halving its chunk down to it (an encoding of it at every step).
-        if len(chunks[-1]) >= _EVENTS_PER_MESSAGE or isinstance(event.body, RunStarted):
+        # A run's start names every task, so a big run's may not fit a message: alone, it is found too big
+        # at once, instead of after halving its chunk down to it (an encoding of it at every step). Small
+        # starts stay with their run's other events: a chunk more is a round trip more in every commit.
+        alone = isinstance(event.body, RunStarted) and len(event.body.tasks) > _TASKS_IN_A_SHARED_START
+        if len(chunks[-1]) >= _EVENTS_PER_MESSAGE or alone:
             chunks.append([])
         chunks[-1].append(event)
-        if isinstance(event.body, RunStarted):
+        if alone:
             chunks.append([])
     return {run_id: [chunk for chunk in chunks if chunk] for run_id, chunks in runs.items()}
