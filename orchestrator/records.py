@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from orchestrator.job import Job, Spec, TaskDef, shared_spec
 from protocol._compact import SharedFieldsSet
@@ -16,6 +16,9 @@ from protocol.messages import Redo, RunEvents
 from protocol.states import TERMINAL, RunState, TaskState, VerifyStage
 
 __all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord", "events_envelope", "events_of")
+
+
+_FROM_DEF: dict[str, bool] = {"from_def": True}  # validation context of records made from a task definition
 
 
 class AttemptRecord(SharedFieldsSet):
@@ -57,7 +60,9 @@ class TaskRecord(SharedFieldsSet):
 
     @field_validator("spec")
     @classmethod
-    def _one_of_each_spec(cls, value: Spec) -> Spec:
+    def _one_of_each_spec(cls, value: Spec, info: ValidationInfo) -> Spec:
+        if info.context is _FROM_DEF:  # the definition's spec, shared when the definition was made
+            return value
         return shared_spec(value)
 
     @field_validator("verify_stage", mode="before")
@@ -68,9 +73,10 @@ class TaskRecord(SharedFieldsSet):
     @classmethod
     def from_def(cls, t: TaskDef, default_attempts: int) -> TaskRecord:
         """A fresh record for a job's task."""
-        return cls(id=t.id, capability=t.capability, instruction=t.instruction, input=t.input,
-                   depends_on=t.depends_on, spec=t.spec, max_attempts=t.max_attempts or default_attempts,
-                   max_tokens=t.max_tokens, timeout_s=t.timeout_s, config=t.config)
+        return cls.model_validate(
+            {"id": t.id, "capability": t.capability, "instruction": t.instruction, "input": t.input,
+             "depends_on": t.depends_on, "spec": t.spec, "max_attempts": t.max_attempts or default_attempts,
+             "max_tokens": t.max_tokens, "timeout_s": t.timeout_s, "config": t.config}, context=_FROM_DEF)
 
     @property
     def terminal(self) -> bool:
