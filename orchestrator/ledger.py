@@ -138,45 +138,32 @@ class SQLiteStore(Store):
             # A big batch (the creation or start of a big run): its rows are written as they are serialized,
             # a slice at a time and still without yielding, and only the commit (the fsync) leaves the loop.
             # Serialized all at once, the JSON of a 100,000-task run's start was a sixth of the manager's peak.
-            self._begin(runs)
-            try:
-                items = list(tasks.items())
-                del tasks
-                for i in range(0, len(items), _SLICE_ROWS):
-                    self._insert_tasks(_task_rows(items[i:i + _SLICE_ROWS]))
-                for i in range(0, len(events), _SLICE_ROWS):
-                    self._insert_events(_event_rows(events[i:i + _SLICE_ROWS]))
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            items = list(tasks.items())
+            del tasks
+            self._insert(runs, (_task_rows(items[i:i + _SLICE_ROWS]) for i in range(0, len(items), _SLICE_ROWS)),
+                         (_event_rows(events[i:i + _SLICE_ROWS]) for i in range(0, len(events), _SLICE_ROWS)))
             await anyio.to_thread.run_sync(self._commit)
 
     def _write(self, runs: list[_RunRow], tasks: list[_TaskRow], events: list[_EventRow]) -> None:
-        self._begin(runs)
-        try:
-            self._insert_tasks(tasks)
-            self._insert_events(events)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        self._insert(runs, [tasks], [events])
         self._commit()
 
-    def _begin(self, runs: list[_RunRow]) -> None:
+    def _insert(self, runs: list[_RunRow], task_slices: Iterable[list[_TaskRow]],
+                event_slices: Iterable[list[_EventRow]]) -> None:
+        """Begin a transaction and write the rows into it, or roll it back; the caller commits."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO runs (run_id, state, created, job, record) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record",
                            runs)
+            for rows in task_slices:
+                db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", rows)
+            for event_rows in event_slices:
+                db.executemany("INSERT OR IGNORE INTO events (run_id, seq, record) VALUES (?, ?, ?)", event_rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-    def _insert_tasks(self, rows: list[_TaskRow]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", rows)
-
-    def _insert_events(self, rows: list[_EventRow]) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO events (run_id, seq, record) VALUES (?, ?, ?)", rows)
 
     def _commit(self) -> None:
         try:

@@ -338,17 +338,23 @@ class Manager:
     async def _execute(self, engine: RunEngine, effects: list[Effect]) -> None:
         """Carry out what the engine decided, in order. Called with the run's lock held."""
         run = engine.run
-        events = [e for e in effects if isinstance(e, HistoryEvent)]
+        events: list[HistoryEvent] = []
+        actions: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, HistoryEvent):
+                events.append(effect)
+            else:
+                actions.append(effect)
+        # Once recorded, the store and the followers have the events: a big run's start dispatches every task,
+        # and holding its events while the assigns went out a slice at a time was ~1 KB a task of the peak.
+        del effects
         if events:  # all at once: a sync between them would make records durable ahead of their history
             await self.store.record_all(run, [(run.tasks.get(e.task_id) if e.task_id else None, e) for e in events])
             for event in events:
                 self._recorded(run, event)
-            # The store and the followers have them: a big run's start dispatches every task, and holding its
-            # events while the assigns went out a slice at a time was about 1 KB a task of the manager's peak.
-            effects = [e for e in effects if not isinstance(e, HistoryEvent)]
             del events
         assigns: dict[str, list[tuple[TaskRecord, int]]] = {}
-        for effect in effects:
+        for effect in actions:
             match effect:
                 case SendAssign():
                     task = run.tasks[effect.task_id]

@@ -58,7 +58,6 @@ class Snapshots:
             parts.pop()  # the last separator
         parts.append(b"]}")
         data = b"".join(parts)
-        del parts
         self._not_before[run.run_id] = now + len(data) / self.bytes_per_s
         return data
 
