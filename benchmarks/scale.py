@@ -14,6 +14,9 @@ in Python (``--form python``); ``both`` (the default) runs the file at every siz
 Python-built job at the largest. The run must end ``accepted``. Bus messages are signed (a
 keyring made for the benchmark) unless ``ORCH_INSECURE=1``.
 
+With ``SCALE_RSS_CURVE=1`` each run also prints the manager's resident memory every half second
+(from submit's process start), to show where in the run the peak is.
+
 Reported per run: tasks/s from submit to acceptance; the manager process's peak resident memory
 (``VmHWM``), its resident memory before the job existed, and the difference per task; the
 ledger's size on disk (database plus write-ahead log, after the run).
@@ -75,6 +78,9 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
 
     configure_logging("WARNING")
     tune_gc()  # as the manager process does
+    curve: list[tuple[float, int]] = []
+    if os.environ.get("SCALE_RSS_CURVE"):
+        _sample_rss(curve)
     ledger = Path(tmp) / f"{ns}.db"
     job_file = Path(tmp) / f"{ns}.yaml"
     if form == "file":
@@ -96,9 +102,23 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
         ledger_bytes = sum(p.stat().st_size for p in ledger.parent.glob(ledger.name + "*"))
         return {"tasks": n, "form": form, "accepted": accepted, "seconds": round(elapsed, 2),
                 "tasks_per_s": round(n / elapsed), "rss_before_kb": rss_before, "peak_rss_kb": _status_kb("VmHWM"),
-                "ledger_bytes": ledger_bytes}
+                "ledger_bytes": ledger_bytes, "rss_curve": curve}
 
     print(json.dumps(anyio.run(main)), flush=True)
+
+
+def _sample_rss(curve: list[tuple[float, int]], every_s: float = 0.5) -> None:
+    """Append (seconds, RSS KiB) to ``curve`` from a daemon thread: where in a run the peak is."""
+    import threading
+
+    start = time.perf_counter()
+
+    def sample() -> None:
+        while True:
+            curve.append((round(time.perf_counter() - start, 1), _status_kb("VmRSS")))
+            time.sleep(every_s)
+
+    threading.Thread(target=sample, daemon=True).start()
 
 
 def _keyring(tmp: str) -> str:
@@ -175,6 +195,8 @@ def main() -> None:
                   f"{row['peak_rss_kb'] / 1024:7.1f} MiB (before the job {row['rss_before_kb'] / 1024:.1f} MiB, "
                   f"{row['kb_per_task'] * 1024:6.0f} bytes/task), ledger {row['ledger_bytes'] / 1e6:7.1f} MB "
                   f"({row['ledger_bytes'] / n:.0f} bytes/task)", flush=True)
+            if row["rss_curve"]:
+                print("  RSS (s: MiB): " + ", ".join(f"{t:g}: {kb / 1024:.0f}" for t, kb in row["rss_curve"]))
     finally:
         if server is not None:
             server.stop()
