@@ -26,6 +26,7 @@ __all__ = ("SQLiteStore",)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL,
                                  job TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (run_id TEXT PRIMARY KEY, job TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (run_id TEXT NOT NULL, task_id TEXT NOT NULL, record TEXT NOT NULL,
                                   PRIMARY KEY (run_id, task_id));
 CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
@@ -37,7 +38,8 @@ def _dumps(model: BaseModel) -> str:
     return model.model_dump_json(by_alias=True)
 
 
-_RunRow = tuple[str, str, float, str, str]
+_RunRow = tuple[str, str, float, str]
+_JobRow = tuple[str, str]
 _TaskRow = tuple[str, str, str]
 _EventRow = tuple[str, int, str]
 
@@ -55,11 +57,11 @@ def _event_rows(events: Iterable[Event]) -> list[_EventRow]:
     return [(e.run_id, e.seq, _dumps(e)) for e in events]
 
 
-def _run_row(run: RunRecord, job: str) -> _RunRow:
-    # The run row holds the run without its tasks (rows of their own) and its job (written once, at
-    # creation), so recording a transition costs the same in a run of 5 tasks or of 5,000.
+def _run_row(run: RunRecord) -> _RunRow:
+    # The run row holds the run without its tasks and its job (rows of their own, the job's written once),
+    # so recording a transition costs the same in a run of 5 tasks or of 100,000.
     body = run.model_dump(mode="json", by_alias=True, exclude={"tasks", "job"})
-    return run.run_id, str(run.state), run.created, job, json.dumps(body, separators=(",", ":"))
+    return run.run_id, str(run.state), run.created, json.dumps(body, separators=(",", ":"))
 
 
 class SQLiteStore(Store):
@@ -86,6 +88,11 @@ class SQLiteStore(Store):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
+        # A ledger written before the jobs table has its jobs in the run rows: moved over, in one transaction.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT OR IGNORE INTO jobs (run_id, job) SELECT run_id, job FROM runs WHERE job != ''")
+        db.execute("UPDATE runs SET job = '' WHERE job != ''")
+        db.execute("COMMIT")
         self._db = db
 
     async def aclose(self) -> None:
@@ -129,34 +136,36 @@ class SQLiteStore(Store):
             if not (self._runs or self._tasks or self._events):
                 return
             # Serialized in the event loop, without yielding, so the batch is one consistent moment of the records.
-            runs = [_run_row(run, self._jobs.pop(run.run_id, "")) for run in self._runs.values()]
+            runs = [_run_row(run) for run in self._runs.values()]
+            jobs = list(self._jobs.items())
             tasks, events = self._tasks, self._events
-            self._runs, self._tasks, self._events = {}, {}, []
+            self._runs, self._tasks, self._events, self._jobs = {}, {}, [], {}
             if len(tasks) + len(events) <= _BIG_BATCH_ROWS:
-                await anyio.to_thread.run_sync(self._write, runs, _task_rows(tasks.items()), _event_rows(events))
+                await anyio.to_thread.run_sync(self._write, runs, jobs, _task_rows(tasks.items()), _event_rows(events))
                 return
             # A big batch (the creation or start of a big run): its rows are written as they are serialized,
             # a slice at a time and still without yielding, and only the commit (the fsync) leaves the loop.
             # Serialized all at once, the JSON of a 100,000-task run's start was a sixth of the manager's peak.
             items = list(tasks.items())
             del tasks
-            self._insert(runs, (_task_rows(items[i:i + _SLICE_ROWS]) for i in range(0, len(items), _SLICE_ROWS)),
+            self._insert(runs, jobs, (_task_rows(items[i:i + _SLICE_ROWS]) for i in range(0, len(items), _SLICE_ROWS)),
                          (_event_rows(events[i:i + _SLICE_ROWS]) for i in range(0, len(events), _SLICE_ROWS)))
             await anyio.to_thread.run_sync(self._commit)
 
-    def _write(self, runs: list[_RunRow], tasks: list[_TaskRow], events: list[_EventRow]) -> None:
-        self._insert(runs, [tasks], [events])
+    def _write(self, runs: list[_RunRow], jobs: list[_JobRow], tasks: list[_TaskRow], events: list[_EventRow]) -> None:
+        self._insert(runs, jobs, [tasks], [events])
         self._commit()
 
-    def _insert(self, runs: list[_RunRow], task_slices: Iterable[list[_TaskRow]],
+    def _insert(self, runs: list[_RunRow], jobs: list[_JobRow], task_slices: Iterable[list[_TaskRow]],
                 event_slices: Iterable[list[_EventRow]]) -> None:
         """Begin a transaction and write the rows into it, or roll it back; the caller commits."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO runs (run_id, state, created, job, record) VALUES (?, ?, ?, ?, ?) "
+            db.executemany("INSERT INTO runs (run_id, state, created, job, record) VALUES (?, ?, ?, '', ?) "
                            "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record",
                            runs)
+            db.executemany("INSERT OR IGNORE INTO jobs (run_id, job) VALUES (?, ?)", jobs)
             for rows in task_slices:
                 db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", rows)
             for event_rows in event_slices:
@@ -179,7 +188,8 @@ class SQLiteStore(Store):
         return await anyio.to_thread.run_sync(self._get_run, run_id)
 
     def _get_run(self, run_id: str) -> RunRecord | None:
-        row = self.db.execute("SELECT record, job FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self.db.execute("SELECT runs.record, jobs.job FROM runs JOIN jobs USING (run_id) WHERE run_id = ?",
+                              (run_id,)).fetchone()
         if row is None:
             return None
         # Each row straight from JSON to its model, one at a time: parsing every row to dicts first, then

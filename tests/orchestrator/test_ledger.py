@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -156,5 +157,47 @@ async def test_a_live_run_keeps_each_definition_once_and_the_ledger_keeps_the_jo
     assert [t.instruction for t in live.tasks.values()] == [t.instruction for t in job.tasks]
     async with SQLiteStore(tmp_path / "l.db") as store:
         stored_job = await anyio.to_thread.run_sync(
-            lambda: store.db.execute("SELECT job FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()[0])
+            lambda: store.db.execute("SELECT job FROM jobs WHERE run_id = ?", (run.run_id,)).fetchone()[0])
     assert parse_job(json.loads(stored_job)) == job
+
+
+def _wal_bytes(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_recording_a_transition_does_not_write_the_job_again(tmp_path: Path) -> None:
+    # SQLite rewrites a whole row when one of its columns changes: with the job in the run row, which
+    # changes at every commit, each commit of a big run wrote its whole job to the log again.
+    path = tmp_path / "l.db"
+    run = RunRecord.new(parse_job({"goal": "big job", "tasks": [
+        {"id": f"t{i}", "capability": "step", "instruction": "x" * 4000} for i in range(250)]}), "big-job", now=1.0)
+    changes = _start(run)
+    async with SQLiteStore(path) as store:
+        await store.create_run(run)
+        await store.sync()
+        assert _wal_bytes(path) > 1_000_000  # the job (1 MB) is written once
+        await anyio.to_thread.run_sync(lambda: store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        assert _wal_bytes(path) == 0
+        run.elapsed_s = 12.5  # the run row grows a little, as it does at most commits
+        await store.record(run, run.tasks["t0"], changes[1][1])
+        await store.sync()
+        assert 0 < _wal_bytes(path) < 100_000  # a run row, a task row and an event: a few pages
+
+
+async def test_a_ledger_written_with_jobs_in_the_run_rows_opens_and_moves_them(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    async with Orchestrator(workers=[Step], store=SQLiteStore(path)) as orch:
+        result = await orch.run(chain(2))
+    # Back to the layout before the jobs table: the job in its run row, no jobs table.
+    with sqlite3.connect(path) as db:
+        [job] = db.execute("SELECT job FROM jobs").fetchone()
+        db.execute("UPDATE runs SET job = ?", (job,))
+        db.execute("DROP TABLE jobs")
+    async with SQLiteStore(path) as store:
+        back = await store.get_run(result.run_id)
+        moved = await anyio.to_thread.run_sync(
+            lambda: store.db.execute("SELECT (SELECT count(*) FROM jobs), (SELECT job FROM runs)").fetchone())
+    assert back is not None
+    assert back.summary() == result.to_dict()
+    assert moved == (1, "")
