@@ -496,7 +496,7 @@ class RunEngine:
         A verdict that decides the attempt rides on the pass or reject it causes; one that hands the
         attempt on to the next verifier, or whose cost spends the token budget, is an entry of its own.
         """
-        task.attempts[-1].verdict = verdict.model_dump(mode="json")
+        task.attempts[-1].verdict = _verdict_record(verdict)
         given = VerdictGiven(stage=stage, passed=verdict.passed, verifier=verdict.verifier or str(stage),
                              feedback=verdict.feedback, corrections=verdict.corrections, tokens=verdict.tokens)
         task.tokens += verdict.tokens
@@ -581,7 +581,7 @@ class RunEngine:
             case "accept":
                 if task.state is TaskState.DONE:
                     self._transition(task, TaskEvent.VERIFY, actor=override.by)
-                task.attempts[-1].verdict = Verdict(passed=True, verifier=person).model_dump(mode="json")
+                task.attempts[-1].verdict = _verdict_record(Verdict(passed=True, verifier=person))
                 self._transition(task, TaskEvent.PASS, actor=person,
                                  verdict=VerdictGiven(stage=VerifyStage.HUMAN, passed=True, verifier=person))
             case "reject":
@@ -792,6 +792,26 @@ class RunEngine:
     def _plan(self, task: TaskRecord) -> str:
         deps = f" It builds on {', '.join(task.depends_on)}." if task.depends_on else ""
         return f"Goal: {self.run.goal}. This task ({task.id}): {task.instruction}.{deps}"
+
+
+_PLAIN_VERDICTS: dict[Verdict, dict[str, Any]] = {}
+_PLAIN_VERDICTS_KEPT = 256
+
+
+def _verdict_record(verdict: Verdict) -> dict[str, Any]:
+    """The verdict as an attempt keeps it (a dict, read-only once recorded).
+
+    A verdict without feedback or corrections (every passing spec check) is one dict per verifier, shared
+    by the attempts it decided: one each was ~240 bytes a task of a 100,000-task run's memory.
+    """
+    if verdict.feedback or verdict.corrections:
+        return verdict.model_dump(mode="json")
+    shared = _PLAIN_VERDICTS.get(verdict)
+    if shared is None:
+        shared = verdict.model_dump(mode="json")
+        if len(_PLAIN_VERDICTS) < _PLAIN_VERDICTS_KEPT:  # verifiers name people too: keep the table bounded
+            _PLAIN_VERDICTS[verdict] = shared
+    return shared
 
 
 def _clip(value: Any, limit: int = _CLIP_CHARS) -> Any:

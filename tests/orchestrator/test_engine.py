@@ -274,3 +274,19 @@ def test_a_workers_own_check_that_breaks_rejects_the_attempt_instead_of_leaving_
     verdict = d.run.tasks["a"].attempts[0].verdict or {}
     assert verdict["verifier"] == "worker:x"
     assert "the worker's own check failed: TimeoutError" in verdict["feedback"]
+
+
+def test_plain_verdicts_are_one_record_shared_by_the_attempts_they_decided() -> None:
+    d = Driver(job(*({"id": t, "capability": "x", "spec": {"expect": 1}} for t in "abc")))
+    d.start()
+    for t in "abc":
+        d.done(t, 2 if t == "c" else 1)
+    a, b, c = (d.run.tasks[t] for t in "abc")
+    assert a.state is TaskState.ACCEPTED
+    assert a.attempts[0].verdict == {"passed": True, "feedback": "", "corrections": [], "verifier": "spec",
+                                     "tokens": 0}
+    assert a.attempts[0].verdict is b.attempts[0].verdict  # one dict for every passing spec check
+    rejected = c.attempts[0].verdict or {}
+    assert rejected["passed"] is False
+    assert "expected" in rejected["feedback"]  # one with feedback is its own
+    assert rejected is not a.attempts[0].verdict
