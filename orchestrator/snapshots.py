@@ -8,6 +8,10 @@ The join still makes the whole summary, and a 100,000-task run's is about 25 MB:
 twice a second, that was a tenth of the manager's time and 50 MB/s of writes. So a run's next
 summary is due no sooner than its last one's size allows at ``bytes_per_s`` (a small run's at once,
 a 100,000-task run's after about 12 s); the final summary of a run is never held back.
+
+A summary is rendered as its parts (the cached pieces, in order), not joined: the bus writes a big one
+a piece at a time (``Bus.put_value_parts``), so no 25 MB copy of it is made, by the join, by the
+client or by the socket's buffer.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ class Snapshots:
         self._tasks.pop(run_id, None)
         self._not_before.pop(run_id, None)
 
-    def render(self, run: RunRecord, *, now: float) -> bytes:
-        """The run's summary (``RunRecord.summary()``) as JSON, rendered at ``now`` (monotonic seconds)."""
+    def render(self, run: RunRecord, *, now: float) -> list[bytes]:
+        """The run's summary (``RunRecord.summary()``) as JSON in parts to be joined, rendered at ``now``
+        (monotonic seconds). The parts are bytes that do not change, so they may be written after the run
+        has moved on: they are the summary of this moment."""
         cached = self._tasks.setdefault(run.run_id, {})
         head = _dumps(run.summary(with_tasks=False))
-        # One join over every piece, separators included: joining the tasks and then adding the head made
-        # two more copies of a summary that is 25 MB at 100,000 tasks.
         parts = [head[:-1], b', "tasks": [']
         for task in run.tasks.values():
             part = cached.get(task.id)
@@ -57,9 +61,8 @@ class Snapshots:
         if run.tasks:
             parts.pop()  # the last separator
         parts.append(b"]}")
-        data = b"".join(parts)
-        self._not_before[run.run_id] = now + len(data) / self.bytes_per_s
-        return data
+        self._not_before[run.run_id] = now + sum(map(len, parts)) / self.bytes_per_s
+        return parts
 
 
 def _dumps(value: object) -> bytes:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "LIVE", "PUBLISH", "RECLAIM", "RELEASE", "RENEW", "SET_VALUE",
-           "Script")
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
+           "SET_VALUE", "STAGE_PIECE", "Script")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +234,33 @@ end
 return out
 """, fixed=1, width=1)
 
+# A value written in pieces (``RedisBus.put_value_parts``) under a staging key of its own, then put in
+# place at once, so a reader never sees half of it. Run again after it succeeded (a retried call),
+# it finds no staging key and changes nothing.
+# KEYS: staging key. ARGV: its time to live in ms | offset | piece. A piece already applied (a retried
+# call) is not applied again; a staging key that is not as long as the offset (it expired during an
+# outage) is an error starting STAGING, so the writer starts over rather than publish a damaged value.
+STAGE_PIECE = Script("stage_piece", r"""
+local ms, offset = tonumber(ARGV[1]), tonumber(ARGV[2])
+local length = redis.call('STRLEN', KEYS[1])
+if length == offset + string.len(ARGV[3]) then return 1 end
+if length ~= offset then
+  return redis.error_reply('STAGING value lost: ' .. length .. ' bytes staged, ' .. offset .. ' expected')
+end
+redis.call('SETRANGE', KEYS[1], offset, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ms)
+return 1
+""", fixed=3, width=0)
+
+# KEYS: staging key, value key. ARGV: time to live in ms (0: none). 1 when moved, else 0.
+PUT_STAGED = Script("put_staged", r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+local px = tonumber(ARGV[1])
+if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEYS[2]) end
+return 1
+""", fixed=1, width=0)
+
 # KEYS: key. ARGV: time to live in seconds, per item. 1 when the key exists, else 0.
 EXPIRE = Script("expire", r"""
 local out = {}
@@ -243,4 +270,4 @@ end
 return out
 """, fixed=0, width=1)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, SET_VALUE, EXPIRE)
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, SET_VALUE, STAGE_PIECE, PUT_STAGED, EXPIRE)

@@ -77,6 +77,24 @@ def _forbidden(reply: ResponseError) -> bool:
 
 
 _RELEASE_IDLE_MS = 365 * 24 * 3600 * 1000  # far past any lease a reclaimer could use
+_STAGING_TTL_MS = 10 * 60 * 1000  # a writer that dies mid-value leaves its staging key for this long
+
+
+def _pieces(parts: Sequence[bytes], limit: int) -> Iterable[bytes]:
+    """``parts`` joined into pieces of at most ``limit`` bytes (small parts together, a big one sliced)."""
+    batch: list[bytes] = []
+    size = 0
+    for part in parts:
+        if size + len(part) > limit and batch:
+            yield b"".join(batch)
+            batch, size = [], 0
+        if len(part) > limit:
+            yield from (part[i:i + limit] for i in range(0, len(part), limit))
+            continue
+        batch.append(part)
+        size += len(part)
+    if batch:
+        yield b"".join(batch)
 
 
 def _s(value: bytes | str) -> str:
@@ -320,6 +338,7 @@ class RedisBus(Bus):
         self._sha = {script.name: hashlib.sha1(script.source.encode()).hexdigest() for script in lua.ALL}
         self._groups: set[tuple[str, str]] = set()
         self._writes = _Batcher(self)
+        self._value_locks: dict[str, anyio.Lock] = {}  # keys with a value being written in pieces
         self._outage = Outage(rs.safe_url, limit_s=rs.retry_budget_s)
 
     async def _hold_connection(self) -> Any:
@@ -692,6 +711,44 @@ class RedisBus(Bus):
         if values:
             await self._writes.run_many([(lua.SET_VALUE, (self.value_key(key),), (px,), (value,))
                                          for key, value in values.items()])
+
+    async def put_value_parts(self, key: str, parts: Sequence[bytes], *, ttl_s: float | None = None) -> None:
+        limit = self.redis_settings.value_piece_bytes
+        lock = self._value_locks.get(key)
+        if lock is None and sum(map(len, parts)) <= limit:
+            await self.put_values({key: b"".join(parts)}, ttl_s=ttl_s)
+            return
+        # A big value goes up a piece at a time under a staging key, then into place at once. Writes of
+        # one key wait for each other, so a value written earlier never lands after a later one.
+        lock = self._value_locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                for attempt in range(3):
+                    try:
+                        await self._put_staged(key, parts, ttl_s)
+                        return
+                    except ResponseError as exc:
+                        if not str(exc).startswith("STAGING") or attempt == 2:
+                            raise
+                        log.warning("staged_value_lost", key=key, error=str(exc))  # expired during an outage
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting and self._value_locks.get(key) is lock:
+                del self._value_locks[key]
+
+    async def _put_staged(self, key: str, parts: Sequence[bytes], ttl_s: float | None) -> None:
+        value_key = self.value_key(key)
+        # In the value key's hash slot (its own tag, or its whole name as the tag), under the namespace.
+        write = uuid.uuid4().hex
+        staging = (f"{value_key}:staging:{write}" if "{" in value_key
+                   else f"{self.redis_settings.namespace}:staging:{{{value_key}}}:{write}")
+        stage_ms = _STAGING_TTL_MS
+        offset = 0
+        for piece in _pieces(parts, self.redis_settings.value_piece_bytes):
+            await self._call("put_value_parts", functools.partial(
+                self._eval, lua.STAGE_PIECE, [staging], [stage_ms, offset, piece]))
+            offset += len(piece)
+        px = 0 if ttl_s is None else max(1, int(ttl_s * 1000))
+        await self._call("put_value_parts", functools.partial(self._eval, lua.PUT_STAGED, [staging, value_key], [px]))
 
     async def get_value(self, key: str) -> bytes | None:
         value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))

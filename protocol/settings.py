@@ -124,6 +124,9 @@ class RedisSettings(BaseModel):
     max_task_stream_len: int | None = Field(default=None, ge=1)
     backpressure_poll_s: float = Field(default=0.05, gt=0)
     dead_letter_maxlen: int = Field(default=100_000, ge=1)
+    # A stored value longer than this (a big run's status summary: 25 MB at 100,000 tasks) is written a
+    # piece of this size at a time, so neither the client nor the socket buffers hold copies of all of it.
+    value_piece_bytes: int = Field(default=1 << 20, ge=1024)
     max_connections: int | None = Field(default=None, ge=1)
 
     @field_validator("namespace")

@@ -15,14 +15,14 @@ def test_a_cached_summary_follows_the_tasks_that_changed() -> None:
     run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "a", "capability": "x"},
                                                           {"id": "b", "capability": "x"}]}))
     snapshots = Snapshots()
-    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
     run.tasks["a"].output, run.tokens = {"n": 1}, 7
     snapshots.changed(run.run_id, "a")
-    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
     run.tasks["b"].output = 2  # not reported as changed: the cached JSON stays until it is
-    assert json.loads(snapshots.render(run, now=0.0))["tasks"][1]["output"] is None
+    assert json.loads(b"".join(snapshots.render(run, now=0.0)))["tasks"][1]["output"] is None
     snapshots.changed(run.run_id, "b")
-    assert json.loads(snapshots.render(run, now=0.0)) == run.summary()
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
 
 
 def test_a_big_summary_is_due_again_only_when_its_size_allows() -> None:
@@ -30,7 +30,7 @@ def test_a_big_summary_is_due_again_only_when_its_size_allows() -> None:
     big = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(2000)]}))
     snapshots = Snapshots(bytes_per_s=100_000.0)
     assert snapshots.due(big.run_id, 10.0)  # never rendered: due at once
-    size = len(snapshots.render(big, now=10.0))
+    size = len(b"".join(snapshots.render(big, now=10.0)))
     assert size > 200_000  # about 2 s of the budget
     assert not snapshots.due(big.run_id, 10.0 + size / 100_000.0 - 0.01)
     assert snapshots.due(big.run_id, 10.0 + size / 100_000.0)
@@ -43,4 +43,16 @@ def test_a_big_summary_is_due_again_only_when_its_size_allows() -> None:
 @pytest.mark.parametrize("tasks", [0, 1, 3])
 def test_the_summary_is_valid_json_whatever_the_number_of_tasks(tasks: int) -> None:
     run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(tasks)]}))
-    assert json.loads(Snapshots().render(run, now=0.0)) == run.summary()
+    assert json.loads(b"".join(Snapshots().render(run, now=0.0))) == run.summary()
+
+
+def test_rendered_parts_stay_the_summary_of_their_moment() -> None:
+    # The bus may write a big summary's parts while the run moves on.
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "a", "capability": "x"}]}))
+    snapshots = Snapshots()
+    parts = snapshots.render(run, now=0.0)
+    before = run.summary()
+    run.tasks["a"].output = "later"
+    snapshots.changed(run.run_id, "a")
+    snapshots.render(run, now=1.0)
+    assert json.loads(b"".join(parts)) == before

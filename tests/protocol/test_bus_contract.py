@@ -218,6 +218,14 @@ async def test_several_values_are_stored_at_once_and_expire(bus: Bus) -> None:
     assert await bus.get_value(keys[1]) == keys[1].encode()
 
 
+async def test_a_value_given_in_parts_is_stored_joined(bus: Bus) -> None:
+    key = f"value-{uuid.uuid4().hex[:6]}"
+    await bus.put_value_parts(key, [b'{"a": ', b"1", b"}"], ttl_s=60)
+    assert await bus.get_value(key) == b'{"a": 1}'
+    await bus.put_value_parts(key, [])
+    assert await bus.get_value(key) == b""
+
+
 async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:
     first = await bus.incarnation()
     assert first

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -625,3 +626,43 @@ def test_the_bus_packs_commands_byte_for_byte_as_redis_py() -> None:
     assert any(part is big for part in packed)  # large values go out uncopied
     for odd in (1.5, True, memoryview(b"m"), bytearray(b"b")):  # left to redis-py (which refuses bools)
         assert _pack([("SET", "k", odd)]) is None
+
+
+async def test_a_big_value_is_written_in_pieces_and_read_whole(redis_url: str) -> None:
+    namespace = ns()
+    parts = [f"part {i};".encode() * (i % 7 + 1) for i in range(400)] + [b"x" * 5000, b"end"]
+    async with RedisBus.from_url(redis_url, namespace=namespace, value_piece_bytes=1024) as bus:
+        await bus.put_value_parts("run/big", parts, ttl_s=60)
+        assert await bus.get_value("run/big") == b"".join(parts)
+        await bus.put_value_parts("run/big", [b"small"], ttl_s=60)  # small after big: one write, as before
+        assert await bus.get_value("run/big") == b"small"
+    async with Redis.from_url(redis_url) as raw:
+        assert 0 < await raw.pttl(f"{namespace}:value:run/big") <= 60_000
+        assert [k async for k in raw.scan_iter(f"{namespace}:staging:*")] == []  # nothing left behind
+
+
+async def test_writes_of_one_value_land_in_the_order_they_were_made(redis_url: str) -> None:
+    big = [b"a" * 1000] * 50
+    async with RedisBus.from_url(redis_url, namespace=ns(), value_piece_bytes=1024) as bus:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bus.put_value_parts, "k", big)
+            await anyio.lowlevel.checkpoint()  # the big write has begun, a piece at a time
+            tg.start_soon(bus.put_value_parts, "k", [b"later"])
+        assert await bus.get_value("k") == b"later"
+
+
+async def test_a_staged_piece_is_applied_once_and_never_onto_a_lost_staging_key(redis_url: str) -> None:
+    from redis.exceptions import ResponseError
+
+    from protocol import _redis_lua as lua
+
+    async with RedisBus.from_url(redis_url, namespace=ns()) as bus:
+        key = f"{bus.redis_settings.namespace}:staging:{{test}}:1"
+        for _ in range(2):  # the second is a retried call: already applied, not appended again
+            assert await bus._eval(lua.STAGE_PIECE, [key], [60_000, 0, b"abc"]) == 1
+        assert await bus._eval(lua.STAGE_PIECE, [key], [60_000, 3, b"def"]) == 1
+        with pytest.raises(ResponseError, match=r"^STAGING value lost: 6 bytes staged, 9 expected"):
+            await bus._eval(lua.STAGE_PIECE, [key], [60_000, 9, b"ghi"])  # a piece went missing
+        assert await bus._redis.get(key) == b"abcdef"
+        assert await bus._eval(lua.PUT_STAGED, [key, "elsewhere-" + key], [0]) == 1
+        assert await bus._eval(lua.PUT_STAGED, [key, "elsewhere-" + key], [0]) == 0  # retried: nothing to move
