@@ -23,10 +23,19 @@ from orchestrator.store import Store
 
 __all__ = ("SQLiteStore",)
 
+# A run's job has a table of its own: SQLite rewrites a whole row when any column of it changes, and the
+# run row changes at every commit of the run. Kept in ``runs.job``, as it was, a 100,000-task job's 36 MB
+# were read, copied and written to the log again at every group commit. ``runs.job`` stays in the schema,
+# empty for new runs, so ledgers written before the jobs table still open (``_open`` moves their jobs over).
+#
+# The job row holds the job without its tasks (goal, budget) and the tasks' ids in the job's order: each
+# task's definition is in its task row from the run's creation on. Serializing the whole job at creation
+# was a 100,000-task run's biggest transient (36 MB of JSON and the serializer's 64 MB buffer). Jobs moved
+# over from an older ledger keep their tasks, and no ``task_order``.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL,
                                  job TEXT NOT NULL, record TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (run_id TEXT PRIMARY KEY, job TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (run_id TEXT PRIMARY KEY, job TEXT NOT NULL, task_order TEXT);
 CREATE TABLE IF NOT EXISTS tasks (run_id TEXT NOT NULL, task_id TEXT NOT NULL, record TEXT NOT NULL,
                                   PRIMARY KEY (run_id, task_id));
 CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
@@ -39,7 +48,7 @@ def _dumps(model: BaseModel) -> str:
 
 
 _RunRow = tuple[str, str, float, str]
-_JobRow = tuple[str, str]
+_JobRow = tuple[str, str, str]
 _TaskRow = tuple[str, str, str]
 _EventRow = tuple[str, int, str]
 
@@ -75,7 +84,7 @@ class SQLiteStore(Store):
         self._runs: dict[str, RunRecord] = {}
         self._tasks: dict[tuple[str, str], TaskRecord] = {}
         self._events: list[Event] = []
-        self._jobs: dict[str, str] = {}
+        self._jobs: dict[str, tuple[str, str]] = {}
         self._lock = anyio.Lock()
 
     async def __aenter__(self) -> SQLiteStore:
@@ -90,7 +99,8 @@ class SQLiteStore(Store):
         db.executescript(_SCHEMA)
         # A ledger written before the jobs table has its jobs in the run rows: moved over, in one transaction.
         db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT OR IGNORE INTO jobs (run_id, job) SELECT run_id, job FROM runs WHERE job != ''")
+        db.execute("INSERT OR IGNORE INTO jobs (run_id, job, task_order) SELECT run_id, job, NULL FROM runs "
+                   "WHERE job != ''")
         db.execute("UPDATE runs SET job = '' WHERE job != ''")
         db.execute("COMMIT")
         self._db = db
@@ -110,7 +120,8 @@ class SQLiteStore(Store):
     # -- writes: buffered, then group-committed ----------------------------------------------
 
     async def create_run(self, run: RunRecord) -> None:
-        self._jobs[run.run_id] = run.job.model_dump_json(by_alias=True)
+        self._jobs[run.run_id] = (run.job.model_dump_json(by_alias=True, exclude={"tasks"}),
+                                  json.dumps(list(run.tasks), separators=(",", ":")))
         self._runs[run.run_id] = run
         for task in run.tasks.values():
             self._tasks[(run.run_id, task.id)] = task
@@ -137,7 +148,7 @@ class SQLiteStore(Store):
                 return
             # Serialized in the event loop, without yielding, so the batch is one consistent moment of the records.
             runs = [_run_row(run) for run in self._runs.values()]
-            jobs = list(self._jobs.items())
+            jobs = [(run_id, job, order) for run_id, (job, order) in self._jobs.items()]
             tasks, events = self._tasks, self._events
             self._runs, self._tasks, self._events, self._jobs = {}, {}, [], {}
             if len(tasks) + len(events) <= _BIG_BATCH_ROWS:
@@ -165,7 +176,7 @@ class SQLiteStore(Store):
             db.executemany("INSERT INTO runs (run_id, state, created, job, record) VALUES (?, ?, ?, '', ?) "
                            "ON CONFLICT(run_id) DO UPDATE SET state = excluded.state, record = excluded.record",
                            runs)
-            db.executemany("INSERT OR IGNORE INTO jobs (run_id, job) VALUES (?, ?)", jobs)
+            db.executemany("INSERT OR IGNORE INTO jobs (run_id, job, task_order) VALUES (?, ?, ?)", jobs)
             for rows in task_slices:
                 db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", rows)
             for event_rows in event_slices:
@@ -188,18 +199,18 @@ class SQLiteStore(Store):
         return await anyio.to_thread.run_sync(self._get_run, run_id)
 
     def _get_run(self, run_id: str) -> RunRecord | None:
-        row = self.db.execute("SELECT runs.record, jobs.job FROM runs JOIN jobs USING (run_id) WHERE run_id = ?",
-                              (run_id,)).fetchone()
+        row = self.db.execute("SELECT runs.record, jobs.job, jobs.task_order FROM runs JOIN jobs USING (run_id) "
+                              "WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
         # Each row straight from JSON to its model, one at a time: parsing every row to dicts first, then
         # validating the lot, held the run about three times over (10 KB a task at 50,000 tasks).
         data = json.loads(row[0])
         job = data["job"] = Job.model_validate_json(row[1])
+        order = [t.id for t in job.tasks] if row[2] is None else json.loads(row[2])
         stored = {task_id: TaskRecord.model_validate_json(rec) for task_id, rec in
                   self.db.execute("SELECT task_id, record FROM tasks WHERE run_id = ?", (run_id,))}
-        # Tasks come back in the job's order, which the run's job keeps.
-        data["tasks"] = {t.id: stored.pop(t.id) for t in job.tasks if t.id in stored}
+        data["tasks"] = {task_id: stored.pop(task_id) for task_id in order if task_id in stored}  # the job's order
         run = RunRecord.model_validate(data)
         run.release_task_defs()
         return run

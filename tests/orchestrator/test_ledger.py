@@ -144,7 +144,7 @@ async def test_a_big_batch_that_cannot_be_written_leaves_nothing_half_done(tmp_p
     assert [t.id for t in back.tasks.values() if t.attempt] == ["t0"]
 
 
-async def test_a_live_run_keeps_each_definition_once_and_the_ledger_keeps_the_job(tmp_path: Path) -> None:
+async def test_a_live_run_keeps_each_definition_once_and_the_ledger_each_in_its_task_row(tmp_path: Path) -> None:
     job = parse_job(chain(3))
     async with Orchestrator(workers=[Step], store=SQLiteStore(tmp_path / "l.db")) as orch:
         run = await orch.submit(job)
@@ -156,9 +156,15 @@ async def test_a_live_run_keeps_each_definition_once_and_the_ledger_keeps_the_jo
     assert live.job.budget == job.budget
     assert [t.instruction for t in live.tasks.values()] == [t.instruction for t in job.tasks]
     async with SQLiteStore(tmp_path / "l.db") as store:
-        stored_job = await anyio.to_thread.run_sync(
-            lambda: store.db.execute("SELECT job FROM jobs WHERE run_id = ?", (run.run_id,)).fetchone()[0])
-    assert parse_job(json.loads(stored_job)) == job
+        stored_job, order = await anyio.to_thread.run_sync(lambda: store.db.execute(
+            "SELECT job, task_order FROM jobs WHERE run_id = ?", (run.run_id,)).fetchone())
+        back = await store.get_run(run.run_id)
+    # The job row is the job without its tasks, and their order; each definition is in its task's row.
+    assert parse_job(json.loads(stored_job)) == job.model_copy(update={"tasks": ()})
+    assert json.loads(order) == ["s0", "s1", "s2"]
+    assert back is not None
+    assert [(t.id, t.capability, t.depends_on) for t in back.tasks.values()] == [
+        (t.id, t.capability, t.depends_on) for t in job.tasks]
 
 
 def _wal_bytes(path: Path) -> int:
@@ -189,10 +195,9 @@ async def test_a_ledger_written_with_jobs_in_the_run_rows_opens_and_moves_them(t
     path = tmp_path / "l.db"
     async with Orchestrator(workers=[Step], store=SQLiteStore(path)) as orch:
         result = await orch.run(chain(2))
-    # Back to the layout before the jobs table: the job in its run row, no jobs table.
+    # Back to the layout before the jobs table: the whole job in its run row, no jobs table.
     with sqlite3.connect(path) as db:
-        [job] = db.execute("SELECT job FROM jobs").fetchone()
-        db.execute("UPDATE runs SET job = ?", (job,))
+        db.execute("UPDATE runs SET job = ?", (parse_job(chain(2)).model_dump_json(by_alias=True),))
         db.execute("DROP TABLE jobs")
     async with SQLiteStore(path) as store:
         back = await store.get_run(result.run_id)
