@@ -14,6 +14,7 @@ from rich.text import Text
 
 from protocol.history import (
     Dispatched,
+    DispatchHeld,
     HistoryEvent,
     OverrideGiven,
     OverrideRefused,
@@ -184,6 +185,9 @@ def event_line(event: HistoryEvent) -> str:
             change, extra = str(body.state), _pairs(reason=body.reason)
         case RunStarted():
             change = f"{len(body.tasks)} task(s)"
+        case DispatchHeld():
+            change = f"{body.held} task(s) held" if body.held else "none held"
+            extra = _pairs(window=body.window)
     return f"{event.seq:>5} {stamp} {where:<20} {name:<18} {change:<24} by {event.actor:<24} {extra}".rstrip()
 
 

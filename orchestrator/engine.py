@@ -8,15 +8,18 @@ worker presence, and carries the effects out (the sans-IO shape of h11 and h2). 
 pure, the rules are tested without a bus, sleeps or threads, and a hypothesis state machine
 drives it through arbitrary interleavings.
 
-Liveness is part of the rules: after every input each unfinished task is either moving or
-``waiting`` for something named (a worker of a capability, a person, a dependency, a retry),
-and every wait has a budget or a person behind it.
+Liveness is part of the rules: after every input each unfinished task is either moving,
+``waiting`` for something named (a worker of a capability, a person, a dependency, a retry), or
+held back by the run's dispatch window (one run-level ``held`` event says so for all of them: a
+100,000-task run would otherwise say it 90,000 times), and every wait has a budget or a person
+behind it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from orchestrator.records import AttemptRecord, RunRecord, TaskRecord
 from orchestrator.verifier import data_checks
 from protocol.history import (
     Dispatched,
+    DispatchHeld,
     Guard,
     HistoryBody,
     HistoryEvent,
@@ -243,10 +247,19 @@ class RunEngine:
     """The rules of one run. Not thread-safe; the shell serializes inputs per run."""
 
     def __init__(self, run: RunRecord, *, actor: str = "manager", judge: bool = False,
-                 served: frozenset[str] | None = None) -> None:
+                 served: frozenset[str] | None = None, window: int | None = None) -> None:
         self.run = run
         self.actor = actor
         self.judge = judge  # whether a judge exists to run ``description`` checks
+        # The most tasks of the run in flight (dispatched and not ended) at once; None: no limit. Past it, ready
+        # tasks are held and go out oldest first, a quarter of the window at a time, as tasks in flight end.
+        self.window = window
+        self._in_flight = sum(t.attempt > 0 and not t.terminal for t in run.tasks.values())
+        # A run resumed after a restart had these held (ready, never dispatched): they wait their turn again.
+        started = run.next_seq > 1
+        self._held: deque[str] = deque(t.id for t in run.tasks.values() if started and self._ready(t))
+        self._held_ids = set(self._held)
+        self._held_said = bool(self._held)
         self._served = served  # None until presence is known: nobody is said to be missing before then
         self._dependents: dict[str, list[str]] = {}
         for task in run.tasks.values():
@@ -338,9 +351,39 @@ class RunEngine:
             return
         for task in run.tasks.values():
             if self._ready(task):
-                self._dispatch(task)
+                self._go(task)
             else:
                 self._touch(task)
+
+    def _go(self, task: TaskRecord) -> None:
+        """A ready task's first attempt, or its place behind the others held when the window is full."""
+        if self.window is None or (not self._held and self._in_flight < self.window):
+            self._in_flight += 1
+            self._dispatch(task)
+        else:
+            self._held.append(task.id)
+            self._held_ids.add(task.id)
+            if task.waiting is not None:  # it waited for a dependency: that wait is over
+                self._touch(task)
+
+    def _release(self) -> None:
+        """Dispatch held tasks, oldest first, once a quarter of the window is free (in batches: each release
+        is a round of assigns, and one per ended task would be a round trip per reply)."""
+        if not self._held or self.window is None or self._in_flight > self.window - max(1, self.window // 4):
+            return
+        while self._held and self._in_flight < self.window:
+            task = self.run.tasks[self._held.popleft()]
+            if task.id in self._held_ids:  # not ended (cancelled) while held
+                self._held_ids.discard(task.id)
+                self._in_flight += 1
+                self._dispatch(task)
+
+    def _say_held(self) -> None:
+        """Keep the run's count of held tasks, and say in its history when holding begins and ends."""
+        self.run.held = held = len(self._held_ids)
+        if bool(held) != self._held_said:
+            self._held_said = bool(held)
+            self._emit(None, DispatchHeld(held=held, window=self.window or 0))
 
     def _ready(self, task: TaskRecord) -> bool:
         tasks = self.run.tasks
@@ -685,11 +728,14 @@ class RunEngine:
                 dependent = run.tasks[dependent_id]
                 if ended.state is TaskState.ACCEPTED:
                     if self._ready(dependent):
-                        self._dispatch(dependent)
+                        self._go(dependent)
                     else:
                         self._touch(dependent)
                 elif not dependent.terminal:
                     self._transition(dependent, TaskEvent.CANCEL, reason=f"dependency {ended.id!r} {ended.state}")
+        if run.state is RunState.RUNNING:
+            self._release()
+            self._say_held()
         if run.state is RunState.RUNNING and self._unfinished == 0:
             self._finish()
 
@@ -766,6 +812,10 @@ class RunEngine:
         if task.terminal:
             self._unfinished -= 1
             self._ended.append(task.id)
+            if task.attempt:
+                self._in_flight -= 1
+            else:
+                self._held_ids.discard(task.id)
             task.verify_stage = None
             self._retry_at.pop(task.id, None)
         if reason:

@@ -112,6 +112,10 @@ class ManagerSettings:
     events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
     # Records of recently finished runs kept for wait(), counted in tasks (a run bigger than this is not kept)
     finished_tasks_kept: int = 10_000
+    # The most tasks of one run in flight at once (dispatched, not ended); more ready tasks are held and go out
+    # as these end. A 100,000-task run dispatched all at once held an attempt, an event and an assign for every
+    # task from its start on. None: no limit.
+    dispatch_window: int | None = 10_000
 
 
 class Manager:
@@ -297,7 +301,8 @@ class Manager:
 
     def _track(self, run: RunRecord) -> RunEngine:
         served = self._watchdogs.served if self._watchdogs is not None else None
-        engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served)
+        engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served,
+                           window=self.settings.dispatch_window)
         self._engines[run.run_id] = engine
         self._logs[run.run_id] = _EventLog(first_seq=run.next_seq, keep=self.settings.events_kept)
         while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._engines:

@@ -322,7 +322,7 @@ async def find_run(bus: Bus, run_id: str) -> dict[str, Any] | None:
     if submit is not None:
         tasks = submit.job.get("tasks") or []
         return {"run_id": run_id, "goal": submit.job.get("goal", ""), "state": "queued",
-                "reason": "waiting for a manager to take the submission", "tokens": 0,
+                "reason": "waiting for a manager to take the submission", "tokens": 0, "held": 0,
                 "tasks": [{"id": t.get("id", ""), "capability": t.get("capability", ""), "state": "not_done",
                            "attempts": 0, "output": None, "reason": "", "worker": "", "tokens": 0}
                           for t in tasks if isinstance(t, dict)]}

@@ -109,6 +109,7 @@ class RunRecord(BaseModel):
     reason: str = ""
     tokens: int = 0
     next_seq: int = 1
+    held: int = 0  # ready tasks held back by the manager's dispatch window (``ManagerSettings.dispatch_window``)
 
     @classmethod
     def new(cls, job: Job, run_id: str | None = None, *, now: float | None = None) -> RunRecord:
@@ -125,7 +126,7 @@ class RunRecord(BaseModel):
     def summary(self, *, with_tasks: bool = True) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""
         head: dict[str, Any] = {"run_id": self.run_id, "goal": self.goal, "state": str(self.state),
-                                "reason": self.reason, "tokens": self.tokens}
+                                "reason": self.reason, "tokens": self.tokens, "held": self.held}
         if with_tasks:
             head["tasks"] = [t.summary() for t in self.tasks.values()]
         return head

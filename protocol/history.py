@@ -17,6 +17,7 @@ from protocol._compact import SharedFieldsSet
 from protocol.states import TERMINAL, RunState, TaskEvent, TaskState, VerifyStage
 
 __all__ = (
+    "DispatchHeld",
     "Dispatched",
     "Guard",
     "HistoryBody",
@@ -147,6 +148,16 @@ class WaitingChanged(_Model):
     waiting: Waiting | None
 
 
+class DispatchHeld(_Model):
+    """Tasks ready to go, held back because the run has ``window`` tasks in flight, its most; they go out,
+    oldest first, as tasks in flight end. Said when holding begins and when it ends (``held`` is 0);
+    the run's summary has the count in between."""
+
+    kind: Literal["held"] = "held"
+    held: int
+    window: int
+
+
 class ProgressNoted(_Model):
     """A worker's progress note."""
 
@@ -163,7 +174,7 @@ class RunFinished(_Model):
 
 HistoryBody = Annotated[
     RunStarted | Dispatched | Transitioned | VerdictGiven | OverrideGiven | OverrideRefused | WaitingChanged
-    | ProgressNoted | RunFinished,
+    | DispatchHeld | ProgressNoted | RunFinished,
     Field(discriminator="kind"),
 ]
 
@@ -225,6 +236,7 @@ class RunFold:
     tasks: dict[str, TaskFold] = field(default_factory=dict)
     redo_log: list[str] = field(default_factory=list)
     last_seq: int = 0
+    held: int = 0  # tasks held back by the dispatch window, as last said
 
     def apply(self, event: HistoryEvent) -> None:
         """Fold one event in."""
@@ -237,6 +249,9 @@ class RunFold:
             return
         if isinstance(body, RunFinished):
             self.state, self.reason = body.state, body.reason
+            return
+        if isinstance(body, DispatchHeld):
+            self.held = body.held
             return
         task = self.tasks.setdefault(event.task_id, TaskFold(event.task_id))
         task.attempt = max(task.attempt, event.attempt)

@@ -30,9 +30,10 @@ WALL0 = 1_800_000_000.0  # the wall clock starts here; the monotonic clock at 0
 class Driver:
     """One run's engine, a clock, and everything it emitted so far."""
 
-    def __init__(self, job: dict[str, Any], *, judge: bool = False, served: frozenset[str] | None = None) -> None:
+    def __init__(self, job: dict[str, Any], *, judge: bool = False, served: frozenset[str] | None = None,
+                 window: int | None = None) -> None:
         self.run = RunRecord.new(parse_job(job), "run-1", now=WALL0)
-        self.engine = RunEngine(self.run, judge=judge, served=served)
+        self.engine = RunEngine(self.run, judge=judge, served=served, window=window)
         self.mono = 0.0
         self.history: list[HistoryEvent] = []
         self.effects: list[Effect] = []
