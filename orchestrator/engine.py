@@ -380,7 +380,9 @@ class RunEngine:
 
     def _say_held(self) -> None:
         """Keep the run's count of held tasks, and say in its history when holding begins and ends."""
-        self.run.held = held = len(self._held_ids)
+        held = len(self._held_ids)
+        if self.run.held != held:
+            self.run.held = held
         if bool(held) != self._held_said:
             self._held_said = bool(held)
             self._emit(None, DispatchHeld(held=held, window=self.window or 0))
