@@ -253,6 +253,8 @@ class RunEngine:
         self.judge = judge  # whether a judge exists to run ``description`` checks
         # The most tasks of the run in flight (dispatched and not ended) at once; None: no limit. Past it, ready
         # tasks are held and go out oldest first, a quarter of the window at a time, as tasks in flight end.
+        if window is not None and window < 1:
+            raise ValueError(f"dispatch window must be at least 1 task (or None for no limit), not {window}")
         self.window = window
         self._in_flight = sum(t.attempt > 0 and not t.terminal for t in run.tasks.values())
         # A run resumed after a restart had these held (ready, never dispatched): they wait their turn again.

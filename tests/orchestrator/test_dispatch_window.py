@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from orchestrator.engine import Cancel, Redrive, RunEngine, Tick
 from protocol.history import Dispatched, DispatchHeld, WaitingChanged
 from protocol.states import RunState, TaskState
@@ -84,3 +86,8 @@ def test_without_a_window_every_ready_task_goes_at_the_start() -> None:
     d = Driver(wide(50))
     assert len(sent(d.start())) == 50
     assert (d.run.held, held_events(d)) == (0, [])
+
+
+def test_a_window_of_no_tasks_is_refused_with_what_it_was() -> None:
+    with pytest.raises(ValueError, match=r"at least 1 task .* not 0"):
+        Driver(wide(1), window=0)
