@@ -93,7 +93,6 @@ ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 
 _FINISHED_LOGS_KEPT = 100
 _DISPATCH_SLICE = 1000  # assigns built and published at once
-_SUMMARY_IN_PIECES = 1 << 20  # status summaries bigger than this (bytes) are written on their own, in pieces
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
 
 
@@ -583,21 +582,16 @@ class Manager:
             summaries = {run_snapshot_key(run_id): self._snapshots.render(self._engines[run_id].run, now=at)
                          for run_id in stale if run_id in self._engines}
             # Small ones in one round trip for all of them: with thousands of short runs in flight, one each was
-            # a noticeable share of the manager's time. Big ones a piece at a time, each on its own. (A run's
-            # summary only grows, so one run's are never written by both paths at once.)
-            big = {key: parts for key, parts in summaries.items() if sum(map(len, parts)) > _SUMMARY_IN_PIECES}
-            await self.bus.put_values({key: b"".join(parts) for key, parts in summaries.items() if key not in big},
-                                      ttl_s=self.settings.snapshot_ttl_s)
-            for key, parts in big.items():
-                await self.bus.put_value_parts(key, parts, ttl_s=self.settings.snapshot_ttl_s)
-            del summaries, big
+            # a noticeable share of the manager's time. Big ones (25 MB at 100,000 tasks) a piece at a time.
+            await self.bus.put_values_in_parts(summaries, ttl_s=self.settings.snapshot_ttl_s)
+            del summaries
 
     async def _publish_snapshot(self, run: RunRecord) -> None:
         if run.run_id in self._engines:
             parts = self._snapshots.render(run, now=time.monotonic())
         else:  # a run this manager does not hold (a rejected submission)
             parts = [json.dumps(run.summary(), default=str).encode()]
-        await self.bus.put_value_parts(run_snapshot_key(run.run_id), parts, ttl_s=self.settings.snapshot_ttl_s)
+        await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): parts}, ttl_s=self.settings.snapshot_ttl_s)
 
     # -- messages and tracing ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ summary is due no sooner than its last one's size allows at ``bytes_per_s`` (a s
 a 100,000-task run's after about 12 s); the final summary of a run is never held back.
 
 A summary is rendered as its parts (the cached pieces, in order), not joined: the bus writes a big one
-a piece at a time (``Bus.put_value_parts``), so no 25 MB copy of it is made, by the join, by the
+a piece at a time (``Bus.put_values_in_parts``), so no 25 MB copy of it is made, by the join, by the
 client or by the socket's buffer.
 """
 

@@ -234,7 +234,7 @@ end
 return out
 """, fixed=1, width=1)
 
-# A value written in pieces (``RedisBus.put_value_parts``) under a staging key of its own, then put in
+# A value written in pieces (``RedisBus.put_values_in_parts``) under a staging key of its own, then put in
 # place at once, so a reader never sees half of it. Run again after it succeeded (a retried call),
 # it finds no staging key and changes nothing.
 # KEYS: staging key. ARGV: its time to live in ms | offset | piece. A piece already applied (a retried

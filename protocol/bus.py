@@ -182,11 +182,11 @@ class Bus(abc.ABC):
         for key, value in values.items():
             await self.put_value(key, value, ttl_s=ttl_s)
 
-    async def put_value_parts(self, key: str, parts: Sequence[bytes], *, ttl_s: float | None = None) -> None:
-        """Store the value ``b"".join(parts)``, which may be big (a 100,000-task run's summary), without joining
-        it where the bus can; readers see the old value or the whole new one. Calls for one key are applied in
-        the order they were made."""
-        await self.put_value(key, b"".join(parts), ttl_s=ttl_s)
+    async def put_values_in_parts(self, values: Mapping[str, Sequence[bytes]], *, ttl_s: float | None = None) -> None:
+        """``put_values`` of each ``b"".join(parts)``, without joining the big ones (a 100,000-task run's summary)
+        where the bus can; readers see a key's old value or the whole new one, and writes of one key land in the
+        order they were made."""
+        await self.put_values({key: b"".join(parts) for key, parts in values.items()}, ttl_s=ttl_s)
 
     @abc.abstractmethod
     async def get_value(self, key: str) -> bytes | None:

@@ -712,14 +712,20 @@ class RedisBus(Bus):
             await self._writes.run_many([(lua.SET_VALUE, (self.value_key(key),), (px,), (value,))
                                          for key, value in values.items()])
 
-    async def put_value_parts(self, key: str, parts: Sequence[bytes], *, ttl_s: float | None = None) -> None:
+    async def put_values_in_parts(self, values: Mapping[str, Sequence[bytes]], *, ttl_s: float | None = None) -> None:
+        # Small values in one round trip for all of them (unless a big write of the same key is under way);
+        # big ones a piece at a time, each on its own.
         limit = self.redis_settings.value_piece_bytes
-        lock = self._value_locks.get(key)
-        if lock is None and sum(map(len, parts)) <= limit:
-            await self.put_values({key: b"".join(parts)}, ttl_s=ttl_s)
-            return
-        # A big value goes up a piece at a time under a staging key, then into place at once. Writes of
-        # one key wait for each other, so a value written earlier never lands after a later one.
+        small = {key: b"".join(parts) for key, parts in values.items()
+                 if key not in self._value_locks and sum(map(len, parts)) <= limit}
+        await self.put_values(small, ttl_s=ttl_s)
+        for key, parts in values.items():
+            if key not in small:
+                await self._put_in_pieces(key, parts, ttl_s)
+
+    async def _put_in_pieces(self, key: str, parts: Sequence[bytes], ttl_s: float | None) -> None:
+        # Up a piece at a time under a staging key, then into place at once. Writes of one key wait for each
+        # other, so a value written earlier never lands after a later one.
         lock = self._value_locks.setdefault(key, anyio.Lock())
         try:
             async with lock:
@@ -744,11 +750,11 @@ class RedisBus(Bus):
         stage_ms = _STAGING_TTL_MS
         offset = 0
         for piece in _pieces(parts, self.redis_settings.value_piece_bytes):
-            await self._call("put_value_parts", functools.partial(
+            await self._call("put_values_in_parts", functools.partial(
                 self._eval, lua.STAGE_PIECE, [staging], [stage_ms, offset, piece]))
             offset += len(piece)
         px = 0 if ttl_s is None else max(1, int(ttl_s * 1000))
-        await self._call("put_value_parts", functools.partial(self._eval, lua.PUT_STAGED, [staging, value_key], [px]))
+        await self._call("put_values_in_parts", functools.partial(self._eval, lua.PUT_STAGED, [staging, value_key], [px]))
 
     async def get_value(self, key: str) -> bytes | None:
         value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))

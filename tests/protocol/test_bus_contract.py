@@ -220,9 +220,9 @@ async def test_several_values_are_stored_at_once_and_expire(bus: Bus) -> None:
 
 async def test_a_value_given_in_parts_is_stored_joined(bus: Bus) -> None:
     key = f"value-{uuid.uuid4().hex[:6]}"
-    await bus.put_value_parts(key, [b'{"a": ', b"1", b"}"], ttl_s=60)
+    await bus.put_values_in_parts({key: [b'{"a": ', b"1", b"}"]}, ttl_s=60)
     assert await bus.get_value(key) == b'{"a": 1}'
-    await bus.put_value_parts(key, [])
+    await bus.put_values_in_parts({key: []})
     assert await bus.get_value(key) == b""
 
 

@@ -632,9 +632,9 @@ async def test_a_big_value_is_written_in_pieces_and_read_whole(redis_url: str) -
     namespace = ns()
     parts = [f"part {i};".encode() * (i % 7 + 1) for i in range(400)] + [b"x" * 5000, b"end"]
     async with RedisBus.from_url(redis_url, namespace=namespace, value_piece_bytes=1024) as bus:
-        await bus.put_value_parts("run/big", parts, ttl_s=60)
+        await bus.put_values_in_parts({"run/big": parts}, ttl_s=60)
         assert await bus.get_value("run/big") == b"".join(parts)
-        await bus.put_value_parts("run/big", [b"small"], ttl_s=60)  # small after big: one write, as before
+        await bus.put_values_in_parts({"run/big": [b"small"]}, ttl_s=60)  # small after big: one write, as before
         assert await bus.get_value("run/big") == b"small"
     async with Redis.from_url(redis_url) as raw:
         assert 0 < await raw.pttl(f"{namespace}:value:run/big") <= 60_000
@@ -645,9 +645,9 @@ async def test_writes_of_one_value_land_in_the_order_they_were_made(redis_url: s
     big = [b"a" * 1000] * 50
     async with RedisBus.from_url(redis_url, namespace=ns(), value_piece_bytes=1024) as bus:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(bus.put_value_parts, "k", big)
+            tg.start_soon(bus.put_values_in_parts, {"k": big})
             await anyio.lowlevel.checkpoint()  # the big write has begun, a piece at a time
-            tg.start_soon(bus.put_value_parts, "k", [b"later"])
+            tg.start_soon(bus.put_values_in_parts, {"k": [b"later"]})
         assert await bus.get_value("k") == b"later"
 
 
