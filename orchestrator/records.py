@@ -97,7 +97,7 @@ class RunRecord(BaseModel):
     run_id: str = Field(default_factory=new_id)
     goal: str
     # The job as submitted. Its task list is let go once the run is stored (``release_task_defs``): each
-    # task's definition is in its record in ``tasks``, and the ledger keeps the job as it came.
+    # task's definition is in its record in ``tasks`` (and in the ledger's task rows).
     job: Job
     state: RunState = RunState.RUNNING
     tasks: dict[str, TaskRecord]
