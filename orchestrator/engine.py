@@ -397,7 +397,7 @@ class RunEngine:
     def _dispatch(self, task: TaskRecord) -> None:
         task.attempt += 1
         task.verify_stage = None
-        task.attempts.append(AttemptRecord(attempt=task.attempt, started=self._now.wall))
+        task.attempts = (*task.attempts, AttemptRecord(attempt=task.attempt, started=self._now.wall))
         self._emit(task, Dispatched(capability=task.capability))
         self._effects.append(SendAssign(task.id))
         self._touch(task)
@@ -564,8 +564,8 @@ class RunEngine:
                 given: VerdictGiven | None = None) -> None:
         self._transition(task, TaskEvent.REJECT, actor=verdict.verifier or self.actor, verdict=given)
         previous = task.redo[-1].feedback if task.redo else None
-        task.redo.append(Redo(plan=self._plan(task), context=_context(task), feedback=verdict.feedback,
-                              corrections=verdict.corrections))
+        task.redo = (*task.redo, Redo(plan=self._plan(task), context=_context(task), feedback=verdict.feedback,
+                                      corrections=verdict.corrections))
         # The same objection twice from a judge or a worker's own check means the worker is not
         # converging. A deterministic check repeats itself by nature: there, loops are caught by a
         # repeated output instead, so a changing output keeps its budget. A person is always heard.
@@ -638,12 +638,12 @@ class RunEngine:
             case "redo" if task.state is TaskState.NOT_DONE and task.attempt > 0:
                 # Stop the attempt in flight; the next one carries the person's feedback.
                 self._effects.append(StopWork(task.id, f"redo requested by {override.by}", override.by))
-                task.redo.append(Redo(plan=self._plan(task), context=_context(task), feedback=override.feedback))
+                task.redo = (*task.redo, Redo(plan=self._plan(task), context=_context(task), feedback=override.feedback))
                 self._retry_at.pop(task.id, None)
                 self._transition(task, TaskEvent.RETRY, actor=override.by)
                 self._dispatch(task)
             case _:  # redo before the first attempt, or while a redo is pending: the next attempt carries it
-                task.redo.append(Redo(plan=self._plan(task), context=_context(task), feedback=override.feedback))
+                task.redo = (*task.redo, Redo(plan=self._plan(task), context=_context(task), feedback=override.feedback))
 
     def _person_rejects(self, task: TaskRecord, override: Override, person: str) -> None:
         if task.state is TaskState.DONE:

@@ -597,7 +597,7 @@ class Manager:
 
     def _assign(self, run: RunRecord, task: TaskRecord) -> Envelope:
         body = Assign(capability=task.capability, instruction=task.instruction, input=task.input, config=task.config,
-                      spec_description=task.spec.description, timeout_s=task.timeout_s, redo=tuple(task.redo),
+                      spec_description=task.spec.description, timeout_s=task.timeout_s, redo=task.redo,
                       dependencies={d: run.tasks[d].output for d in task.depends_on})
         return Envelope(run_id=run.run_id, task_id=task.id, attempt=task.attempt, sender=self.name,
                         trace=self._trace_context(run, task), body=body)

@@ -55,8 +55,10 @@ class TaskRecord(SharedFieldsSet):
     verify_stage: VerifyStage | None = None  # which verifier a verify_done task is with
     self_check: bool = False  # the worker said it can verify its own results
     waiting: Waiting | None = None  # what the task waits for when it is not moving
-    redo: list[Redo] = Field(default_factory=list)
-    attempts: list[AttemptRecord] = Field(default_factory=list)
+    # Tuples, replaced whole when one is added: most tasks never get a redo, and an empty tuple is one
+    # object for all of them where an empty list was 56 bytes a task.
+    redo: tuple[Redo, ...] = ()
+    attempts: tuple[AttemptRecord, ...] = ()
 
     @field_validator("spec")
     @classmethod
