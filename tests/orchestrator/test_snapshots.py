@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.job import parse_job
 from orchestrator.records import RunRecord
-from orchestrator.snapshots import Snapshots
+from orchestrator.snapshots import BLOCK, Snapshots
 
 
 def test_a_cached_summary_follows_the_tasks_that_changed() -> None:
@@ -56,3 +56,25 @@ def test_rendered_parts_stay_the_summary_of_their_moment() -> None:
     snapshots.changed(run.run_id, "a")
     snapshots.render(run, now=1.0)
     assert json.loads(b"".join(parts)) == before
+
+
+def test_only_the_blocks_with_a_changed_task_are_rendered_again() -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
+                                                          for i in range(2 * BLOCK + 10)]}))
+    snapshots = Snapshots()
+    first = snapshots.render(run, now=0.0)
+    run.tasks[f"t{BLOCK + 3}"].output = "new"
+    snapshots.changed(run.run_id, f"t{BLOCK + 3}")
+    second = snapshots.render(run, now=1.0)
+    assert json.loads(b"".join(second)) == run.summary()
+    blocks = (2, 4, 6)  # head, "tasks": [, then a block and a separator each
+    assert [first[i] is second[i] for i in blocks] == [True, False, True]
+
+
+def test_a_run_whose_task_list_grows_gets_its_last_block_rendered_again() -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(3)]}))
+    snapshots = Snapshots()
+    snapshots.render(run, now=0.0)
+    extra = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "late", "capability": "y"}]}))
+    run.tasks["late"] = extra.tasks["late"]
+    assert json.loads(b"".join(snapshots.render(run, now=1.0))) == run.summary()
