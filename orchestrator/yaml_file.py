@@ -114,6 +114,10 @@ class _Builder:
         self.anchors: dict[str, tuple[Any, int, int]] = {}  # anchor -> (value, expanded size, depth)
         self.open_anchors: set[str] = set()
         self.written = 0  # values as written, each alias counted once
+        # One object per distinct string: a generated job repeats its keys, capabilities, instructions and
+        # often inputs in every task, and each occurrence was its own object (~50 bytes and up a time),
+        # kept for the whole run by the records made from it. Strings are immutable: sharing is invisible.
+        self.strings: dict[str, str] = {}
 
     def document(self) -> Any:
         loader = self.loader
@@ -192,7 +196,7 @@ class _Builder:
         if tag is None or tag == "!":
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag in (_STR, _VALUE):  # "=" (the value key) is a plain string once safe_load has built it
-            return event.value
+            return self.strings.setdefault(event.value, event.value)
         if tag == _MERGE:
             return _MERGE_KEY
         if tag not in _SCALAR_TAGS:

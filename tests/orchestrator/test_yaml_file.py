@@ -86,6 +86,15 @@ def test_aliases_are_shared_not_copied(loader: str) -> None:
     assert data["b"] is data["a"]  # as safe_load shares them; the expansion is what the bounds count
 
 
+def test_equal_strings_are_one_object(loader: str) -> None:
+    # A generated job repeats its keys and values in every task; the run keeps what its records hold.
+    data = load_bounded_yaml("- {capability: summarise, input: a long shared text}\n"
+                             "- {capability: summarise, input: a long shared text}\n")
+    first, second = data
+    assert first["input"] is second["input"] and first["capability"] is second["capability"]
+    assert next(iter(first)) is next(iter(second))  # keys too
+
+
 def test_merged_mappings_earlier_in_the_list_win_as_the_merge_key_spec_says(loader: str) -> None:
     # PyYAML 6.0.4's safe_load agrees only for keys CPython caches as one object (single letters, as in
     # the list above): it drops repeated keys by the identity of their strings, so for "port" the last
