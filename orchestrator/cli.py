@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--max-queue", type=int, default=_FromEnv("ORCH_MAX_QUEUE", count, None), metavar="N",
                          help="back-pressure: dispatch waits while a capability has N tasks waiting or in flight "
                               "(env ORCH_MAX_QUEUE; default: unbounded)")
+    manager.add_argument("--dispatch-window", type=int, default=_FromEnv("ORCH_DISPATCH_WINDOW", count, 10_000),
+                         metavar="N", help="the most tasks of one run in flight at once; more ready tasks are held "
+                                           "until these end (env ORCH_DISPATCH_WINDOW; default: 10000)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
     _allow_check_flag(manager)
@@ -552,12 +555,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def _cmd_manager(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         raise ConfigError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.dispatch_window < 1:
+        raise ConfigError(f"--dispatch-window must be at least 1, got {args.dispatch_window}")
     tune_gc()  # this process is a manager: large long-lived heaps
     anyio.run(functools.partial(
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
         manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
-        max_queue=args.max_queue, exit_after_s=args.exit_after_s, allow_checks=args.allow_check,
+        max_queue=args.max_queue, dispatch_window=args.dispatch_window, exit_after_s=args.exit_after_s,
+        allow_checks=args.allow_check,
         trust=trust_of(args, ["manager"], what="the manager")))
     return EXIT_ACCEPTED
 

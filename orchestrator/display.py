@@ -147,6 +147,8 @@ def render_summary(view: RunView, result: dict[str, Any], *, wide: bool = True, 
     style = STATE_STYLE.get(result["state"], "")
     line = Text.assemble(("run ", ""), (result["state"], style),
                          (f"  {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; {redos} redo(s)", ""))
+    if result.get("held"):
+        line.append(f"; {result['held']} held by the dispatch window")
     for entry in view.redo_log:
         line.append(f"\n  {entry}")  # Text.append takes plain text, so brackets in feedback stay
     if result.get("reason"):

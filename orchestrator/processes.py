@@ -157,13 +157,15 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
                       observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
-                      exit_after_s: float | None = None, trust: Trust, allow_checks: Sequence[str] = ()) -> None:
+                      dispatch_window: int | None = 10_000, exit_after_s: float | None = None, trust: Trust,
+                      allow_checks: Sequence[str] = ()) -> None:
     """Wait for leadership, then manage runs until a signal; ``trust`` must let it sign as ``manager``.
 
     ``allow_checks`` are ``module:function`` checks jobs may name besides the installed ones.
 
     ``max_queue`` is back-pressure: dispatching waits while a capability has that many tasks
     waiting or in flight, so a slow capability does not pile up unbounded work in Redis.
+    ``dispatch_window`` is the most tasks of one run in flight at once (``ManagerSettings.dispatch_window``).
 
     With ``llm`` the manager judges specs that have a ``description`` with the LLM judge.
     A manager that loses its lease (another took over, or Redis was down or restarted empty for
@@ -194,7 +196,7 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
                                      bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
-                                     exit_after_s=exit_after_s, trust=trust, checks=default_checks(allow_checks))
+                                     dispatch_window=dispatch_window, exit_after_s=exit_after_s, trust=trust, checks=default_checks(allow_checks))
             await _lead_forever(lease, lead, name)
 
 
@@ -212,13 +214,14 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
                 tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
-                exit_after_s: float | None = None, trust: Trust, checks: CheckRegistry | None = None) -> None:
+                dispatch_window: int | None = 10_000, exit_after_s: float | None = None, trust: Trust,
+                checks: CheckRegistry | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,
                          retry_budget_s=exit_after_s, trust=trust) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
-        manager = Manager(bus, store, ManagerSettings(name=name), judge=judge,
+        manager = Manager(bus, store, ManagerSettings(name=name, dispatch_window=dispatch_window), judge=judge,
                           observers=[metrics.observe] if metrics is not None else [], tracing=tracing, checks=checks)
         await tg.start(lease.hold)
         await tg.start(manager.serve)

@@ -120,3 +120,14 @@ async def test_a_summary_that_never_catches_up_is_returned_as_it_is_after_the_wa
     status = await ended_status(bus, "r1", within_s=0.2)
     assert status == {"run_id": "r1", "state": "running"}  # watch then exits 3 (not ended), as before
     assert await ended_status(bus, "unknown", within_s=0.2) is None
+
+
+def test_the_summary_line_says_how_many_tasks_the_dispatch_window_holds() -> None:
+    _, view = frames()
+    tasks = [{"id": t.id, "state": t.state, "output": None} for t in view.tasks.values()]
+    console = Console(record=True, width=130, color_system=None, file=io.StringIO())
+    console.print(render_summary(view, {"state": "running", "reason": "", "tasks": tasks, "held": 7}))
+    assert "7 held by the dispatch window" in console.export_text()
+    console = Console(record=True, width=130, color_system=None, file=io.StringIO())
+    console.print(render_summary(view, {"state": "running", "reason": "", "tasks": tasks, "held": 0}))
+    assert "held" not in console.export_text()

@@ -91,7 +91,8 @@ def test_equal_strings_are_one_object(loader: str) -> None:
     data = load_bounded_yaml("- {capability: summarise, input: a long shared text}\n"
                              "- {capability: summarise, input: a long shared text}\n")
     first, second = data
-    assert first["input"] is second["input"] and first["capability"] is second["capability"]
+    assert first["input"] is second["input"]
+    assert first["capability"] is second["capability"]
     assert next(iter(first)) is next(iter(second))  # keys too
 
 
