@@ -237,6 +237,7 @@ class RunFold:
     redo_log: list[str] = field(default_factory=list)
     last_seq: int = 0
     held: int = 0  # tasks held back by the dispatch window, as last said
+    note: str = ""  # the latest run-level override (a whole-run cancel) or refusal, as the tasks' notes read
 
     def apply(self, event: HistoryEvent) -> None:
         """Fold one event in."""
@@ -253,6 +254,10 @@ class RunFold:
         if isinstance(body, DispatchHeld):
             self.held = body.held
             return
+        if not event.task_id:  # about the run, not a task: a whole-run cancel, or a refusal naming no known task
+            if isinstance(body, OverrideGiven | OverrideRefused):
+                self.note = _override_note(event, body)
+            return
         task = self.tasks.setdefault(event.task_id, TaskFold(event.task_id))
         task.attempt = max(task.attempt, event.attempt)
         verdict = event.verdict
@@ -264,10 +269,8 @@ class RunFold:
                 task.started = task.started or event.time
             case Transitioned():
                 self._transition(task, event, body)
-            case OverrideGiven():
-                task.note = f"{body.action} by {event.actor}" + (f": {body.feedback}" if body.feedback else "")
-            case OverrideRefused():
-                task.note = f"{body.action} by {event.actor} refused: {body.reason}"
+            case OverrideGiven() | OverrideRefused():
+                task.note = _override_note(event, body)
             case WaitingChanged():
                 task.waiting = body.waiting
             case ProgressNoted():
@@ -297,3 +300,9 @@ class RunFold:
             task.waiting = None
             task.reason, task.guard = body.reason, body.guard or ""
             task.note = body.reason if body.to_state is not TaskState.ACCEPTED else ""
+
+
+def _override_note(event: HistoryEvent, body: OverrideGiven | OverrideRefused) -> str:
+    if isinstance(body, OverrideRefused):
+        return f"{body.action} by {event.actor} refused: {body.reason}"
+    return f"{body.action} by {event.actor}" + (f": {body.feedback}" if body.feedback else "")

@@ -114,7 +114,8 @@ class RunPage:
         running = fold.state is RunState.RUNNING
         tasks = [self._task_json(t, depth.get(t.id, 0), running) for t in _tree_order(fold, depth)]
         return {"run_id": fold.run_id, "goal": fold.goal, "state": str(fold.state), "reason": fold.reason,
-                "started": fold.started, "tokens": fold.tokens, "last_seq": fold.last_seq, "tasks": tasks,
+                "started": fold.started, "tokens": fold.tokens, "last_seq": fold.last_seq, "held": fold.held,
+                "note": fold.note, "tasks": tasks,
                 "actions": ["cancel"] if running else []}
 
     def _task_json(self, task: TaskFold, depth: int, running: bool) -> dict[str, Any]:

@@ -266,6 +266,20 @@ def test_the_history_folds_back_to_the_engines_state() -> None:
     assert (fold.state, fold.tokens) == (d.run.state, d.run.tokens)
 
 
+def test_run_level_overrides_fold_into_the_run_not_into_a_task_without_an_id() -> None:
+    # A whole-run cancel and a refusal naming no task of the run are events with no task id: the console
+    # and ``watch`` drew them as a task called "".
+    d = Driver(job({"id": "a", "capability": "x"}, {"id": "b", "capability": "x"}))
+    d.start()
+    d.override("nope", "approve")
+    assert d.fold().note == "approve by alice refused: run 'r' has no task 'nope'".replace("'r'", repr(d.run.run_id))
+    d.override("", "cancel", feedback="wrong goal")
+    fold = d.fold()
+    assert sorted(fold.tasks) == ["a", "b"]
+    assert fold.note == "cancel by alice: wrong goal"
+    assert {t.state for t in fold.tasks.values()} == {TaskState.CANCELLED}
+
+
 def test_a_workers_own_check_that_breaks_rejects_the_attempt_instead_of_leaving_it_waiting() -> None:
     d = Driver(job({"id": "a", "capability": "x"}))
     d.start()

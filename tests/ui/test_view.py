@@ -8,6 +8,7 @@ from orchestrator.ui.view import RunPage
 from protocol.history import (
     Dispatched,
     HistoryEvent,
+    OverrideGiven,
     OverrideRefused,
     RunStarted,
     TaskOutline,
@@ -71,3 +72,15 @@ def test_an_event_seen_twice_changes_nothing() -> None:
         twice.apply(event)
         twice.apply(event)
     assert once.to_json() == twice.to_json()
+
+
+def test_a_whole_run_cancel_is_a_note_on_the_run_not_a_row() -> None:
+    page = RunPage()
+    events = history()
+    events.append(HistoryEvent(seq=len(events) + 1, run_id="r", task_id="", attempt=0, time=99.0, actor="carol",
+                               body=OverrideGiven(action="cancel", feedback="wrong goal")))
+    for event in events:
+        page.apply(event)
+    run = page.to_json()
+    assert [t["id"] for t in run["tasks"]] == ["root", "child"]
+    assert run["note"] == "cancel by carol: wrong goal"
