@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -15,7 +15,8 @@ from protocol.history import HistoryEvent, Waiting
 from protocol.messages import Redo, RunEvents
 from protocol.states import TERMINAL, RunState, TaskState, VerifyStage
 
-__all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord", "events_envelope", "events_of")
+__all__ = ("AttemptRecord", "Event", "RunRecord", "RunState", "TaskRecord", "events_envelope", "events_of",
+           "task_records")
 
 
 _FROM_DEF: dict[str, bool] = {"from_def": True}  # validation context of records made from a task definition
@@ -114,9 +115,11 @@ class RunRecord(BaseModel):
     held: int = 0  # ready tasks held back by the manager's dispatch window (``ManagerSettings.dispatch_window``)
 
     @classmethod
-    def new(cls, job: Job, run_id: str | None = None, *, now: float | None = None) -> RunRecord:
-        """A run of ``job`` that has not started any task."""
-        tasks = {t.id: TaskRecord.from_def(t, job.budget.max_attempts) for t in job.tasks}
+    def new(cls, job: Job, run_id: str | None = None, *, now: float | None = None,
+            tasks: dict[str, TaskRecord] | None = None) -> RunRecord:
+        """A run of ``job`` that has not started any task (``tasks``: its records, made already by ``task_records``)."""
+        if tasks is None:
+            tasks = dict(task_records(job.tasks, job))
         return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
                    created=time.time() if now is None else now)
 
@@ -132,6 +135,12 @@ class RunRecord(BaseModel):
         if with_tasks:
             head["tasks"] = [t.summary() for t in self.tasks.values()]
         return head
+
+
+def task_records(defs: Sequence[TaskDef], job: Job) -> Iterator[tuple[str, TaskRecord]]:
+    """Fresh records for ``defs`` (tasks of ``job``), by id: what ``RunRecord.new`` makes, a part at a time."""
+    for t in defs:
+        yield t.id, TaskRecord.from_def(t, job.budget.max_attempts)
 
 
 Event = HistoryEvent  # the name readers of orchestrator have used; one model everywhere

@@ -20,9 +20,10 @@ client or by the socket's buffer.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from itertools import islice
 
-from orchestrator.records import RunRecord
+from orchestrator.records import RunRecord, TaskRecord
 
 __all__ = ("BLOCK", "Snapshots")
 
@@ -63,6 +64,21 @@ class Snapshots:
         self._runs.pop(run_id, None)
         self._not_before.pop(run_id, None)
 
+    def warm(self, run: RunRecord, *, blocks_per_step: int = 16) -> Iterator[None]:
+        """Render the blocks of the run not cached yet, ``blocks_per_step`` at a time between the steps of this
+        iterator: the caller lets other work run between steps. A block whose task changes meanwhile is
+        rendered again by ``render`` (the change is recorded), so warming never makes a summary stale."""
+        cache = self._runs.setdefault(run.run_id, _RunCache())
+        tasks = iter(run.tasks.values())
+        index = 0
+        while chunk := list(islice(tasks, BLOCK)):
+            blocks = cache.blocks
+            if index >= len(blocks):
+                blocks.append(_block(chunk))
+                if (index + 1) % blocks_per_step == 0:
+                    yield
+            index += 1
+
     def render(self, run: RunRecord, *, now: float) -> list[bytes]:
         """The run's summary (``RunRecord.summary()``) as JSON in parts to be joined, rendered at ``now``
         (monotonic seconds). The parts are bytes that do not change, so they may be written after the run
@@ -77,7 +93,7 @@ class Snapshots:
             known = blocks[index] if index < len(blocks) else None
             if (known is None or known[0] != chunk[0].id or known[1] != len(chunk)
                     or any(task.id in changed for task in chunk)):
-                known = (chunk[0].id, len(chunk), b", ".join(_dumps(task.summary()) for task in chunk))
+                known = _block(chunk)
                 if index < len(blocks):
                     blocks[index] = known
                 else:
@@ -95,3 +111,7 @@ class Snapshots:
 
 def _dumps(value: object) -> bytes:
     return json.dumps(value, default=str).encode()
+
+
+def _block(chunk: list[TaskRecord]) -> tuple[str, int, bytes]:
+    return chunk[0].id, len(chunk), b", ".join(_dumps(task.summary()) for task in chunk)

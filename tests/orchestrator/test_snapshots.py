@@ -78,3 +78,17 @@ def test_a_run_whose_task_list_grows_gets_its_last_block_rendered_again() -> Non
     extra = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": "late", "capability": "y"}]}))
     run.tasks["late"] = extra.tasks["late"]
     assert json.loads(b"".join(snapshots.render(run, now=1.0))) == run.summary()
+
+
+def test_warming_renders_a_few_blocks_per_step_and_never_leaves_the_summary_stale() -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
+                                                          for i in range(5 * BLOCK)]}))
+    snapshots = Snapshots()
+    steps = snapshots.warm(run, blocks_per_step=2)
+    next(steps)  # two blocks rendered
+    run.tasks["t0"].output = "changed after its block was rendered"
+    snapshots.changed(run.run_id, "t0")
+    assert sum(1 for _ in steps) == 1  # two more blocks, then the fifth and the end
+    run.tasks[f"t{4 * BLOCK}"].output = "changed after the last block was rendered"
+    snapshots.changed(run.run_id, f"t{4 * BLOCK}")
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
