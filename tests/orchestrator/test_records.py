@@ -45,3 +45,16 @@ def test_a_spec_that_is_not_json_data_is_kept_as_it_is() -> None:
     marker: Any = object()
     spec = Spec(expect=marker)
     assert _record(spec).spec is spec
+
+
+def test_tasks_without_config_share_one_read_only_empty_config() -> None:
+    a, b = _record(Spec(), "a"), _record(Spec(), "b")
+    assert a.config == {}
+    assert a.config is b.config
+    with pytest.raises(TypeError, match="read-only"):
+        a.config["k"] = 1
+    assert b.config == {}
+    again = TaskRecord.model_validate_json(a.model_dump_json(by_alias=True))
+    assert again.config is a.config
+    given = TaskRecord.from_def(TaskDef(id="c", capability="c", config={"k": 1}), 3)
+    assert given.config == {"k": 1}
