@@ -1,4 +1,5 @@
-"""``orchestrator manager --max-queue N``: a slow capability never holds more than N tasks in Redis."""
+"""Back-pressure of ``orchestrator manager``: ``--max-queue N`` bounds a capability's tasks in Redis,
+``--dispatch-window N`` one run's tasks in flight."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from tests.integration.harness import Cluster, effect_tasks
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90)]
 
 
-async def test_dispatch_waits_while_a_capability_is_full(cluster: Cluster) -> None:
+async def _run_slow_tasks(cluster: Cluster, n: int, *, manager_flags: list[str], concurrency: int) -> str:
+    """A manager with ``manager_flags`` and one worker; submits ``n`` tasks of 0.15 s and returns the run id."""
     cluster.spawn("manager", ["manager", "--redis", cluster.url, "--ledger", str(cluster.ledger), "--lease-s", "5",
-                               "--max-queue", "3"])
-    cluster.worker(concurrency=1)
+                               *manager_flags])
+    cluster.worker(concurrency=concurrency)
+    return await cluster.submit(cluster.write_job("slow", effect_tasks(n, sleep=0.15)))
+
+
+async def test_dispatch_waits_while_a_capability_is_full(cluster: Cluster) -> None:
     n = 12
-    run_id = await cluster.submit(cluster.write_job("slow", effect_tasks(n, sleep=0.15)))
+    run_id = await _run_slow_tasks(cluster, n, manager_flags=["--max-queue", "3"], concurrency=1)
     longest = 0
     async with cluster.bus() as bus:
         redis = bus._redis
@@ -31,11 +37,8 @@ async def test_dispatch_waits_while_a_capability_is_full(cluster: Cluster) -> No
 
 
 async def test_the_dispatch_window_bounds_one_runs_tasks_in_flight(cluster: Cluster) -> None:
-    cluster.spawn("manager", ["manager", "--redis", cluster.url, "--ledger", str(cluster.ledger), "--lease-s", "5",
-                               "--dispatch-window", "2"])
-    cluster.worker(concurrency=4)
     n = 8
-    run_id = await cluster.submit(cluster.write_job("windowed", effect_tasks(n, sleep=0.15)))
+    run_id = await _run_slow_tasks(cluster, n, manager_flags=["--dispatch-window", "2"], concurrency=4)
     most_in_flight = most_held = 0
     with anyio.fail_after(60):
         while (status := await cluster.status(run_id)) is None or status["state"] == "running":
