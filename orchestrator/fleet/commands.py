@@ -77,7 +77,7 @@ def manager_command(manifest: FleetManifest, *, log_level: str = "INFO") -> list
     spec = manifest.spec
     return [*_cli(log_level), "manager", *_bus_flags(manifest), "--ledger", spec.ledger.path,
             "--name", f"{manifest.name}-manager", "--manager-lease-s", f"{spec.manager.lease_seconds:g}",
-            *(flag for ref in spec.manager.allow_checks for flag in ("--allow-check", ref)), *_llm_flags(manifest)]
+            *spec.manager.flags(), *_llm_flags(manifest)]
 
 
 def worker_command(manifest: FleetManifest, worker: WorkerSpec, index: int, *, log_level: str = "INFO") -> list[str]:

@@ -177,6 +177,13 @@ class ManagerSpec(_Model):
     resources: Resources = Resources()
     allow_checks: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]] = Field(
         default_factory=list, description="module:function checks jobs may name besides installed ones (--allow-check)")
+    dispatch_window: int | None = Field(None, ge=1, description="the most tasks of one run in flight "
+                                                                 "(--dispatch-window; default: the manager's, 10,000)")
+
+    def flags(self) -> list[str]:
+        """The manager's flags from this section, besides its lease (each process kind adds its own)."""
+        window = [] if self.dispatch_window is None else ["--dispatch-window", str(self.dispatch_window)]
+        return [*(flag for ref in self.allow_checks for flag in ("--allow-check", ref)), *window]
 
 
 class WorkerSpec(_Model):

@@ -188,10 +188,6 @@ def _vllm(m: FleetManifest) -> list[Doc]:
     return [_service(m, f"{m.name}-vllm", "vllm", VLLM_PORT), deployment]
 
 
-def _allow_checks(m: FleetManifest) -> list[str]:
-    return [flag for ref in m.spec.manager.allow_checks for flag in ("--allow-check", ref)]
-
-
 # -- keys: one share (public keyring + one role's private key) per role, mounted only where it is needed --------
 
 
@@ -244,7 +240,7 @@ def _manager(m: FleetManifest, ring: Keyring | None = None) -> list[Doc]:
     ledger = f"{LEDGER_DIR}/ledger.db"
     container = _container(
         "manager", m.spec.image, command=["orchestrator", "--log-level", "INFO", "manager"],
-        args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}", *_allow_checks(m)],
+        args=["--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}", *m.spec.manager.flags()],
         env=[*_k8s_env(m), {"name": "ORCH_LEDGER", "value": ledger}, key_env],
         resources=_resources(m.spec.manager.resources),
         volumeMounts=[{"name": "ledger", "mountPath": LEDGER_DIR}, mount, key_mount])
@@ -394,7 +390,7 @@ def render_compose(m: FleetManifest, *, ring: Keyring | None = None, keys_path: 
     manager: Doc = {
         "image": m.spec.image, "entrypoint": ["orchestrator", "--log-level", "INFO"],
         "command": ["manager", "--ledger", ledger, "--manager-lease-s", f"{m.spec.manager.lease_seconds:g}",
-                    *_allow_checks(m)],
+                    *m.spec.manager.flags()],
         "environment": {**env, "ORCH_LEDGER": ledger}, "volumes": [f"ledger:{LEDGER_DIR}"],
         **_compose_keys(m, "manager", keys_path, secrets), "restart": "unless-stopped", "stop_grace_period": grace}
     if depends:

@@ -229,3 +229,15 @@ def test_the_manager_allows_the_checks_the_manifest_names(tmp_path: Path) -> Non
     data = base(manager={"allowChecks": ["rm -rf /"]})
     with pytest.raises(ManifestError, match=r"spec\.manager\.allowChecks\[0\]"):
         load(write(tmp_path, data), plugins=False)
+
+
+def test_the_managers_dispatch_window_comes_from_the_manifest(tmp_path: Path) -> None:
+    m = load(write(tmp_path, base(manager={"dispatchWindow": 500})), plugins=False)
+    [manager] = [d for d in render_kubernetes(m) if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "t-manager"]
+    for argv in (manager_command(m), manager["spec"]["template"]["spec"]["containers"][0]["args"],
+                 render_compose(m)["services"]["manager"]["command"]):
+        assert "--dispatch-window 500" in " ".join(argv)
+    default = load(write(tmp_path, base()), plugins=False)
+    assert "--dispatch-window" not in manager_command(default)  # the manager's own default applies
+    with pytest.raises(ManifestError, match=r"spec\.manager\.dispatchWindow"):
+        load(write(tmp_path, base(manager={"dispatchWindow": 0})), plugins=False)
