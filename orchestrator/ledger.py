@@ -56,6 +56,7 @@ _EventRow = tuple[str, int, str]
 # serialized and written a slice at a time in the event loop, instead of all at once and then in a thread.
 _BIG_BATCH_ROWS = 50_000
 _SLICE_ROWS = 5_000
+_PUT_TASK = "INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)"
 
 
 def _task_rows(tasks: Iterable[tuple[tuple[str, str], TaskRecord]]) -> list[_TaskRow]:
@@ -120,12 +121,33 @@ class SQLiteStore(Store):
     # -- writes: buffered, then group-committed ----------------------------------------------
 
     async def create_run(self, run: RunRecord) -> None:
-        self._jobs[run.run_id] = (run.job.model_dump_json(by_alias=True, exclude={"tasks"}),
-                                  json.dumps(list(run.tasks), separators=(",", ":")))
+        job = (run.job.model_dump_json(by_alias=True, exclude={"tasks"}),
+               json.dumps(list(run.tasks), separators=(",", ":")))
+        if len(run.tasks) > _BIG_BATCH_ROWS:
+            await self._create_big_run(run, job)
+            return
+        self._jobs[run.run_id] = job
         self._runs[run.run_id] = run
         for task in run.tasks.values():
             self._tasks[(run.run_id, task.id)] = task
         await anyio.lowlevel.checkpoint()  # durable at the next sync, with whatever else is buffered by then
+
+    async def _create_big_run(self, run: RunRecord, job: tuple[str, str]) -> None:
+        # Written now, in a transaction of its own, a slice of task rows at a time with the event loop free in
+        # between: buffered for the next sync, a 100,000-task run's rows were ~1 s of the loop at once. The
+        # records do not change meanwhile: nothing else has the run until this returns (Store.create_run).
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._insert, [_run_row(run)], [(run.run_id, *job)], (), ())
+            try:
+                items = list(run.tasks.items())
+                for i in range(0, len(items), _SLICE_ROWS):
+                    rows = _task_rows(((run.run_id, task_id), task) for task_id, task in items[i:i + _SLICE_ROWS])
+                    await anyio.to_thread.run_sync(self._insert_tasks, rows)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._rollback)
+                raise
+            await anyio.to_thread.run_sync(self._commit)
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         self._buffer(run, task, event)
@@ -178,12 +200,18 @@ class SQLiteStore(Store):
                            runs)
             db.executemany("INSERT OR IGNORE INTO jobs (run_id, job, task_order) VALUES (?, ?, ?)", jobs)
             for rows in task_slices:
-                db.executemany("INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)", rows)
+                db.executemany(_PUT_TASK, rows)
             for event_rows in event_slices:
                 db.executemany("INSERT OR IGNORE INTO events (run_id, seq, record) VALUES (?, ?, ?)", event_rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _insert_tasks(self, rows: list[_TaskRow]) -> None:
+        self.db.executemany(_PUT_TASK, rows)
+
+    def _rollback(self) -> None:
+        self.db.execute("ROLLBACK")
 
     def _commit(self) -> None:
         try:

@@ -173,12 +173,14 @@ class Manager:
         if run_id is not None and (run_id in self._engines or await self.store.get_run(run_id) is not None):
             return run_id
         at = now()
+        if self._tg is None:
+            raise RuntimeError("Manager.serve() must be running before submit()")
         run = RunRecord.new(job, run_id, now=at.wall, tasks=await _task_records(job))
-        engine = self._track(run)
-        self._starting[run.run_id] = started = anyio.Event()
+        # Stored before anything else sees the run: a store may read its records across awaits.
         await self.store.create_run(run)
         run.release_task_defs()  # the store took the job; a 100,000-task job's list was ~0.5 KB a task
-        assert self._tg is not None  # _track checked that serve() runs
+        engine = self._track(run)
+        self._starting[run.run_id] = started = anyio.Event()
         self._tg.start_soon(self._start, engine, at, started)
         return run.run_id
 

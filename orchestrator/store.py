@@ -31,9 +31,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_run(self, run: RunRecord) -> None:
-        """Store a new run (durable once a later ``sync`` returns).
+        """Store a new run (durable once a later ``sync`` returns, or when this returns).
 
-        Take the job (``run.job``) before returning: the manager then lets go of its task list.
+        Take the job (``run.job``) before returning: the manager then lets go of its task list. A store may
+        read the run's records across awaits (the SQLite store writes a big run here, a slice at a time):
+        the caller changes none of them, and shows the run to nothing else, until this returns.
         """
 
     @abc.abstractmethod

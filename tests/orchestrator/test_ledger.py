@@ -144,6 +144,49 @@ async def test_a_big_batch_that_cannot_be_written_leaves_nothing_half_done(tmp_p
     assert [t.id for t in back.tasks.values() if t.attempt] == ["t0"]
 
 
+@pytest.mark.usefixtures("big_batches")
+async def test_a_big_run_is_created_a_slice_at_a_time_with_the_event_loop_free_between(tmp_path: Path) -> None:
+    # Its rows went into the next sync's batch, serialized and inserted without a pause (~1 s at 100,000).
+    run = _wide_run(12_000)  # three slices of 5,000
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    async with SQLiteStore(tmp_path / "l.db") as store, anyio.create_task_group() as tg:
+        tg.start_soon(other_work)
+        await anyio.lowlevel.checkpoint()
+        before = turns
+        await store.create_run(run)
+        during = turns - before
+        tg.cancel_scope.cancel()
+        # Committed by create_run itself: another connection sees every row before any sync.
+        with sqlite3.connect(tmp_path / "l.db") as other:
+            assert other.execute("SELECT count(*) FROM tasks").fetchone() == (12_000,)
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        back = await store.get_run(run.run_id)
+    assert during >= 3
+    assert back is not None
+    assert list(back.tasks) == [f"t{i}" for i in range(12_000)]
+
+
+@pytest.mark.usefixtures("big_batches")
+async def test_a_big_run_that_cannot_be_created_leaves_nothing_behind(tmp_path: Path) -> None:
+    run = _wide_run(12_000)
+    run.tasks["t11000"].input = object()  # not JSON: its row, in the third slice, fails to serialize
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        with pytest.raises(PydanticSerializationError, match="object"):
+            await store.create_run(run)
+        assert await store.get_run(run.run_id) is None
+        small = _wide_run(3)
+        await store.create_run(small)  # the store is usable afterwards
+        await store.sync()
+        assert await store.get_run(small.run_id) is not None
+
+
 async def test_a_live_run_keeps_each_definition_once_and_the_ledger_each_in_its_task_row(tmp_path: Path) -> None:
     job = parse_job(chain(3))
     async with Orchestrator(workers=[Step], store=SQLiteStore(tmp_path / "l.db")) as orch:
