@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import anyio
@@ -139,9 +140,8 @@ class SQLiteStore(Store):
         async with self._lock:
             await anyio.to_thread.run_sync(self._insert, [_run_row(run)], [(run.run_id, *job)], (), ())
             try:
-                items = list(run.tasks.items())
-                for i in range(0, len(items), _SLICE_ROWS):
-                    rows = _task_rows(((run.run_id, task_id), task) for task_id, task in items[i:i + _SLICE_ROWS])
+                tasks = iter(run.tasks.values())  # not a list of all of them: 6 MB more at 100,000 tasks
+                while rows := _task_rows(((run.run_id, task.id), task) for task in islice(tasks, _SLICE_ROWS)):
                     await anyio.to_thread.run_sync(self._insert_tasks, rows)
             except BaseException:
                 with anyio.CancelScope(shield=True):
