@@ -15,7 +15,9 @@ Python-built job at the largest. The run must end ``accepted``. Bus messages are
 keyring made for the benchmark) unless ``ORCH_INSECURE=1``.
 
 With ``SCALE_RSS_CURVE=1`` each run also prints the manager's resident memory every half second
-(from submit's process start), to show where in the run the peak is.
+(from submit's process start), to show where in the run the peak is. With ``SCALE_LOOP_PAUSES=1``
+it prints the longest pauses of the manager's event loop (a task sleeping 20 ms beside the run
+measures how late it wakes), to show what the run holds the loop for.
 
 Reported per run: tasks/s from submit to acceptance; the manager process's peak resident memory
 (``VmHWM``), its resident memory before the job existed, and the difference per task; the
@@ -79,6 +81,7 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
     configure_logging("WARNING")
     tune_gc()  # as the manager process does
     curve: list[tuple[float, int]] = []
+    pauses: list[tuple[float, float]] = []
     if os.environ.get("SCALE_RSS_CURVE"):
         _sample_rss(curve)
     ledger = Path(tmp) / f"{ns}.db"
@@ -92,9 +95,13 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
             rss_before = _status_kb("VmRSS")
             start = time.perf_counter()
             job = orch.load(job_file) if form == "file" else _python_job(n)
-            run = await orch.submit(job)
-            del job
-            result = await run.wait()
+            async with anyio.create_task_group() as tg:
+                if os.environ.get("SCALE_LOOP_PAUSES"):
+                    tg.start_soon(_watch_pauses, pauses, start)
+                run = await orch.submit(job)
+                del job
+                result = await run.wait()
+                tg.cancel_scope.cancel()
             elapsed = time.perf_counter() - start
             if not result.accepted:
                 raise SystemExit(f"run ended {result.state}: {result.reason}")
@@ -102,9 +109,22 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
         ledger_bytes = sum(p.stat().st_size for p in ledger.parent.glob(ledger.name + "*"))
         return {"tasks": n, "form": form, "accepted": accepted, "seconds": round(elapsed, 2),
                 "tasks_per_s": round(n / elapsed), "rss_before_kb": rss_before, "peak_rss_kb": _status_kb("VmHWM"),
-                "ledger_bytes": ledger_bytes, "rss_curve": curve}
+                "ledger_bytes": ledger_bytes, "rss_curve": curve,
+                "loop_pauses": sorted(pauses, key=lambda p: -p[1])[:8]}
 
     print(json.dumps(anyio.run(main)), flush=True)
+
+
+async def _watch_pauses(pauses: list[tuple[float, float]], start: float, every_s: float = 0.02) -> None:
+    """Append (seconds since submit began, pause in seconds) whenever the event loop wakes a sleeper 0.1 s late."""
+    import anyio
+
+    while True:
+        asleep = time.perf_counter()
+        await anyio.sleep(every_s)
+        late = time.perf_counter() - asleep - every_s
+        if late > 0.1:
+            pauses.append((round(asleep - start, 2), round(late, 3)))
 
 
 def _sample_rss(curve: list[tuple[float, int]], every_s: float = 0.5) -> None:
@@ -195,6 +215,9 @@ def main() -> None:
                   f"{row['peak_rss_kb'] / 1024:7.1f} MiB (before the job {row['rss_before_kb'] / 1024:.1f} MiB, "
                   f"{row['kb_per_task'] * 1024:6.0f} bytes/task), ledger {row['ledger_bytes'] / 1e6:7.1f} MB "
                   f"({row['ledger_bytes'] / n:.0f} bytes/task)", flush=True)
+            if row["loop_pauses"]:
+                print("  longest event-loop pauses (s into the run: s): "
+                      + ", ".join(f"{at:g}: {late:.2f}" for at, late in row["loop_pauses"]))
             if row["rss_curve"]:
                 print("  RSS (s: MiB): " + ", ".join(f"{t:g}: {kb / 1024:.0f}" for t, kb in row["rss_curve"]))
     finally:
