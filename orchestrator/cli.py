@@ -39,6 +39,7 @@ from orchestrator.display import RunView, event_line, render_summary, render_tab
 from orchestrator.gctune import tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
+from orchestrator.manager import DEFAULT_DISPATCH_WINDOW
 from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.trust import Trust, pick_operator
@@ -145,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--max-queue", type=int, default=_FromEnv("ORCH_MAX_QUEUE", count, None), metavar="N",
                          help="back-pressure: dispatch waits while a capability has N tasks waiting or in flight "
                               "(env ORCH_MAX_QUEUE; default: unbounded)")
-    manager.add_argument("--dispatch-window", type=int, default=_FromEnv("ORCH_DISPATCH_WINDOW", count, 10_000),
-                         metavar="N", help="the most tasks of one run in flight at once; more ready tasks are held "
-                                           "until these end (env ORCH_DISPATCH_WINDOW; default: 10000)")
+    manager.add_argument("--dispatch-window", type=int,
+                         default=_FromEnv("ORCH_DISPATCH_WINDOW", count, DEFAULT_DISPATCH_WINDOW), metavar="N",
+                         help="the most tasks of one run in flight at once; more ready tasks are held until these end "
+                              f"(env ORCH_DISPATCH_WINDOW; default: {DEFAULT_DISPATCH_WINDOW})"),
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
     _allow_check_flag(manager)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -57,7 +58,15 @@ _EventRow = tuple[str, int, str]
 # serialized and written a slice at a time in the event loop, instead of all at once and then in a thread.
 _BIG_BATCH_ROWS = 50_000
 _SLICE_ROWS = 5_000
+_T = TypeVar("_T")
 _PUT_TASK = "INSERT OR REPLACE INTO tasks (run_id, task_id, record) VALUES (?, ?, ?)"
+
+
+def _slices(items: Iterable[_T], size: int = _SLICE_ROWS) -> Iterator[list[_T]]:
+    """``items`` a list of ``size`` at a time, without listing them all first."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def _task_rows(tasks: Iterable[tuple[tuple[str, str], TaskRecord]]) -> list[_TaskRow]:
@@ -140,8 +149,8 @@ class SQLiteStore(Store):
         async with self._lock:
             await anyio.to_thread.run_sync(self._insert, [_run_row(run)], [(run.run_id, *job)], (), ())
             try:
-                tasks = iter(run.tasks.values())  # not a list of all of them: 6 MB more at 100,000 tasks
-                while rows := _task_rows(((run.run_id, task.id), task) for task in islice(tasks, _SLICE_ROWS)):
+                for tasks in _slices(run.tasks.values()):
+                    rows = _task_rows(((run.run_id, task.id), task) for task in tasks)
                     await anyio.to_thread.run_sync(self._insert_tasks, rows)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -179,10 +188,8 @@ class SQLiteStore(Store):
             # A big batch (the creation or start of a big run): its rows are written as they are serialized,
             # a slice at a time and still without yielding, and only the commit (the fsync) leaves the loop.
             # Serialized all at once, the JSON of a 100,000-task run's start was a sixth of the manager's peak.
-            items = list(tasks.items())
-            del tasks
-            self._insert(runs, jobs, (_task_rows(items[i:i + _SLICE_ROWS]) for i in range(0, len(items), _SLICE_ROWS)),
-                         (_event_rows(events[i:i + _SLICE_ROWS]) for i in range(0, len(events), _SLICE_ROWS)))
+            self._insert(runs, jobs, map(_task_rows, _slices(tasks.items())), map(_event_rows, _slices(events)))
+            del tasks, events
             await anyio.to_thread.run_sync(self._commit)
 
     def _write(self, runs: list[_RunRow], jobs: list[_JobRow], tasks: list[_TaskRow], events: list[_EventRow]) -> None:

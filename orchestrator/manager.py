@@ -92,6 +92,7 @@ Judge = Callable[[TaskRecord, Any], Awaitable[Verdict]]
 ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 
 _FINISHED_LOGS_KEPT = 100
+DEFAULT_DISPATCH_WINDOW = 10_000  # ManagerSettings.dispatch_window, and the manager process's --dispatch-window
 _DISPATCH_SLICE = 1000  # assigns built and published at once
 _RECORD_SLICE = 5000  # a new run's task records made between two checkpoints (~35 ms)
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
@@ -115,7 +116,7 @@ class ManagerSettings:
     # The most tasks of one run in flight at once (dispatched, not ended); more ready tasks are held and go out
     # as these end. A 100,000-task run dispatched all at once held an attempt, an event and an assign for every
     # task from its start on. None: no limit.
-    dispatch_window: int | None = 10_000
+    dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW
 
 
 class Manager:
@@ -173,15 +174,14 @@ class Manager:
         if run_id is not None and (run_id in self._engines or await self.store.get_run(run_id) is not None):
             return run_id
         at = now()
-        if self._tg is None:
-            raise RuntimeError("Manager.serve() must be running before submit()")
+        tg = self._serving()
         run = RunRecord.new(job, run_id, now=at.wall, tasks=await _task_records(job))
         # Stored before anything else sees the run: a store may read its records across awaits.
         await self.store.create_run(run)
         run.release_task_defs()  # the store took the job; a 100,000-task job's list was ~0.5 KB a task
         engine = self._track(run)
         self._starting[run.run_id] = started = anyio.Event()
-        self._tg.start_soon(self._start, engine, at, started)
+        tg.start_soon(self._start, engine, at, started)
         return run.run_id
 
     async def _start(self, engine: RunEngine, at: Instant, started: anyio.Event) -> None:
@@ -447,13 +447,17 @@ class Manager:
 
     # -- bus streams -------------------------------------------------------------------------
 
+    def _serving(self) -> TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("Manager.serve() must be running before submit()")
+        return self._tg
+
     def _consume_results_of(self, capability: str) -> None:
         if capability in self._consuming:
             return
-        if self._tg is None:
-            raise RuntimeError("Manager.serve() must be running before submit()")
+        tg = self._serving()
         self._consuming.add(capability)
-        self._tg.start_soon(self._consume_results, capability)
+        tg.start_soon(self._consume_results, capability)
 
     async def _consume_results(self, capability: str) -> None:
         async for delivery in self.bus.consume(results_stream(capability), group=MANAGER_GROUP, consumer=self.name):
@@ -709,7 +713,7 @@ async def _task_records(job: Job) -> dict[str, TaskRecord]:
     at once (its lease renewals, heartbeats and replies of other runs waited meanwhile)."""
     tasks: dict[str, TaskRecord] = {}
     for i in range(0, len(job.tasks), _RECORD_SLICE):
-        tasks.update(task_records(job.tasks[i:i + _RECORD_SLICE], job))
+        tasks.update(task_records(job.tasks[i:i + _RECORD_SLICE], job.budget.max_attempts))
         if i + _RECORD_SLICE < len(job.tasks):
             await anyio.lowlevel.checkpoint()
     return tasks

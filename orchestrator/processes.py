@@ -27,7 +27,7 @@ from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
-from orchestrator.manager import Manager, ManagerSettings
+from orchestrator.manager import DEFAULT_DISPATCH_WINDOW, Manager, ManagerSettings
 from orchestrator.records import Event, events_of
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
@@ -157,7 +157,7 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
                       observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
-                      dispatch_window: int | None = 10_000, exit_after_s: float | None = None, trust: Trust,
+                      dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, exit_after_s: float | None = None, trust: Trust,
                       allow_checks: Sequence[str] = ()) -> None:
     """Wait for leadership, then manage runs until a signal; ``trust`` must let it sign as ``manager``.
 
@@ -196,7 +196,8 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
                                      bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
-                                     dispatch_window=dispatch_window, exit_after_s=exit_after_s, trust=trust, checks=default_checks(allow_checks))
+                                     dispatch_window=dispatch_window, exit_after_s=exit_after_s, trust=trust,
+                                     checks=default_checks(allow_checks))
             await _lead_forever(lease, lead, name)
 
 
@@ -214,7 +215,7 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
                 tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
-                dispatch_window: int | None = 10_000, exit_after_s: float | None = None, trust: Trust,
+                dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, exit_after_s: float | None = None, trust: Trust,
                 checks: CheckRegistry | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,

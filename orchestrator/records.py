@@ -136,7 +136,7 @@ class RunRecord(BaseModel):
             tasks: dict[str, TaskRecord] | None = None) -> RunRecord:
         """A run of ``job`` that has not started any task (``tasks``: its records, made already by ``task_records``)."""
         if tasks is None:
-            tasks = dict(task_records(job.tasks, job))
+            tasks = dict(task_records(job.tasks, job.budget.max_attempts))
         return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
                    created=time.time() if now is None else now)
 
@@ -154,10 +154,10 @@ class RunRecord(BaseModel):
         return head
 
 
-def task_records(defs: Sequence[TaskDef], job: Job) -> Iterator[tuple[str, TaskRecord]]:
-    """Fresh records for ``defs`` (tasks of ``job``), by id: what ``RunRecord.new`` makes, a part at a time."""
+def task_records(defs: Sequence[TaskDef], default_attempts: int) -> Iterator[tuple[str, TaskRecord]]:
+    """Fresh records for ``defs``, by id: what ``RunRecord.new`` makes, a part at a time."""
     for t in defs:
-        yield t.id, TaskRecord.from_def(t, job.budget.max_attempts)
+        yield t.id, TaskRecord.from_def(t, default_attempts)
 
 
 Event = HistoryEvent  # the name readers of orchestrator have used; one model everywhere

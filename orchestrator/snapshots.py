@@ -68,16 +68,12 @@ class Snapshots:
         """Render the blocks of the run not cached yet, ``blocks_per_step`` at a time between the steps of this
         iterator: the caller lets other work run between steps. A block whose task changes meanwhile is
         rendered again by ``render`` (the change is recorded), so warming never makes a summary stale."""
-        cache = self._runs.setdefault(run.run_id, _RunCache())
-        tasks = iter(run.tasks.values())
-        index = 0
-        while chunk := list(islice(tasks, BLOCK)):
-            blocks = cache.blocks
+        blocks = self._runs.setdefault(run.run_id, _RunCache()).blocks
+        for index, chunk in enumerate(_chunks(run)):
             if index >= len(blocks):
                 blocks.append(_block(chunk))
                 if (index + 1) % blocks_per_step == 0:
                     yield
-            index += 1
 
     def render(self, run: RunRecord, *, now: float) -> list[bytes]:
         """The run's summary (``RunRecord.summary()``) as JSON in parts to be joined, rendered at ``now``
@@ -87,9 +83,8 @@ class Snapshots:
         changed, blocks = cache.changed, cache.blocks
         head = _dumps(run.summary(with_tasks=False))
         parts = [head[:-1], b', "tasks": [']
-        tasks = iter(run.tasks.values())
-        index = 0
-        while chunk := list(islice(tasks, BLOCK)):
+        count = 0
+        for index, chunk in enumerate(_chunks(run)):
             known = blocks[index] if index < len(blocks) else None
             if (known is None or known[0] != chunk[0].id or known[1] != len(chunk)
                     or any(task.id in changed for task in chunk)):
@@ -99,10 +94,10 @@ class Snapshots:
                 else:
                     blocks.append(known)
             parts += (known[2], b", ")
-            index += 1
-        del blocks[index:]
+            count = index + 1
+        del blocks[count:]
         changed.clear()
-        if index:
+        if count:
             parts.pop()  # the last separator
         parts.append(b"]}")
         self._not_before[run.run_id] = now + sum(map(len, parts)) / self.bytes_per_s
@@ -111,6 +106,13 @@ class Snapshots:
 
 def _dumps(value: object) -> bytes:
     return json.dumps(value, default=str).encode()
+
+
+def _chunks(run: RunRecord) -> Iterator[list[TaskRecord]]:
+    """The run's tasks in order, ``BLOCK`` at a time."""
+    tasks = iter(run.tasks.values())
+    while chunk := list(islice(tasks, BLOCK)):
+        yield chunk
 
 
 def _block(chunk: list[TaskRecord]) -> tuple[str, int, bytes]:

@@ -747,11 +747,10 @@ class RedisBus(Bus):
         write = uuid.uuid4().hex
         staging = (f"{value_key}:staging:{write}" if "{" in value_key
                    else f"{self.redis_settings.namespace}:staging:{{{value_key}}}:{write}")
-        stage_ms = _STAGING_TTL_MS
         offset = 0
         for piece in _pieces(parts, self.redis_settings.value_piece_bytes):
             await self._call("put_values_in_parts", functools.partial(
-                self._eval, lua.STAGE_PIECE, [staging], [stage_ms, offset, piece]))
+                self._eval, lua.STAGE_PIECE, [staging], [_STAGING_TTL_MS, offset, piece]))
             offset += len(piece)
         px = 0 if ttl_s is None else max(1, int(ttl_s * 1000))
         await self._call("put_values_in_parts", functools.partial(self._eval, lua.PUT_STAGED, [staging, value_key], [px]))
