@@ -116,7 +116,7 @@ def child(url: str, ns: str, n: int, form: str, tmp: str, keys: str) -> None:
 
 
 async def _watch_pauses(pauses: list[tuple[float, float]], start: float, every_s: float = 0.02) -> None:
-    """Append (seconds since submit began, pause in seconds) whenever the event loop wakes a sleeper 0.1 s late."""
+    """Append (seconds since the job began to be built, pause in seconds) whenever the loop wakes a sleeper 0.1 s late."""
     import anyio
 
     while True:
