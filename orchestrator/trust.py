@@ -2,7 +2,9 @@
 
 Signing is on by default on Redis. A process that finds no keyring, or not the key of a role it
 plays, refuses to start and names the command that makes one; ``--insecure`` (``ORCH_INSECURE=1``)
-runs unsigned, loudly. See docs/security.md.
+runs unsigned, loudly. A worker's replies carry a MAC for the manager rather than a signature
+unless ``ORCH_SIGN_REPLIES=1`` (then a third party can check them, and a manager of a version
+before MACs can read them). See docs/security.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import structlog
 from protocol.codec import Codec
 from protocol.keyring import Keyring, KeyringError, keys_dir
 
-__all__ = ("INSECURE", "Trust", "insecure_from_env", "load_trust", "pick_operator")
+__all__ = ("INSECURE", "Trust", "insecure_from_env", "load_trust", "pick_operator", "sign_replies_from_env")
 
 log = structlog.get_logger("orchestrator.trust")
 
@@ -27,9 +29,10 @@ class Trust:
 
     keyring: Keyring | None
     signers: tuple[str, ...] = ()
+    reply_macs: bool = True  # a worker's replies carry a MAC for the manager (False: signed like the rest)
 
     def codec(self) -> Codec:
-        return Codec(keyring=self.keyring, signers=self.signers)
+        return Codec(keyring=self.keyring, signers=self.signers, reply_macs=self.reply_macs)
 
     @property
     def signed(self) -> bool:
@@ -41,7 +44,16 @@ INSECURE = Trust(None)
 
 def insecure_from_env() -> bool:
     """``ORCH_INSECURE`` set to 1/true/yes."""
-    return os.environ.get("ORCH_INSECURE", "").strip().lower() in ("1", "true", "yes")
+    return _flag("ORCH_INSECURE")
+
+
+def sign_replies_from_env() -> bool:
+    """``ORCH_SIGN_REPLIES`` set to 1/true/yes: replies are signed rather than carrying a MAC for the manager."""
+    return _flag("ORCH_SIGN_REPLIES")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def load_trust(keys: str | os.PathLike[str] | Keyring | None, signers: Sequence[str], *, insecure: bool,
@@ -66,7 +78,7 @@ def load_trust(keys: str | os.PathLike[str] | Keyring | None, signers: Sequence[
         ring = Keyring.load(root)
     for ident in signers:
         ring.signing_key(ident)
-    return Trust(ring, tuple(signers))
+    return Trust(ring, tuple(signers), reply_macs=not sign_replies_from_env())
 
 
 def pick_operator(keys: str | os.PathLike[str] | Keyring | None, name: str | None) -> str:

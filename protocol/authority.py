@@ -10,7 +10,7 @@ from __future__ import annotations
 from protocol.errors import BadSignature
 from protocol.keys import CONTROL_TOPIC, JOBS_STREAM, OVERRIDES_STREAM
 
-__all__ = ("SENDER_ROLE", "check_sender", "signer_for")
+__all__ = ("SENDER_ROLE", "check_sender", "signer_for", "sole_reader")
 
 # Message type -> the role whose key must sign it.
 SENDER_ROLE: dict[str, str] = {
@@ -27,6 +27,14 @@ SENDER_ROLE: dict[str, str] = {
     "submit": "operator",
     "override": "operator",
 }
+
+
+def sole_reader(kind: str) -> str | None:
+    """The one identity that reads ``kind`` messages, when only one does: a worker's replies are the manager's.
+
+    Such a message may carry a MAC for that reader instead of a signature (see protocol.keyring).
+    """
+    return "manager" if SENDER_ROLE.get(kind) == "worker" else None
 
 
 def signer_for(stream: str) -> str | None:

@@ -6,7 +6,9 @@ says which one is wrong), then the whole envelope is validated (unknown fields r
 A codec built with a :class:`~protocol.keyring.Keyring` signs every envelope it encodes (Ed25519
 over the encoding without the ``sig`` field, with the signer's identity inside the signed part)
 and, on the way in, rejects a frame unless a known key signed it and that key's role may send
-that message on that stream (:mod:`protocol.authority`).
+that message on that stream (:mod:`protocol.authority`). A message with a sole reader (a
+worker's reply, read only by the manager) carries a ``mac`` for that reader in place of ``sig``,
+over the same bytes (``reply_macs=False`` signs those too).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import msgpack
 from pydantic import ValidationError
 
-from protocol.authority import check_sender
+from protocol.authority import check_sender, sole_reader
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import BadSignature, DecodeError, FrameTooLarge, UnknownMessageType, UnsupportedVersion
 from protocol.limits import check_shape
@@ -38,11 +40,14 @@ class Codec:
 
     ``keyring`` turns signing on: ``signers`` are the identities this process may sign as (the
     first is used where the stream does not decide, e.g. an operator's submissions).
+    ``reply_macs``: a message with a sole reader gets a MAC for it rather than a signature (both
+    are always accepted on the way in); off, every message is signed, which a third party can check.
     """
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     keyring: Keyring | None = None
     signers: tuple[str, ...] = ()
+    reply_macs: bool = True
 
     def __post_init__(self) -> None:
         if self.keyring is not None:
@@ -64,7 +69,12 @@ class Codec:
                     raise BadSignature(f"this process holds no key to sign as {ident or 'anyone'!r} "
                                        f"(it signs as: {', '.join(self.signers) or 'nobody'})")
                 data["signer"] = ident
-                data["sig"] = self.keyring.sign(ident, msgpack.packb(data, use_bin_type=True))
+                payload = msgpack.packb(data, use_bin_type=True)
+                reader = sole_reader(envelope.type) if self.reply_macs else None
+                if reader is not None and reader in self.keyring.public:
+                    data["mac"] = self.keyring.mac(ident, reader, payload)
+                else:
+                    data["sig"] = self.keyring.sign(ident, payload)
             frame: bytes = msgpack.packb(data, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc
@@ -89,6 +99,8 @@ class Codec:
         self._check_header(data)
         if self.keyring is not None:
             self._check_signature(data, stream)
+        else:
+            data.pop("mac", None)  # unchecked, like a signature; the envelope has no field for it
         try:
             return Envelope.model_validate(data)
         except ValidationError as exc:
@@ -110,11 +122,22 @@ class Codec:
     def _check_signature(self, data: dict[str, Any], stream: str | None) -> None:
         assert self.keyring is not None
         sig = data.pop("sig", None)
+        mac = data.pop("mac", None)
         signer = data.get("signer")
-        if not isinstance(sig, bytes) or not isinstance(signer, str) or not signer:
+        if not isinstance(signer, str) or not signer or not isinstance(sig if mac is None else mac, bytes):
             raise BadSignature("message is not signed")
-        check_sender(data["body"]["type"], signer, stream)  # cheap, and says more than "bad signature"
-        self.keyring.verify(signer, sig, msgpack.packb(data, use_bin_type=True))
+        if sig is not None and mac is not None:
+            raise BadSignature("message carries both a signature and a MAC")
+        kind = data["body"]["type"]
+        check_sender(kind, signer, stream)  # cheap, and says more than "bad signature"
+        payload = msgpack.packb(data, use_bin_type=True)
+        if mac is None:
+            self.keyring.verify(signer, sig, payload)
+            return
+        reader = sole_reader(kind)
+        if reader is None:
+            raise BadSignature(f"{kind!r} messages must be signed: only messages with one reader may carry a MAC")
+        self.keyring.check_mac(signer, reader, mac, payload)
 
 
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:

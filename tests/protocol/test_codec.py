@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from protocol.authority import SENDER_ROLE
+from protocol.authority import SENDER_ROLE, sole_reader
 from protocol.codec import Codec
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import (
@@ -64,6 +64,7 @@ PER_TYPE = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 _RING = Keyring.init(Path(tempfile.mkdtemp(prefix="codec-keys-")), operator="o")
 _RING.add("worker", "w")
 SIGNED = Codec(keyring=_RING, signers=("manager", "operator:o", "worker:w"))
+SIGNED_ALL = Codec(keyring=_RING, signers=SIGNED.signers, reply_macs=False)  # replies signed too, not MAC'd
 SIGNER_OF = {kind: {"manager": "manager", "worker": "worker:w", "operator": "operator:o"}[role]
              for kind, role in SENDER_ROLE.items()}
 
@@ -201,12 +202,18 @@ def test_every_message_type_round_trips(kind: str, data: st.DataObject) -> None:
 @given(data=st.data())
 def test_every_message_type_round_trips_signed(kind: str, data: st.DataObject) -> None:
     sent = data.draw(envelopes(BODIES[kind]))
-    frame = encode(SIGNED, sent)
-    assert isinstance(_raw(frame)["sig"], bytes)
-    got = SIGNED.decode(frame)
-    # The signature is checked and stripped on the way in; the signer it proves stays.
-    assert got == sent.model_copy(update={"signer": SIGNER_OF[kind]})
-    assert got.sig is None
+    for codec in (SIGNED, SIGNED_ALL):
+        frame = encode(codec, sent)
+        raw = _raw(frame)
+        # A worker's reply has one reader, the manager: it carries a MAC for it, unless replies are signed.
+        proof = "mac" if codec.reply_macs and sole_reader(kind) else "sig"
+        assert set(raw) & {"sig", "mac"} == {proof}
+        assert len(raw[proof]) == (32 if proof == "mac" else 64)
+        for reader in (SIGNED, SIGNED_ALL):
+            got = reader.decode(frame)
+            # The signature or MAC is checked and stripped on the way in; the signer it proves stays.
+            assert got == sent.model_copy(update={"signer": SIGNER_OF[kind]})
+            assert got.sig is None
 
 
 @PROPS
@@ -403,7 +410,7 @@ def test_missing_signature_is_a_bad_signature() -> None:
 
 @pytest.mark.parametrize("sig", ["text", 1, None, [b"x"]])
 def test_non_bytes_signature_is_a_bad_signature(sig: Any) -> None:
-    raw = _raw(encode(SIGNED, heartbeat()))
+    raw = _raw(encode(SIGNED_ALL, heartbeat()))
     raw["sig"] = sig
     with pytest.raises(BadSignature, match="not signed"):
         SIGNED.decode(_pack(raw))
@@ -473,7 +480,7 @@ def test_signed_frame_decoded_without_a_key_is_accepted_unverified_and_keeps_its
     # A codec without a keyring does not check signatures at all (``--insecure``), and the raw
     # ``sig`` stays on the envelope. That holds for a forged signature too.
     sent = heartbeat()
-    frame = encode(SIGNED, sent)
+    frame = encode(SIGNED_ALL, sent)
     got = Codec().decode(frame)
     assert not Codec().verifies
     assert got.sig == _raw(frame)["sig"]
@@ -482,6 +489,116 @@ def test_signed_frame_decoded_without_a_key_is_accepted_unverified_and_keeps_its
     forged = _raw(frame)
     forged["sig"] = b"forged"
     assert Codec().decode(_pack(forged)).sig == b"forged"
+
+
+def test_a_macd_frame_decoded_without_a_key_is_accepted_unverified() -> None:
+    sent = heartbeat()
+    frame = encode(SIGNED, sent)
+    assert "mac" in _raw(frame)
+    assert Codec().decode(frame).model_copy(update={"signer": ""}) == sent
+
+
+# --- MACs on replies -----------------------------------------------------------------------------------------------
+
+
+def _share(*identities: str) -> Keyring:
+    """What one process of a fleet holds: every public key, and the private keys of its own roles."""
+    return _RING.export(Path(tempfile.mkdtemp(prefix="codec-share-")), identities)
+
+
+def done(**fields: Any) -> Envelope:
+    return Envelope(run_id="r", task_id="t1", attempt=1, body=Done(output=1), **fields)
+
+
+def test_a_reply_macd_by_a_worker_process_is_checked_by_the_manager_process() -> None:
+    # Separate processes, separate key files: each side derives the same key from its own private key alone.
+    worker = Codec(keyring=_share("worker:w"), signers=("worker:w",))
+    manager = Codec(keyring=_share("manager"), signers=("manager",))
+    frame = worker.encode(done(), signer="worker:w")
+    assert len(_raw(frame)["mac"]) == 32
+    assert manager.decode(frame, stream="results.w").signer == "worker:w"
+
+
+def test_a_macd_reply_cannot_be_checked_without_the_readers_key() -> None:
+    frame = SIGNED.encode(done(), signer="worker:w")
+    onlooker = Codec(keyring=_share("worker:w"), signers=("worker:w",))  # even the sender cannot show it to others
+    with pytest.raises(BadSignature, match="MAC for 'manager', and this process holds no key of 'manager'"):
+        onlooker.decode(frame)
+
+
+def test_a_mac_from_another_keyring_does_not_match() -> None:
+    other = Keyring.init(Path(tempfile.mkdtemp(prefix="codec-other-")), operator="o")
+    other.add("worker", "w")
+    frame = Codec(keyring=other, signers=("worker:w",)).encode(done())
+    with pytest.raises(BadSignature, match="MAC does not match 'worker:w'"):
+        SIGNED.decode(frame)
+
+
+def test_a_tampered_macd_frame_does_not_match() -> None:
+    raw = _raw(SIGNED.encode(done(), signer="worker:w"))
+    raw["body"]["output"] = 2
+    with pytest.raises(BadSignature, match="MAC does not match 'worker:w'"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_compromised_worker_cannot_mac_as_another_worker() -> None:
+    # It holds worker:w's key; a MAC it makes and labels worker:v is checked against worker:v's key.
+    if "worker:v" not in _RING.public:
+        _RING.add("worker", "v")
+    compromised = Codec(keyring=_share("worker:w"), signers=("worker:w",))
+    raw = _raw(compromised.encode(done(), signer="worker:w"))
+    raw["signer"] = "worker:v"
+    raw["mac"] = compromised.keyring.mac("worker:w", "manager", _pack({k: v for k, v in raw.items() if k != "mac"}))
+    with pytest.raises(BadSignature, match="MAC does not match 'worker:v'"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_macs_are_bound_to_their_direction() -> None:
+    assert _RING.mac("worker:w", "manager", b"x") != _RING.mac("manager", "worker:w", b"x")
+    assert _RING.mac("worker:w", "manager", b"x") != _RING.mac("operator:o", "manager", b"x")
+
+
+def test_a_message_with_several_readers_may_not_carry_a_mac() -> None:
+    # An assign is read by every worker of its capability: a key shared with them would let one pose as the manager.
+    sent = Envelope(run_id="r", task_id="t1", attempt=1, body=Assign(capability="w", instruction="i"))
+    raw = _raw(SIGNED.encode(sent, signer="manager"))
+    assert "sig" in raw
+    del raw["sig"]
+    raw["mac"] = _RING.mac("manager", "worker:w", _pack(raw))
+    with pytest.raises(BadSignature, match="'assign' messages must be signed"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_frame_with_both_a_signature_and_a_mac_is_refused() -> None:
+    raw = _raw(SIGNED.encode(done(), signer="worker:w"))
+    raw["sig"] = _raw(SIGNED_ALL.encode(done(), signer="worker:w"))["sig"]
+    with pytest.raises(BadSignature, match="both a signature and a MAC"):
+        SIGNED.decode(_pack(raw))
+
+
+@pytest.mark.parametrize("mac", [b"", b"x" * 31, b"x" * 64, "text", 5])
+def test_a_malformed_mac_is_refused(mac: Any) -> None:
+    raw = _raw(SIGNED.encode(done(), signer="worker:w"))
+    raw["mac"] = mac
+    with pytest.raises(BadSignature, match=r"not signed|MAC does not match"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_mac_made_before_the_senders_rotation_checks_until_retired() -> None:
+    root = Path(tempfile.mkdtemp(prefix="codec-rotate-"))
+    ring = Keyring.init(root, operator="o")
+    ring.add("worker", "w")
+    codec = Codec(keyring=ring, signers=("manager", "worker:w"))
+    before = codec.encode(done(), signer="worker:w")
+    ring.add("worker", "w", rotate=True)
+    after = codec.encode(done(), signer="worker:w")
+    assert _raw(before)["mac"] != _raw(after)["mac"]
+    for frame in (before, after):
+        assert codec.decode(frame).signer == "worker:w"
+    ring.retire("worker:w")
+    assert codec.decode(after).signer == "worker:w"
+    with pytest.raises(BadSignature, match="MAC does not match 'worker:w'"):
+        codec.decode(before)
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,15 @@
 Frames are built as plain maps and added with XADD, so the manager meets them exactly as it would
 meet a hostile process's frames. Where a test gives the attacker a stolen private key (a file of the
 session keyring, ``ORCH_KEYS``), ``sign`` signs with it the way the protocol does: Ed25519 over the
-msgpack of the envelope without ``sig``.
+msgpack of the envelope without ``sig``, and ``mac`` makes a reply's MAC for the manager the way
+docs/security.md specifies it (X25519 of the stolen key with the manager's public key).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -18,6 +22,7 @@ from typing import Any
 import msgpack
 import redis
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from nacl import bindings as sodium
 
 NS = "orch"
 
@@ -45,6 +50,10 @@ def pack(data: Any) -> bytes:
     return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def unpack(frame: bytes) -> Any:
+    return msgpack.unpackb(frame, raw=False)
+
+
 @cache
 def _private_key(ident: str) -> Any:
     role, _, name = ident.partition(":")
@@ -57,6 +66,26 @@ def sign(data: dict[str, Any], ident: str) -> dict[str, Any]:
     data = {k: v for k, v in data.items() if k != "sig"}
     data["signer"] = ident
     data["sig"] = _private_key(ident).sign(pack(data))
+    return data
+
+
+def mac(data: dict[str, Any], ident: str, *, key_of: str | None = None, reader: str = "manager") -> dict[str, Any]:
+    """The envelope with a MAC for ``reader`` in the name of ``ident``, made with the stolen key of ``key_of``.
+
+    The key derivation of docs/security.md: BLAKE2b (person ``orch.mac.v1``) over the X25519 secret
+    of the sender's and the reader's keys, the sender's and reader's Ed25519 public keys and
+    ``sender>reader``; the tag is BLAKE2b keyed with it over the msgpack without ``sig``/``mac``.
+    """
+    data = {k: v for k, v in data.items() if k not in ("sig", "mac")}
+    data["signer"] = ident
+    public, secret = sodium.crypto_sign_seed_keypair(_private_key(key_of or ident).private_bytes_raw())
+    keys = json.loads((Path(os.environ["ORCH_KEYS"]) / "keyring.json").read_text())["keys"]
+    reader_public = base64.b64decode(keys[reader]["public"])
+    shared = sodium.crypto_scalarmult(sodium.crypto_sign_ed25519_sk_to_curve25519(secret),
+                                      sodium.crypto_sign_ed25519_pk_to_curve25519(reader_public))
+    key = hashlib.blake2b(shared + public + reader_public + f"{ident}>{reader}".encode(), digest_size=32,
+                          person=b"orch.mac.v1").digest()
+    data["mac"] = hashlib.blake2b(pack(data), key=key, digest_size=32).digest()
     return data
 
 

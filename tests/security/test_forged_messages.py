@@ -36,11 +36,16 @@ class Attacker:
         self.r = redis.Redis.from_url(url)
 
     def frame(self, body: dict[str, Any], *, sign_as: str | None = None, claim: str | None = None,
-              **header: Any) -> bytes:
-        """``claim``: the signer the frame names, when it is not the one whose key signed it."""
+              mac_as: str | None = None, **header: Any) -> bytes:
+        """``claim``: the signer the frame names, when it is not the one whose key signed it.
+
+        ``mac_as``: a MAC for the manager made with that identity's stolen key, instead of a signature.
+        """
         data = atk.envelope(body, **header)
         if sign_as is not None:
             data = atk.sign(data, sign_as)
+        if mac_as is not None:
+            data = atk.mac(data, claim or mac_as, key_of=mac_as)
         if claim is not None:
             data["signer"] = claim
         return atk.pack(data)
@@ -167,6 +172,38 @@ def test_forged_and_cross_capability_results_change_nothing(fleet: Fleet) -> Non
     final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
     assert final["state"] == "accepted", final
     assert _task(final, "t")["output"] == 7
+
+
+def test_forged_reply_macs_change_nothing_and_real_replies_carry_a_mac(fleet: Fleet) -> None:
+    a = fleet.attacker
+    # A group of our own keeps the results stream's entries after the manager settles them, to read them back.
+    a.r.xgroup_create(atk.stream_key("results.echo"), "audit", id="0", mkstream=True)
+    run_id = fleet.submit({"goal": "macs", "tasks": [{"id": "t", "capability": "echo", "input": 7,
+                                                       "spec": {"expect": 7}}]})
+    _until("attempt 1 dispatched", lambda: _task(fleet.status(run_id), "t")["attempts"] >= 1
+           if fleet.status(run_id).get("tasks") else False)
+    done = {"type": "done", "output": 999999, "tokens": 0, "duration_s": 0.0, "self_check": False}
+    header = {"run_id": run_id, "task_id": "t", "attempt": 1}
+    random_mac = atk.envelope(done, **header) | {"signer": "worker:echo", "mac": os.urandom(32)}
+    a.add("results.echo", atk.pack(random_mac))
+    # A compromised slow worker: its key makes a valid MAC for itself only, not for the echo worker it names.
+    a.add("results.echo", a.frame(done, mac_as="worker:slow", claim="worker:echo", **header))
+    a.add("results.echo", a.frame(done, mac_as="worker:slow", **header))
+    reasons = _until("three dead letters", lambda: len(r := a.dead("results.echo")) >= 3 and r)
+    assert sum("MAC does not match 'worker:echo'" in r for r in reasons) == 2, reasons
+    assert any("'worker:slow' may not publish on 'results.echo'" in r for r in reasons), reasons
+    time.sleep(1.0)
+    assert _task(fleet.status(run_id), "t")["state"] == "not_done"
+
+    fleet.worker("echo")
+    final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
+    assert final["state"] == "accepted", final
+    assert _task(final, "t")["output"] == 7
+    entries: Any = a.r.xrange(atk.stream_key("results.echo"))
+    real = [d for _, f in entries if (d := atk.unpack(f[b"f"]))["signer"] == "worker:echo"
+            and d["body"]["type"] == "done" and d["body"]["output"] == 7]
+    assert real, entries
+    assert all(len(d["mac"]) == 32 and "sig" not in d for d in real), real
 
 
 def test_a_cancel_signed_by_a_worker_key_does_not_stop_work(fleet: Fleet) -> None:
