@@ -14,8 +14,9 @@ Each measurement has the requester in this process and one worker in a separate 
   requester's CPU time per round trip (``time.process_time()``), which shows how much of the
   latency is Python work rather than waiting.
 
-The ``signed`` row is the same bus with Ed25519 signing on (the default for processes on Redis):
-every message signed by its sender's key and verified by its receiver.
+The ``signed`` row is the same bus with signing on (the default for processes on Redis): every
+assign signed by its sender's Ed25519 key and verified by its receiver, every reply MAC'd for the
+manager (``ORCH_SIGN_REPLIES=1``: signed too, as before 2026-12-03).
 
 Figures are medians over ``--repeats`` runs. A fresh key namespace is used for every run.
 ``BUS_BENCH_NO_HIREDIS=1`` hides hiredis, to measure redis-py's pure-Python parser.
@@ -121,10 +122,12 @@ def _settings(keys: str | None, signer: str) -> BusSettings:
     """Plain settings, or settings whose codec signs as ``signer`` with the keyring at ``keys``."""
     if keys is None:
         return BusSettings()
+    from orchestrator.trust import sign_replies_from_env
     from protocol.codec import Codec
     from protocol.keyring import Keyring
 
-    return BusSettings(codec=Codec(keyring=Keyring.load(keys), signers=(signer,)))
+    return BusSettings(codec=Codec(keyring=Keyring.load(keys), signers=(signer,),
+                                   reply_macs=not sign_replies_from_env()))
 
 
 def _keyring() -> str:

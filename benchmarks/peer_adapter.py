@@ -17,7 +17,8 @@ The variant comes from the harness's ``--variant`` or, so that the shared ``run_
 it unchanged, from ``ORCH_PEER_ADAPTER=lifecycle``. ``benchmarks/peers.sh`` runs both rows beside
 the peers in one run. ``ORCH_INSECURE=1`` turns signing off for the row (unsigned bus messages, where signing is
 the default on Redis): both sides then run with ``--insecure``; otherwise each adapter makes a
-keyring of its own (the manager's key and ``worker:noop``) and both sides sign and verify.
+keyring of its own (the manager's key and ``worker:noop``): assigns are signed and verified, and
+replies carry a MAC for the manager (``ORCH_SIGN_REPLIES=1``: signed too, as before 2026-12-03).
 """
 
 import asyncio
@@ -59,7 +60,11 @@ def _worker_argv(url, ring):
 
 
 def _signed(ring) -> str:
-    return "unsigned (--insecure)" if ring is None else "Ed25519-signed"
+    from orchestrator.trust import sign_replies_from_env
+
+    if ring is None:
+        return "unsigned (--insecure)"
+    return "Ed25519-signed" if sign_replies_from_env() else "signed, replies MAC'd"
 
 
 class BusAdapter:

@@ -601,6 +601,17 @@ def test_a_mac_made_before_the_senders_rotation_checks_until_retired() -> None:
         codec.decode(before)
 
 
+def test_a_mac_for_the_managers_old_key_does_not_check_after_the_manager_rotated() -> None:
+    # The manager keeps no old private key: a worker still on the old keyring.json is refused (docs/security.md).
+    root = Path(tempfile.mkdtemp(prefix="codec-rotate-manager-"))
+    ring = Keyring.init(root, operator="o")
+    ring.add("worker", "w")
+    stale_worker = Codec(keyring=ring.export(root / "worker", ["worker:w"]), signers=("worker:w",))
+    ring.add("manager", rotate=True)
+    with pytest.raises(BadSignature, match="MAC does not match 'worker:w'"):
+        Codec(keyring=ring, signers=("manager",)).decode(stale_worker.encode(done()))
+
+
 @pytest.mark.parametrize(
     "body",
     [
