@@ -16,22 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from _microbench import per_call_us  # run as a script: benchmarks/ is on the path
 
 from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.keyring import Keyring
 from protocol.messages import Done
-
-
-def _batch(fn: Callable[[], Any], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def main() -> None:
@@ -55,8 +47,8 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(n, s): [] for n in sides for s in ("encode", "decode")}
     for _ in range(args.rounds):
         for name, (encode, decode) in sides.items():
-            times[name, "encode"].append(_batch(encode, args.batch))
-            times[name, "decode"].append(_batch(decode, args.batch))
+            times[name, "encode"].append(per_call_us(encode, args.batch))
+            times[name, "decode"].append(per_call_us(decode, args.batch))
     print(f"median of {args.rounds} rounds of {args.batch}; µs per reply")
     print(f"{'':8} {'signed':>8} {'mac':>8} {'mac/signed':>11}")
     for step in ("encode", "decode"):

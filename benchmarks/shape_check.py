@@ -15,22 +15,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from typing import Any
+
+from _microbench import per_call_us  # run as a script: benchmarks/ is on the path
 
 import protocol.codec as codec_mod
 from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.keyring import Keyring
 from protocol.messages import Assign, Done
-
-
-def _batch(fn: Callable[[], Any], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def main() -> None:
@@ -62,9 +55,9 @@ def main() -> None:
             ratios, with_, without = [], [], []
             for _ in range(args.rounds):
                 codec_mod.check_shape = real
-                a = _batch(decode, n)
+                a = per_call_us(decode, n)
                 codec_mod.check_shape = noop  # type: ignore[assignment]
-                b = _batch(decode, n)
+                b = per_call_us(decode, n)
                 ratios.append(a / b)
                 with_.append(a)
                 without.append(b)
