@@ -49,7 +49,7 @@ from orchestrator.verifier import run_check
 from orchestrator.watchdogs import Watchdogs, now
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, OrchestratorError
 from protocol.history import Dispatched, HistoryEvent, RunFinished, Transitioned
 from protocol.keys import (
     CONTROL_TOPIC,
@@ -96,6 +96,7 @@ DEFAULT_DISPATCH_WINDOW = 10_000  # ManagerSettings.dispatch_window, and the man
 _DISPATCH_SLICE = 1000  # assigns built and published at once
 _RECORD_SLICE = 5000  # a new run's task records made between two checkpoints (~35 ms)
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
+_PRESENCE_LOOKUP_S = 1.0  # how long a submission may wait to learn whether a new capability has workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,9 @@ class Manager:
         # Stored before anything else sees the run: a store may read its records across awaits.
         await self.store.create_run(run)
         run.release_task_defs()  # the store took the job; a 100,000-task job's list was ~0.5 KB a task
-        engine = self._track(run)
+        capabilities = {t.capability for t in run.tasks.values()}
+        await self._learn_presence(capabilities - self._consuming)
+        engine = self._track(run, capabilities)
         self._starting[run.run_id] = started = anyio.Event()
         tg.start_soon(self._start, engine, at, started)
         return run.run_id
@@ -305,7 +308,26 @@ class Manager:
 
     # -- engines -----------------------------------------------------------------------------
 
-    def _track(self, run: RunRecord) -> RunEngine:
+    async def _learn_presence(self, capabilities: set[str]) -> None:
+        """Look up whether live workers serve ``capabilities`` (new to this manager) before a run is judged by it.
+
+        The presence checks only ask about capabilities in use, so a new one counted as unserved, and the
+        first tasks of a run recorded that they waited for a worker until the next check, with one there.
+        """
+        if not capabilities or self._watchdogs is None:
+            return
+        # Bounded: the bus rides out an outage by retrying, and a submission must not wait for it. Without an
+        # answer the run starts on what the manager knew, and the next check tells it.
+        with anyio.move_on_after(_PRESENCE_LOOKUP_S) as scope:
+            try:
+                await self._watchdogs.check_presence(also=capabilities)
+            except OrchestratorError as exc:
+                log.warning("presence_unknown", capabilities=sorted(capabilities), error=str(exc))
+        if scope.cancelled_caught:
+            log.warning("presence_unknown", capabilities=sorted(capabilities),
+                        error=f"no answer from the bus within {_PRESENCE_LOOKUP_S:g} s")
+
+    def _track(self, run: RunRecord, capabilities: set[str] | None = None) -> RunEngine:
         served = self._watchdogs.served if self._watchdogs is not None else None
         engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served,
                            window=self.settings.dispatch_window)
@@ -313,7 +335,7 @@ class Manager:
         self._logs[run.run_id] = _EventLog(first_seq=run.next_seq, keep=self.settings.events_kept)
         while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._engines:
             del self._logs[oldest]
-        for capability in {t.capability for t in run.tasks.values()}:
+        for capability in capabilities if capabilities is not None else {t.capability for t in run.tasks.values()}:
             self._consume_results_of(capability)
         return engine
 

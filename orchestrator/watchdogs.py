@@ -66,9 +66,9 @@ class Watchdogs:
                 self.incarnation = current
                 await self.feed(None, Redrive(now()))
 
-    async def check_presence(self) -> None:
-        """Read which capabilities live workers serve and tell every run."""
-        counts = await self.bus.served(sorted(set(self.capabilities())))
+    async def check_presence(self, also: Iterable[str] = ()) -> None:
+        """Read which capabilities live workers serve (the runs' and ``also``) and tell every run."""
+        counts = await self.bus.served(sorted({*self.capabilities(), *also}))
         self.served = frozenset(c for c, n in counts.items() if n > 0)
         await self.feed(None, Presence(self.served, now()))
 

@@ -12,7 +12,7 @@ from orchestrator.api import Orchestrator
 from orchestrator.manager import ManagerSettings
 from orchestrator.store import MemoryStore
 from protocol.errors import JobError
-from protocol.history import Dispatched, RunFinished, Transitioned
+from protocol.history import Dispatched, RunFinished, Transitioned, WaitingChanged
 from tests._history import verdicts
 from workers import Task, Verdict, Worker
 
@@ -271,6 +271,18 @@ async def test_a_task_the_bus_dead_letters_fails_its_run_with_the_reason() -> No
         tg.cancel_scope.cancel()
     assert result.state == "failed"
     assert result.record.tasks["t"].reason.startswith("dead-lettered by the bus: delivered 2 times")
+
+
+async def test_a_first_run_of_a_capability_does_not_wait_for_a_worker_that_is_there() -> None:
+    # The presence check before the run saw no capability in use; the run's own must be looked up, not
+    # taken as missing (its tasks recorded "waiting for a worker" until the next check, with one there).
+    async with Orchestrator(workers=[Echo], manager_settings=ManagerSettings(incarnation_check_s=0.05)) as orch:
+        await anyio.sleep(0.3)  # several presence checks, with no run yet
+        run = await orch.submit(job({"id": "a", "capability": "echo", "input": 1, "spec": {"expect": 1}}))
+        events = [e async for e in run.events()]
+        assert (await run.wait()).accepted
+    waits = [e.body.waiting for e in events if isinstance(e.body, WaitingChanged) and e.body.waiting is not None]
+    assert waits == []
 
 
 class CountingStore(MemoryStore):
