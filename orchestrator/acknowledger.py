@@ -42,6 +42,7 @@ class Acknowledger:
         self._events: list[Event] = []
         self._touched: set[str] = set()
         self._wake = anyio.Event()
+        self._committed = anyio.Event()  # set when a commit ends, then replaced by a new one
 
     def defer(self, delivery: Delivery) -> None:
         """Acknowledge ``delivery`` after the next sync."""
@@ -50,6 +51,15 @@ class Acknowledger:
         self._deliveries.append(delivery.receipt())
         self._touched.add(delivery.envelope.run_id)
         self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Replies handled whose changes no commit has covered yet."""
+        return len(self._deliveries)
+
+    async def next_commit(self) -> None:
+        """Wait until the commit under way, or else the next one, has ended."""
+        await self._committed.wait()
 
     def mirror(self, event: Event) -> None:
         """Publish ``event`` to the run's history stream after the next sync."""
@@ -71,6 +81,8 @@ class Acknowledger:
                 for run_id, chunks in _by_run(events).items():
                     tg.start_soon(self._publish, run_id, chunks)
             self.on_committed(touched)
+            committed, self._committed = self._committed, anyio.Event()
+            committed.set()
 
     async def _publish(self, run_id: str, chunks: list[list[Event]]) -> None:
         for chunk in chunks:  # in order: a follower reads the stream as the run's history

@@ -319,3 +319,48 @@ async def test_waiting_on_runs_that_just_ended_reads_nothing_back_from_the_store
     assert [r.outputs["a"] for r in oldest + latest] == [*range(10), *range(10, 40)]
     assert all(r.accepted for r in oldest + latest)
 
+
+
+class Held(Worker):
+    """Answers once the test lets it."""
+
+    capability = "held"
+    release: anyio.Event
+
+    async def handle(self, task: Task) -> Any:
+        await Held.release.wait()
+        return task.input
+
+
+class StallingStore(MemoryStore):
+    """The in-memory store, whose commits can be made to hang (a slow disk's fsync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = anyio.Event()
+        self.open.set()
+
+    async def sync(self) -> None:
+        await self.open.wait()
+
+
+async def test_replies_wait_in_redis_while_the_ledger_cannot_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Handled, a reply's records, history and receipt wait in memory for the next commit: a stalled commit must
+    # not let all of a run's replies pile up there.
+    monkeypatch.setattr("orchestrator.manager._UNCOMMITTED_REPLIES_MAX", 3)
+    Held.release = anyio.Event()
+    store = StallingStore()
+    async with Orchestrator(workers=[Held], store=store) as orch:
+        run = await orch.submit(job(*({"id": f"t{i}", "capability": "held", "input": i, "spec": {"expect": i}}
+                                      for i in range(20))))
+        await anyio.sleep(0.3)  # every task dispatched and held by the worker
+        store.open = anyio.Event()  # commits hang from here on
+        Held.release.set()
+        await anyio.sleep(0.5)
+        accepted = sum(t.state == "accepted" for t in orch.manager.snapshot(run.run_id).tasks.values())
+        # One reply went into the stalled commit, three more wait for it; the rest wait in the bus.
+        assert 1 <= accepted <= 4
+        store.open.set()
+        result = await run.wait()
+    assert result.accepted
+    assert all(t.state == "accepted" for t in result.record.tasks.values())
