@@ -181,7 +181,7 @@ class Manager:
         # Stored before anything else sees the run: a store may read its records across awaits.
         await self.store.create_run(run)
         run.release_task_defs()  # the store took the job; a 100,000-task job's list was ~0.5 KB a task
-        capabilities = {t.capability for t in run.tasks.values()}
+        capabilities = _capabilities_of(run)
         await self._learn_presence(capabilities - self._consuming)
         engine = self._track(run, capabilities)
         self._starting[run.run_id] = started = anyio.Event()
@@ -328,7 +328,7 @@ class Manager:
             log.warning("presence_unknown", capabilities=sorted(capabilities),
                         error=f"no answer from the bus within {_PRESENCE_LOOKUP_S:g} s")
 
-    def _track(self, run: RunRecord, capabilities: set[str] | None = None) -> RunEngine:
+    def _track(self, run: RunRecord, capabilities: set[str]) -> RunEngine:
         served = self._watchdogs.served if self._watchdogs is not None else None
         engine = RunEngine(run, actor=self.name, judge=self.judge is not None, served=served,
                            window=self.settings.dispatch_window)
@@ -336,7 +336,7 @@ class Manager:
         self._logs[run.run_id] = _EventLog(first_seq=run.next_seq, keep=self.settings.events_kept)
         while len(self._logs) > _FINISHED_LOGS_KEPT and (oldest := next(iter(self._logs))) not in self._engines:
             del self._logs[oldest]
-        for capability in capabilities if capabilities is not None else {t.capability for t in run.tasks.values()}:
+        for capability in capabilities:
             self._consume_results_of(capability)
         return engine
 
@@ -588,7 +588,7 @@ class Manager:
         """Pick up the runs a previous manager left unfinished, and re-drive their in-flight tasks."""
         for run in await self.store.running_runs():
             run.release_task_defs()
-            engine = self._track(run)
+            engine = self._track(run, _capabilities_of(run))
             async with self._lock(run.run_id):
                 await self._execute(engine, engine.apply(Redrive(now())))
             log.info("run_resumed", run_id=run.run_id)
@@ -734,6 +734,10 @@ class _EventLog:
 
     def since(self, after: int) -> list[Event]:
         return self.events[max(0, after + 1 - self.first_seq):]
+
+
+def _capabilities_of(run: RunRecord) -> set[str]:
+    return {t.capability for t in run.tasks.values()}
 
 
 async def _task_records(job: Job) -> dict[str, TaskRecord]:

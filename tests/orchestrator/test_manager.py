@@ -326,8 +326,14 @@ class Held(Worker):
 
     capability = "held"
     release: anyio.Event
+    all_started: anyio.Event
+    started = 0
+    expected = 0
 
     async def handle(self, task: Task) -> Any:
+        Held.started += 1
+        if Held.started == Held.expected:
+            Held.all_started.set()
         await Held.release.wait()
         return task.input
 
@@ -344,22 +350,29 @@ class StallingStore(MemoryStore):
         await self.open.wait()
 
 
-async def test_replies_wait_in_redis_while_the_ledger_cannot_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_replies_wait_on_the_bus_while_the_ledger_cannot_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     # Handled, a reply's records, history and receipt wait in memory for the next commit: a stalled commit must
     # not let all of a run's replies pile up there.
     monkeypatch.setattr("orchestrator.manager._UNCOMMITTED_REPLIES_MAX", 3)
-    Held.release = anyio.Event()
+    Held.release, Held.all_started, Held.started, Held.expected = anyio.Event(), anyio.Event(), 0, 20
     store = StallingStore()
-    async with Orchestrator(workers=[Held], store=store) as orch:
+    async with Orchestrator(workers=[Held], store=store, concurrency=20) as orch:
         run = await orch.submit(job(*({"id": f"t{i}", "capability": "held", "input": i, "spec": {"expect": i}}
                                       for i in range(20))))
-        await anyio.sleep(0.3)  # every task dispatched and held by the worker
-        store.open = anyio.Event()  # commits hang from here on
-        Held.release.set()
-        await anyio.sleep(0.5)
-        accepted = sum(t.state == "accepted" for t in orch.manager.snapshot(run.run_id).tasks.values())
-        # One reply went into the stalled commit, three more wait for it; the rest wait in the bus.
-        assert 1 <= accepted <= 4
+
+        def accepted() -> int:
+            return sum(t.state == "accepted" for t in orch.manager.snapshot(run.run_id).tasks.values())
+
+        with anyio.fail_after(10):
+            await Held.all_started.wait()  # every task dispatched, and held by the worker
+            store.open = anyio.Event()  # commits hang from here on
+            Held.release.set()
+            async for event in run.events():  # the first reply handled (history is followed from memory)
+                if isinstance(event.body, Transitioned) and event.body.to_state == "accepted":
+                    break
+        await anyio.sleep(0.5)  # time enough for all 20 replies, were they all taken
+        # One reply went into the stalled commit, three more wait for it; the rest wait on the bus.
+        assert 1 <= accepted() <= 4
         store.open.set()
         result = await run.wait()
     assert result.accepted
