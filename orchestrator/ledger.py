@@ -77,11 +77,13 @@ def _event_rows(events: Iterable[Event]) -> list[_EventRow]:
     return [(e.run_id, e.seq, _dumps(e)) for e in events]
 
 
+_RUN_ROW_EXCLUDES = {"tasks", "job"}
+
+
 def _run_row(run: RunRecord) -> _RunRow:
     # The run row holds the run without its tasks and its job (rows of their own, the job's written once),
     # so recording a transition costs the same in a run of 5 tasks or of 100,000.
-    body = run.model_dump(mode="json", by_alias=True, exclude={"tasks", "job"})
-    return run.run_id, str(run.state), run.created, json.dumps(body, separators=(",", ":"))
+    return run.run_id, str(run.state), run.created, run.model_dump_json(by_alias=True, exclude=_RUN_ROW_EXCLUDES)
 
 
 class SQLiteStore(Store):
@@ -174,6 +176,8 @@ class SQLiteStore(Store):
         self._events.append(event)
 
     async def sync(self) -> None:
+        if not (self._runs or self._tasks or self._events or self._lock.locked()):
+            return  # nothing buffered and no write under way: already durable (most callers, most of the time)
         async with self._lock:
             if not (self._runs or self._tasks or self._events):
                 return

@@ -120,6 +120,15 @@ class Bus(abc.ABC):
         """Append several envelopes in order; a bus may send them together. Returns the entry ids."""
         return [await self.publish(stream, envelope) for envelope in envelopes]
 
+    async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
+        """Append each envelope to its own stream (in order within a stream); a bus may send them together.
+
+        Every envelope is encoded before any is sent, so one that cannot be (``FrameTooLarge``) leaves all
+        of them unsent. Returns the entry ids.
+        """
+        frames = [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
+        return [await self.publish_frame(stream, frame) for stream, frame in frames]
+
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge several entries; a bus may send them together."""
         for delivery in deliveries:
@@ -168,6 +177,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def expire(self, stream: str, ttl_s: float) -> None:
         """Let ``stream`` disappear ``ttl_s`` from now (the event log of a finished run)."""
+
+    async def expire_each(self, streams: Iterable[str], ttl_s: float) -> None:
+        """``expire`` for several streams; a bus may send them together."""
+        for stream in streams:
+            await self.expire(stream, ttl_s)
 
     @abc.abstractmethod
     async def incarnation(self) -> str:

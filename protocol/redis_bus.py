@@ -156,7 +156,7 @@ class _Batcher:
         [result] = await self.run_many([(script, keys, fixed, item)])
         return result
 
-    async def run_many(self, writes: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]]
+    async def run_many(self, writes: Sequence[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]]
                        ) -> list[Any]:
         """Queue several writes at once (one caller, one wait) and return their results in order."""
         ops: list[tuple[tuple[Any, ...], _Op]] = []
@@ -455,6 +455,14 @@ class RedisBus(Bus):
         ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0,), (frame,)) for frame in frames])
         return [_s(entry_id) for entry_id in ids]
 
+    async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
+        limit = self.redis_settings.max_task_stream_len
+        if limit is not None and any(stream.startswith("tasks.") for stream, _ in items):
+            return await super().publish_each(items)  # back-pressure is per message
+        frames = [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
+        ids = await self._writes.run_many([(lua.PUBLISH, (self.key(stream),), (0,), (frame,)) for stream, frame in frames])
+        return [_s(entry_id) for entry_id in ids]
+
     async def publish_frame(self, stream: str, frame: bytes) -> str:
         key = self.key(stream)
         limit = self.redis_settings.max_task_stream_len
@@ -689,7 +697,12 @@ class RedisBus(Bus):
         return out
 
     async def expire(self, stream: str, ttl_s: float) -> None:
-        await self._writes.run(lua.EXPIRE, (self.key(stream),), (), (max(1, int(ttl_s)),))
+        await self.expire_each((stream,), ttl_s)
+
+    async def expire_each(self, streams: Iterable[str], ttl_s: float) -> None:
+        seconds = max(1, int(ttl_s))
+        if writes := [(lua.EXPIRE, (self.key(stream),), (), (seconds,)) for stream in streams]:
+            await self._writes.run_many(writes)
 
     async def incarnation(self) -> str:
         # The first caller after Redis lost its data writes a new id; everyone then reads the same one.

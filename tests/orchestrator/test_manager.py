@@ -377,3 +377,59 @@ async def test_replies_wait_on_the_bus_while_the_ledger_cannot_commit(monkeypatc
         result = await run.wait()
     assert result.accepted
     assert all(t.state == "accepted" for t in result.record.tasks.values())
+
+
+class Gate(Worker):
+    """Waits until the test opens the gate."""
+
+    capability = "gate"
+    opened: anyio.Event | None = None
+
+    async def handle(self, task: Task) -> Any:
+        assert Gate.opened is not None
+        await Gate.opened.wait()
+        return task.input
+
+
+async def test_runs_started_and_ended_together_each_get_their_summary_and_are_let_go() -> None:
+    # First and final summaries go out gathered, one write for all the runs of a moment: each run must
+    # still get its own, the final one last, and leave the manager's memory once it is out.
+    import json
+
+    from protocol.bus import MemoryBus
+    from protocol.keys import run_snapshot_key
+
+    bus = MemoryBus()
+    Gate.opened = anyio.Event()
+
+    async def summary(run_id: str) -> dict[str, Any] | None:
+        raw = await bus.get_value(run_snapshot_key(run_id))
+        return None if raw is None else json.loads(raw)
+
+    async def states(runs: list[Any]) -> list[str | None]:
+        return [None if (s := await summary(run.run_id)) is None else s["state"] for run in runs]
+
+    async def eventually(check: Any) -> None:
+        with anyio.fail_after(5):
+            while True:
+                if await check():
+                    return
+                await anyio.sleep(0.01)
+
+    async with Orchestrator(bus=bus, workers=[Gate]) as orch:
+        runs = [await orch.submit(job({"id": "t", "capability": "gate", "input": i, "spec": {"expect": i}}))
+                for i in range(20)]
+
+        async def under_way() -> bool:  # every run's first summary, while its task waits at the gate
+            return await states(runs) == ["running"] * len(runs)
+
+        async def ended_and_let_go() -> bool:  # the final summary replaced it, and the manager let the run go
+            return (await states(runs) == ["accepted"] * len(runs)
+                    and not any(run.run_id in orch.manager._engines for run in runs))
+
+        await eventually(under_way)
+        Gate.opened.set()
+        results = [await run.wait() for run in runs]
+        assert all(r.accepted for r in results)
+        await eventually(ended_and_let_go)
+        assert [(await summary(run.run_id) or {})["tasks"][0]["state"] for run in runs] == ["accepted"] * 20

@@ -10,7 +10,7 @@ import pytest
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
-from protocol.errors import LeaseLost
+from protocol.errors import FrameTooLarge, LeaseLost
 from protocol.messages import Assign, Cancel, Done
 
 pytestmark = pytest.mark.timeout(30)
@@ -278,3 +278,20 @@ async def test_publish_many_keeps_order_and_ack_many_acknowledges_them_all(bus: 
     assert [d.envelope.task_id for d in got] == [f"t{i}" for i in range(5)]
     await bus.ack_many(got)
     assert await bus.depth(stream, "g") == 0
+
+
+async def test_publish_each_appends_to_each_stream_in_order(bus: Bus, stream: str) -> None:
+    other = f"events.test-{uuid.uuid4().hex[:8]}"
+    ids = await bus.publish_each([(stream, assign(0)), (other, assign(1)), (stream, assign(2)), (other, assign(3))])
+    assert len(ids) == 4
+    assert [env.task_id for _, env in await bus.read(stream)] == ["t0", "t2"]
+    assert [env.task_id for _, env in await bus.read(other)] == ["t1", "t3"]
+    assert await bus.publish_each([]) == []
+
+
+async def test_publish_each_sends_nothing_when_one_envelope_is_too_large(bus: Bus, stream: str) -> None:
+    huge = Envelope(run_id="r", task_id="big", attempt=1,
+                    body=Assign(capability="echo", instruction="x" * (bus.settings.codec.max_frame_bytes + 1)))
+    with pytest.raises(FrameTooLarge):
+        await bus.publish_each([(stream, assign(0)), (stream, huge)])
+    assert await bus.read(stream) == []

@@ -666,3 +666,17 @@ async def test_a_staged_piece_is_applied_once_and_never_onto_a_lost_staging_key(
         assert await bus._redis.get(key) == b"abcdef"
         assert await bus._eval(lua.PUT_STAGED, [key, "elsewhere-" + key], [0]) == 1
         assert await bus._eval(lua.PUT_STAGED, [key, "elsewhere-" + key], [0]) == 0  # retried: nothing to move
+
+
+async def test_expire_each_sets_every_stream_to_expire_in_one_call(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        streams = [f"events.r{i}" for i in range(3)]
+        await bus.publish_each([(s, assign(i)) for i, s in enumerate(streams)])
+        await bus.expire_each(streams, 60)
+        await bus.expire_each([], 60)  # nothing to expire is not an error
+        raw = Redis.from_url(redis_url)
+        try:
+            ttls = [await raw.ttl(bus.key(s)) for s in streams]
+        finally:
+            await raw.aclose()
+        assert all(55 <= ttl <= 60 for ttl in ttls), ttls

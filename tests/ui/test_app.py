@@ -42,8 +42,11 @@ def client(orch: Orchestrator, operators: Operators | None = None) -> httpx.Asyn
 async def waiting_for_person(http: httpx.AsyncClient, run_id: str, attempt: int = 1) -> dict[str, Any]:
     with anyio.fail_after(20):
         while True:
-            run = (await http.get(f"/api/runs/{run_id}")).json()["run"]
-            task: dict[str, Any] = run["tasks"][0]
+            response = await http.get(f"/api/runs/{run_id}")
+            if response.status_code == 404:  # submitted, not yet under way: its first summary is on its way
+                await anyio.sleep(0.05)
+                continue
+            task: dict[str, Any] = response.json()["run"]["tasks"][0]
             if task["waiting"] and task["waiting"]["for"] == "person" and task["attempt"] >= attempt:
                 return task
             await anyio.sleep(0.05)
