@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from orchestrator import engine as rules
 from orchestrator._checks import CheckRegistry, default_checks
@@ -95,6 +95,7 @@ ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 _FINISHED_LOGS_KEPT = 100
 DEFAULT_DISPATCH_WINDOW = 10_000  # ManagerSettings.dispatch_window, and the manager process's --dispatch-window
 _DISPATCH_SLICE = 1000  # assigns built and published at once
+_Assigns = dict[str, list[tuple[RunRecord, TaskRecord, int]]]  # per capability: the tasks to send, at their attempt
 _RECORD_SLICE = 5000  # a new run's task records made between two checkpoints (~35 ms)
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
 _UNCOMMITTED_REPLIES_MAX = 2_000  # replies handled ahead of the ledger's commits before the manager waits for one
@@ -148,6 +149,7 @@ class Manager:
         self._stale_snapshots: set[str] = set()
         # Runs whose first or final summary is due, each published with the others gathered meanwhile: with many
         # short runs, a write (and a task) for each was a tenth of the manager's time.
+        self._to_start: Gathered[tuple[RunEngine, Instant]] = Gathered()
         self._under_way: Gathered[RunRecord] = Gathered()
         self._ended: Gathered[RunRecord] = Gathered()
         self._snapshots = Snapshots(bytes_per_s=self.settings.snapshot_bytes_per_s)
@@ -170,6 +172,7 @@ class Manager:
             tg.start_soon(self._consume_jobs)
             tg.start_soon(self._consume_overrides)
             tg.start_soon(self._refresh_snapshots)
+            tg.start_soon(self._start_runs)
             tg.start_soon(self._publish_under_way)
             tg.start_soon(self._publish_ended)
             log.info("manager_started", manager=self.name, resumed=len(self._engines))
@@ -183,7 +186,7 @@ class Manager:
         if run_id is not None and (run_id in self._engines or await self.store.get_run(run_id) is not None):
             return run_id
         at = now()
-        tg = self._serving()
+        self._serving()  # refuses a submission before serve() runs
         run = RunRecord.new(job, run_id, now=at.wall, tasks=await _task_records(job))
         # Stored before anything else sees the run: a store may read its records across awaits.
         await self.store.create_run(run)
@@ -191,32 +194,54 @@ class Manager:
         capabilities = _capabilities_of(run)
         await self._learn_presence(capabilities - self._consuming)
         engine = self._track(run, capabilities)
-        self._starting[run.run_id] = started = anyio.Event()
-        tg.start_soon(self._start, engine, at, started)
+        self._starting[run.run_id] = anyio.Event()
+        self._to_start.add((engine, at))
         return run.run_id
 
-    async def _start(self, engine: RunEngine, at: Instant, started: anyio.Event) -> None:
-        """Dispatch a new run once its creation is durable.
+    async def _start_runs(self) -> None:
+        """Dispatch new runs once their creation is durable, each batch the runs submitted meanwhile.
 
-        Nothing goes to a worker for a run the ledger could still lose, and submissions arriving
-        meanwhile share the group commit (one fsync for many runs instead of one each).
+        Nothing goes to a worker for a run the ledger could still lose, and the runs of a batch share the
+        group commit (one fsync for many runs instead of one each) and the write of their assigns.
         """
-        run = engine.run
+        while True:
+            for engine in await self._start_batch(await self._to_start.take()):
+                run = engine.run
+                # The first summary of a big run renders every task (~1 s at 100,000): rendered here a part at a
+                # time first, so the event loop is not held that long at once, and only what changed is done again.
+                for _ in self._snapshots.warm(run):
+                    await anyio.lowlevel.checkpoint()
+                self._under_way.add(run)  # so status and the console know the run as soon as it is under way
+
+    async def _start_batch(self, batch: list[tuple[RunEngine, Instant]]) -> list[RunEngine]:
+        """Start the runs of ``batch``; returns those that got under way.
+
+        A run that fails to start stays in the ledger as running; the next manager resumes it.
+        """
+        locks: list[anyio.Lock] = []
+        assigns: _Assigns = {}
+        started: list[RunEngine] = []
         try:
             await self.store.sync()
-            async with self._lock(run.run_id):
-                await self._execute(engine, engine.apply(Start(at)))
-        except Exception:  # the run stays in the ledger as running; the next manager resumes it
-            log.exception("run_start_failed", run_id=run.run_id)
-            return
+            for engine, at in batch:
+                await _acquire(lock := self._lock(engine.run.run_id))
+                locks.append(lock)
+                try:
+                    await self._carry_out(engine, engine.apply(Start(at)), assigns)
+                except Exception:
+                    log.exception("run_start_failed", run_id=engine.run.run_id)
+                else:
+                    started.append(engine)
+            await self._send(assigns)
+        except Exception:
+            log.exception("runs_start_failed", run_ids=[engine.run.run_id for engine, _ in batch])
+            return []
         finally:
-            self._starting.pop(run.run_id, None)
-            started.set()
-        # The first summary of a big run renders every task (~1 s at 100,000): rendered here a part at a time
-        # first, so the event loop is not held that long at once, and only what changed since is done again.
-        for _ in self._snapshots.warm(run):
-            await anyio.lowlevel.checkpoint()
-        self._under_way.add(run)  # so status and the console know the run as soon as it is under way
+            for lock in locks:
+                lock.release()
+            for engine, _ in batch:
+                self._starting.pop(engine.run.run_id).set()
+        return started
 
     async def wait(self, run_id: str) -> RunRecord:
         """Block until the run ends; returns its final record."""
@@ -359,13 +384,8 @@ class Manager:
                 continue
             if tick_at is not None and tick_at < engine.tick_due():
                 continue  # a tick visits every run, and most have no deadline or retry due
-            lock = self._lock(engine.run.run_id)
-            try:
-                # A free lock is taken without a checkpoint: a tick visits every run, most have nothing
-                # to do, and a yield per run made a tick cost O(runs) scheduler turns.
-                lock.acquire_nowait()
-            except anyio.WouldBlock:
-                await lock.acquire()
+            # A tick visits every run, most have nothing to do: a yield per run made a tick cost O(runs) turns.
+            await _acquire(lock := self._lock(engine.run.run_id))
             try:
                 if engine.finished:
                     continue
@@ -379,6 +399,12 @@ class Manager:
 
     async def _execute(self, engine: RunEngine, effects: list[Effect]) -> None:
         """Carry out what the engine decided, in order. Called with the run's lock held."""
+        assigns: _Assigns = {}
+        await self._carry_out(engine, effects, assigns)
+        await self._send(assigns)
+
+    async def _carry_out(self, engine: RunEngine, effects: list[Effect], assigns: _Assigns) -> None:
+        """``_execute`` but for sending the assigns: those are added to ``assigns``, for ``_send``."""
         run = engine.run
         events: list[HistoryEvent] = []
         actions: list[Effect] = []
@@ -395,12 +421,11 @@ class Manager:
             for event in events:
                 self._recorded(run, event)
             del events
-        assigns: dict[str, list[tuple[TaskRecord, int]]] = {}
         for effect in actions:
             match effect:
                 case SendAssign():
                     task = run.tasks[effect.task_id]
-                    assigns.setdefault(task.capability, []).append((task, task.attempt))
+                    assigns.setdefault(task.capability, []).append((run, task, task.attempt))
                 case RequestCheck():
                     await self._check(engine, effect)
                 case StopWork():
@@ -417,13 +442,16 @@ class Manager:
                     log.info("input_ignored", run_id=run.run_id, reason=effect.reason)
                 case Refused():
                     log.warning("override_refused", run_id=run.run_id, reason=effect.reason)
+
+    async def _send(self, assigns: _Assigns) -> None:
         for capability, tasks in assigns.items():
             # A dispatch wave goes out in a few calls per capability, built a slice at a time: the envelopes
             # and frames of a 100,000-task wave built at once were a third of the manager's peak memory.
             # A task whose attempt moved on meanwhile (a check above re-dispatched it) was sent by then.
             for i in range(0, len(tasks), _DISPATCH_SLICE):
                 await self.bus.publish_many(tasks_stream(capability), [
-                    self._assign(run, task) for task, attempt in tasks[i:i + _DISPATCH_SLICE] if task.attempt == attempt])
+                    self._assign(run, task) for run, task, attempt in tasks[i:i + _DISPATCH_SLICE]
+                    if task.attempt == attempt])
 
     def _recorded(self, run: RunRecord, event: Event) -> None:
         """What follows recording an event: followers, observers, tracing, the status cache, the log."""
@@ -519,9 +547,14 @@ class Manager:
             return
         signer = env.signer if self.bus.settings.codec.verifies else None
         reply = Reply(env.task_id, env.attempt, env.sender, capability, _within_limits(env.body), now(), signer)
-        with bound_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt):
-            async with self._lock(env.run_id):
-                await self._execute(engine, engine.apply(reply))
+        # Bound with tokens that put back what was there: cheaper than bound_contextvars, which copies the context.
+        bound = bind_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt)
+        await _acquire(lock := self._lock(env.run_id))
+        try:
+            await self._execute(engine, engine.apply(reply))
+        finally:
+            lock.release()
+            reset_contextvars(**bound)
 
     async def _consume_jobs(self) -> None:
         """Start runs submitted by other processes (``orchestrator submit``)."""
@@ -691,6 +724,14 @@ class Manager:
         if lock is None:
             lock = self._locks[run_id] = anyio.Lock()
         return lock
+
+
+async def _acquire(lock: anyio.Lock) -> None:
+    """Take ``lock``; a free one without a checkpoint (a turn of the event loop per reply and per run)."""
+    try:
+        lock.acquire_nowait()
+    except anyio.WouldBlock:
+        await lock.acquire()
 
 
 def _within_limits(body: Any) -> Any:

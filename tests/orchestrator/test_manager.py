@@ -433,3 +433,60 @@ async def test_runs_started_and_ended_together_each_get_their_summary_and_are_le
         assert all(r.accepted for r in results)
         await eventually(ended_and_let_go)
         assert [(await summary(run.run_id) or {})["tasks"][0]["state"] for run in runs] == ["accepted"] * 20
+
+
+async def test_runs_submitted_together_start_with_one_dispatch_write() -> None:
+    from protocol.bus import MemoryBus
+
+    class CountingBus(MemoryBus):
+        dispatch_writes = 0
+
+        async def publish_many(self, stream: str, envelopes: Any) -> list[str]:
+            if stream.startswith("tasks."):
+                self.dispatch_writes += 1
+            return await super().publish_many(stream, envelopes)
+
+    bus = CountingBus()
+    async with Orchestrator(bus=bus, workers=[Echo]) as orch:
+        runs: list[Any] = []
+
+        async def submit(i: int) -> None:
+            runs.append(await orch.submit(job({"id": "t", "capability": "echo", "input": i, "spec": {"expect": i}})))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(submit, i)
+        assert all([(await run.wait()).accepted for run in runs])
+    assert len(runs) == 50
+    assert bus.dispatch_writes <= 5  # one a run before the starts were gathered
+
+
+async def test_a_batch_of_starts_that_fails_is_logged_and_the_next_runs_still_start() -> None:
+    from structlog.testing import capture_logs
+
+    class FailingOnce(MemoryStore):
+        fail = True
+
+        async def sync(self) -> None:
+            if self.fail:
+                self.fail = False
+                raise OSError("disk full")
+            await super().sync()
+
+    store = FailingOnce()
+    with capture_logs() as logs:
+        async with Orchestrator(workers=[Echo], store=store) as orch:
+            lost = await orch.submit(job({"id": "t", "capability": "echo", "input": 1}))
+            with anyio.fail_after(5):  # the failed start is said, with the run's id
+                while True:
+                    if any(e["event"] == "runs_start_failed" for e in logs):
+                        break
+                    await anyio.sleep(0.01)
+            later = await orch.submit(job({"id": "t", "capability": "echo", "input": 2, "spec": {"expect": 2}}))
+            assert (await later.wait()).accepted
+            record = await store.get_run(lost.run_id)
+    [failed] = [e for e in logs if e["event"] == "runs_start_failed"]
+    assert failed["run_ids"] == [lost.run_id]
+    assert record is not None
+    assert record.state == "running"  # in the ledger, for the next manager to resume
+    assert record.tasks["t"].attempt == 0  # nothing went to a worker for it
