@@ -95,6 +95,7 @@ ManagerObserver = Callable[[RunRecord, TaskRecord | None, Event], None]
 _FINISHED_LOGS_KEPT = 100
 DEFAULT_DISPATCH_WINDOW = 10_000  # ManagerSettings.dispatch_window, and the manager process's --dispatch-window
 _DISPATCH_SLICE = 1000  # assigns built and published at once
+_STARTS_PER_STEP = 64  # runs of a batch started between two turns of the event loop
 _Assigns = dict[str, list[tuple[RunRecord, TaskRecord, int]]]  # per capability: the tasks to send, at their attempt
 _RECORD_SLICE = 5000  # a new run's task records made between two checkpoints (~35 ms)
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
@@ -223,7 +224,9 @@ class Manager:
         started: list[RunEngine] = []
         try:
             await self.store.sync()
-            for engine, at in batch:
+            for index, (engine, at) in enumerate(batch):
+                if index % _STARTS_PER_STEP == _STARTS_PER_STEP - 1:
+                    await anyio.lowlevel.checkpoint()  # thousands submitted at once: let replies and commits in
                 await _acquire(lock := self._lock(engine.run.run_id))
                 locks.append(lock)
                 try:

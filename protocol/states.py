@@ -100,9 +100,9 @@ TRANSITIONS: MappingProxyType[TaskState, MappingProxyType[TaskEvent, TaskState]]
 
 def transition(state: TaskState, event: TaskEvent, *, task_id: str | None = None) -> TaskState:
     """Return the state ``event`` leads to from ``state``, or raise IllegalTransition."""
-    try:
-        return TRANSITIONS[TaskState(state)][TaskEvent(event)]
-    except (KeyError, ValueError):
+    try:  # a member and its string value look up alike (StrEnum), so no conversion is needed
+        return TRANSITIONS[state][event]
+    except (KeyError, TypeError):
         raise IllegalTransition(str(state), str(event), task_id=task_id) from None
 
 
