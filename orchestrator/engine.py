@@ -291,6 +291,12 @@ class RunEngine:
         deadline = self._last_mono + self.run.job.budget.deadline_s - self.run.elapsed_s
         return min(deadline, min(self._retry_at.values(), default=deadline))
 
+    def presence_changes(self, served: frozenset[str]) -> bool:
+        """Whether a ``Presence`` of ``served`` changes anything in this run, so the shell may skip it: it does when
+        the capabilities served differ from the last ones told, or while a task waits for a worker (its
+        ``no_worker_s`` runs). As with ticks, the clock a skipped input would have advanced is caught up by the next."""
+        return served != self._served or bool(self._worker_wait)
+
     def apply(self, event: Input) -> list[Effect]:
         """Apply one input; returns what the shell must do, in order."""
         self._effects = []

@@ -31,6 +31,7 @@ from orchestrator.engine import (
     Ignored,
     Input,
     Instant,
+    Presence,
     Redrive,
     Refused,
     Reply,
@@ -382,11 +383,15 @@ class Manager:
         else:
             targets = [self._engines[run_id]] if run_id in self._engines else []
         tick_at = change.at.mono if isinstance(change, Tick) else None
+        served = change.served if isinstance(change, Presence) else None
         for engine in targets:
             if engine.run.run_id in self._starting:  # not started yet: nothing for a watchdog to see
                 continue
+            # Ticks and presence visit every run (five and one times a second), and most have nothing due.
             if tick_at is not None and tick_at < engine.tick_due():
-                continue  # a tick visits every run, and most have no deadline or retry due
+                continue
+            if served is not None and not engine.presence_changes(served):
+                continue
             # A tick visits every run, most have nothing to do: a yield per run made a tick cost O(runs) turns.
             await _acquire(lock := self._lock(engine.run.run_id))
             try:

@@ -72,10 +72,13 @@ class Codec:
                 payload = msgpack.packb(data, use_bin_type=True)
                 reader = sole_reader(envelope.type) if self.reply_macs else None
                 if reader is not None and reader in self.keyring.public:
-                    data["mac"] = self.keyring.mac(ident, reader, payload)
+                    proof, tag = "mac", self.keyring.mac(ident, reader, payload)
                 else:
-                    data["sig"] = self.keyring.sign(ident, payload)
-            frame: bytes = msgpack.packb(data, use_bin_type=True)
+                    proof, tag = "sig", self.keyring.sign(ident, payload)
+                data[proof] = tag
+                frame = _with_last_entry(payload, proof, tag) or msgpack.packb(data, use_bin_type=True)
+            else:
+                frame = msgpack.packb(data, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc
         if len(frame) > self.max_frame_bytes:
@@ -144,3 +147,12 @@ def _first_errors(exc: ValidationError, limit: int = 3) -> str:
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:limit]]
     more = exc.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _with_last_entry(packed: bytes, key: str, value: bytes) -> bytes | None:
+    """``packed`` (a msgpack map of fewer than 15 entries) with ``key: value`` added as its last entry: the bytes
+    ``packb`` gives for the map with the entry added, without packing the rest a second time (the signed payload
+    is most of the frame). None for a map of other size, which the caller packs whole."""
+    if not packed or packed[0] & 0xF0 != 0x80 or packed[0] & 0x0F >= 15:
+        return None
+    return b"".join((bytes((packed[0] + 1,)), packed[1:], msgpack.packb(key), msgpack.packb(value, use_bin_type=True)))

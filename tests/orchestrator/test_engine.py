@@ -130,6 +130,23 @@ def test_a_task_waits_for_a_missing_worker_and_fails_after_no_worker_s() -> None
     assert any(isinstance(e, Ended) for e in effects)
 
 
+def test_presence_may_be_skipped_only_when_it_would_change_nothing() -> None:
+    # The manager skips a Presence for runs where it changes nothing (it visits every run each second).
+    served = frozenset({"x"})
+    d = Driver(job({"id": "a", "capability": "x"}, {"id": "b", "capability": "y"}, no_worker_s=30))
+    d.start()
+    d.presence("x")
+    assert waits(d, "b") == ("worker", "y")
+    assert d.engine.presence_changes(served)  # b waits for a worker: its no_worker_s must be checked each time
+    d.done("b", None, capability="y", sender="w-y")  # a worker of y answered after all
+    assert d.run.tasks["b"].state is TaskState.ACCEPTED
+    assert not d.engine.presence_changes(served)  # same capabilities served, nobody waiting for a worker
+    assert d.presence("x") == []
+    assert d.engine.presence_changes(frozenset())  # x gone: a waits for a worker from now on
+    d.presence()
+    assert waits(d, "a") == ("worker", "x")
+
+
 def test_a_worker_that_comes_back_ends_the_wait() -> None:
     d = Driver(job({"id": "a", "capability": "x"}, no_worker_s=30))
     d.start()

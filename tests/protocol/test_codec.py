@@ -616,3 +616,17 @@ def test_unencodable_output_raises_protocol_error_naming_the_type(body: Any, sig
     with pytest.raises(ProtocolError, match=rf"cannot encode '{body.type}' message") as info:
         encode(codec_of(signed), Envelope(body=body))
     assert isinstance(info.value.__cause__, TypeError | ValueError | OverflowError)
+
+
+@pytest.mark.parametrize("entries", [0, 1, 9, 14, 15, 20])
+def test_a_proof_appended_to_the_packed_payload_is_what_packing_the_whole_frame_gives(entries: int) -> None:
+    from protocol.codec import _with_last_entry
+
+    data: dict[str, Any] = {f"k{i}": [i, "x" * i, b"\x00" * i] for i in range(entries)}
+    payload = msgpack.packb(data, use_bin_type=True)
+    tag = bytes(range(64))
+    appended = _with_last_entry(payload, "sig", tag)
+    if entries >= 15:  # a map16 header: packed whole by the caller instead
+        assert appended is None
+        return
+    assert appended == msgpack.packb({**data, "sig": tag}, use_bin_type=True)
