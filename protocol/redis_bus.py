@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol import _redis_lua as lua
+from protocol._read_deadlines import ReadDeadlines
 from protocol.authority import signer_for
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
 from protocol.envelope import Envelope
@@ -233,7 +234,7 @@ class _Batcher:
         if conn is None:
             conn = self._conn = await bus._hold_connection()
         for attempt in range(2):
-            replies = await _roundtrip(conn, commands)
+            replies = await _roundtrip(conn, commands, bus._deadlines)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await bus._load_scripts()  # a restarted or failed-over Redis lost its script cache
@@ -281,11 +282,14 @@ def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes] | None:
     return out
 
 
-async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]], deadlines: ReadDeadlines | None = None
+                     ) -> list[Any]:
     """Send ``commands`` in one write on a held connection and read every reply (error replies as values).
 
-    Any failure part way (connection lost, timeout, cancellation) disconnects ``conn``, so what is
-    left unread on the socket can never be taken for the next command's reply; the next send reconnects.
+    With ``deadlines``, each reply waits at most the connection's socket timeout as timed there (without a
+    timer per reply); without, redis-py times each. Any failure part way (connection lost, timeout,
+    cancellation) disconnects ``conn``, so what is left unread on the socket can never be taken for the next
+    command's reply; the next send reconnects.
     """
     if conn.is_connected and conn._reader.at_eof():  # closed by the server while idle: reconnect first
         await conn.disconnect()
@@ -308,15 +312,39 @@ async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any
                     raise RedisTimeoutError("Timeout writing to socket") from None
                 except OSError as exc:
                     raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        timeout = conn.socket_timeout
+        if deadlines is None or timeout is None or conn.health_check_interval:
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        else:
+            replies = await _read_replies(conn, len(commands), timeout, deadlines)
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
+    return replies
+
+
+async def _read_replies(conn: Any, count: int, timeout_s: float, deadlines: ReadDeadlines) -> list[Any]:
+    """``count`` replies straight from the connection's parser (as redis-py's ``read_response`` reads them, less
+    its timer per reply), error replies as values; a reply awaited over ``timeout_s`` seconds is a timeout."""
+    parser = conn._parser
+    replies: list[Any] = []
+    try:
+        for _ in range(count):
+            deadlines.waiting(conn, timeout_s)
+            try:
+                replies.append(await parser.read_response())
+            except OSError as exc:
+                raise RedisConnectionError(f"Error while reading from {conn._host_error()}: {exc.args}") from exc
+    except BaseException:
+        if deadlines.done(conn):  # the connection was closed under the read because it waited too long
+            raise RedisTimeoutError(f"Timeout reading from {conn._host_error()}") from None
+        raise
+    deadlines.done(conn)
     return replies
 
 
@@ -338,6 +366,7 @@ class RedisBus(Bus):
         self._sha = {script.name: hashlib.sha1(script.source.encode()).hexdigest() for script in lua.ALL}
         self._groups: set[tuple[str, str]] = set()
         self._writes = _Batcher(self)
+        self._deadlines = ReadDeadlines()  # replies on the connections held by the batcher and the consumers
         self._value_locks: dict[str, anyio.Lock] = {}  # keys with a value being written in pieces
         self._outage = Outage(rs.safe_url, limit_s=rs.retry_budget_s)
 
@@ -346,6 +375,7 @@ class RedisBus(Bus):
         return await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
 
     async def _return_connection(self, conn: Any) -> None:
+        self._deadlines.forget(conn)
         await self._redis.connection_pool.release(conn)
 
     async def _load_scripts(self) -> None:
@@ -499,7 +529,7 @@ class RedisBus(Bus):
             if conn is None:
                 conn = await self._hold_connection()
             [reply] = await _roundtrip(conn, [("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
-                                              "BLOCK", block_ms, "STREAMS", key, ">")])
+                                              "BLOCK", block_ms, "STREAMS", key, ">")], self._deadlines)
             if isinstance(reply, ResponseError):
                 raise reply
             return reply

@@ -680,3 +680,34 @@ async def test_expire_each_sets_every_stream_to_expire_in_one_call(redis_url: st
         finally:
             await raw.aclose()
         assert all(55 <= ttl <= 60 for ttl in ttls), ttls
+
+
+@own_server
+async def test_a_redis_that_stops_answering_is_given_up_on_after_the_socket_timeout(tmp_path: Path) -> None:
+    # The bus times replies itself (one timer per connection, not one per reply): a server that takes a
+    # command and never answers must still end the wait, and the bus must reconnect once it answers again.
+    import signal
+    import time
+
+    server = RedisServer(tmp_path).start()
+    assert server.proc is not None
+    try:
+        async with RedisBus.from_url(server.url, settings=FAST, namespace=ns(), socket_timeout_s=0.5,
+                                     retry_budget_s=1.0) as bus:
+            await bus.publish("tasks.echo", assign(0))  # the write connection is held from here on
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(BusUnavailable):
+                    await bus.publish("tasks.echo", assign(1))
+                assert time.monotonic() - started < 5  # without a read deadline it would wait for ever
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            with anyio.fail_after(10):
+                await bus.publish("tasks.echo", assign(2))
+                got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 2)
+            assert got[0].envelope.task_id == "t0"
+            assert "t2" in [d.envelope.task_id for d in got] + [
+                d.envelope.task_id for d in await take(bus.consume("tasks.echo", group="g", consumer="c"), 1)]
+    finally:
+        server.kill()
