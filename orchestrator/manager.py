@@ -149,8 +149,8 @@ class Manager:
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stale_snapshots: set[str] = set()
-        # Runs whose first or final summary is due, each published with the others gathered meanwhile: with many
-        # short runs, a write (and a task) for each was a tenth of the manager's time.
+        # Runs to start, and runs whose first or final summary is due: each loop handles the runs gathered while it
+        # was busy in one go. With many short runs, a task, a sync and a write for each was most of the manager's time.
         self._to_start: Gathered[tuple[RunEngine, Instant]] = Gathered()
         self._under_way: Gathered[RunRecord] = Gathered()
         self._ended: Gathered[RunRecord] = Gathered()
