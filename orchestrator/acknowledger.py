@@ -24,6 +24,7 @@ __all__ = ("Acknowledger",)
 
 log = structlog.get_logger("orchestrator.acknowledger")
 
+_DRAIN_S = 2.0  # when the manager stops: how long its last commit may take (with Redis away, redelivery covers it)
 _EVENTS_PER_MESSAGE = 500  # keeps a batch of history well under the frame size limit
 _TASKS_IN_A_SHARED_START = 5_000  # a start naming more tasks goes in a message of its own (~50 bytes a task)
 
@@ -40,6 +41,7 @@ class Acknowledger:
         self.on_committed = on_committed  # told which runs changed, once their changes are durable
         self._deliveries: list[Delivery] = []
         self._events: list[Event] = []
+        self._unsent: list[Event] = []  # committed, not yet mirrored: sent by the next commit, or the one at stop
         self._touched: set[str] = set()
         self._wake = anyio.Event()
         self._committed = anyio.Event()  # set when a commit ends, then replaced by a new one
@@ -68,32 +70,52 @@ class Acknowledger:
             self._wake.set()
 
     async def run(self) -> None:
-        """Commit batches until cancelled."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            deliveries, self._deliveries = self._deliveries, []
-            events, self._events = self._events, []
-            touched, self._touched = self._touched, set()
-            await self.store.sync()
-            async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
-                tg.start_soon(self.bus.ack_many, deliveries)
-                if events:
-                    tg.start_soon(self._publish_all, _by_run(events))
-            self.on_committed(touched)
-            committed, self._committed = self._committed, anyio.Event()
-            committed.set()
+        """Commit batches until cancelled; then commit what is left, for at most ``_DRAIN_S``.
 
-    async def _publish_all(self, runs: dict[str, list[list[Event]]]) -> None:
+        A manager stopped just after a run ended has that end in its ledger; without the last commit, followers
+        on other machines would never see it on the bus (a ``watch`` would wait for ever).
+        """
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await self._commit()
+        finally:
+            if self._deliveries or self._events or self._unsent:
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _DRAIN_S):
+                    try:
+                        await self._commit()
+                    except Exception as exc:  # the ledger has it all; replies not acknowledged come again
+                        log.warning("last_commit_failed", error=str(exc), events=len(self._unsent))
+
+    async def _commit(self) -> None:
+        deliveries, self._deliveries = self._deliveries, []
+        self._unsent += self._events
+        self._events = []
+        touched, self._touched = self._touched, set()
+        await self.store.sync()
+        async with anyio.create_task_group() as tg:  # concurrent writes share the bus's round trips
+            tg.start_soon(self.bus.ack_many, deliveries)
+            if self._unsent:
+                tg.start_soon(self._publish_all)
+        self.on_committed(touched)
+        committed, self._committed = self._committed, anyio.Event()
+        committed.set()
+
+    async def _publish_all(self) -> None:
         # Every run's history in one call: with many short runs, a call (and a task) per run was a tenth of the
-        # manager's time. A chunk too big to send alone stops the lot before anything is sent; then each run's
-        # chunks go on their own and the big one is split.
+        # manager's time. A call cancelled before it was sent sends nothing, so the events stay unsent for the
+        # commit at stop. A chunk too big to send alone stops the lot before anything is sent; then each run's
+        # chunks go on their own and the big one is split (not sent again at stop: a part may be out).
+        runs = _by_run(self._unsent)
         try:
             await self.bus.publish_each([(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
                                          for run_id, chunks in runs.items() for chunk in chunks])
+            self._unsent = []
             return
         except FrameTooLarge:
             pass  # handled below, outside the except block, so its traceback does not hold the encoded frames
+        self._unsent = []
         async with anyio.create_task_group() as tg:
             for run_id, chunks in runs.items():
                 tg.start_soon(self._publish, run_id, chunks)
