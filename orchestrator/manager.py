@@ -646,10 +646,7 @@ class Manager:
     async def _publish_under_way(self) -> None:
         """The first summary of each run that got under way, all gathered since the last in one write."""
         while True:
-            runs = [run for run in await self._under_way.take() if run.run_id in self._engines]
-            at = time.monotonic()
-            await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): self._snapshots.render(run, now=at)
-                                                for run in runs}, ttl_s=self.settings.snapshot_ttl_s)
+            await self._publish_summaries([run for run in await self._under_way.take() if run.run_id in self._engines])
 
     async def _publish_ended(self) -> None:
         """Finished runs' summaries, once their ends are durable, so ``status`` never reports an end it could lose.
@@ -661,9 +658,7 @@ class Manager:
             await self.store.sync()
             for run in runs:
                 self._finished.put(run)
-            at = time.monotonic()
-            await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): self._snapshots.render(run, now=at)
-                                                for run in runs}, ttl_s=self.settings.snapshot_ttl_s)
+            await self._publish_summaries(runs)
             if self.settings.publish_events:
                 await self.bus.expire_each([events_stream(run.run_id) for run in runs], self.settings.snapshot_ttl_s)
             for run in runs:
@@ -691,11 +686,18 @@ class Manager:
             del summaries
 
     async def _publish_snapshot(self, run: RunRecord) -> None:
+        await self._publish_summaries([run])
+
+    async def _publish_summaries(self, runs: list[RunRecord]) -> None:
+        """The runs' summaries for ``status``, in one write (a big one a piece at a time)."""
+        at = time.monotonic()
+        await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): self._summary_parts(run, at) for run in runs},
+                                           ttl_s=self.settings.snapshot_ttl_s)
+
+    def _summary_parts(self, run: RunRecord, at: float) -> list[bytes]:
         if run.run_id in self._engines:
-            parts = self._snapshots.render(run, now=time.monotonic())
-        else:  # a run this manager does not hold (a rejected submission)
-            parts = [json.dumps(run.summary(), default=str).encode()]
-        await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): parts}, ttl_s=self.settings.snapshot_ttl_s)
+            return self._snapshots.render(run, now=at)
+        return [json.dumps(run.summary(), default=str).encode()]  # a run this manager does not hold (rejected)
 
     # -- messages and tracing ----------------------------------------------------------------
 

@@ -126,8 +126,11 @@ class Bus(abc.ABC):
         Every envelope is encoded before any is sent, so one that cannot be (``FrameTooLarge``) leaves all
         of them unsent. Returns the entry ids.
         """
-        frames = [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
-        return [await self.publish_frame(stream, frame) for stream, frame in frames]
+        return [await self.publish_frame(stream, frame) for stream, frame in self._encode_each(items)]
+
+    def _encode_each(self, items: Sequence[tuple[str, Envelope]]) -> list[tuple[str, bytes]]:
+        """Each envelope encoded (and signed) as its stream asks, all before any is sent."""
+        return [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge several entries; a bus may send them together."""

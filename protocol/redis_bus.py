@@ -282,14 +282,13 @@ def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes] | None:
     return out
 
 
-async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]], deadlines: ReadDeadlines | None = None
-                     ) -> list[Any]:
+async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]], deadlines: ReadDeadlines) -> list[Any]:
     """Send ``commands`` in one write on a held connection and read every reply (error replies as values).
 
-    With ``deadlines``, each reply waits at most the connection's socket timeout as timed there (without a
-    timer per reply); without, redis-py times each. Any failure part way (connection lost, timeout,
-    cancellation) disconnects ``conn``, so what is left unread on the socket can never be taken for the next
-    command's reply; the next send reconnects.
+    Each reply waits at most the connection's socket timeout, as ``deadlines`` time it (without a timer per
+    reply; where the URL sets a health check interval, redis-py reads and times them as it does itself). Any failure part way (connection
+    lost, timeout, cancellation) disconnects ``conn``, so what is left unread on the socket can never be taken
+    for the next command's reply; the next send reconnects.
     """
     if conn.is_connected and conn._reader.at_eof():  # closed by the server while idle: reconnect first
         await conn.disconnect()
@@ -313,7 +312,7 @@ async def _roundtrip(conn: Any, commands: Sequence[tuple[Any, ...]], deadlines: 
                 except OSError as exc:
                     raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
         timeout = conn.socket_timeout
-        if deadlines is None or timeout is None or conn.health_check_interval:
+        if timeout is None or conn.health_check_interval:
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -489,8 +488,8 @@ class RedisBus(Bus):
         limit = self.redis_settings.max_task_stream_len
         if limit is not None and any(stream.startswith("tasks.") for stream, _ in items):
             return await super().publish_each(items)  # back-pressure is per message
-        frames = [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
-        ids = await self._writes.run_many([(lua.PUBLISH, (self.key(stream),), (0,), (frame,)) for stream, frame in frames])
+        ids = await self._writes.run_many([(lua.PUBLISH, (self.key(stream),), (0,), (frame,))
+                                           for stream, frame in self._encode_each(items)])
         return [_s(entry_id) for entry_id in ids]
 
     async def publish_frame(self, stream: str, frame: bytes) -> str:
