@@ -68,7 +68,7 @@ def render_table(view: RunView, now: float | None = None, outputs: dict[str, Any
     now = now or time.time()
     if width is not None:
         wide = width >= WIDE_COLUMNS
-    table = Table(title=f"run {view.run_id[:12]}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD,
+    table = Table(title=f"run {view.run_id}  {view.goal}", title_justify="left", box=box.SIMPLE_HEAD,
                   caption=None if wide else _hidden_note(width), caption_justify="left")
     for column in ("task", "capability", "state", "attempt", "elapsed") if wide else ("task", "state", "try", "time"):
         table.add_column(column, no_wrap=True)

@@ -104,7 +104,7 @@ class WorkerRuntime:
         self.inference = inference
         self.workers = dict(workers)
         self.settings = settings or RuntimeSettings()
-        self.name = self.settings.name or f"worker-{new_id()[:8]}"
+        self.name = self.settings.name or f"worker-{new_id()[-8:]}"
         self._in_flight: dict[tuple[str, str], _InFlight] = {}
         self._accepting = True
         self._stopped = anyio.Event()

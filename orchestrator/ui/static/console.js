@@ -87,7 +87,7 @@ async function loadRuns() {
   for (const run of data.runs) {
     const link = el("a", { href: `#/run/${encodeURIComponent(run.run_id)}`, text: run.goal || run.run_id });
     const tr = el("tr", { "data-run": run.run_id },
-      el("td", { class: "id mono", text: run.run_id.slice(0, 8) }),
+      el("td", { class: "id mono", text: run.run_id.slice(-8) }),
       el("td", { class: "goal" }, link),
       el("td", { class: "st" }, el("span", { class: `state ${run.state}`, text: run.state })),
       el("td", { class: "age", text: age(run.started) }),
