@@ -117,8 +117,12 @@ class Bus(abc.ABC):
         """Acknowledge an entry: it will not be delivered again."""
 
     async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
-        """Append several envelopes in order; a bus may send them together. Returns the entry ids."""
-        return [await self.publish(stream, envelope) for envelope in envelopes]
+        """Append several envelopes in order; a bus may send them together. Returns the entry ids.
+
+        They are encoded together first (one signature for the lot where signing is on: ``Codec.encode_many``).
+        """
+        frames = self.settings.codec.encode_many([(envelope, signer_for(stream)) for envelope in envelopes])
+        return [await self.publish_frame(stream, frame) for frame in frames]
 
     async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
         """Append each envelope to its own stream (in order within a stream); a bus may send them together.
@@ -130,7 +134,8 @@ class Bus(abc.ABC):
 
     def _encode_each(self, items: Sequence[tuple[str, Envelope]]) -> list[tuple[str, bytes]]:
         """Each envelope encoded (and signed) as its stream asks, all before any is sent."""
-        return [(stream, self.settings.codec.encode(envelope, signer=signer_for(stream))) for stream, envelope in items]
+        frames = self.settings.codec.encode_many([(envelope, signer_for(stream)) for stream, envelope in items])
+        return [(stream, frame) for (stream, _), frame in zip(items, frames, strict=True)]
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge several entries; a bus may send them together."""

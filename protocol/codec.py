@@ -8,17 +8,20 @@ over the encoding without the ``sig`` field, with the signer's identity inside t
 and, on the way in, rejects a frame unless a known key signed it and that key's role may send
 that message on that stream (:mod:`protocol.authority`). A message with a sole reader (a
 worker's reply, read only by the manager) carries a ``mac`` for that reader in place of ``sig``,
-over the same bytes (``reply_macs=False`` signs those too).
+over the same bytes (``reply_macs=False`` signs those too). Messages encoded together
+(``encode_many``) carry a ``bsig`` instead: one signature for the batch (:mod:`protocol.batch_proof`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
 import msgpack
 from pydantic import ValidationError
 
+from protocol import batch_proof
 from protocol.authority import check_sender, sole_reader
 from protocol.envelope import PROTOCOL_VERSION, Envelope
 from protocol.errors import BadSignature, DecodeError, FrameTooLarge, UnknownMessageType, UnsupportedVersion
@@ -61,30 +64,78 @@ class Codec:
 
     def encode(self, envelope: Envelope, *, signer: str | None = None) -> bytes:
         """Pack an envelope, signed as ``signer`` (default: this process's first identity) when signing is on."""
-        data = envelope.model_dump(exclude={"sig"})
-        try:
-            if self.keyring is not None:
-                ident = signer or envelope.signer or (self.signers[0] if self.signers else "")
-                if ident not in self.signers:
-                    raise BadSignature(f"this process holds no key to sign as {ident or 'anyone'!r} "
-                                       f"(it signs as: {', '.join(self.signers) or 'nobody'})")
-                data["signer"] = ident
-                payload = msgpack.packb(data, use_bin_type=True)
-                reader = sole_reader(envelope.type) if self.reply_macs else None
-                if reader is not None and reader in self.keyring.public:
-                    proof, tag = "mac", self.keyring.mac(ident, reader, payload)
-                else:
-                    proof, tag = "sig", self.keyring.sign(ident, payload)
-                data[proof] = tag
-                frame = _with_last_entry(payload, proof, tag) or msgpack.packb(data, use_bin_type=True)
+        if self.keyring is None:
+            return self._framed(envelope, envelope.model_dump(exclude={"sig"}))
+        data, payload, ident, reader = self._unsigned(envelope, signer)
+        if reader is not None:
+            return self._framed(envelope, data, payload, "mac", self.keyring.mac(ident, reader, payload))
+        return self._framed(envelope, data, payload, "sig", self.keyring.sign(ident, payload))
+
+    def encode_many(self, items: Sequence[tuple[Envelope, str | None]]) -> list[bytes]:
+        """``encode`` for each (envelope, signer); the envelopes one identity signs get one signature between them.
+
+        Messages sent together (the assigns of the runs a manager starts at once, the history a commit
+        mirrors) carry a ``bsig``: one Ed25519 signature over a Merkle tree of the batch, with the message's
+        audit path (:mod:`protocol.batch_proof`). A reader checks each one alone, and checks a signature it
+        has already checked once (its other messages of the batch) by a lookup. Raises as ``encode`` does.
+        """
+        if self.keyring is None or len(items) < 2:
+            return [self.encode(envelope, signer=signer) for envelope, signer in items]
+        frames: list[bytes] = [b""] * len(items)
+        batches: dict[str, list[tuple[int, Envelope, dict[str, Any], bytes]]] = {}
+        for i, (envelope, signer) in enumerate(items):
+            data, payload, ident, reader = self._unsigned(envelope, signer)
+            if reader is not None:
+                frames[i] = self._framed(envelope, data, payload, "mac", self.keyring.mac(ident, reader, payload))
             else:
-                frame = msgpack.packb(data, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc
+                batches.setdefault(ident, []).append((i, envelope, data, payload))
+        for ident, unsigned in batches.items():
+            for start in range(0, len(unsigned), batch_proof.MAX_BATCH):
+                chunk = unsigned[start:start + batch_proof.MAX_BATCH]
+                if len(chunk) == 1:
+                    i, envelope, data, payload = chunk[0]
+                    frames[i] = self._framed(envelope, data, payload, "sig", self.keyring.sign(ident, payload))
+                    continue
+                root, paths = batch_proof.tree([batch_proof.leaf_hash(payload) for *_, payload in chunk])
+                signature = self.keyring.sign(ident, batch_proof.signed_root(len(chunk), root))
+                for index, ((i, envelope, data, payload), path) in enumerate(zip(chunk, paths, strict=True)):
+                    frames[i] = self._framed(envelope, data, payload, "bsig", [signature, index, len(chunk), path])
+        return frames
+
+    def _unsigned(self, envelope: Envelope, signer: str | None) -> tuple[dict[str, Any], bytes, str, str | None]:
+        """The envelope's map with its signer, the bytes its proof covers, the signer, and the reader a MAC is for."""
+        assert self.keyring is not None
+        ident = signer or envelope.signer or (self.signers[0] if self.signers else "")
+        if ident not in self.signers:
+            raise BadSignature(f"this process holds no key to sign as {ident or 'anyone'!r} "
+                               f"(it signs as: {', '.join(self.signers) or 'nobody'})")
+        data = envelope.model_dump(exclude={"sig"})
+        data["signer"] = ident
+        payload = self._packed(envelope, data)
+        reader = sole_reader(envelope.type) if self.reply_macs else None
+        return data, payload, ident, reader if reader is not None and reader in self.keyring.public else None
+
+    def _framed(self, envelope: Envelope, data: dict[str, Any], payload: bytes | None = None, proof: str = "",
+                tag: Any = None) -> bytes:
+        """The frame: ``payload`` (or ``data`` packed) with ``proof: tag`` as its last entry; checked for size."""
+        if proof:
+            data[proof] = tag
+            frame = _with_last_entry(payload, proof, tag) if payload else None
+            frame = frame or self._packed(envelope, data)
+        else:
+            frame = self._packed(envelope, data)
         if len(frame) > self.max_frame_bytes:
             raise FrameTooLarge(f"{envelope.type!r} message is {len(frame)} bytes, over the limit of "
                                 f"{self.max_frame_bytes}")
         return frame
+
+    @staticmethod
+    def _packed(envelope: Envelope, data: dict[str, Any]) -> bytes:
+        try:
+            packed: bytes = msgpack.packb(data, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DecodeError(f"cannot encode {envelope.type!r} message: {exc}") from exc
+        return packed
 
     def decode(self, frame: bytes, *, stream: str | None = None) -> Envelope:
         """Unpack and validate a frame (read from ``stream``), or raise a ProtocolError that says what is wrong."""
@@ -103,7 +154,8 @@ class Codec:
         if self.keyring is not None:
             self._check_signature(data, stream)
         else:
-            data.pop("mac", None)  # unchecked, like a signature; the envelope has no field for it
+            data.pop("mac", None)  # unchecked, like a signature; the envelope has no field for these
+            data.pop("bsig", None)
         try:
             return Envelope.model_validate(data)
         except ValidationError as exc:
@@ -124,23 +176,48 @@ class Codec:
 
     def _check_signature(self, data: dict[str, Any], stream: str | None) -> None:
         assert self.keyring is not None
-        sig = data.pop("sig", None)
-        mac = data.pop("mac", None)
+        proofs = {name: data.pop(name) for name in _PROOFS if name in data}
         signer = data.get("signer")
-        if not isinstance(signer, str) or not signer or not isinstance(sig if mac is None else mac, bytes):
+        if not isinstance(signer, str) or not signer or not proofs:
             raise BadSignature("message is not signed")
-        if sig is not None and mac is not None:
-            raise BadSignature("message carries both a signature and a MAC")
+        if len(proofs) > 1:
+            raise BadSignature("message carries both a signature and a MAC" if proofs.keys() == {"sig", "mac"}
+                               else f"message carries more than one proof: {' and '.join(sorted(proofs))}")
+        [(proof, tag)] = proofs.items()
         kind = data["body"]["type"]
         check_sender(kind, signer, stream)  # cheap, and says more than "bad signature"
         payload = msgpack.packb(data, use_bin_type=True)
-        if mac is None:
-            self.keyring.verify(signer, sig, payload)
-            return
-        reader = sole_reader(kind)
-        if reader is None:
-            raise BadSignature(f"{kind!r} messages must be signed: only messages with one reader may carry a MAC")
-        self.keyring.check_mac(signer, reader, mac, payload)
+        if proof == "sig":
+            if not isinstance(tag, bytes):
+                raise BadSignature("message is not signed")
+            self.keyring.verify(signer, tag, payload)
+        elif proof == "bsig":
+            signature, signed = _batch_root(tag, payload)
+            self.keyring.verify_once(signer, signature, signed)
+        else:
+            reader = sole_reader(kind)
+            if reader is None:
+                raise BadSignature(f"{kind!r} messages must be signed: only messages with one reader may carry a MAC")
+            if not isinstance(tag, bytes):
+                raise BadSignature("message is not signed")
+            self.keyring.check_mac(signer, reader, tag, payload)
+
+
+_PROOFS = ("sig", "mac", "bsig")
+
+
+def _batch_root(tag: Any, payload: bytes) -> tuple[bytes, bytes]:
+    """The signature of a batch message's ``bsig`` and the bytes it must sign, or BadSignature for a malformed one."""
+    if not (isinstance(tag, list) and len(tag) == 4):
+        raise BadSignature("batch proof must be [signature, index, size, path]")
+    signature, index, size, path = tag
+    if (not isinstance(signature, bytes) or type(index) is not int or type(size) is not int
+            or not isinstance(path, list) or not all(isinstance(h, bytes) and len(h) == 32 for h in path)):
+        raise BadSignature("batch proof must be [signature, index, size, path of 32-byte hashes]")
+    root = batch_proof.root_of(batch_proof.leaf_hash(payload), index, size, path)
+    if root is None:
+        raise BadSignature(f"batch proof's path does not fit message {index} of {size}")
+    return signature, batch_proof.signed_root(size, root)
 
 
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:

@@ -64,6 +64,7 @@ ROLES: tuple[Role, ...] = ("manager", "worker", "operator")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MAC_BYTES = 32
 _MAC_PERSON = b"orch.mac.v1"  # domain separation: these keys make MACs of bus messages, nothing else
+_CHECKED_KEPT = 1024  # batch signatures remembered by verify_once (a batch is at most 256 messages)
 
 
 class KeyringError(ConfigError):
@@ -161,6 +162,8 @@ class Keyring:
     _signers: dict[str, tuple[Ed25519PrivateKey, bytes]] = field(default_factory=dict, repr=False)
     # (sender, reader, the other side's public key) -> MAC key: one X25519 per pair and key, not per message
     _mac_keys: dict[tuple[str, str, bytes], bytes] = field(default_factory=dict, repr=False)
+    # Signatures verify_once checked, oldest first: a batch's one signature arrives with each of its messages.
+    _checked: dict[tuple[str, bytes, bytes], None] = field(default_factory=dict, repr=False)
     _loaded_mtime: float = field(default=0.0, repr=False)
 
     # -- creating and changing ---------------------------------------------------------------
@@ -318,6 +321,21 @@ class Keyring:
                     continue
         raise BadSignature(f"signature does not match {ident!r}'s key")
 
+    def verify_once(self, ident: str, signature: bytes, payload: bytes) -> None:
+        """``verify``, remembering the last signatures that passed, so one seen again costs a lookup.
+
+        For a batch's signature (:mod:`protocol.batch_proof`), which every message of the batch carries.
+        Verifying is deterministic, so a remembered (identity, signature, bytes) passes again; the memory
+        is dropped with the keys whenever they change.
+        """
+        key = (ident, signature, payload)
+        if key in self._checked:
+            return
+        self.verify(ident, signature, payload)
+        self._checked[key] = None
+        if len(self._checked) > _CHECKED_KEPT:
+            del self._checked[next(iter(self._checked))]
+
     def mac(self, sender: str, reader: str, payload: bytes) -> bytes:
         """A tag over ``payload`` that only ``sender`` (whose private key this must hold) and ``reader`` can make."""
         return _tag(self._mac_key(sender, reader, self._entry(reader).current, mine=sender), payload)
@@ -379,6 +397,7 @@ class Keyring:
         """Drop what was derived from keys (after a change of keys): it is made again on next use."""
         self._verifiers.clear()
         self._mac_keys.clear()
+        self._checked.clear()
 
     def _entry(self, ident: str) -> _Public:
         entry = self.public.get(ident)

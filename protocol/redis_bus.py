@@ -480,7 +480,7 @@ class RedisBus(Bus):
         key, limit = self.key(stream), self.redis_settings.max_task_stream_len
         if limit is not None and stream.startswith("tasks."):
             return await super().publish_many(stream, envelopes)  # back-pressure is per message
-        frames = [self.settings.codec.encode(envelope, signer=signer_for(stream)) for envelope in envelopes]
+        frames = self.settings.codec.encode_many([(envelope, signer_for(stream)) for envelope in envelopes])
         ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0,), (frame,)) for frame in frames])
         return [_s(entry_id) for entry_id in ids]
 
@@ -835,7 +835,7 @@ class RedisBus(Bus):
             yield self._messages(pubsub, topic)
         finally:
             with anyio.CancelScope(shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # annotated only in newer redis-py
 
     async def _subscribed(self, pubsub: Any, channel: str) -> None:
         """Subscribe and wait for the server's confirmation, so nothing published after is missed."""

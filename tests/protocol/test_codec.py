@@ -630,3 +630,164 @@ def test_a_proof_appended_to_the_packed_payload_is_what_packing_the_whole_frame_
         assert appended is None
         return
     assert appended == msgpack.packb({**data, "sig": tag}, use_bin_type=True)
+
+
+# --- one signature for a batch ------------------------------------------------------------------------------------
+
+
+def assign(task_id: str, **fields: Any) -> Envelope:
+    return Envelope(run_id="r", task_id=task_id, attempt=1, body=Assign(capability="w", instruction=f"do {task_id}"),
+                    **fields)
+
+
+def _batch(n: int, codec: Codec = SIGNED) -> tuple[list[Envelope], list[bytes]]:
+    sent = [assign(f"t{i}") for i in range(n)]
+    return sent, codec.encode_many([(envelope, "manager") for envelope in sent])
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 256])
+def test_a_batch_is_signed_once_and_each_message_checks_alone(n: int) -> None:
+    sent, frames = _batch(n)
+    raws = [_raw(frame) for frame in frames]
+    assert all("sig" not in raw and "mac" not in raw for raw in raws)
+    assert len({raw["bsig"][0] for raw in raws}) == 1  # one signature
+    assert [raw["bsig"][1:3] for raw in raws] == [[i, n] for i in range(n)]
+    # A worker process holds only its own key and the public ones; it sees one message of the batch, any of them.
+    for i in (0, n // 2, n - 1):
+        worker = Codec(keyring=_share("worker:w"), signers=("worker:w",))
+        got = worker.decode(frames[i], stream="tasks.w")
+        assert got.model_copy(update={"signer": ""}) == sent[i]
+        assert got.signer == "manager"
+
+
+def test_a_batch_over_the_limit_gets_a_signature_per_256_messages() -> None:
+    _, frames = _batch(300)
+    signatures = [_raw(frame)["bsig"][0] for frame in frames]
+    assert len(set(signatures[:256])) == 1
+    assert len(set(signatures[256:])) == 1
+    assert signatures[0] != signatures[-1]
+    assert all(SIGNED.decode(frame).task_id == f"t{i}" for i, frame in enumerate(frames))
+
+
+def test_a_mixed_batch_macs_replies_and_signs_a_lone_message_alone() -> None:
+    items: list[tuple[Envelope, str | None]] = [(assign("a"), "manager"), (done(), "worker:w"),
+                                                (heartbeat(), "worker:w"), (assign("b"), "manager"),
+                                                (Envelope(body=Submit(job={})), "operator:o")]
+    frames = SIGNED.encode_many(items)
+    proofs = [next(k for k in ("sig", "mac", "bsig") if k in _raw(frame)) for frame in frames]
+    assert proofs == ["bsig", "mac", "mac", "bsig", "sig"]
+    assert [SIGNED.decode(frame).signer for frame in frames] == ["manager", "worker:w", "worker:w", "manager",
+                                                                  "operator:o"]
+
+
+def test_encode_many_of_one_message_or_unsigned_is_encode() -> None:
+    [frame] = SIGNED.encode_many([(assign("a"), "manager")])
+    assert "sig" in _raw(frame)
+    sent = [assign("a"), assign("b")]
+    assert Codec().encode_many([(e, None) for e in sent]) == [Codec().encode(e) for e in sent]
+
+
+def test_encode_many_refuses_what_encode_refuses() -> None:
+    with pytest.raises(BadSignature, match="no key to sign as 'worker:other'"):
+        SIGNED.encode_many([(assign("a"), "manager"), (done(), "worker:other")])
+    small = Codec(keyring=_RING, signers=("manager",), max_frame_bytes=600)
+    big = Envelope(run_id="r", task_id="t", attempt=1, body=Assign(capability="w", instruction="x" * 800))
+    with pytest.raises(FrameTooLarge):
+        small.encode_many([(assign("a"), "manager"), (big, "manager")])
+
+
+def test_a_changed_message_of_a_batch_is_refused() -> None:
+    _, frames = _batch(5)
+    raw = _raw(frames[2])
+    raw["body"]["instruction"] = "rm -rf /"
+    with pytest.raises(BadSignature, match="signature does not match 'manager'"):
+        SIGNED.decode(_pack(raw))
+
+
+@pytest.mark.parametrize("change", ["swap proofs", "index", "size", "sibling", "signature", "signer"])
+def test_a_batch_proof_moved_or_altered_is_refused(change: str) -> None:
+    _, frames = _batch(6)
+    raw, other = _raw(frames[1]), _raw(frames[4])
+    if change == "swap proofs":
+        raw["bsig"] = other["bsig"]
+    elif change == "index":
+        raw["bsig"][1] = 4
+    elif change == "size":
+        raw["bsig"][2] = 7
+    elif change == "sibling":
+        raw["bsig"][3][0] = bytes(32)
+    elif change == "signature":
+        raw["bsig"][0] = _raw(_batch(6)[1][1])["bsig"][0]  # another batch's signature
+    else:
+        raw["signer"] = "operator:o"
+    with pytest.raises(BadSignature, match=r"does not match|does not fit|must be signed by a key of role"):
+        SIGNED.decode(_pack(raw))
+
+
+@pytest.mark.parametrize("bsig", [
+    b"x", [], [b"s" * 64, 0, 2], [b"s" * 64, 0, 2, [], 1], ["text", 0, 2, []], [b"s" * 64, True, 2, [bytes(32)]],
+    [b"s" * 64, "0", 2, [bytes(32)]], [b"s" * 64, 0, 2.0, [bytes(32)]], [b"s" * 64, 0, 2, [bytes(31)]],
+    [b"s" * 64, 0, 2, bytes(32)], [b"s" * 64, 0, 2, ["x" * 32]], [b"s" * 64, -1, 2, [bytes(32)]],
+    [b"s" * 64, 2, 2, [bytes(32)]], [b"s" * 64, 0, 2**40, [bytes(32)]], [b"s" * 64, 0, 2, [bytes(32)] * 40],
+    [b"s" * 64, 0, 2, []],
+])
+def test_a_malformed_batch_proof_is_refused_by_name(bsig: Any) -> None:
+    raw = _raw(_batch(2)[1][0])
+    raw["bsig"] = bsig
+    with pytest.raises(BadSignature, match="batch proof"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_batch_proof_beside_a_signature_is_refused() -> None:
+    raw = _raw(_batch(2)[1][0])
+    raw["sig"] = _raw(SIGNED.encode(assign("t0"), signer="manager"))["sig"]
+    with pytest.raises(BadSignature, match="more than one proof: bsig and sig"):
+        SIGNED.decode(_pack(raw))
+
+
+def test_a_workers_key_cannot_sign_a_batch_of_assigns() -> None:
+    compromised = Codec(keyring=_share("worker:w"), signers=("worker:w",))
+    frames = compromised.encode_many([(assign("a"), "worker:w"), (assign("b"), "worker:w")])
+    assert "bsig" in _raw(frames[0])
+    with pytest.raises(BadSignature, match="must be signed by a key of role 'manager', not by 'worker:w'"):
+        SIGNED.decode(frames[0], stream="tasks.w")
+
+
+def test_a_batch_signature_is_verified_once_until_the_keys_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _share("worker:w")
+    worker = Codec(keyring=ring, signers=("worker:w",))
+    _, frames = _batch(8)
+    checked: list[bytes] = []
+    real_verify = ring.verify
+    monkeypatch.setattr(ring, "verify", lambda ident, sig, payload: checked.append(payload) or real_verify(
+        ident, sig, payload))
+    for frame in frames:
+        worker.decode(frame)
+    assert len(checked) == 1  # the other seven cost a lookup
+    ring.reload_if_changed()  # nothing changed: still remembered
+    worker.decode(frames[0])
+    assert len(checked) == 1
+    ring.remove("manager")  # a key change forgets every signature checked with the old keys
+    with pytest.raises(BadSignature, match="'manager', which has no key in the keyring"):
+        worker.decode(frames[1])
+
+
+def test_a_batch_message_decoded_without_a_key_is_accepted_unverified() -> None:
+    sent, frames = _batch(3)
+    assert Codec().decode(frames[1]).model_copy(update={"signer": ""}) == sent[1]
+
+
+def test_the_batch_layout_in_the_docs_is_what_the_codec_makes_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tests/security/attacker.py builds batches from docs/security.md's words alone, with a copy of the key.
+    from tests.security import attacker as atk
+
+    monkeypatch.setenv("ORCH_KEYS", str(_RING.path))
+    atk._private_key.cache_clear()
+    try:
+        sent, ours = _batch(5)
+        theirs = [atk.pack(d) for d in atk.batch_sign([_raw(SIGNED.encode(e, signer="manager")) for e in sent],
+                                                      "manager")]
+    finally:
+        atk._private_key.cache_clear()
+    assert theirs == ours  # Ed25519 is deterministic: the same bytes, signature included
+    assert [SIGNED.decode(frame).task_id for frame in theirs] == [e.task_id for e in sent]

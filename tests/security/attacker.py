@@ -69,6 +69,29 @@ def sign(data: dict[str, Any], ident: str) -> dict[str, Any]:
     return data
 
 
+def batch_sign(datas: list[dict[str, Any]], ident: str) -> list[dict[str, Any]]:
+    """The envelopes signed as one batch with the stolen key of ``ident``, as docs/security.md lays it out.
+
+    RFC 9162's Merkle tree with BLAKE2b-256 (leaf 0x00 || msgpack without proofs, node 0x01 || left ||
+    right, split at the largest power of two below the count); Ed25519 over ``orchestrator batch v1``,
+    a zero byte, the count (4 bytes, big-endian) and the root; ``bsig`` = [signature, index, count, path].
+    """
+    def h(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=32).digest()
+
+    def build(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
+        if len(leaves) == 1:
+            return leaves[0], [[]]
+        k = 1 << ((len(leaves) - 1).bit_length() - 1)
+        (left, lpaths), (right, rpaths) = build(leaves[:k]), build(leaves[k:])
+        return h(b"\x01" + left + right), [[*p, right] for p in lpaths] + [[*p, left] for p in rpaths]
+
+    unsigned = [{k: v for k, v in d.items() if k not in ("sig", "mac", "bsig")} | {"signer": ident} for d in datas]
+    root, paths = build([h(b"\x00" + pack(d)) for d in unsigned])
+    signature = _private_key(ident).sign(b"orchestrator batch v1\x00" + len(datas).to_bytes(4, "big") + root)
+    return [d | {"bsig": [signature, i, len(datas), path]} for i, (d, path) in enumerate(zip(unsigned, paths, strict=True))]
+
+
 def mac(data: dict[str, Any], ident: str, *, key_of: str | None = None, reader: str = "manager") -> dict[str, Any]:
     """The envelope with a MAC for ``reader`` in the name of ``ident``, made with the stolen key of ``key_of``.
 

@@ -206,6 +206,36 @@ def test_forged_reply_macs_change_nothing_and_real_replies_carry_a_mac(fleet: Fl
     assert all(len(d["mac"]) == 32 and "sig" not in d for d in real), real
 
 
+def test_batch_signed_assigns_cannot_be_altered_reused_or_made_with_a_worker_key(fleet: Fleet) -> None:
+    # No echo worker yet: the manager's assigns wait in Redis, where the attacker reads and copies them.
+    run_id = fleet.submit({"goal": "batch", "tasks": [
+        {"id": f"t{i}", "capability": "echo", "input": i, "spec": {"expect": i}} for i in range(3)]})
+    a = fleet.attacker
+    real = _until("three assigns", lambda: len(r := atk.assigns(a.r, "echo")) >= 3 and r)
+    assert all("bsig" in d and "sig" not in d for d in real), real  # started together: one signature
+    assert len({d["bsig"][0] for d in real}) == 1
+    changed = real[0] | {"body": real[0]["body"] | {"input": 666}}
+    moved = real[1] | {"bsig": real[0]["bsig"]}
+    evil = atk.envelope({"type": "assign", "capability": "echo", "instruction": "echo", "input": 666},
+                        run_id=run_id, task_id="t0", attempt=1, sender="manager") | {"signer": "manager",
+                                                                                     "bsig": real[0]["bsig"]}
+    malformed = real[2] | {"bsig": [real[2]["bsig"][0], 2, 3, [b"x" * 31]]}
+    own = atk.batch_sign([atk.envelope({"type": "assign", "capability": "echo", "instruction": "echo",
+                                        "input": 666}, run_id=run_id, task_id=f"t{i}", attempt=1)
+                          for i in range(2)], "worker:echo")  # a compromised worker's own batch
+    for data in (changed, moved, evil, malformed, *own):
+        a.add("tasks.echo", atk.pack(data))
+    fleet.worker("echo")
+    reasons = _until("six dead letters", lambda: len(r := a.dead("tasks.echo")) >= 6 and r)
+    assert sum("signature does not match 'manager'" in r for r in reasons) == 3, reasons
+    assert any("batch proof must be [signature, index, size, path of 32-byte hashes]" in r for r in reasons)
+    assert sum("must be signed by a key of role 'manager', not by 'worker:echo'" in r for r in reasons) == 2
+    final = _until("the run to end", lambda: (s := fleet.status(run_id))["state"] != "running" and s, 60)
+    assert final["state"] == "accepted", final
+    assert [_task(final, f"t{i}")["output"] for i in range(3)] == [0, 1, 2]
+    assert all(_task(final, f"t{i}")["attempts"] == 1 for i in range(3))
+
+
 def test_a_cancel_signed_by_a_worker_key_does_not_stop_work(fleet: Fleet) -> None:
     fleet.worker("slow")
     run_id = fleet.submit({"goal": "slow", "tasks": [
