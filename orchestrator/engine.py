@@ -275,6 +275,7 @@ class RunEngine:
         self._effects: list[Effect] = []
         self._touched: dict[str, None] = {}  # tasks whose waiting may have changed (ordered, no repeats)
         self._now = Instant(0.0, 0.0)
+        self._tick_due = 0.0  # see tick_due: worked out once per input, read by every tick (five a second)
 
     @property
     def finished(self) -> bool:
@@ -284,12 +285,9 @@ class RunEngine:
         """The monotonic time before which a ``Tick`` changes nothing in this run, so the shell may skip it.
 
         Time matters to a run only at its deadline and at a task's retry time; the clock a skipped
-        tick would have advanced is caught up by the next input.
+        tick would have advanced is caught up by the next input. Both change only with an input.
         """
-        if self._last_mono is None:
-            return 0.0
-        deadline = self._last_mono + self.run.job.budget.deadline_s - self.run.elapsed_s
-        return min(deadline, min(self._retry_at.values(), default=deadline))
+        return self._tick_due
 
     def presence_changes(self, served: frozenset[str]) -> bool:
         """Whether a ``Presence`` of ``served`` changes anything in this run, so the shell may skip it: it does when
@@ -299,6 +297,13 @@ class RunEngine:
 
     def apply(self, event: Input) -> list[Effect]:
         """Apply one input; returns what the shell must do, in order."""
+        effects = self._apply(event)
+        if self._last_mono is not None:  # always, after an input; the run's deadline as monotonic time:
+            deadline = self._last_mono + self.run.job.budget.deadline_s - self.run.elapsed_s
+            self._tick_due = min(deadline, min(self._retry_at.values(), default=deadline))
+        return effects
+
+    def _apply(self, event: Input) -> list[Effect]:
         self._effects = []
         self._now = event.at
         self._advance_clock(event.at)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,9 @@ class Manager:
         self._engines: dict[str, RunEngine] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._starting: dict[str, anyio.Event] = {}  # runs submitted, waiting for their creation to be durable
-        self._logs: dict[str, _EventLog] = {}  # live events of runs in memory, for events() and wait()
+        # Live events of runs in memory, for events() and wait(). Ordered so the oldest is found at once: a dict
+        # scans over the slots of every entry deleted since it last resized (4 µs a look after 5,000 runs ended).
+        self._logs: OrderedDict[str, _EventLog] = OrderedDict()
         self._finished = _FinishedRuns(self.settings.finished_tasks_kept)
         self._consuming: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -762,7 +765,7 @@ class _FinishedRuns:
 
     def __init__(self, tasks: int) -> None:
         self.limit = tasks
-        self._runs: dict[str, RunRecord] = {}
+        self._runs: OrderedDict[str, RunRecord] = OrderedDict()  # oldest first, found at once (see Manager._logs)
         self._tasks = 0
 
     def put(self, run: RunRecord) -> None:
@@ -771,7 +774,7 @@ class _FinishedRuns:
         self._runs[run.run_id] = run
         self._tasks += len(run.tasks)
         while self._tasks > self.limit:
-            oldest = self._runs.pop(next(iter(self._runs)))
+            _, oldest = self._runs.popitem(last=False)
             self._tasks -= len(oldest.tasks)
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -788,7 +791,7 @@ class _EventLog:
 
     first_seq: int
     events: list[Event] = field(default_factory=list)
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    changed: anyio.Event | None = None  # made when someone first waits: most runs are never waited on
     finished: bool = False
     keep: int = 4096
 
@@ -799,11 +802,12 @@ class _EventLog:
             self.first_seq = self.events[0].seq
         if isinstance(event.body, RunFinished):
             self.finished = True
-        self.changed.set()  # cheap when already set: a new event is made only when someone waits
+        if self.changed is not None:
+            self.changed.set()  # cheap when already set: a new event is made only when someone waits
 
     def next_change(self) -> anyio.Event:
         """An event set by the next append. Call it only after seeing that nothing new is there."""
-        if self.changed.is_set():
+        if self.changed is None or self.changed.is_set():
             self.changed = anyio.Event()
         return self.changed
 

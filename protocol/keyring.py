@@ -32,6 +32,7 @@ import hmac
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,7 @@ class Keyring:
     # (sender, reader, the other side's public key) -> MAC key: one X25519 per pair and key, not per message
     _mac_keys: dict[tuple[str, str, bytes], bytes] = field(default_factory=dict, repr=False)
     # Signatures verify_once checked, oldest first: a batch's one signature arrives with each of its messages.
-    _checked: dict[tuple[str, bytes, bytes], None] = field(default_factory=dict, repr=False)
+    _checked: OrderedDict[tuple[str, bytes, bytes], None] = field(default_factory=OrderedDict, repr=False)
     _loaded_mtime: float = field(default=0.0, repr=False)
 
     # -- creating and changing ---------------------------------------------------------------
@@ -334,7 +335,7 @@ class Keyring:
         self.verify(ident, signature, payload)
         self._checked[key] = None
         if len(self._checked) > _CHECKED_KEPT:
-            del self._checked[next(iter(self._checked))]
+            self._checked.popitem(last=False)
 
     def mac(self, sender: str, reader: str, payload: bytes) -> bytes:
         """A tag over ``payload`` that only ``sender`` (whose private key this must hold) and ``reader`` can make."""
