@@ -791,3 +791,24 @@ def test_the_batch_layout_in_the_docs_is_what_the_codec_makes_and_checks(monkeyp
         atk._private_key.cache_clear()
     assert theirs == ours  # Ed25519 is deterministic: the same bytes, signature included
     assert [SIGNED.decode(frame).task_id for frame in theirs] == [e.task_id for e in sent]
+
+
+# --- which bytes a proof is checked over -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proof", ["sig", "mac", "bsig"])
+def test_a_proof_placed_first_is_checked_over_the_entries_packed_again(proof: str) -> None:
+    # A proof covers the msgpack of the other entries as the reader packs them again, wherever the proof sits.
+    frame = _batch(2)[1][0] if proof == "bsig" else SIGNED.encode(done(), signer="worker:w") if proof == "mac" \
+        else SIGNED.encode(assign("a"), signer="manager")
+    raw = _raw(frame)
+    moved = {proof: raw.pop(proof), **raw}
+    assert SIGNED.decode(_pack(moved)) == SIGNED.decode(frame)
+
+
+def test_an_entry_slipped_in_before_the_proof_is_refused() -> None:
+    raw = _raw(SIGNED.encode(assign("a"), signer="manager"))
+    sig = raw.pop("sig")
+    raw["priority"] = 1  # the map now counts one entry more than the signed one
+    with pytest.raises(BadSignature, match="signature does not match 'manager'"):
+        SIGNED.decode(_pack({**raw, "sig": sig}))
