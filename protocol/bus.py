@@ -117,12 +117,8 @@ class Bus(abc.ABC):
         """Acknowledge an entry: it will not be delivered again."""
 
     async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
-        """Append several envelopes in order; a bus may send them together. Returns the entry ids.
-
-        They are encoded together first (one signature for the lot where signing is on: ``Codec.encode_many``).
-        """
-        frames = self.settings.codec.encode_many([(envelope, signer_for(stream)) for envelope in envelopes])
-        return [await self.publish_frame(stream, frame) for frame in frames]
+        """Append several envelopes in order; a bus may send them together. Returns the entry ids."""
+        return [await self.publish(stream, envelope) for envelope in envelopes]
 
     async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
         """Append each envelope to its own stream (in order within a stream); a bus may send them together.

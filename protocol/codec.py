@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import msgpack
 from pydantic import ValidationError
@@ -24,7 +24,14 @@ from pydantic import ValidationError
 from protocol import batch_proof
 from protocol.authority import check_sender, sole_reader
 from protocol.envelope import PROTOCOL_VERSION, Envelope
-from protocol.errors import BadSignature, DecodeError, FrameTooLarge, UnknownMessageType, UnsupportedVersion
+from protocol.errors import (
+    BadSignature,
+    DecodeError,
+    FrameTooLarge,
+    ProtocolError,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
 from protocol.limits import check_shape
 from protocol.messages import MessageType
 
@@ -79,28 +86,53 @@ class Codec:
         audit path (:mod:`protocol.batch_proof`). A reader checks each one alone, and checks a signature it
         has already checked once (its other messages of the batch) by a lookup. Raises as ``encode`` does.
         """
+        frames = self.encode_each(items)
+        for frame in frames:
+            if isinstance(frame, ProtocolError):
+                raise frame
+        return cast(list[bytes], frames)
+
+    def encode_each(self, items: Sequence[tuple[Envelope, str | None]]) -> list[bytes | ProtocolError]:
+        """``encode_many``, with the error of an envelope that cannot be encoded in its place: the others are sent."""
         if self.keyring is None or len(items) < 2:
-            return [self.encode(envelope, signer=signer) for envelope, signer in items]
-        frames: list[bytes] = [b""] * len(items)
+            return [self._encoded_or_error(envelope, signer) for envelope, signer in items]
+        frames: list[bytes | ProtocolError] = [b""] * len(items)
         batches: dict[str, list[tuple[int, Envelope, dict[str, Any], bytes]]] = {}
         for i, (envelope, signer) in enumerate(items):
-            data, payload, ident, reader = self._unsigned(envelope, signer)
-            if reader is not None:
-                frames[i] = self._framed(envelope, data, payload, "mac", self.keyring.mac(ident, reader, payload))
-            else:
-                batches.setdefault(ident, []).append((i, envelope, data, payload))
+            try:
+                data, payload, ident, reader = self._unsigned(envelope, signer)
+                if reader is not None:
+                    frames[i] = self._framed(envelope, data, payload, "mac", self.keyring.mac(ident, reader, payload))
+                else:
+                    batches.setdefault(ident, []).append((i, envelope, data, payload))
+            except ProtocolError as exc:
+                frames[i] = exc
         for ident, unsigned in batches.items():
             for start in range(0, len(unsigned), batch_proof.MAX_BATCH):
                 chunk = unsigned[start:start + batch_proof.MAX_BATCH]
                 if len(chunk) == 1:
                     i, envelope, data, payload = chunk[0]
-                    frames[i] = self._framed(envelope, data, payload, "sig", self.keyring.sign(ident, payload))
+                    frames[i] = self._framed_or_error(envelope, data, payload, "sig", self.keyring.sign(ident, payload))
                     continue
                 root, paths = batch_proof.tree([batch_proof.leaf_hash(payload) for *_, payload in chunk])
                 signature = self.keyring.sign(ident, batch_proof.signed_root(len(chunk), root))
                 for index, ((i, envelope, data, payload), path) in enumerate(zip(chunk, paths, strict=True)):
-                    frames[i] = self._framed(envelope, data, payload, "bsig", [signature, index, len(chunk), path])
+                    frames[i] = self._framed_or_error(envelope, data, payload, "bsig",
+                                                      [signature, index, len(chunk), path])
         return frames
+
+    def _encoded_or_error(self, envelope: Envelope, signer: str | None) -> bytes | ProtocolError:
+        try:
+            return self.encode(envelope, signer=signer)
+        except ProtocolError as exc:
+            return exc
+
+    def _framed_or_error(self, envelope: Envelope, data: dict[str, Any], payload: bytes, proof: str,
+                         tag: Any) -> bytes | ProtocolError:
+        try:  # too big once its proof is on: its batch's other messages are still good
+            return self._framed(envelope, data, payload, proof, tag)
+        except ProtocolError as exc:
+            return exc
 
     def _unsigned(self, envelope: Envelope, signer: str | None) -> tuple[dict[str, Any], bytes, str, str | None]:
         """The envelope's map with its signer, the bytes its proof covers, the signer, and the reader a MAC is for."""

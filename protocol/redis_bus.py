@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar, cast
 
 import anyio
@@ -114,11 +115,21 @@ def _frame(fields: Any) -> bytes:
     return b""
 
 
-class _Op:
-    __slots__ = ("done", "error", "item", "result")
+@dataclass(frozen=True, slots=True)
+class _Unencoded:
+    """An envelope a write carries, encoded when its batch is sent (with the batch's other envelopes)."""
 
-    def __init__(self, item: tuple[Any, ...]) -> None:
-        self.item = item
+    envelope: Envelope
+    signer: str | None
+
+
+class _Op:
+    __slots__ = ("done", "error", "item", "result", "unencoded")
+
+    def __init__(self, item: tuple[Any, ...] | _Unencoded) -> None:
+        # The script's arguments for this write; for an envelope, its frame, once the batch is encoded.
+        self.unencoded = item if isinstance(item, _Unencoded) else None
+        self.item: tuple[Any, ...] = () if isinstance(item, _Unencoded) else item
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
@@ -153,12 +164,12 @@ class _Batcher:
         self._conn: Any = None  # redis.asyncio.Connection, held while the bus is open
 
     async def run(self, script: lua.Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
-                  item: tuple[Any, ...]) -> Any:
+                  item: tuple[Any, ...] | _Unencoded) -> Any:
         [result] = await self.run_many([(script, keys, fixed, item)])
         return result
 
-    async def run_many(self, writes: Sequence[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]]
-                       ) -> list[Any]:
+    async def run_many(self, writes: Sequence[tuple[lua.Script, tuple[str, ...], tuple[Any, ...],
+                                                    tuple[Any, ...] | _Unencoded]]) -> list[Any]:
         """Queue several writes at once (one caller, one wait) and return their results in order."""
         ops: list[tuple[tuple[Any, ...], _Op]] = []
         for script, keys, fixed, item in writes:
@@ -189,7 +200,7 @@ class _Batcher:
                 # other callers' back at the head of the queue for the next of them to send.
                 mine = [op for _, op in ops]
                 for group, queued in batch.items():
-                    if rest := [op for op in queued if op not in mine]:
+                    if rest := [op for op in queued if op not in mine and not op.done]:
                         self._queue[group] = rest + self._queue.get(group, [])
                 raise
             finally:
@@ -205,10 +216,14 @@ class _Batcher:
         return [op.result for _, op in ops]
 
     async def _flush(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
+        self._encode(batch)
         calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]] = []
-        for (script, keys, fixed), ops in batch.items():
+        for (script, keys, fixed), all_ops in batch.items():
+            ops = [op for op in all_ops if not op.done]  # not those that could not be encoded
             for i in range(0, len(ops), _MAX_ITEMS):
                 calls.append((script, keys, fixed, ops[i:i + _MAX_ITEMS]))
+        if not calls:
+            return
         try:
             replies = await self._bus._call("write", lambda: self._send(calls), shield_attempts=True)
         except anyio.get_cancelled_exc_class():
@@ -225,6 +240,20 @@ class _Batcher:
                 else:
                     op.result = reply[i]
                 op.done = True
+
+    def _encode(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
+        """Encode the batch's envelopes together; one that cannot be is done, with its error, and not sent."""
+        ops = [op for queued in batch.values() for op in queued if op.unencoded is not None]
+        if not ops:
+            return
+        frames = self._bus.settings.codec.encode_each([(op.unencoded.envelope, op.unencoded.signer) for op in ops
+                                                        if op.unencoded is not None])
+        for op, frame in zip(ops, frames, strict=True):
+            op.unencoded = None
+            if isinstance(frame, ProtocolError):
+                op.error, op.done = frame, True
+            else:
+                op.item = (frame,)
 
     async def _send(self, calls: list[tuple[lua.Script, tuple[str, ...], tuple[Any, ...], list[_Op]]]) -> list[Any]:
         bus = self._bus
@@ -472,7 +501,10 @@ class RedisBus(Bus):
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish(self, stream: str, envelope: Envelope) -> str:
-        return await self.publish_frame(stream, self.settings.codec.encode(envelope, signer=signer_for(stream)))
+        limit = self.redis_settings.max_task_stream_len
+        if limit is not None and stream.startswith("tasks."):  # back-pressure: encoded once, written until it fits
+            return await self.publish_frame(stream, self.settings.codec.encode(envelope, signer=signer_for(stream)))
+        return _s(await self._writes.run(lua.PUBLISH, (self.key(stream),), (0,), _Unencoded(envelope, signer_for(stream))))
 
     async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
         if not envelopes:

@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -711,3 +712,66 @@ async def test_a_redis_that_stops_answering_is_given_up_on_after_the_socket_time
                 d.envelope.task_id for d in await take(bus.consume("tasks.echo", group="g", consumer="c"), 1)]
     finally:
         server.kill()
+
+
+def _signing(**settings: Any) -> BusSettings:
+    import tempfile
+
+    from protocol.codec import Codec
+    from protocol.keyring import Keyring
+
+    ring = Keyring.init(Path(tempfile.mkdtemp(prefix="bus-keys-")), operator="o")
+    return BusSettings(lease_s=0.3, max_deliveries=3, block_s=0.05,
+                       codec=Codec(keyring=ring, signers=("manager",), **settings))
+
+
+async def _proofs(redis_url: str, bus: RedisBus, stream: str) -> list[dict[str, object]]:
+    import msgpack
+
+    raw = Redis.from_url(redis_url)
+    try:
+        entries = await raw.xrange(bus.key(stream))
+    finally:
+        await raw.aclose()
+    return [{k: v for k, v in msgpack.unpackb(fields[b"f"]).items() if k in ("sig", "bsig")} for _, fields in entries]
+
+
+async def test_envelopes_published_at_once_share_a_signature_and_each_checks_alone(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=_signing(), namespace=ns()) as bus:
+        await bus.publish("tasks.echo", assign(-1))  # alone: a signature of its own
+        async with anyio.create_task_group() as tg:  # the first goes out alone; the rest wait for it, then go together
+            for n in range(40):
+                tg.start_soon(bus.publish, "tasks.echo", assign(n))
+        proofs = await _proofs(redis_url, bus, "tasks.echo")
+        assert "sig" in proofs[0]
+        batched = [p["bsig"][0] for p in proofs if "bsig" in p]  # type: ignore[index]
+        assert len(batched) >= 30, proofs  # one signature for most of them
+        assert len(set(batched)) <= 3
+        got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 41)
+        assert sorted(d.envelope.task_id for d in got) == sorted(f"t{n}" for n in range(-1, 40))
+        assert all(d.envelope.signer == "manager" for d in got)
+
+
+async def test_a_publish_that_cannot_be_encoded_fails_alone(redis_url: str) -> None:
+    from protocol.errors import BadSignature, FrameTooLarge
+
+    async with RedisBus.from_url(redis_url, settings=_signing(max_frame_bytes=2000), namespace=ns()) as bus:
+        too_big = Envelope(run_id="r", task_id="big", attempt=1, body=Assign(capability="echo", instruction="x" * 3000))
+        errors: list[BaseException] = []
+
+        async def publish(stream: str, envelope: Envelope) -> None:
+            try:
+                await bus.publish(stream, envelope)
+            except (FrameTooLarge, BadSignature) as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(publish, "tasks.echo", assign(n))
+            tg.start_soon(publish, "tasks.echo", too_big)
+            tg.start_soon(publish, "results.echo", assign(99))  # only a worker of echo may sign there
+            for n in range(10, 20):
+                tg.start_soon(publish, "tasks.echo", assign(n))
+        assert sorted(type(e).__name__ for e in errors) == ["BadSignature", "FrameTooLarge"], errors
+        got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 20)
+        assert sorted(d.envelope.task_id for d in got) == sorted(f"t{n}" for n in range(20))
