@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The peer race as an interleaved A/B: two versions of this project, run alternately in the same minutes.
+#
+#   bash benchmarks/peers_ab.sh BASE [HEAD] [PAIRS]
+#   ONLY="dramatiq orchestrator-lifecycle" bash benchmarks/peers_ab.sh 755fad1          # HEAD: the working tree
+#   REF=streams-ref ONLY="streams-ref orchestrator" bash benchmarks/peers_ab.sh main~3 main 4
+#
+# On a shared machine one race drifts more than most changes move it (the lifecycle row spanned
+# 0.61-0.92x Dramatiq in eight runs of one commit, 2026-12-04); pairs run back to back do not. BASE
+# and HEAD are commits (HEAD defaults to the working tree as it is); each runs from a git worktree
+# under .peers/ab/ with a scratch directory of its own (PEERS_WORK, so its own .venv-orch), RUNS=1
+# per side and pair, base first. It prints every row's tasks/s and CPU per task for each pair, then
+# the median over pairs of each of this project's rows against REF (default dramatiq).
+set -eu
+PROJECT=$(cd "$(dirname "$0")/.." && pwd)
+BASE=${1:?usage: peers_ab.sh BASE [HEAD] [PAIRS]}
+HEAD=${2:-}
+PAIRS=${3:-3}
+ONLY=${ONLY:-"streams-ref dramatiq orchestrator orchestrator-lifecycle"}
+REF=${REF:-dramatiq}
+AB=$PROJECT/.peers/ab
+mkdir -p "$AB"
+
+tree_of() {  # the directory a version runs from: a worktree at the commit, or the working tree
+  if [ -z "$1" ]; then echo "$PROJECT"; return; fi
+  local sha; sha=$(git -C "$PROJECT" rev-parse --short "$1^{commit}")
+  if [ ! -d "$AB/tree-$sha" ]; then git -C "$PROJECT" worktree add -f --detach "$AB/tree-$sha" "$sha" >/dev/null; fi
+  echo "$AB/tree-$sha"
+}
+BASE_TREE=$(tree_of "$BASE")
+HEAD_TREE=$(tree_of "$HEAD")
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+for pair in $(seq 1 "$PAIRS"); do
+  for side in base head; do
+    if [ "$side" = base ]; then tree=$BASE_TREE; else tree=$HEAD_TREE; fi
+    echo "pair $pair/$PAIRS: $side ($tree)" >&2
+    PEERS_WORK="$AB/work-$side" RESULTS_DIR="results/$STAMP/pair$pair" RUNS=1 ONLY="$ONLY" \
+      bash "$tree/benchmarks/peers.sh" >"$AB/work-$side.log" 2>&1 \
+      || { echo "the $side race failed: see $AB/work-$side.log" >&2; exit 1; }
+  done
+done
+exec python3 - "$AB" "$STAMP" "$PAIRS" "$REF" "$BASE" "${HEAD:-working tree}" <<'PY'
+import json, pathlib, statistics, sys
+
+ab, stamp, pairs, ref, base, head = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+
+def rows(side, pair):
+    out = {}
+    for path in sorted((ab / f"work-{side}" / "results" / stamp / f"pair{pair}" / "run1").glob("*.json")):
+        data = json.loads(path.read_text())
+        t = data.get("throughput") or {}
+        if t.get("tasks_per_s"):
+            out[path.stem] = (t["tasks_per_s"], t["cpu_ms_per_task"])  # the race's row key
+    return out
+
+print(f"base {base}, head {head}; {pairs} pairs; tasks/s (CPU ms per task worker / redis / client)")
+ratios = {"base": {}, "head": {}}
+for pair in range(1, pairs + 1):
+    for side in ("base", "head"):
+        got = rows(side, pair)
+        cells = [f"{k} {v[0]:,.0f} ({v[1]['worker']:.3f} / {v[1]['redis']:.3f} / {v[1]['client']:.3f})" for k, v in got.items()]
+        print(f"pair {pair} {side}: " + "; ".join(cells))
+        for key, (tps, _) in got.items():
+            if key.startswith("orchestrator") and ref in got:
+                ratios[side].setdefault(key, []).append(tps / got[ref][0])
+for key in sorted(set(ratios["base"]) | set(ratios["head"])):
+    b, h = ratios["base"].get(key, []), ratios["head"].get(key, [])
+    if b and h:
+        print(f"{key} / {ref}: base {statistics.median(b):.2f}x  head {statistics.median(h):.2f}x  "
+              f"(pairs: {', '.join(f'{x:.2f}/{y:.2f}' for x, y in zip(b, h))})")
+PY
