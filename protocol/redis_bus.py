@@ -117,7 +117,10 @@ def _frame(fields: Any) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _Unencoded:
-    """An envelope a write carries, encoded when its batch is sent (with the batch's other envelopes)."""
+    """An envelope a write carries, encoded when its batch is sent (with the batch's other envelopes).
+
+    Envelopes are frozen, but the data in a body is not: what a publisher passes must not change until its
+    publish returns (the frame is made from it then, not at the call, when a batch is in flight)."""
 
     envelope: Envelope
     signer: str | None
