@@ -50,6 +50,7 @@ from protocol import _redis_lua as lua
 from protocol._read_deadlines import ReadDeadlines
 from protocol.authority import signer_for
 from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
+from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
 from protocol.outage import Backoff, Outage
@@ -206,6 +207,14 @@ class _Batcher:
                     if rest := [op for op in queued if op not in mine and not op.done]:
                         self._queue[group] = rest + self._queue.get(group, [])
                 raise
+            except BaseException as exc:
+                # Whatever else went wrong, every caller of the batch hears it: an item left undone would
+                # have its caller wait for a batch that is gone (and loop without ever yielding).
+                for queued in batch.values():
+                    for op in queued:
+                        if not op.done:
+                            op.error, op.done = exc, True
+                raise
             finally:
                 self._busy = False
                 if self._idle is not None:
@@ -249,11 +258,16 @@ class _Batcher:
         ops = [op for queued in batch.values() for op in queued if op.unencoded is not None]
         if not ops:
             return
-        frames = self._bus.settings.codec.encode_each([(op.unencoded.envelope, op.unencoded.signer) for op in ops
-                                                        if op.unencoded is not None])
+        codec = self._bus.settings.codec
+        pairs = [(op.unencoded.envelope, op.unencoded.signer) for op in ops if op.unencoded is not None]
+        frames: list[bytes | BaseException]
+        try:
+            frames = list(codec.encode_each(pairs))
+        except Exception:  # not a ProtocolError (a body the serializer refuses): find whose, one by one
+            frames = [_encoded_or_error(codec, envelope, signer) for envelope, signer in pairs]
         for op, frame in zip(ops, frames, strict=True):
             op.unencoded = None
-            if isinstance(frame, ProtocolError):
+            if isinstance(frame, BaseException):
                 op.error, op.done = frame, True
             else:
                 op.item = (frame,)
@@ -279,6 +293,13 @@ class _Batcher:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._bus._return_connection(conn)
+
+
+def _encoded_or_error(codec: Codec, envelope: Envelope, signer: str | None) -> bytes | BaseException:
+    try:
+        return codec.encode(envelope, signer=signer)
+    except Exception as exc:  # its publisher gets it; the batch's others are sent
+        return exc
 
 
 _INLINE_MAX = 6000  # longer values go out as buffers of their own, uncopied (redis-py's cutoff too)

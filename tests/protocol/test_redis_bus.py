@@ -775,3 +775,43 @@ async def test_a_publish_that_cannot_be_encoded_fails_alone(redis_url: str) -> N
         assert sorted(type(e).__name__ for e in errors) == ["BadSignature", "FrameTooLarge"], errors
         got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 20)
         assert sorted(d.envelope.task_id for d in got) == sorted(f"t{n}" for n in range(20))
+
+
+async def test_an_envelope_the_codec_chokes_on_fails_its_publish_and_the_batch_goes_on(redis_url: str) -> None:
+    from dataclasses import dataclass
+
+    from protocol.codec import Codec
+
+    @dataclass(frozen=True, slots=True)
+    class Choking(Codec):
+        """A codec with a bug that one envelope trips (not a ProtocolError): the batcher must not lose the rest."""
+
+        def encode(self, envelope: Envelope, *, signer: str | None = None) -> bytes:
+            if envelope.task_id == "tbad":
+                raise RuntimeError("codec bug")
+            return super(Choking, self).encode(envelope, signer=signer)
+
+        def encode_each(self, items: Any) -> Any:
+            if any(envelope.task_id == "tbad" for envelope, _ in items):
+                raise RuntimeError("codec bug")
+            return super(Choking, self).encode_each(items)
+
+    settings = BusSettings(lease_s=0.3, max_deliveries=3, block_s=0.05, codec=Choking())
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        errors: list[BaseException] = []
+
+        async def publish(n: int | str) -> None:
+            try:
+                await bus.publish("tasks.echo", Envelope(run_id="r", task_id=f"t{n}", attempt=1,
+                                                         body=Assign(capability="echo", instruction="i")))
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in [*range(10), "bad", *range(10, 20)]:
+                    tg.start_soon(publish, n)
+            await publish(20)  # the bus still works
+        assert [str(e) for e in errors] == ["codec bug"]
+        got = await take(bus.consume("tasks.echo", group="g", consumer="c"), 21)
+        assert sorted(d.envelope.task_id for d in got) == sorted(f"t{n}" for n in range(21))
