@@ -216,12 +216,12 @@ class Codec:
             raise BadSignature("message carries both a signature and a MAC" if proofs.keys() == {"sig", "mac"}
                                else f"message carries more than one proof: {' and '.join(sorted(proofs))}")
         [(proof, tag)] = proofs.items()
+        if proof != "bsig" and not isinstance(tag, bytes):  # a batch proof's shape is checked by _batch_root
+            raise BadSignature("message is not signed")
         kind = data["body"]["type"]
         check_sender(kind, signer, stream)  # cheap, and says more than "bad signature"
         payload = msgpack.packb(data, use_bin_type=True)
         if proof == "sig":
-            if not isinstance(tag, bytes):
-                raise BadSignature("message is not signed")
             self.keyring.verify(signer, tag, payload)
         elif proof == "bsig":
             signature, signed = _batch_root(tag, payload)
@@ -230,8 +230,6 @@ class Codec:
             reader = sole_reader(kind)
             if reader is None:
                 raise BadSignature(f"{kind!r} messages must be signed: only messages with one reader may carry a MAC")
-            if not isinstance(tag, bytes):
-                raise BadSignature("message is not signed")
             self.keyring.check_mac(signer, reader, tag, payload)
 
 

@@ -255,11 +255,12 @@ class _Batcher:
 
     def _encode(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
         """Encode the batch's envelopes together; one that cannot be is done, with its error, and not sent."""
-        ops = [op for queued in batch.values() for op in queued if op.unencoded is not None]
-        if not ops:
+        unencoded = [(op, op.unencoded) for queued in batch.values() for op in queued if op.unencoded is not None]
+        if not unencoded:
             return
         codec = self._bus.settings.codec
-        pairs = [(op.unencoded.envelope, op.unencoded.signer) for op in ops if op.unencoded is not None]
+        ops = [op for op, _ in unencoded]
+        pairs = [(item.envelope, item.signer) for _, item in unencoded]
         frames: list[bytes | BaseException]
         try:
             frames = list(codec.encode_each(pairs))
