@@ -30,7 +30,7 @@ import time
 import types
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar, cast
 
@@ -48,6 +48,7 @@ from protocol.logging import enabled as logging_enabled
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
 from protocol.tracing import NO_SPAN, Tracing
 from workers.base import Task, Worker, WorkerContext
+from workers.pool import RunnerPool, Slots
 
 __all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
 
@@ -140,46 +141,48 @@ class WorkerRuntime:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._announce)
-            limiter = anyio.Semaphore(self.settings.concurrency)
-            async with anyio.create_task_group() as consumers:
-                for capability, worker in self.workers.items():
-                    consumers.start_soon(self._consume, capability, worker, limiter, tg)
-                log.info("worker_started", worker=self.name, capabilities=sorted(self.workers),
-                         concurrency=self.settings.concurrency)
-                task_status.started()
-                await self._stopped.wait()
-                consumers.cancel_scope.cancel()  # take nothing new, then let in-flight work finish
-            await self._drain()
+            limiter = Slots(self.settings.concurrency)
+            with RunnerPool(tg, self.settings.concurrency) as runners:
+                async with anyio.create_task_group() as consumers:
+                    for capability, worker in self.workers.items():
+                        consumers.start_soon(self._consume, capability, worker, limiter, runners)
+                    log.info("worker_started", worker=self.name, capabilities=sorted(self.workers),
+                             concurrency=self.settings.concurrency)
+                    task_status.started()
+                    await self._stopped.wait()
+                    consumers.cancel_scope.cancel()  # take nothing new, then let in-flight work finish
+                await self._drain()
             tg.cancel_scope.cancel()
         log.info("worker_stopped", worker=self.name, completed=self.completed)
 
-    async def _consume(self, capability: str, worker: Worker, limiter: anyio.Semaphore,
-                       tg: anyio.abc.TaskGroup) -> None:
+    async def _consume(self, capability: str, worker: Worker, limiter: Slots, runners: RunnerPool) -> None:
         # Closed explicitly when this loop ends (stop, cancel), so entries the bus read ahead and
         # never handed out are given back at once instead of waiting for their lease to expire.
         # (Every bus implements consume as an async generator.)
         consume = self.bus.consume(tasks_stream(capability), group=workers_group(capability), consumer=self.name)
         async with contextlib.aclosing(cast(AsyncGenerator[Delivery], consume)) as deliveries:
-            await self._pull(capability, worker, limiter, tg, deliveries)
+            await self._pull(capability, worker, limiter, runners, deliveries)
 
-    async def _pull(self, capability: str, worker: Worker, limiter: anyio.Semaphore, tg: anyio.abc.TaskGroup,
+    async def _pull(self, capability: str, worker: Worker, limiter: Slots, runners: RunnerPool,
                     deliveries: AsyncGenerator[Delivery]) -> None:
         while self._accepting:
-            await limiter.acquire()
+            await limiter.take()
             if not self._accepting:
-                limiter.release()
+                limiter.give_back()
                 return
             try:
                 delivery = await anext(deliveries)
             except BaseException:
-                limiter.release()
+                limiter.give_back()
                 raise
             scope = anyio.CancelScope()
             self._in_flight[_key(delivery)] = _InFlight(delivery, scope)
-            tg.start_soon(self._run, capability, worker, delivery, scope, limiter)
+            runners.submit(self._run, capability, worker, delivery, scope, limiter)
+            # The handler starts before the next read: a read first would put its round trip ahead of it.
+            await anyio.lowlevel.checkpoint()
 
     async def _run(self, capability: str, worker: Worker, delivery: Delivery, scope: anyio.CancelScope,
-                   limiter: anyio.Semaphore) -> None:
+                   limiter: Slots) -> None:
         env = delivery.envelope
         for observer in self.observers:
             observer.handler_started(capability, env)
@@ -214,7 +217,7 @@ class WorkerRuntime:
                     observer.handler_finished(capability, env, outcome, duration)
             self._in_flight.pop(_key(delivery), None)
             self._finished.set()
-            limiter.release()
+            limiter.give_back()
 
     def _task_span(self, env: Envelope, capability: str) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing.enabled:  # per task: not even the name and attributes are built
@@ -275,8 +278,11 @@ class WorkerRuntime:
 
     async def _invoke(self, call: _Call, fn: Callable[..., Any], *args: Any) -> Any:
         """Await an ``async def`` handler on the loop, timing each step; run a plain ``def`` in a thread."""
+        # A context of its own for the handler, as a task of its own had: what it binds (log fields, context
+        # variables) and does not reset stays with this call, not with the runner's next one.
+        context = copy_context()
         if inspect.iscoroutinefunction(fn):
-            return await _timed(fn(*args), call)
+            return await _timed(fn(*args), call, context)
         try:
             result = await anyio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
                                                     limiter=self._threads)
@@ -284,7 +290,7 @@ class WorkerRuntime:
             call.abandoned = True  # the thread runs on; what it returns goes nowhere
             raise
         if inspect.isawaitable(result):  # a plain def that returned a coroutine (a decorated async handler)
-            result = await _timed(result, call)
+            result = await _timed(result, call, context)
         return result
 
     def _tokens(self, env: Envelope) -> int:
@@ -429,15 +435,16 @@ class _LoopWatchdog:
 
 
 @types.coroutine
-def _timed(awaitable: Awaitable[_T], call: _Call) -> Generator[Any, Any, _T]:
-    """Drive ``awaitable`` step by step (as ``await`` would), telling ``call`` how long each step held the loop."""
+def _timed(awaitable: Awaitable[_T], call: _Call, context: Context) -> Generator[Any, Any, _T]:
+    """Drive ``awaitable`` step by step (as ``await`` would) in ``context``, as a task runs its coroutine,
+    telling ``call`` how long each step held the loop."""
     inner = awaitable.__await__()
     value: Any = None
     error: BaseException | None = None
     while True:
         started = call.step_started = time.monotonic()
         try:
-            step = inner.send(value) if error is None else inner.throw(error)
+            step = context.run(inner.send, value) if error is None else context.run(inner.throw, error)
         except StopIteration as stop:
             call.stepped(started)
             return cast(_T, stop.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -119,3 +120,28 @@ async def test_an_unencodable_output_is_reported_not_lost() -> None:
         [failed] = await results(bus, 1)
     assert isinstance(failed.body, Failed)
     assert "output could not be sent" in failed.body.error
+
+
+_leaky: ContextVar[str] = ContextVar("leaky", default="unset")
+
+
+class Leaky(Worker):
+    """Sets a context variable and never resets it (as a plugin binding log fields might)."""
+
+    capability = "slow"
+
+    async def handle(self, task: Task) -> Any:
+        seen = _leaky.get()
+        _leaky.set(task.task_id)
+        await anyio.sleep(0)
+        return seen
+
+
+async def test_what_a_handler_sets_in_its_context_does_not_reach_the_next_task() -> None:
+    # Handlers share long-lived runner tasks; each call still gets a context of its own, as a task had.
+    bus = MemoryBus(BusSettings(lease_s=5, block_s=0.05))
+    for i in range(3):
+        await bus.publish(tasks_stream("slow"), assign(f"t{i}", 0))
+    async with WorkerRuntime(bus, {"slow": Leaky()}, RuntimeSettings(concurrency=1)).running():
+        done = await results(bus, 3)
+    assert [e.body.output for e in done] == ["unset"] * 3  # type: ignore[union-attr]
