@@ -630,6 +630,9 @@ class RedisBus(Bus):
                         batch_at = time.monotonic()
                         buffered.extend((batch_at, _s(i), bytes(f), int(n)) for i, f, n in claimed)
                         continue
+                # Before a read that may block, let the work handed out so far run: its writes (a worker's
+                # commits, a manager's acks) then go out before the read and together, not one per read.
+                await anyio.lowlevel.checkpoint()
                 reply = await read(xreadgroup)
                 if not reply:
                     next_reclaim = 0.0  # idle: look for expired leases on every poll

@@ -178,8 +178,6 @@ class WorkerRuntime:
             scope = anyio.CancelScope()
             self._in_flight[_key(delivery)] = _InFlight(delivery, scope)
             runners.submit(self._run, capability, worker, delivery, scope, limiter)
-            # The handler starts before the next read: a read first would put its round trip ahead of it.
-            await anyio.lowlevel.checkpoint()
 
     async def _run(self, capability: str, worker: Worker, delivery: Delivery, scope: anyio.CancelScope,
                    limiter: Slots) -> None:

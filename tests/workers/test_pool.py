@@ -46,11 +46,14 @@ async def test_a_job_that_raises_fails_the_task_group() -> None:
     async def boom() -> None:
         raise ValueError("handler bug")
 
-    with pytest.raises(ExceptionGroup) as caught:
+    async def run_pool() -> None:
         async with anyio.create_task_group() as tg:
             with RunnerPool(tg, 2) as pool:
                 pool.submit(boom)
                 await anyio.sleep_forever()
+
+    with pytest.raises(ExceptionGroup) as caught:
+        await run_pool()
     assert caught.group_contains(ValueError, match="handler bug")
 
 
