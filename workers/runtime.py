@@ -90,7 +90,8 @@ class RuntimeObserver(Protocol):
 class _InFlight:
     delivery: Delivery
     scope: anyio.CancelScope
-    cancelled_by: str = ""
+    cancelled_by: str = ""  # who cancelled the task (a ``cancel`` message)
+    handed_back: bool = False  # released to another worker as this one stops
 
 
 class WorkerRuntime:
@@ -191,18 +192,13 @@ class WorkerRuntime:
         bound = bind_contextvars(run_id=env.run_id, task_id=env.task_id, attempt=env.attempt, worker=self.name)
         try:
             with self._task_span(env, capability) as span:
-                with scope:
-                    token = _current.set((env, capability))
-                    try:
-                        reply = await self._handle(capability, worker, env)
-                    finally:
-                        _current.reset(token)
-                if scope.cancelled_caught:
-                    entry = self._in_flight.get(_key(delivery))
-                    if entry is None or not entry.cancelled_by:
-                        return  # handed back during drain: another worker will redo it
-                    reply = env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
-                                             retryable=False), sender=self.name)
+                token = _current.set((env, capability))
+                try:
+                    reply = await self._handle(capability, worker, delivery, scope)
+                finally:
+                    _current.reset(token)
+                if reply is None:
+                    return  # handed back during drain: another worker will redo it
                 outcome = _outcome(reply)
                 if span is not None:
                     span.set_attribute("orchestrator.outcome", outcome)
@@ -224,7 +220,15 @@ class WorkerRuntime:
                                  attributes={"orchestrator.run_id": env.run_id, "orchestrator.task_id": env.task_id,
                                              "orchestrator.attempt": env.attempt, "orchestrator.worker": self.name})
 
-    async def _handle(self, capability: str, worker: Worker, env: Envelope) -> Envelope:
+    async def _handle(self, capability: str, worker: Worker, delivery: Delivery,
+                      scope: anyio.CancelScope) -> Envelope | None:
+        """The reply to the delivered task, or None when the task was handed back (the runtime is stopping).
+
+        ``scope`` is the task's one cancel scope: a ``cancel`` message or a hand-back cancels it, and it
+        carries the time limit as its deadline (one scope a task, not two: each was a few per cent of a
+        no-op task's CPU).
+        """
+        env = delivery.envelope
         body = env.body
         if not isinstance(body, Assign | VerifyRequest):
             log.warning("unexpected_message_dropped", type=env.type)
@@ -244,15 +248,23 @@ class WorkerRuntime:
         call = _Call(capability=capability, run_id=env.run_id, task_id=env.task_id,
                      block_warn_s=self.settings.block_warn_s, deadline=time.monotonic() + timeout)
         self._calls.add(call)
+        scope.deadline = anyio.current_time() + timeout
         try:
-            with anyio.move_on_after(timeout) as limit:
+            with scope:
                 if isinstance(body, VerifyRequest):
                     verdict = _attributed(await self._invoke(call, worker.verify, task, body.output), capability)
                 else:
                     output = await self._invoke(call, worker.handle, task)
-            # A handler that blocked the loop past the limit and then returned without a checkpoint
-            # was never cancelled; its result is just as late.
-            late = limit.cancelled_caught or anyio.current_time() >= limit.deadline
+            if scope.cancelled_caught:
+                entry = self._in_flight.get(_key(delivery))
+                if entry is not None and entry.cancelled_by:
+                    return env.reply(Failed(error=f"cancelled: {entry.cancelled_by}", error_type="Cancelled",
+                                            retryable=False), sender=self.name)
+                if entry is None or entry.handed_back:
+                    return None
+            # Past the limit: cancelled by it, or a handler that blocked the loop past it and then returned
+            # without a checkpoint (never cancelled, and its result just as late).
+            late = anyio.current_time() >= scope.deadline
         except Exception as exc:
             log.warning("task_raised", error_type=type(exc).__name__, error=str(exc))
             return env.reply(Failed(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__),
@@ -356,6 +368,7 @@ class WorkerRuntime:
             log.info("task_handed_back", task_id=entry.delivery.envelope.task_id)
             with anyio.move_on_after(max(0.0, give_up_at - anyio.current_time())):
                 await self.bus.release(entry.delivery)
+            entry.handed_back = True
             entry.scope.cancel()
 
     async def report_progress(self, message: str, fraction: float | None = None) -> None:
