@@ -33,8 +33,10 @@ rm -f "$WORK/run_all.sh"
 sed 's#^  "orchestrator|.venv-orch|peer_orchestrator.py|default"#&\n  "orchestrator-lifecycle|.venv-orch|peer_orchestrator.py|lifecycle"#' \
   "$SHARED/run_all.sh" > "$WORK/run_all.sh"
 grep -q '"orchestrator-lifecycle|' "$WORK/run_all.sh" || { echo "could not add the lifecycle row to run_all.sh" >&2; exit 1; }
-# (Re)installed whenever pyproject.toml changed, so a new dependency reaches the benchmark too.
-STAMP=$(sha256sum "$PROJECT/pyproject.toml" | cut -c1-16)
+# (Re)installed whenever pyproject.toml changed, so a new dependency reaches the benchmark too, or the
+# checkout did: the editable install points at one checkout, and a scratch directory reused for another
+# (peers_ab.sh's, from one head commit to the next) would otherwise run the first one's code.
+STAMP=$( (echo "$PROJECT"; cat "$PROJECT/pyproject.toml") | sha256sum | cut -c1-16)
 if [ ! -x "$WORK/.venv-orch/bin/orchestrator" ] || [ "$(cat "$WORK/.venv-orch/.pyproject" 2>/dev/null)" != "$STAMP" ]; then
   [ -x "$WORK/.venv-orch/bin/python" ] || "${PYTHON:-python3}" -m venv "$WORK/.venv-orch"
   "$WORK/.venv-orch/bin/pip" install -q -e "$PROJECT" hiredis

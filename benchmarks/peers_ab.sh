@@ -29,24 +29,31 @@ tree_of() {  # the directory a version runs from: a worktree at the commit, or t
 }
 BASE_TREE=$(tree_of "$BASE")
 HEAD_TREE=$(tree_of "$HEAD")
+# A scratch directory per version, not per side: its .venv-orch has the version installed editable, and one
+# reused for another commit ran the first commit's code (peers.sh before 2026-12-04 reinstalled only when
+# pyproject.toml changed).
+work_of() { if [ "$1" = "$PROJECT" ]; then echo "$AB/work-working-tree"; else echo "$AB/work-$(basename "$1")"; fi; }
+BASE_WORK=$(work_of "$BASE_TREE")
+HEAD_WORK=$(work_of "$HEAD_TREE")
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 for pair in $(seq 1 "$PAIRS"); do
   for side in base head; do
-    if [ "$side" = base ]; then tree=$BASE_TREE; else tree=$HEAD_TREE; fi
+    if [ "$side" = base ]; then tree=$BASE_TREE work=$BASE_WORK; else tree=$HEAD_TREE work=$HEAD_WORK; fi
     echo "pair $pair/$PAIRS: $side ($tree)" >&2
-    PEERS_WORK="$AB/work-$side" RESULTS_DIR="results/$STAMP/pair$pair" RUNS=1 ONLY="$ONLY" \
-      bash "$tree/benchmarks/peers.sh" >"$AB/work-$side.log" 2>&1 \
-      || { echo "the $side race failed: see $AB/work-$side.log" >&2; exit 1; }
+    PEERS_WORK="$work" RESULTS_DIR="results/$STAMP/pair$pair" RUNS=1 ONLY="$ONLY" \
+      bash "$tree/benchmarks/peers.sh" >"$work.log" 2>&1 \
+      || { echo "the $side race failed: see $work.log" >&2; exit 1; }
   done
 done
-exec python3 - "$AB" "$STAMP" "$PAIRS" "$REF" "$BASE" "${HEAD:-working tree}" <<'PY'
+exec python3 - "$BASE_WORK" "$HEAD_WORK" "$STAMP" "$PAIRS" "$REF" "$BASE" "${HEAD:-working tree}" <<'PY'
 import json, pathlib, statistics, sys
 
-ab, stamp, pairs, ref, base, head = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+work = {"base": pathlib.Path(sys.argv[1]), "head": pathlib.Path(sys.argv[2])}
+stamp, pairs, ref, base, head = sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 
 def rows(side, pair):
     out = {}
-    for path in sorted((ab / f"work-{side}" / "results" / stamp / f"pair{pair}" / "run1").glob("*.json")):
+    for path in sorted((work[side] / "results" / stamp / f"pair{pair}" / "run1").glob("*.json")):
         data = json.loads(path.read_text())
         t = data.get("throughput") or {}
         if t.get("tasks_per_s"):
