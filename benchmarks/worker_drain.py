@@ -35,10 +35,9 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bus_raw import PAYLOAD
+from bus_raw import PAYLOAD, _settings
 from noop import NoopWorker
 
-from protocol.bus import BusSettings
 from protocol.envelope import Envelope
 from protocol.keys import tasks_stream
 from protocol.messages import Assign
@@ -108,14 +107,6 @@ class _Finished:
         self.left -= 1
         if self.left == 0:
             self.all.set()
-
-
-def _settings(keys: str | None, signer: str) -> BusSettings:
-    if keys is None:
-        return BusSettings()
-    from bus_raw import _settings as signed
-
-    return signed(keys, signer)
 
 
 async def main() -> None:

@@ -4,8 +4,9 @@ A worker runtime runs one handler call per delivery. Spawned one task each under
 group and bounded by an ``anyio.Semaphore``, a delivery cost ~33 µs of anyio machinery on the
 2-core machine (the spawn ~19 µs, the semaphore's two checkpoints ~14 µs), against ~6 µs for the
 same on plain asyncio: about a tenth of a no-op task's CPU in the worker. Here, jobs go to tasks that
-live on between jobs (at most as many as the bound, started as they are needed), and a free place is
-taken without a turn of the event loop.
+live on between jobs (at most as many as the bound, started as they are needed); the runtime bounds
+them with a semaphore whose free places are taken without a turn of the event loop (anyio's
+``fast_acquire``).
 """
 
 from __future__ import annotations
@@ -18,37 +19,16 @@ from typing import Any
 import anyio
 import anyio.abc
 
-__all__ = ("RunnerPool", "Slots")
+__all__ = ("RunnerPool",)
 
 _Job = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]
-
-
-class Slots:
-    """A count of free places. ``take`` waits only while none is free; ``give_back`` frees one."""
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._freed: anyio.Event | None = None  # made only when someone waits
-
-    async def take(self) -> None:
-        while self._free <= 0:
-            if self._freed is None:
-                self._freed = anyio.Event()
-            await self._freed.wait()
-        self._free -= 1
-
-    def give_back(self) -> None:
-        self._free += 1
-        if self._freed is not None:
-            freed, self._freed = self._freed, None
-            freed.set()
 
 
 class RunnerPool:
     """Runs ``await fn(*args)`` for each ``submit`` on tasks of ``tg`` that take one job after another.
 
     A runner is started when a job arrives and none is idle, up to ``size``; the caller bounds the jobs
-    outstanding (``Slots``), so none waits for a runner when ``size`` is that bound. A runner with jobs
+    outstanding (a semaphore), so none waits for a runner when ``size`` is that bound. A runner with jobs
     queued takes the next at once; an idle one waits on an event of its own, set by the next ``submit``.
     A job that raises ends its runner with the error, which fails the task group, as a task of its own
     would. Runners end with the task group, or once the pool is closed and the jobs queued are done.

@@ -48,7 +48,7 @@ from protocol.logging import enabled as logging_enabled
 from protocol.messages import Assign, Cancel, Done, Failed, Heartbeat, Progress, Verdict, VerifyRequest, VerifyResponse
 from protocol.tracing import NO_SPAN, Tracing
 from workers.base import Task, Worker, WorkerContext
-from workers.pool import RunnerPool, Slots
+from workers.pool import RunnerPool
 
 __all__ = ("RuntimeObserver", "RuntimeSettings", "WorkerRuntime")
 
@@ -142,7 +142,8 @@ class WorkerRuntime:
             tg.start_soon(self._watch_control, control)
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._announce)
-            limiter = Slots(self.settings.concurrency)
+            # fast_acquire: a free place is taken without a turn of the event loop (two, by default, per task)
+            limiter = anyio.Semaphore(self.settings.concurrency, fast_acquire=True)
             with RunnerPool(tg, self.settings.concurrency) as runners:
                 async with anyio.create_task_group() as consumers:
                     for capability, worker in self.workers.items():
@@ -156,7 +157,7 @@ class WorkerRuntime:
             tg.cancel_scope.cancel()
         log.info("worker_stopped", worker=self.name, completed=self.completed)
 
-    async def _consume(self, capability: str, worker: Worker, limiter: Slots, runners: RunnerPool) -> None:
+    async def _consume(self, capability: str, worker: Worker, limiter: anyio.Semaphore, runners: RunnerPool) -> None:
         # Closed explicitly when this loop ends (stop, cancel), so entries the bus read ahead and
         # never handed out are given back at once instead of waiting for their lease to expire.
         # (Every bus implements consume as an async generator.)
@@ -164,24 +165,24 @@ class WorkerRuntime:
         async with contextlib.aclosing(cast(AsyncGenerator[Delivery], consume)) as deliveries:
             await self._pull(capability, worker, limiter, runners, deliveries)
 
-    async def _pull(self, capability: str, worker: Worker, limiter: Slots, runners: RunnerPool,
+    async def _pull(self, capability: str, worker: Worker, limiter: anyio.Semaphore, runners: RunnerPool,
                     deliveries: AsyncGenerator[Delivery]) -> None:
         while self._accepting:
-            await limiter.take()
+            await limiter.acquire()
             if not self._accepting:
-                limiter.give_back()
+                limiter.release()
                 return
             try:
                 delivery = await anext(deliveries)
             except BaseException:
-                limiter.give_back()
+                limiter.release()
                 raise
             scope = anyio.CancelScope()
             self._in_flight[_key(delivery)] = _InFlight(delivery, scope)
             runners.submit(self._run, capability, worker, delivery, scope, limiter)
 
     async def _run(self, capability: str, worker: Worker, delivery: Delivery, scope: anyio.CancelScope,
-                   limiter: Slots) -> None:
+                   limiter: anyio.Semaphore) -> None:
         env = delivery.envelope
         for observer in self.observers:
             observer.handler_started(capability, env)
@@ -211,7 +212,7 @@ class WorkerRuntime:
                     observer.handler_finished(capability, env, outcome, duration)
             self._in_flight.pop(_key(delivery), None)
             self._finished.set()
-            limiter.give_back()
+            limiter.release()
 
     def _task_span(self, env: Envelope, capability: str) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing.enabled:  # per task: not even the name and attributes are built

@@ -1,11 +1,11 @@
-"""The worker runtime's runner pool and free-place count: bounded, reused, failing loudly, closable."""
+"""The worker runtime's runner pool: bounded, reused, failing loudly, closable."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
 
-from workers.pool import RunnerPool, Slots
+from workers.pool import RunnerPool
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -73,20 +73,3 @@ async def test_a_closed_pool_refuses_jobs_but_finishes_those_queued() -> None:
             pool.submit(job, "c")
     assert done == ["a", "b"]
 
-
-async def test_slots_wait_only_when_none_is_free() -> None:
-    slots = Slots(2)
-    await slots.take()
-    await slots.take()
-    taken = anyio.Event()
-
-    async def third() -> None:
-        await slots.take()
-        taken.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(third)
-        await anyio.wait_all_tasks_blocked()
-        assert not taken.is_set()
-        slots.give_back()
-        await taken.wait()
