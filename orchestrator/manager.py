@@ -556,6 +556,8 @@ class Manager:
         if not isinstance(env.body, _REPLIES):
             log.warning("unexpected_message_on_result_stream", run_id=env.run_id, type=env.type)
             return
+        if self._watchdogs is not None:  # before the reply: what it starts must not wait for a worker
+            await self._watchdogs.worker_seen(capability)
         signer = env.signer if self.bus.settings.codec.verifies else None
         reply = Reply(env.task_id, env.attempt, env.sender, capability, _within_limits(env.body), now(), signer)
         # Bound with tokens that put back what was there: cheaper than bound_contextvars, which copies the context.

@@ -72,6 +72,19 @@ class Watchdogs:
         self.served = frozenset(c for c, n in counts.items() if n > 0)
         await self.feed(None, Presence(self.served, now()))
 
+    async def worker_seen(self, capability: str) -> None:
+        """A worker of ``capability`` just answered, so the capability is served, whatever the last check said.
+
+        A check made while the fleet was starting, before its workers announced themselves, found nobody: every
+        run started until the next check recorded its tasks as waiting for a worker, with one at work (and had
+        them told they no longer wait, after it). The next check still has the last word: a worker that answered
+        and then died, or a reply redelivered from long ago, counts as presence for one interval at most.
+        """
+        if self.served is None or capability in self.served:
+            return
+        self.served = self.served | {capability}
+        await self.feed(None, Presence(self.served, now()))
+
     async def _check_dead_letters(self) -> None:
         """Fail the tasks whose messages the bus gave up on (poison), instead of letting their runs hang."""
         for capability in sorted(set(self.capabilities())):

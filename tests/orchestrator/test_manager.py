@@ -285,6 +285,32 @@ async def test_a_first_run_of_a_capability_does_not_wait_for_a_worker_that_is_th
     assert waits == []
 
 
+async def test_a_reply_tells_the_manager_a_worker_is_there_before_the_next_presence_check() -> None:
+    # A fleet starting together: the lookup at the first submission came before the worker announced itself,
+    # so the first run waits for a worker. Its reply proves one is there: a run started after it must not
+    # record "waiting for a worker" until the next presence check (an hour away here).
+    from protocol.bus import MemoryBus
+    from workers.runtime import WorkerRuntime
+
+    bus = MemoryBus()
+    async with Orchestrator(bus=bus, host_workers=False,
+                            manager_settings=ManagerSettings(incarnation_check_s=3600)) as orch:
+        first = await orch.submit(job({"id": "a", "capability": "echo", "input": 1, "spec": {"expect": 1}}))
+        async with WorkerRuntime(bus, {"echo": Echo()}).running():
+            assert (await first.wait()).accepted
+            second = await orch.submit(job({"id": "b", "capability": "echo", "input": 2, "spec": {"expect": 2}}))
+            assert (await second.wait()).accepted
+        first_events = [e async for e in first.events()]
+        second_events = [e async for e in second.events()]
+
+    def waits(events: list[Any]) -> list[str]:
+        return [e.body.waiting.for_ for e in events
+                if isinstance(e.body, WaitingChanged) and e.body.waiting is not None]
+
+    assert waits(first_events) == ["worker"]  # nobody had announced: true when it was recorded
+    assert waits(second_events) == []
+
+
 class CountingStore(MemoryStore):
     """The in-memory store, counting the reads of runs and histories."""
 
