@@ -32,12 +32,14 @@ _TASKS_IN_A_SHARED_START = 5_000  # a start naming more tasks goes in a message 
 class Acknowledger:
     """Collects deliveries to acknowledge and events to mirror; ``run`` commits them in batches."""
 
-    def __init__(self, bus: Bus, store: Store, *, sender: str, publish_events: bool,
+    def __init__(self, bus: Bus, store: Store, *, sender: str, publish_events: bool, history_ttl_s: float,
                  on_committed: Callable[[set[str]], None]) -> None:
         self.bus = bus
         self.store = store
         self.sender = sender
         self.publish_events = publish_events
+        # How long a run's mirrored history stays on the bus after its last event (its end, once it ended).
+        self.history_ttl_s = history_ttl_s
         self.on_committed = on_committed  # told which runs changed, once their changes are durable
         self._deliveries: list[Delivery] = []
         self._events: list[Event] = []
@@ -110,7 +112,8 @@ class Acknowledger:
         runs = _by_run(self._unsent)
         try:
             await self.bus.publish_each([(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
-                                         for run_id, chunks in runs.items() for chunk in chunks])
+                                         for run_id, chunks in runs.items() for chunk in chunks],
+                                        ttl_s=self.history_ttl_s)
             self._unsent = []
             return
         except FrameTooLarge:
@@ -123,6 +126,7 @@ class Acknowledger:
     async def _publish(self, run_id: str, chunks: list[list[Event]]) -> None:
         for chunk in chunks:  # in order: a follower reads the stream as the run's history
             await self._publish_chunk(run_id, chunk)
+        await self.bus.expire(events_stream(run_id), self.history_ttl_s)
 
     async def _publish_chunk(self, run_id: str, chunk: list[Event]) -> None:
         try:

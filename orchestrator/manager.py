@@ -59,7 +59,6 @@ from protocol.keys import (
     JOBS_STREAM,
     MANAGER_GROUP,
     OVERRIDES_STREAM,
-    events_stream,
     results_stream,
     run_snapshot_key,
     tasks_stream,
@@ -112,7 +111,8 @@ class ManagerSettings:
     name: str = "manager"
     tick_s: float = 0.2  # how often time is fed to the runs (deadlines, retry delays)
     incarnation_check_s: float = 1.0  # how often presence, dead letters and bus data loss are looked at
-    snapshot_ttl_s: float = 7 * 24 * 3600.0  # how long finished runs stay visible to ``status``
+    # How long finished runs stay visible to ``status``, and a run's history on the bus after its last event
+    snapshot_ttl_s: float = 7 * 24 * 3600.0
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
     # ... and no faster than this many bytes of summary a second per run (a 100,000-task run's is ~25 MB)
     snapshot_bytes_per_s: float = 2_000_000.0
@@ -159,7 +159,7 @@ class Manager:
         self._ended: Gathered[RunRecord] = Gathered()
         self._snapshots = Snapshots(bytes_per_s=self.settings.snapshot_bytes_per_s)
         self._acker = Acknowledger(bus, store, sender=self.name, publish_events=self.settings.publish_events,
-                                   on_committed=self._stale_snapshots.update)
+                                   history_ttl_s=self.settings.snapshot_ttl_s, on_committed=self._stale_snapshots.update)
         self._watchdogs: Watchdogs | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -664,8 +664,6 @@ class Manager:
             for run in runs:
                 self._finished.put(run)
             await self._publish_summaries(runs)
-            if self.settings.publish_events:
-                await self.bus.expire_each([events_stream(run.run_id) for run in runs], self.settings.snapshot_ttl_s)
             for run in runs:
                 self._let_go(run.run_id)
 

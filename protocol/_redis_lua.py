@@ -98,19 +98,22 @@ local function bury(key, dead, group, id, reason, frame, n, maxlen, rest)
 end
 """
 
-# KEYS: stream. ARGV: limit (0 = none) | frame. The new id, or '' while the stream holds `limit` entries.
+# KEYS: stream. ARGV: limit (0 = none) | seconds the stream is kept after this write (0 = for ever) | frame.
+# The new id, or '' while the stream holds `limit` entries.
 PUBLISH = Script("publish", r"""
 local limit = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if limit > 0 and redis.call('XLEN', KEYS[1]) >= limit then
     out[#out + 1] = ''
   else
     out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'f', ARGV[i])
   end
 end
+if keep > 0 then redis.call('EXPIRE', KEYS[1], keep) end
 return out
-""", fixed=1, width=1)
+""", fixed=2, width=1)
 
 # KEYS: tasks, reply stream. ARGV: group | consumer, id, deliveries, frame. The reply's id.
 COMMIT = Script("commit", _PRELUDE + r"""

@@ -120,13 +120,17 @@ class Bus(abc.ABC):
         """Append several envelopes in order; a bus may send them together. Returns the entry ids."""
         return [await self.publish(stream, envelope) for envelope in envelopes]
 
-    async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
+    async def publish_each(self, items: Sequence[tuple[str, Envelope]], *, ttl_s: float | None = None) -> list[str]:
         """Append each envelope to its own stream (in order within a stream); a bus may send them together.
 
         Every envelope is encoded before any is sent, so one that cannot be (``FrameTooLarge``) leaves all
-        of them unsent. Returns the entry ids.
+        of them unsent. With ``ttl_s``, each stream written disappears ``ttl_s`` after this write (as
+        ``expire`` says). Returns the entry ids.
         """
-        return [await self.publish_frame(stream, frame) for stream, frame in self._encode_each(items)]
+        ids = [await self.publish_frame(stream, frame) for stream, frame in self._encode_each(items)]
+        if ttl_s is not None:
+            await self.expire_each(dict.fromkeys(stream for stream, _ in items), ttl_s)
+        return ids
 
     def _encode_each(self, items: Sequence[tuple[str, Envelope]]) -> list[tuple[str, bytes]]:
         """Each envelope encoded (and signed) as its stream asks, all before any is sent."""

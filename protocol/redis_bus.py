@@ -303,6 +303,11 @@ def _encoded_or_error(codec: Codec, envelope: Envelope, signer: str | None) -> b
         return exc
 
 
+def _seconds(ttl_s: float) -> int:
+    """A time to live as Redis's EXPIRE takes it: whole seconds, at least one."""
+    return max(1, int(ttl_s))
+
+
 _INLINE_MAX = 6000  # longer values go out as buffers of their own, uncopied (redis-py's cutoff too)
 
 
@@ -529,7 +534,7 @@ class RedisBus(Bus):
         limit = self.redis_settings.max_task_stream_len
         if limit is not None and stream.startswith("tasks."):  # back-pressure: encoded once, written until it fits
             return await self.publish_frame(stream, self.settings.codec.encode(envelope, signer=signer_for(stream)))
-        return _s(await self._writes.run(lua.PUBLISH, (self.key(stream),), (0,), _Unencoded(envelope, signer_for(stream))))
+        return _s(await self._writes.run(lua.PUBLISH, (self.key(stream),), (0, 0), _Unencoded(envelope, signer_for(stream))))
 
     async def publish_many(self, stream: str, envelopes: Sequence[Envelope]) -> list[str]:
         if not envelopes:
@@ -538,14 +543,16 @@ class RedisBus(Bus):
         if limit is not None and stream.startswith("tasks."):
             return await super().publish_many(stream, envelopes)  # back-pressure is per message
         frames = self.settings.codec.encode_many([(envelope, signer_for(stream)) for envelope in envelopes])
-        ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0,), (frame,)) for frame in frames])
+        ids = await self._writes.run_many([(lua.PUBLISH, (key,), (0, 0), (frame,)) for frame in frames])
         return [_s(entry_id) for entry_id in ids]
 
-    async def publish_each(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
+    async def publish_each(self, items: Sequence[tuple[str, Envelope]], *, ttl_s: float | None = None) -> list[str]:
         limit = self.redis_settings.max_task_stream_len
         if limit is not None and any(stream.startswith("tasks.") for stream, _ in items):
-            return await super().publish_each(items)  # back-pressure is per message
-        ids = await self._writes.run_many([(lua.PUBLISH, (self.key(stream),), (0,), (frame,))
+            return await super().publish_each(items, ttl_s=ttl_s)  # back-pressure is per message
+        # The expiry rides on the write: a run's history mirror took a call of its own per run to expire.
+        keep = 0 if ttl_s is None else _seconds(ttl_s)
+        ids = await self._writes.run_many([(lua.PUBLISH, (self.key(stream),), (0, keep), (frame,))
                                            for stream, frame in self._encode_each(items)])
         return [_s(entry_id) for entry_id in ids]
 
@@ -555,7 +562,7 @@ class RedisBus(Bus):
         if limit is None or not stream.startswith("tasks."):
             limit = 0
         while True:  # back-pressure: wait while the task stream is full
-            entry_id = await self._writes.run(lua.PUBLISH, (key,), (limit,), (frame,))
+            entry_id = await self._writes.run(lua.PUBLISH, (key,), (limit, 0), (frame,))
             if entry_id:
                 return _s(entry_id)
             await anyio.sleep(self.redis_settings.backpressure_poll_s)
@@ -789,7 +796,7 @@ class RedisBus(Bus):
         await self.expire_each((stream,), ttl_s)
 
     async def expire_each(self, streams: Iterable[str], ttl_s: float) -> None:
-        seconds = max(1, int(ttl_s))
+        seconds = _seconds(ttl_s)
         if writes := [(lua.EXPIRE, (self.key(stream),), (), (seconds,)) for stream in streams]:
             await self._writes.run_many(writes)
 

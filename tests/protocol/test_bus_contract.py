@@ -287,6 +287,8 @@ async def test_publish_each_appends_to_each_stream_in_order(bus: Bus, stream: st
     assert [env.task_id for _, env in await bus.read(stream)] == ["t0", "t2"]
     assert [env.task_id for _, env in await bus.read(other)] == ["t1", "t3"]
     assert await bus.publish_each([]) == []
+    assert len(await bus.publish_each([(stream, assign(4))], ttl_s=60)) == 1  # kept a while: the same write
+    assert [env.task_id for _, env in await bus.read(stream)] == ["t0", "t2", "t4"]
 
 
 async def test_publish_each_sends_nothing_when_one_envelope_is_too_large(bus: Bus, stream: str) -> None:

@@ -669,6 +669,22 @@ async def test_a_staged_piece_is_applied_once_and_never_onto_a_lost_staging_key(
         assert await bus._eval(lua.PUT_STAGED, [key, "elsewhere-" + key], [0]) == 0  # retried: nothing to move
 
 
+async def test_publish_each_with_a_ttl_keeps_each_stream_that_long_after_the_write(redis_url: str) -> None:
+    async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
+        kept = [f"events.r{i}" for i in range(3)]
+        await bus.publish_each([(s, assign(i)) for i, s in enumerate(kept)] + [(kept[0], assign(3))], ttl_s=60)
+        await bus.publish_each([("events.plain", assign(4))])
+        raw = Redis.from_url(redis_url)
+        try:
+            ttls = [await raw.ttl(bus.key(s)) for s in kept]
+            plain = await raw.ttl(bus.key("events.plain"))
+        finally:
+            await raw.aclose()
+        assert all(55 <= ttl <= 60 for ttl in ttls), ttls
+        assert plain == -1  # kept for ever unless asked
+        assert [env.task_id for _, env in await bus.read(kept[0])] == ["t0", "t3"]
+
+
 async def test_expire_each_sets_every_stream_to_expire_in_one_call(redis_url: str) -> None:
     async with RedisBus.from_url(redis_url, settings=FAST, namespace=ns()) as bus:
         streams = [f"events.r{i}" for i in range(3)]
