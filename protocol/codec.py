@@ -87,10 +87,16 @@ class Codec:
         has already checked once (its other messages of the batch) by a lookup. Raises as ``encode`` does.
         """
         frames = self.encode_each(items)
-        for frame in frames:
-            if isinstance(frame, ProtocolError):
-                raise frame
-        return cast(list[bytes], frames)
+        error = next((frame for frame in frames if isinstance(frame, ProtocolError)), None)
+        if error is None:
+            return cast(list[bytes], frames)
+        # Raised with nothing in this frame (which its traceback holds) leading back to it or to the batch:
+        # a cycle through them kept every frame of the batch until a full collection.
+        del frames, items
+        try:
+            raise error
+        finally:
+            del error
 
     def encode_each(self, items: Sequence[tuple[Envelope, str | None]]) -> list[bytes | ProtocolError]:
         """``encode_many``, with the error of an envelope that cannot be encoded in its place: the others are sent."""
@@ -125,14 +131,14 @@ class Codec:
         try:
             return self.encode(envelope, signer=signer)
         except ProtocolError as exc:
-            return exc
+            return _bare(exc)
 
     def _framed_or_error(self, envelope: Envelope, data: dict[str, Any], payload: bytes, proof: str,
                          tag: Any) -> bytes | ProtocolError:
         try:  # too big once its proof is on: its batch's other messages are still good
             return self._framed(envelope, data, payload, proof, tag)
         except ProtocolError as exc:
-            return exc
+            return _bare(exc)
 
     def _unsigned(self, envelope: Envelope, signer: str | None) -> tuple[dict[str, Any], bytes, str, str | None]:
         """The envelope's map with its signer, the bytes its proof covers, the signer, and the reader a MAC is for."""
@@ -254,6 +260,15 @@ def _first_errors(exc: ValidationError, limit: int = 3) -> str:
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:limit]]
     more = exc.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _bare(error: ProtocolError) -> ProtocolError:
+    """``error`` without its traceback, to be handed back instead of raised.
+
+    Its traceback holds the frames that made it, whose locals (the message, its encoding) lead back to it: a
+    reference cycle that only a full collection frees, and the manager's big runs produce such refusals.
+    """
+    return error.with_traceback(None)
 
 
 def _with_last_entry(packed: bytes, key: str, value: bytes) -> bytes | None:

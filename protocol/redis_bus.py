@@ -220,12 +220,21 @@ class _Batcher:
                 if self._idle is not None:
                     finished, self._idle = self._idle, None
                     finished.set()
-        for (script, *_), op in ops:
-            if isinstance(op.error, ResponseError) and _forbidden(op.error):
-                raise self._bus._forbidden_error(script.name, op.error) from op.error
-            if op.error is not None:
-                raise op.error
-        return [op.result for _, op in ops]
+        failed = [(script, op.error) for (script, *_), op in ops if op.error is not None]
+        if not failed:
+            return [op.result for _, op in ops]
+        script, error = failed[0]
+        del failed
+        for _, op in ops:
+            op.error = None
+        try:
+            if isinstance(error, ResponseError) and _forbidden(error):
+                raise self._bus._forbidden_error(script.name, error) from error
+            raise error
+        finally:
+            # Nothing in this frame (which the error's traceback holds) leads back to the error: a cycle
+            # through them kept the writes' envelopes and frames alive until a full collection.
+            del error
 
     async def _flush(self, batch: dict[tuple[Any, ...], list[_Op]]) -> None:
         self._encode(batch)
@@ -300,7 +309,7 @@ def _encoded_or_error(codec: Codec, envelope: Envelope, signer: str | None) -> b
     try:
         return codec.encode(envelope, signer=signer)
     except Exception as exc:  # its publisher gets it; the batch's others are sent
-        return exc
+        return exc.with_traceback(None)  # a traceback held here is a cycle back to the envelope and its encoding
 
 
 def _seconds(ttl_s: float) -> int:

@@ -793,6 +793,36 @@ async def test_a_publish_that_cannot_be_encoded_fails_alone(redis_url: str) -> N
         assert sorted(d.envelope.task_id for d in got) == sorted(f"t{n}" for n in range(20))
 
 
+@pytest.mark.parametrize("signed", [False, True])
+async def test_a_refused_publish_leaves_no_reference_cycle_behind(redis_url: str, signed: bool) -> None:
+    # The refusal's traceback held frames whose locals led back to it (the write, its envelope): a cycle only a
+    # full collection frees, which kept a big run's refused history mirror alive for the rest of the run.
+    import gc
+
+    from protocol.codec import Codec
+    from protocol.errors import FrameTooLarge
+
+    settings = _signing(max_frame_bytes=2000) if signed else BusSettings(codec=Codec(max_frame_bytes=2000))
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns()) as bus:
+        too_big = Envelope(run_id="r", task_id="big", attempt=1, body=Assign(capability="echo", instruction="x" * 3000))
+        await bus.publish("tasks.echo", assign(0))  # connections and scripts ready: nothing left to set up
+        gc.collect()
+        gc.disable()
+        try:
+            for publish in (lambda: bus.publish("tasks.echo", too_big),
+                            lambda: bus.publish_many("tasks.echo", [assign(1), too_big]),
+                            lambda: bus.publish_each([("tasks.echo", assign(2)), ("events.r", too_big)])):
+                try:
+                    await publish()
+                except FrameTooLarge:
+                    pass
+                else:
+                    pytest.fail("a message over the frame limit was published")
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
+
+
 async def test_an_envelope_the_codec_chokes_on_fails_its_publish_and_the_batch_goes_on(redis_url: str) -> None:
     from dataclasses import dataclass
 
