@@ -424,6 +424,11 @@ class MemoryBus(Bus):
         # In process, a finished run's log lives as long as the bus; nothing to schedule.
         await anyio.lowlevel.checkpoint()
 
+    async def expire_each(self, streams: Iterable[str], ttl_s: float) -> None:
+        # Nothing to schedule either, and one turn of the loop for all: the manager's history mirror asks
+        # this for every run written in each commit.
+        await anyio.lowlevel.checkpoint()
+
     async def incarnation(self) -> str:
         await anyio.lowlevel.checkpoint()
         return self._incarnation
