@@ -13,7 +13,10 @@ The manager (with its SQLite ledger, WAL + fsync) runs in this process; one work
   accept, ledger commit, for every task;
 - lifecycle latency: one-task jobs one after another; time from submit to ``accepted``;
 - baseline: ``bus_raw.py``'s raw redis-py request/reply (pipelined throughput and one-at-a-time
-  round trip) with the same payload, measured in the same run, and the ratios against it.
+  round trip) with the same payload, measured in the same run, and the ratios against it;
+- where the job's CPU went: microseconds a task of the manager (this process, ledger thread
+  included), the worker process and redis-server (when the benchmark started it) over the job.
+  The process whose CPU a task is closest to the job's time a task is the bottleneck.
 
 Figures are medians over ``--repeats`` runs. The process uses the manager process's garbage-collector
 settings (``orchestrator/gctune.py``); ``BENCH_DEFAULT_GC=1`` keeps CPython's defaults instead.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -72,7 +76,19 @@ def _job(n: int) -> Any:
         {"id": f"t{i}", "capability": "noop", "input": INPUT, "spec": {"expect": INPUT}} for i in range(n)]})
 
 
-async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, list[float]]:
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 when it is not known or not readable."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path,
+                     redis_pid: int | None = None) -> tuple[float, list[float], dict[str, float]]:
     ns = f"bench{uuid.uuid4().hex[:8]}"
     proc = _with_worker(_worker, url, ns)
     try:
@@ -89,11 +105,13 @@ async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, li
                 await manager.wait(await manager.submit(one))
                 latencies.append(time.perf_counter() - start)
             job = _job(n)
+            cpu_before = (time.process_time(), _cpu_s(proc.pid), _cpu_s(redis_pid))
             start = time.perf_counter()
             run_id = await manager.submit(job)
             submitted = time.perf_counter() - start
             record = await manager.wait(run_id)
             elapsed = time.perf_counter() - start
+            cpu_after = (time.process_time(), _cpu_s(proc.pid), _cpu_s(redis_pid))
             if os.environ.get("BENCH_VERBOSE"):
                 print(f"    submit (dispatch of {n} tasks) took {submitted:.2f} s of {elapsed:.2f} s")
             assert record.state == "accepted", record.reason
@@ -101,7 +119,11 @@ async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path) -> tuple[float, li
     finally:
         proc.kill()
         proc.join(10)
-    return n / elapsed, latencies
+    cpu = {name: (after - before) / n * 1e6 for name, before, after in zip(("manager", "worker", "redis"),
+                                                                           cpu_before, cpu_after, strict=True)}
+    if redis_pid is None:
+        del cpu["redis"]
+    return n / elapsed, latencies, cpu
 
 
 async def main() -> None:
@@ -127,21 +149,29 @@ async def main() -> None:
         url = server.url
     tmp = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     rows: dict[str, dict[str, list[float]]] = {"raw": {}, "lifecycle": {}}
+    cpu_rows: dict[str, list[float]] = {}
+    redis_pid = server.proc.pid if server is not None and server.proc is not None else None
     try:
         print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; 300-byte payload")
         for rep in range(args.repeats):
             raw_tput, raw_lat, _ = await _run_raw(url, args.tasks, 500, args.latency_tasks)
-            life_tput, life_lat = await _lifecycle(url, args.tasks, args.latency_tasks, tmp)
+            life_tput, life_lat, cpu = await _lifecycle(url, args.tasks, args.latency_tasks, tmp, redis_pid)
             for name, tput, lat in (("raw", raw_tput, raw_lat), ("lifecycle", life_tput, life_lat)):
                 rows[name].setdefault("tput", []).append(tput)
                 rows[name].setdefault("p50", []).append(_pct(lat, 0.50) * 1e6)
                 rows[name].setdefault("p99", []).append(_pct(lat, 0.99) * 1e6)
                 print(f"  repeat {rep + 1} {name:9}: {tput:8.0f} tasks/s  p50 {rows[name]['p50'][-1]:7.0f} us  "
                       f"p99 {rows[name]['p99'][-1]:7.0f} us")
+            for name, us in cpu.items():
+                cpu_rows.setdefault(name, []).append(us)
+            print(f"  repeat {rep + 1} job CPU  : " + "  ".join(f"{name} {us:4.0f}" for name, us in cpu.items())
+                  + f" us/task; the job took {1e6 / life_tput:4.0f} us/task")
     finally:
         if server is not None:
             server.stop()
     print_medians(rows, baseline="raw", measured="lifecycle")
+    print("job CPU, medians: " + "  ".join(f"{name} {statistics.median(us):.0f}" for name, us in cpu_rows.items())
+          + " us/task")
 
 
 if __name__ == "__main__":
