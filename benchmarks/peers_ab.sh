@@ -9,8 +9,9 @@
 # 0.61-0.92x Dramatiq in eight runs of one commit, 2026-12-04); pairs run back to back do not. BASE
 # and HEAD are commits (HEAD defaults to the working tree as it is); each runs from a git worktree
 # under .peers/ab/ with a scratch directory of its own (PEERS_WORK, so its own .venv-orch), RUNS=1
-# per side and pair, base first. It prints every row's tasks/s and CPU per task for each pair, then
-# the median over pairs of each of this project's rows against REF (default dramatiq).
+# per side and pair, base first. It prints every row's tasks/s, CPU per task and round-trip p50 for each
+# pair, then the median over pairs of each of this project's rows against REF (default dramatiq), for
+# throughput and for p50 (the p50 target is against streams-ref: REF=streams-ref).
 set -eu
 PROJECT=$(cd "$(dirname "$0")/.." && pwd)
 BASE=${1:?usage: peers_ab.sh BASE [HEAD] [PAIRS]}
@@ -57,22 +58,27 @@ def rows(side, pair):
         data = json.loads(path.read_text())
         t = data.get("throughput") or {}
         if t.get("tasks_per_s"):
-            out[path.stem] = (t["tasks_per_s"], t["cpu_ms_per_task"])  # the race's row key
+            p50 = (data.get("latency") or {}).get("p50_ms")
+            out[path.stem] = (t["tasks_per_s"], t["cpu_ms_per_task"], p50)  # the race's row key
     return out
 
-print(f"base {base}, head {head}; {pairs} pairs; tasks/s (CPU ms per task worker / redis / client)")
-ratios = {"base": {}, "head": {}}
+print(f"base {base}, head {head}; {pairs} pairs; tasks/s (CPU ms per task worker / redis / client), p50 ms")
+ratios = {"tasks/s": {"base": {}, "head": {}}, "p50": {"base": {}, "head": {}}}
 for pair in range(1, pairs + 1):
     for side in ("base", "head"):
         got = rows(side, pair)
-        cells = [f"{k} {v[0]:,.0f} ({v[1]['worker']:.3f} / {v[1]['redis']:.3f} / {v[1]['client']:.3f})" for k, v in got.items()]
+        cells = [f"{k} {v[0]:,.0f} ({v[1]['worker']:.3f} / {v[1]['redis']:.3f} / {v[1]['client']:.3f})"
+                 + (f" p50 {v[2]:.3f}" if v[2] else "") for k, v in got.items()]
         print(f"pair {pair} {side}: " + "; ".join(cells))
-        for key, (tps, _) in got.items():
+        for key, (tps, _, p50) in got.items():
             if key.startswith("orchestrator") and ref in got:
-                ratios[side].setdefault(key, []).append(tps / got[ref][0])
-for key in sorted(set(ratios["base"]) | set(ratios["head"])):
-    b, h = ratios["base"].get(key, []), ratios["head"].get(key, [])
-    if b and h:
-        print(f"{key} / {ref}: base {statistics.median(b):.2f}x  head {statistics.median(h):.2f}x  "
-              f"(pairs: {', '.join(f'{x:.2f}/{y:.2f}' for x, y in zip(b, h))})")
+                ratios["tasks/s"][side].setdefault(key, []).append(tps / got[ref][0])
+                if p50 and got[ref][2]:
+                    ratios["p50"][side].setdefault(key, []).append(p50 / got[ref][2])
+for measure, by_side in ratios.items():
+    for key in sorted(set(by_side["base"]) | set(by_side["head"])):
+        b, h = by_side["base"].get(key, []), by_side["head"].get(key, [])
+        if b and h:
+            print(f"{key} / {ref}, {measure}: base {statistics.median(b):.2f}x  head {statistics.median(h):.2f}x  "
+                  f"(pairs: {', '.join(f'{x:.2f}/{y:.2f}' for x, y in zip(b, h))})")
 PY
