@@ -16,7 +16,7 @@ trip is alone on the bus. Stages:
 - worker: decode and check the assign (its Ed25519 signature on a signed bus);
 - worker: hand the delivery to a runner, run the handler, build the reply;
 - worker: encode the reply (with its MAC) up to writing the commit to Redis;
-- Redis, and the requester waking up: from the commit's write until the reply's decoding starts;
+- Redis, and the requester waking up: from the commit's write until its blocking read returns;
 - requester: decode and check the reply, and hand it over.
 
 Beside each CPU stage, the same work measured hot (the same calls back to back in one process)
@@ -64,7 +64,8 @@ STAGES = (
     ("worker: hand to a runner", "decode_end", "handle_start"),
     ("worker: handler + reply envelope", "handle_start", "handle_end"),
     ("worker: encode reply, write commit", "handle_end", "commit_write"),
-    ("Redis + requester wakes up", "commit_write", "reply_decode_start"),
+    ("Redis + requester wakes up", "commit_write", "reply_read"),
+    ("requester: parse the read", "reply_read", "reply_decode_start"),
     ("requester: decode + check the reply", "reply_decode_start", "reply_decode_end"),
     ("requester: hand the reply over", "reply_decode_end", "end"),
 )
