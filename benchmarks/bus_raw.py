@@ -256,18 +256,10 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    server = None
-    url = args.url
-    if url is None:
-        from tests._redis import RedisServer
+    from tests._redis import given_or_throwaway
 
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-        url = server.url
-    try:
+    with given_or_throwaway(args.url) as (url, _):
         await _report(url, args)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 async def _report(url: str, args: argparse.Namespace) -> None:

@@ -54,21 +54,9 @@ INPUT = PAYLOAD.decode()
 def _worker(url: str, ns: str, ready: Any) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from noop import NoopWorker
+    from noop import serve_on_redis
 
-    from protocol.logging import configure_logging
-    from workers.runtime import RuntimeSettings, WorkerRuntime
-
-    configure_logging("WARNING")
-
-    async def main() -> None:
-        async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus:
-            runtime = WorkerRuntime(bus, {"noop": NoopWorker()}, RuntimeSettings(concurrency=256, name="bench"))
-            async with anyio.create_task_group() as tg:
-                await tg.start(runtime.serve)
-                ready.set()
-
-    anyio.run(main)
+    serve_on_redis(url, ns, BusSettings(), ready, name="bench")
 
 
 def _job(n: int) -> Any:
@@ -140,18 +128,13 @@ async def main() -> None:
         from orchestrator.gctune import tune_gc
 
         tune_gc()
-    server = None
-    url = args.url
-    if url is None:
-        from tests._redis import RedisServer
+    from tests._redis import given_or_throwaway
 
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-        url = server.url
     tmp = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     rows: dict[str, dict[str, list[float]]] = {"raw": {}, "lifecycle": {}}
     cpu_rows: dict[str, list[float]] = {}
-    redis_pid = server.proc.pid if server is not None and server.proc is not None else None
-    try:
+    with given_or_throwaway(args.url) as (url, server):
+        redis_pid = server.proc.pid if server is not None and server.proc is not None else None
         print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; 300-byte payload")
         for rep in range(args.repeats):
             raw_tput, raw_lat, _ = await _run_raw(url, args.tasks, 500, args.latency_tasks)
@@ -166,9 +149,6 @@ async def main() -> None:
                 cpu_rows.setdefault(name, []).append(us)
             print(f"  repeat {rep + 1} job CPU  : " + "  ".join(f"{name} {us:4.0f}" for name, us in cpu.items())
                   + f" us/task; the job took {1e6 / life_tput:4.0f} us/task")
-    finally:
-        if server is not None:
-            server.stop()
     print_medians(rows, baseline="raw", measured="lifecycle")
     print("job CPU, medians: " + "  ".join(f"{name} {statistics.median(us):.0f}" for name, us in cpu_rows.items())
           + " us/task")

@@ -54,6 +54,7 @@ from bus_raw import PAYLOAD, _settings
 from protocol.envelope import Envelope
 from protocol.messages import Assign, Done
 from protocol.redis_bus import RedisBus
+from workers import Task
 
 INPUT = PAYLOAD.decode()
 STAGES = (
@@ -125,12 +126,8 @@ def _instrument(stamps: Stamps, *, worker: bool) -> Callable[[], None]:
 
 
 def _worker(url: str, ns: str, ready: Any, keys: str | None, stamps_out: Connection) -> None:
-    from noop import NoopWorker
+    from noop import serve_on_redis
 
-    from protocol.logging import configure_logging
-    from workers.runtime import RuntimeSettings, WorkerRuntime
-
-    configure_logging("WARNING")
     stamps = Stamps()
     _instrument(stamps, worker=True)
 
@@ -141,15 +138,7 @@ def _worker(url: str, ns: str, ready: Any, keys: str | None, stamps_out: Connect
             stamps_out.send(taken)
 
     threading.Thread(target=serve_stamps, daemon=True).start()
-
-    async def main() -> None:
-        async with RedisBus.from_url(url, settings=_settings(keys, "worker:noop"), namespace=ns) as bus:
-            runtime = WorkerRuntime(bus, {"noop": NoopWorker()}, RuntimeSettings(concurrency=256, name="stages"))
-            async with anyio.create_task_group() as tg:
-                await tg.start(runtime.serve)
-                ready.set()
-
-    anyio.run(main)
+    serve_on_redis(url, ns, _settings(keys, "worker:noop"), ready, name="stages")
 
 
 def _assign(i: int) -> Envelope:
@@ -230,7 +219,6 @@ def _hot(keys: str | None, n: int = 2000) -> dict[str, float]:
     reply = envelope.reply(Done(output=INPUT), sender="w")
     reply_frame = reply_codec.encode(reply, signer="worker:noop" if keys else None)
     worker = NoopWorker()
-    from workers.base import Task
 
     def handler() -> None:
         task = Task.from_assign(envelope.body, run_id=envelope.run_id, task_id=envelope.task_id,  # type: ignore[arg-type]
@@ -277,14 +265,9 @@ async def main() -> None:
     from protocol.logging import configure_logging
 
     configure_logging("WARNING")
-    server = None
-    url = args.url
-    if url is None:
-        from tests._redis import RedisServer
+    from tests._redis import given_or_throwaway
 
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-        url = server.url
-    try:
+    with given_or_throwaway(args.url) as (url, _):
         print(f"redis at {url}; {args.round_trips} sequential round trips x {args.repeats} repeats")
         rows: dict[str, dict[str, list[float]]] = {}
         p50s: dict[str, list[float]] = {}
@@ -299,9 +282,6 @@ async def main() -> None:
                 print(f"  repeat {rep + 1} {mode:8}: round trip p50 {p50s[mode][-1]:6.0f} us")
         hot = {mode: _hot(ring) for mode, ring in keys.items()}
         _print(rows, p50s, hot)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def _print(rows: dict[str, dict[str, list[float]]], p50s: dict[str, list[float]],

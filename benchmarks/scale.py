@@ -200,20 +200,15 @@ def main() -> None:
         ns, n, form, tmp, keys, workers = args.child
         child(args.url, ns, int(n), form, tmp, keys, int(workers))
         return
-    server = None
-    url = args.url
-    if url is None:
-        from tests._redis import RedisServer
+    from tests._redis import given_or_throwaway
 
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-        url = server.url
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     keys = _keyring(tmp)
     plan = [(n, "file" if args.form == "both" else args.form) for n in args.tasks]
     if args.form == "both":
         plan.append((max(args.tasks), "python"))
     rows = []
-    try:
+    with given_or_throwaway(args.url) as (url, _):
         for n, form in plan:
             ns = f"scale{uuid.uuid4().hex[:8]}"
             workers = _workers(url, ns, args.workers, keys)
@@ -241,9 +236,6 @@ def main() -> None:
                       + ", ".join(f"{at:g}: {late:.2f}" for at, late in row["loop_pauses"]))
             if row["rss_curve"]:
                 print("  RSS (s: MiB): " + ", ".join(f"{t:g}: {kb / 1024:.0f}" for t, kb in row["rss_curve"]))
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -126,15 +126,10 @@ async def main() -> None:
         ring = Keyring.init(tempfile.mkdtemp(prefix="drain-keys-"))
         ring.add("worker", "noop")
         keys = str(ring.path)
-    server = None
-    url = args.url
-    if url is None:
-        from tests._redis import RedisServer
+    from tests._redis import given_or_throwaway
 
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
-        url = server.url
     rows: dict[str, list[tuple[float, float]]] = {"raw": [], "runtime": []}
-    try:
+    with given_or_throwaway(args.url) as (url, _):
         print(f"redis at {url}; {args.tasks} waiting tasks x {args.repeats} repeats; "
               f"{'signed' if keys else 'unsigned'}")
         for rep in range(args.repeats):
@@ -143,9 +138,6 @@ async def main() -> None:
             for name in rows:
                 tput, cpu = rows[name][-1]
                 print(f"  repeat {rep + 1} {name:8}: {tput:8.0f} tasks/s  {cpu * 1e6:6.1f} us CPU/task")
-    finally:
-        if server is not None:
-            server.stop()
     med = {name: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v)) for name, v in rows.items()}
     print(f"\n{'':16}{'tasks/s':>10}{'us CPU/task':>14}")
     for name, (tput, cpu) in med.items():

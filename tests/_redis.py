@@ -12,10 +12,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ("RedisServer", "free_port", "redis_server_path")
+__all__ = ("RedisServer", "free_port", "given_or_throwaway", "redis_server_path")
 
 
 def redis_server_path() -> str | None:
@@ -110,3 +111,18 @@ class RedisServer:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+@contextlib.contextmanager
+def given_or_throwaway(url: str | None, *, prefix: str = "bench-redis-") -> Iterator[tuple[str, RedisServer | None]]:
+    """``url`` as it is, or (when None) a throwaway redis-server for the block: the benchmarks' ``--url``."""
+    if url is not None:
+        yield url, None
+        return
+    import tempfile
+
+    server = RedisServer(Path(tempfile.mkdtemp(prefix=prefix))).start()
+    try:
+        yield server.url, server
+    finally:
+        server.stop()
