@@ -108,7 +108,8 @@ class Acknowledger:
         # Every run's history in one call: with many short runs, a call (and a task) per run was a tenth of the
         # manager's time. A call cancelled before it was sent sends nothing, so the events stay unsent for the
         # commit at stop. A chunk too big to send alone stops the lot before anything is sent; then each run's
-        # chunks go on their own and the big one is split (not sent again at stop: a part may be out).
+        # chunks go on their own and the big one is split, and what is not out when the manager stops (the
+        # split of a big batch takes a while) stays unsent for the commit at stop.
         runs = _by_run(self._unsent)
         try:
             await self.bus.publish_each([(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
@@ -118,29 +119,34 @@ class Acknowledger:
             return
         except FrameTooLarge:
             pass  # handled below, outside the except block, so its traceback does not hold the encoded frames
-        self._unsent = []
-        async with anyio.create_task_group() as tg:
-            for run_id, chunks in runs.items():
-                tg.start_soon(self._publish, run_id, chunks)
+        out: set[int] = set()  # ids of the events sent, or given up on as too large
+        try:
+            async with anyio.create_task_group() as tg:
+                for run_id, chunks in runs.items():
+                    tg.start_soon(self._publish, run_id, chunks, out)
+        finally:
+            self._unsent = [event for event in self._unsent if id(event) not in out]
 
-    async def _publish(self, run_id: str, chunks: list[list[Event]]) -> None:
+    async def _publish(self, run_id: str, chunks: list[list[Event]], out: set[int]) -> None:
         for chunk in chunks:  # in order: a follower reads the stream as the run's history
-            await self._publish_chunk(run_id, chunk)
+            await self._publish_chunk(run_id, chunk, out)
         await self.bus.expire(events_stream(run_id), self.history_ttl_s)
 
-    async def _publish_chunk(self, run_id: str, chunk: list[Event]) -> None:
+    async def _publish_chunk(self, run_id: str, chunk: list[Event], out: set[int]) -> None:
         try:
             await self.bus.publish(events_stream(run_id), events_envelope(run_id, chunk, self.sender))
+            out.update(map(id, chunk))
             return
         except FrameTooLarge:
             pass  # handled below, not in here: the error's traceback holds the encoded attempt until the block ends
         if len(chunk) > 1:  # big events (outputs, a big run's start): send the halves
             half = len(chunk) // 2
-            await self._publish_chunk(run_id, chunk[:half])
-            await self._publish_chunk(run_id, chunk[half:])
+            await self._publish_chunk(run_id, chunk[:half], out)
+            await self._publish_chunk(run_id, chunk[half:], out)
             return
         # One event over the frame limit (the start of a run of ~20,000 tasks or more, a huge output):
         # the ledger keeps it, and followers on other machines see a gap in the sequence numbers.
+        out.add(id(chunk[0]))
         log.warning("event_too_large_to_mirror", run_id=run_id, seq=chunk[0].seq, type=chunk[0].body.kind)
 
 

@@ -416,17 +416,18 @@ async def read_events(bus: Bus, run_id: str) -> list[Event]:
     while batch := await bus.read(events_stream(run_id), after=after):
         after = batch[-1][0]
         for _, env in batch:
-            events.extend(events_of(env))
+            events.extend(events_of(env, events[-1].seq if events else 0))
     return events
 
 
 async def follow_events(bus: Bus, run_id: str, *, poll_s: float = 1.0) -> AsyncIterator[Event]:
     """A run's history, then its new events as the manager records them, until the run ends."""
-    after = "0"
+    after, seen = "0", 0
     while True:
         for entry_id, env in await bus.read(events_stream(run_id), after=after, block_s=poll_s):
             after = entry_id
-            for event in events_of(env):
+            for event in events_of(env, seen):
+                seen = event.seq
                 yield event
                 if isinstance(event.body, RunFinished):
                     return

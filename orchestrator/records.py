@@ -170,9 +170,13 @@ def events_envelope(run_id: str, events: Sequence[HistoryEvent], sender: str) ->
     return Envelope(run_id=run_id, sender=sender, body=RunEvents(events=tuple(events)))
 
 
-def events_of(env: Envelope) -> list[HistoryEvent]:
-    """The events a ``run_events`` message carries (only those of the envelope's run)."""
+def events_of(env: Envelope, after_seq: int = 0) -> list[HistoryEvent]:
+    """The events a ``run_events`` message carries: only those of the envelope's run, and past ``after_seq``.
+
+    The mirror is sent at least once: a send the manager cut short as it stopped goes again at its last commit,
+    so a reader passes the last ``seq`` it has and skips what it saw.
+    """
     body = env.body
     if not isinstance(body, RunEvents):
         raise TypeError(f"not a run_events message: {env.type!r}")
-    return [e for e in body.events if e.run_id == env.run_id]
+    return [e for e in body.events if e.run_id == env.run_id and e.seq > after_seq]

@@ -101,7 +101,7 @@ class RunSource:
         while entries:
             for entry_id, env in entries:
                 after = entry_id
-                events.extend(events_of(env))
+                events.extend(events_of(env, events[-1].seq if events else 0))
             if len(entries) < _READ_COUNT:
                 break
             entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT)
