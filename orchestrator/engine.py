@@ -464,8 +464,7 @@ class RunEngine:
         run.tokens += done.tokens
         rejected = [a for a in task.attempts[:-1] if a.verdict is not None and not a.verdict["passed"]]
         task.output = done.output
-        current = task.attempts[-1]
-        current.output, current.worker, current.finished = done.output, sender, self._now.wall
+        _amend_attempt(task, output=done.output, worker=sender, finished=self._now.wall)
         self._transition(task, TaskEvent.DONE, actor=sender, output=_clip(done.output), tokens=done.tokens,
                          duration_s=round(done.duration_s, 4))
         if self._over_token_budget(task):
@@ -481,8 +480,7 @@ class RunEngine:
 
     def _failed(self, task: TaskRecord, sender: str, failed: Failed) -> None:
         task.worker = sender
-        current = task.attempts[-1]
-        current.error, current.worker, current.finished = failed.error, sender, self._now.wall
+        _amend_attempt(task, error=failed.error, worker=sender, finished=self._now.wall)
         if not failed.retryable:
             self._transition(task, TaskEvent.EXHAUST, actor=sender, guard="not_retryable", error=failed.error,
                              reason=f"worker failed (not retryable): {failed.error}")
@@ -554,7 +552,7 @@ class RunEngine:
         A verdict that decides the attempt rides on the pass or reject it causes; one that hands the
         attempt on to the next verifier, or whose cost spends the token budget, is an entry of its own.
         """
-        task.attempts[-1].verdict = _verdict_record(verdict)
+        _amend_attempt(task, verdict=_verdict_record(verdict))
         given = VerdictGiven(stage=stage, passed=verdict.passed, verifier=verdict.verifier or str(stage),
                              feedback=verdict.feedback, corrections=verdict.corrections, tokens=verdict.tokens)
         task.tokens += verdict.tokens
@@ -639,7 +637,7 @@ class RunEngine:
             case "accept":
                 if task.state is TaskState.DONE:
                     self._transition(task, TaskEvent.VERIFY, actor=override.by)
-                task.attempts[-1].verdict = _verdict_record(Verdict(passed=True, verifier=person))
+                _amend_attempt(task, verdict=_verdict_record(Verdict(passed=True, verifier=person)))
                 self._transition(task, TaskEvent.PASS, actor=person,
                                  verdict=VerdictGiven(stage=VerifyStage.HUMAN, passed=True, verifier=person))
             case "reject":
@@ -660,7 +658,7 @@ class RunEngine:
         if task.state is TaskState.DONE:
             self._transition(task, TaskEvent.VERIFY, actor=override.by)
         verdict = Verdict(passed=False, verifier=person, feedback=override.feedback or f"rejected by {override.by}")
-        task.attempts[-1].verdict = verdict.model_dump(mode="json")
+        _amend_attempt(task, verdict=verdict.model_dump(mode="json"))
         self._reject(task, verdict, VerifyStage.HUMAN,
                      VerdictGiven(stage=VerifyStage.HUMAN, passed=False, verifier=person, feedback=verdict.feedback))
 
@@ -861,6 +859,13 @@ class RunEngine:
 
 _PLAIN_VERDICTS: dict[Verdict, dict[str, Any]] = {}
 _PLAIN_VERDICTS_KEPT = 256
+
+
+def _amend_attempt(task: TaskRecord, **changes: Any) -> None:
+    """Change the task's current attempt. Attempts are frozen, so it is replaced: a copy of the task taken before
+    (``TaskRecord.snapshot``, what a store keeps) shares the old one and does not see the change."""
+    *earlier, current = task.attempts
+    task.attempts = (*earlier, current.model_copy(update=changes))
 
 
 def _verdict_record(verdict: Verdict) -> dict[str, Any]:

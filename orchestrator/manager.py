@@ -344,7 +344,7 @@ class Manager:
         engine = self._engines.get(run_id)
         if engine is None:
             raise ConfigError(f"run {run_id!r} is not running on this manager")
-        return engine.run.model_copy(deep=True)
+        return engine.run.snapshot()
 
     # -- engines -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from orchestrator.job import Job, Spec, TaskDef, shared_spec
 from protocol._compact import SharedFieldsSet
@@ -35,7 +35,13 @@ _NO_CONFIG = _NoConfig()
 
 
 class AttemptRecord(SharedFieldsSet):
-    """One attempt at a task: who did it, what came back, what the verifiers said."""
+    """One attempt at a task: who did it, what came back, what the verifiers said.
+
+    Frozen: the engine replaces a task's current attempt to change it (``model_copy(update=...)``), so a copy
+    of the task record (a store's, ``TaskRecord.snapshot``) shares its attempts and still never changes.
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     attempt: int
     worker: str = ""
@@ -98,6 +104,15 @@ class TaskRecord(SharedFieldsSet):
              "depends_on": t.depends_on, "spec": t.spec, "max_attempts": t.max_attempts or default_attempts,
              "max_tokens": t.max_tokens, "timeout_s": t.timeout_s, "config": t.config}, context=_FROM_DEF)
 
+    def snapshot(self) -> TaskRecord:
+        """A copy that later changes to this record do not reach.
+
+        Shallow, and enough: what a record holds is immutable (strings, tuples, frozen models: its attempts, redo
+        and waiting) or never changed in place (its input and output, which are a worker's or a job's data, and
+        its config). ``tests/orchestrator/test_records.py`` walks a record to keep it so.
+        """
+        return self.model_copy()
+
     @property
     def terminal(self) -> bool:
         """Whether the task has ended (accepted, failed or cancelled)."""
@@ -139,6 +154,10 @@ class RunRecord(BaseModel):
             tasks = dict(task_records(job.tasks, job.budget.max_attempts))
         return cls(run_id=run_id or new_id(), goal=job.goal, job=job, tasks=tasks,
                    created=time.time() if now is None else now)
+
+    def snapshot(self) -> RunRecord:
+        """A copy that later changes to this run and its task records do not reach (``TaskRecord.snapshot``)."""
+        return self.model_copy(update={"tasks": {task_id: task.snapshot() for task_id, task in self.tasks.items()}})
 
     def release_task_defs(self) -> None:
         """Keep the job's goal and budget, not its task list (a second copy of every task's definition)."""

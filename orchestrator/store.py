@@ -73,42 +73,45 @@ class Store(abc.ABC):
 
 
 class MemoryStore(Store):
-    """Keeps everything in this process: for embedding and tests."""
+    """Keeps everything in this process: for embedding and tests.
+
+    It keeps a copy of each record as last recorded (``TaskRecord.snapshot``: shallow, as records share only what
+    nothing changes), so a reader, or a manager resuming the store's runs, sees what was recorded and not a change
+    made since. Like the SQLite store, recording does not yield: a reply is handled in one step of the event loop.
+    """
 
     def __init__(self) -> None:
         self._runs: dict[str, RunRecord] = {}
         self._events: dict[str, list[Event]] = {}
 
     async def create_run(self, run: RunRecord) -> None:
-        self._runs[run.run_id] = run.model_copy(deep=True)
+        self._runs[run.run_id] = run.snapshot()
         self._events.setdefault(run.run_id, [])
         await anyio.lowlevel.checkpoint()
 
     async def record(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         self._keep(run, task, event)
-        await anyio.lowlevel.checkpoint()
 
     async def record_all(self, run: RunRecord, changes: Sequence[tuple[TaskRecord | None, Event]]) -> None:
         for task, event in changes:
             self._keep(run, task, event)
-        await anyio.lowlevel.checkpoint()
 
     def _keep(self, run: RunRecord, task: TaskRecord | None, event: Event) -> None:
         stored = self._runs[run.run_id]
         if task is not None:
-            stored.tasks[task.id] = task.model_copy(deep=True)
+            stored.tasks[task.id] = task.snapshot()
         stored.state, stored.reason, stored.finished = run.state, run.reason, run.finished
-        stored.tokens, stored.next_seq, stored.elapsed_s = run.tokens, run.next_seq, run.elapsed_s
-        self._events[run.run_id].append(event)
+        stored.tokens, stored.next_seq, stored.elapsed_s, stored.held = run.tokens, run.next_seq, run.elapsed_s, run.held
+        self._events[run.run_id].append(event)  # frozen
 
     async def running_runs(self) -> list[RunRecord]:
         await anyio.lowlevel.checkpoint()
-        return [r.model_copy(deep=True) for r in self._runs.values() if r.state == "running"]
+        return [r.snapshot() for r in self._runs.values() if r.state == "running"]
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         await anyio.lowlevel.checkpoint()
         run = self._runs.get(run_id)
-        return run.model_copy(deep=True) if run else None
+        return run.snapshot() if run else None
 
     async def events(self, run_id: str, after: int = 0) -> list[Event]:
         await anyio.lowlevel.checkpoint()

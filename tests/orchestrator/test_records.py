@@ -58,3 +58,33 @@ def test_tasks_without_config_share_one_read_only_empty_config() -> None:
     assert again.config is a.config
     given = TaskRecord.from_def(TaskDef(id="c", capability="c", config={"k": 1}), 3)
     assert given.config == {"k": 1}
+
+
+def test_a_snapshot_does_not_change_as_the_engine_goes_on() -> None:
+    """What the memory store keeps of each recorded change: a shallow copy, so nothing it shares may change in place."""
+    from protocol.states import VerifyStage
+    from tests.orchestrator.engine_kit import Driver
+
+    d = Driver({"goal": "g", "tasks": [
+        {"id": "a", "capability": "x", "spec": {"expect": 1, "description": "one", "approval": "human"}},
+        {"id": "b", "capability": "x", "depends_on": ["a"], "spec": {"expect": 2, "approval": "human"}}]}, judge=True)
+    taken: list[tuple[Any, dict[str, Any]]] = []
+
+    def snap() -> None:
+        copy = d.run.snapshot()
+        taken.append((copy, copy.model_dump()))
+
+    steps = [d.start, lambda: d.failed("a", "boom"), lambda: d.done("a", 2),  # a retry, then a rejected output
+             lambda: d.override("a", "redo", "try 1"), lambda: d.done("a", 1, self_check=True),
+             lambda: d.verify_response("a", True), lambda: d.checked("a", VerifyStage.JUDGE, True),
+             lambda: d.override("a", "approve"), lambda: d.done("b", 2), lambda: d.override("b", "reject", "no"),
+             lambda: d.done("b", 3), lambda: d.done("b", 2), lambda: d.override("b", "accept")]
+    for step in steps:
+        snap()
+        step()
+    snap()
+    assert d.run.tasks["b"].state == "accepted"
+    assert d.run.tasks["a"].attempt >= 3
+    for copy, dumped in taken:
+        assert copy.model_dump() == dumped
+    assert len({str(dumped) for _, dumped in taken}) == len(taken)  # every step changed something
