@@ -1,4 +1,5 @@
-"""Task records share one instance of each distinct spec, and never two specs that mean different things."""
+"""Task records share one instance of each distinct spec, and never two specs that mean different things; a copy
+of a record (what the memory store keeps) shares nothing that changes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 from orchestrator.job import Spec, TaskDef
 from orchestrator.records import TaskRecord
+from protocol.states import TaskState, VerifyStage
+from tests.orchestrator.engine_kit import Driver
 
 
 def _record(spec: Spec, task_id: str = "t") -> TaskRecord:
@@ -62,9 +65,6 @@ def test_tasks_without_config_share_one_read_only_empty_config() -> None:
 
 def test_a_snapshot_does_not_change_as_the_engine_goes_on() -> None:
     """What the memory store keeps of each recorded change: a shallow copy, so nothing it shares may change in place."""
-    from protocol.states import VerifyStage
-    from tests.orchestrator.engine_kit import Driver
-
     d = Driver({"goal": "g", "tasks": [
         {"id": "a", "capability": "x", "spec": {"expect": 1, "description": "one", "approval": "human"}},
         {"id": "b", "capability": "x", "depends_on": ["a"], "spec": {"expect": 2, "approval": "human"}}]}, judge=True)
@@ -88,3 +88,15 @@ def test_a_snapshot_does_not_change_as_the_engine_goes_on() -> None:
     for copy, dumped in taken:
         assert copy.model_dump() == dumped
     assert len({str(dumped) for _, dumped in taken}) == len(taken)  # every step changed something
+
+
+def test_a_copy_of_a_record_shares_its_fields_set_and_nothing_it_changes() -> None:
+    record = _record(Spec(expect=1))
+    copy = record.snapshot()
+    amended = record.model_copy(update={"state": TaskState.DONE, "attempt": 2})
+    assert copy == record
+    assert copy.model_fields_set is record.model_fields_set is amended.model_fields_set  # one set per class
+    assert (amended.state, amended.attempt, record.state, record.attempt) == ("done", 2, "not_done", 0)
+    copy.reason = "changed"
+    assert record.reason == ""
+    assert TaskRecord.model_validate_json(amended.model_dump_json(by_alias=True)) == amended
