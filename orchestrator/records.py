@@ -109,7 +109,8 @@ class TaskRecord(SharedFieldsSet):
 
         Shallow, and enough: what a record holds is immutable (strings, tuples, frozen models: its attempts, redo
         and waiting) or never changed in place (its input and output, which are a worker's or a job's data, and
-        its config). ``tests/orchestrator/test_records.py`` walks a record to keep it so.
+        its config). ``tests/orchestrator/test_records.py`` drives the engine through retries, rejections and a
+        person's overrides, and checks that no copy taken before a change sees it.
         """
         return self.model_copy()
 
