@@ -106,6 +106,31 @@ async def test_renewed_lease_is_not_reclaimed(bus: Bus, stream: str) -> None:
     assert await nothing_within(other, bus.settings.lease_s / 2)
 
 
+async def test_only_the_entries_whose_lease_ran_out_are_reclaimed(bus: Bus, stream: str) -> None:
+    for i in range(6):
+        await bus.publish(stream, assign(i))
+    held = await take(bus.consume(stream, group="g", consumer="crashed"), 6)
+    await bus.ack(held[2])
+    kept = [held[1], held[4]]  # a live worker renews these
+    thief = bus.consume(stream, group="g", consumer="c2")
+
+    async def renew() -> None:
+        while True:
+            for d in kept:
+                await bus.renew(d)
+            await anyio.sleep(bus.settings.lease_s / 4)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(renew)
+        reclaimed = await take(thief, 3)
+        for d in reclaimed:
+            await bus.ack(d)
+        assert await nothing_within(thief, bus.settings.lease_s)  # the renewed ones stay with their worker
+        tg.cancel_scope.cancel()
+    assert [d.envelope.task_id for d in reclaimed] == ["t0", "t3", "t5"]
+    assert all(d.deliveries == 2 for d in reclaimed)
+
+
 async def test_commit_publishes_reply_and_acknowledges(bus: Bus, stream: str) -> None:
     await bus.publish(stream, assign())
     [d] = await take(bus.consume(stream, group="g", consumer="c1"), 1)
