@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.records import AttemptRecord, RunRecord, TaskRecord
 from orchestrator.verifier import data_checks
@@ -859,58 +860,61 @@ class RunEngine:
         return f"Goal: {self.run.goal}. This task ({task.id}): {task.instruction}.{deps}"
 
 
-_PLAIN_VERDICTS: dict[Verdict, dict[str, Any]] = {}
-_PLAIN_VERDICTS_KEPT = 256
-_SPEC_PASSED = Verdict(passed=True, verifier="spec")  # every passing data check's verdict
+_SHARED_KEPT = 256  # entries of each table of shared values: verifiers name people too, so keep them bounded
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _shared(table: dict[_K, _V], key: _K, make: Callable[[], _V]) -> _V:
+    """The one value for ``key`` in ``table``, made the first time; made each time once the table is full."""
+    value = table.get(key)
+    if value is None:
+        value = make()
+        if len(table) < _SHARED_KEPT:
+            table[key] = value
+    return value
+
+
+def _plain(verdict: Verdict | VerdictGiven) -> bool:
+    """Whether the verdict says nothing but who gave it and whether it passed."""
+    return not (verdict.feedback or verdict.corrections or verdict.tokens)
+
 
 # History bodies are frozen, so the ones that say nothing but their kind (a dispatch to a capability, a plain
 # verdict, a transition with no reason, output or cost: most of a task's) are one instance each, shared by every
 # task that makes them. Each was a pydantic model validated per task: five of the nine a task with a passing spec
 # check made.
+_SPEC_PASSED = Verdict(passed=True, verifier="spec")  # every passing data check's verdict
+_DISPATCHED: dict[str, Dispatched] = {}
 _PLAIN_GIVEN: dict[tuple[VerifyStage, bool, str], VerdictGiven] = {}
 _BARE_TRANSITIONS: dict[tuple[TaskEvent, TaskState, TaskState, VerdictGiven | None], Transitioned] = {}
-
-
-_DISPATCHED: dict[str, Dispatched] = {}
+_PLAIN_VERDICTS: dict[Verdict, dict[str, Any]] = {}
 
 
 def _dispatched(capability: str) -> Dispatched:
     """The body of a dispatch to ``capability``: one per capability."""
-    body = _DISPATCHED.get(capability)
-    if body is None:
-        body = Dispatched(capability=capability)
-        if len(_DISPATCHED) < _PLAIN_VERDICTS_KEPT:
-            _DISPATCHED[capability] = body
-    return body
+    return _shared(_DISPATCHED, capability, lambda: Dispatched(capability=capability))
 
 
 def _verdict_given(stage: VerifyStage, verdict: Verdict) -> VerdictGiven:
     """The history's record of ``verdict``, the shared one when it is plain."""
     verifier = verdict.verifier or str(stage)
-    if verdict.feedback or verdict.corrections or verdict.tokens:
+    if not _plain(verdict):
         return VerdictGiven(stage=stage, passed=verdict.passed, verifier=verifier, feedback=verdict.feedback,
                             corrections=verdict.corrections, tokens=verdict.tokens)
-    key = (stage, verdict.passed, verifier)
-    given = _PLAIN_GIVEN.get(key)
-    if given is None:
-        given = VerdictGiven(stage=stage, passed=verdict.passed, verifier=verifier)
-        if len(_PLAIN_GIVEN) < _PLAIN_VERDICTS_KEPT:  # verifiers name people too: keep the table bounded
-            _PLAIN_GIVEN[key] = given
-    return given
+    return _shared(_PLAIN_GIVEN, (stage, verdict.passed, verifier),
+                   lambda: VerdictGiven(stage=stage, passed=verdict.passed, verifier=verifier))
 
 
 def _bare_transition(event: TaskEvent, before: TaskState, after: TaskState,
                      verdict: VerdictGiven | None) -> Transitioned:
     """A transition body with nothing but its states and verdict; shared when the verdict is plain, or none."""
-    if verdict is not None and (verdict.feedback or verdict.corrections or verdict.tokens):
+    def make() -> Transitioned:
         return Transitioned(event=event, from_state=before, to_state=after, verdict=verdict)
-    key = (event, before, after, verdict)
-    body = _BARE_TRANSITIONS.get(key)
-    if body is None:
-        body = Transitioned(event=event, from_state=before, to_state=after, verdict=verdict)
-        if len(_BARE_TRANSITIONS) < _PLAIN_VERDICTS_KEPT:
-            _BARE_TRANSITIONS[key] = body
-    return body
+
+    if verdict is not None and not _plain(verdict):
+        return make()
+    return _shared(_BARE_TRANSITIONS, (event, before, after, verdict), make)
 
 
 def _amend_attempt(task: TaskRecord, **changes: Any) -> None:
@@ -928,12 +932,7 @@ def _verdict_record(verdict: Verdict) -> dict[str, Any]:
     """
     if verdict.feedback or verdict.corrections:
         return verdict.model_dump(mode="json")
-    shared = _PLAIN_VERDICTS.get(verdict)
-    if shared is None:
-        shared = verdict.model_dump(mode="json")
-        if len(_PLAIN_VERDICTS) < _PLAIN_VERDICTS_KEPT:  # verifiers name people too: keep the table bounded
-            _PLAIN_VERDICTS[verdict] = shared
-    return shared
+    return _shared(_PLAIN_VERDICTS, verdict, lambda: verdict.model_dump(mode="json"))
 
 
 def _clip(value: Any, limit: int = _CLIP_CHARS) -> Any:
