@@ -33,7 +33,8 @@ class SharedFieldsSet(BaseModel):
     def __copy__(self) -> Self:
         """What ``model_copy`` makes, sharing the fields-set: pydantic's copy gives it a set of its own (728 bytes
         a copy of a record) and takes twice as long (the engine copies an attempt twice a task)."""
-        if self.__pydantic_extra__ or self.__pydantic_private__ is not None:  # none of these models has either
+        # None of these models keeps extra fields or private attributes; one that did gets pydantic's copy of them.
+        if self.__pydantic_extra__ is not None or self.__pydantic_private__ is not None:
             copied = super().__copy__()
             object.__setattr__(copied, "__pydantic_fields_set__", self.__pydantic_fields_set__)
             return copied
@@ -41,6 +42,6 @@ class SharedFieldsSet(BaseModel):
         copied = cls.__new__(cls)
         object.__setattr__(copied, "__dict__", self.__dict__.copy())
         object.__setattr__(copied, "__pydantic_fields_set__", self.__pydantic_fields_set__)
-        object.__setattr__(copied, "__pydantic_extra__", self.__pydantic_extra__)
+        object.__setattr__(copied, "__pydantic_extra__", None)
         object.__setattr__(copied, "__pydantic_private__", None)
         return copied
