@@ -24,6 +24,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bus_raw import PAYLOAD, _pct, print_medians
-from noop import NoopWorker
+from noop import NoopWorker, noop_job
 
 from orchestrator.api import Orchestrator
 from workers import Task
@@ -41,32 +42,39 @@ from workers import Task
 INPUT = PAYLOAD.decode()
 
 
-def _job(n: int) -> dict[str, Any]:
-    return {"goal": "bench", "tasks": [{"id": f"t{i}", "capability": "noop", "input": INPUT, "spec": {"expect": INPUT}}
-                                       for i in range(n)]}
+RunJob = Callable[[dict[str, Any]], Awaitable[str | None]]  # runs a job: None once accepted, else why not
 
 
-async def _embedded(n: int, lat_n: int, concurrency: int) -> tuple[float, list[float], float]:
+async def _measure(run: RunJob, n: int, lat_n: int) -> tuple[float, list[float], float]:
     """Tasks a second of one ``n``-task job, one-task latencies, and this process's CPU a task over the job."""
-    async with Orchestrator(workers=[NoopWorker()], concurrency=concurrency) as orch:
-        await orch.run(_job(20))  # warm-up
-        one = _job(1)
-        latencies = []
-        for _ in range(lat_n):
-            start = time.perf_counter()
-            result = await orch.run(one)
-            latencies.append(time.perf_counter() - start)
-            assert result.accepted, result.reason
-        job = _job(n)
-        cpu, start = time.process_time(), time.perf_counter()
-        result = await orch.run(job)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        assert result.accepted, result.reason
+    failed = await run(noop_job(20, INPUT))  # warm-up
+    assert failed is None, failed
+    one, latencies = noop_job(1, INPUT), []
+    for _ in range(lat_n):
+        start = time.perf_counter()
+        failed = await run(one)
+        latencies.append(time.perf_counter() - start)
+        assert failed is None, failed
+    job = noop_job(n, INPUT)
+    cpu, start = time.process_time(), time.perf_counter()
+    failed = await run(job)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert failed is None, failed
     return n / elapsed, latencies, cpu / n * 1e6
 
 
+async def _embedded(n: int, lat_n: int, concurrency: int) -> tuple[float, list[float], float]:
+    """``_measure`` of ``Orchestrator`` on its embedded defaults."""
+    async with Orchestrator(workers=[NoopWorker()], concurrency=concurrency) as orch:
+        async def run(job: dict[str, Any]) -> str | None:
+            result = await orch.run(job)
+            return None if result.accepted else result.reason
+
+        return await _measure(run, n, lat_n)
+
+
 async def _plain(n: int, lat_n: int, concurrency: int) -> tuple[float, list[float], float]:
-    """The same as ``_embedded`` with a queue and futures in place of the framework."""
+    """``_measure`` of a queue and a future a task in place of the framework."""
     handler = NoopWorker()
     queue: asyncio.Queue[tuple[Task, asyncio.Future[Any]]] = asyncio.Queue()
 
@@ -75,33 +83,22 @@ async def _plain(n: int, lat_n: int, concurrency: int) -> tuple[float, list[floa
             task, future = await queue.get()
             future.set_result(await handler.handle(task))
 
-    async def run(tasks: list[dict[str, Any]]) -> bool:
+    async def run(job: dict[str, Any]) -> str | None:
         loop = asyncio.get_running_loop()
         waiting = []
-        for t in tasks:
+        for t in job["tasks"]:
             future = loop.create_future()
             queue.put_nowait((Task(run_id="plain", task_id=t["id"], attempt=1, capability=t["capability"],
                                   instruction="", input=t["input"]), future))
             waiting.append((t["spec"]["expect"], future))
-        return all([await future == expected for expected, future in waiting])
+        return None if all([await future == expected for expected, future in waiting]) else "an output differed"
 
     consumers = [asyncio.ensure_future(consume()) for _ in range(concurrency)]
     try:
-        await run(_job(20)["tasks"])
-        one = _job(1)["tasks"]
-        latencies = []
-        for _ in range(lat_n):
-            start = time.perf_counter()
-            assert await run(one)
-            latencies.append(time.perf_counter() - start)
-        tasks = _job(n)["tasks"]
-        cpu, start = time.process_time(), time.perf_counter()
-        assert await run(tasks)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return await _measure(run, n, lat_n)
     finally:
         for consumer in consumers:
             consumer.cancel()
-    return n / elapsed, latencies, cpu / n * 1e6
 
 
 async def main() -> None:

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from noop import noop_job
 
 from orchestrator.engine import Instant, Reply, RunEngine, Start
 from orchestrator.job import parse_job
@@ -32,8 +35,7 @@ INPUT = "x" * 300
 
 def measure(n: int) -> tuple[float, float]:
     """Microseconds a task for the run's start and for its replies."""
-    job = parse_job({"goal": "bench", "budget": {"max_tasks": n}, "tasks": [
-        {"id": f"t{i}", "capability": "noop", "input": INPUT, "spec": {"expect": INPUT}} for i in range(n)]})
+    job = parse_job(noop_job(n, INPUT))
     run = RunRecord.new(job, "run-1", now=1_800_000_000.0)
     engine = RunEngine(run)
     at = Instant(1_800_000_000.0, 0.0)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bus_raw import PAYLOAD, _pct, _run_raw, _with_worker, print_medians
+from noop import noop_job
 
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
@@ -60,8 +61,7 @@ def _worker(url: str, ns: str, ready: Any) -> None:
 
 
 def _job(n: int) -> Any:
-    return parse_job({"goal": "bench", "budget": {"max_tasks": max(n, 1)}, "tasks": [
-        {"id": f"t{i}", "capability": "noop", "input": INPUT, "spec": {"expect": INPUT}} for i in range(n)]})
+    return parse_job(noop_job(n, INPUT))
 
 
 def _cpu_s(pid: int | None) -> float:

@@ -7,6 +7,12 @@ from typing import Any
 from workers import Task, Worker
 
 
+def noop_job(n: int, payload: str) -> dict[str, Any]:
+    """A job of ``n`` independent no-op tasks, each with ``payload`` as its input and a spec that expects it back."""
+    return {"goal": "bench", "budget": {"max_tasks": max(n, 1)}, "tasks": [
+        {"id": f"t{i}", "capability": "noop", "input": payload, "spec": {"expect": payload}} for i in range(n)]}
+
+
 class NoopWorker(Worker):
     """Returns its input unchanged."""
 
