@@ -9,34 +9,41 @@ prompts built with the shared-prefix layout, and prints, as medians over the rep
 - client CPU microseconds per request.
 
     PYTHONPATH=. python benchmarks/llm_saturation.py [--requests 1000] [--repeats 3] [--time-scale 1.0]
+
+With ``--url`` it measures a real OpenAI-compatible server instead (vLLM, ``transformers serve
+--continuous-batching``): the framework's token throughput beside a plain load generator's at the same
+concurrency, each repeat running every arm of ``benchmarks/llm_load.py`` in a rotated order, and prints the
+medians and each arm's ratio to the plain one::
+
+    PYTHONPATH=. python benchmarks/llm_saturation.py --url http://127.0.0.1:8000 [--model NAME] \
+        [--requests 1000] [--concurrency 256] [--max-tokens 128] [--arms plain,client,job]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llm_load import ARMS, RUNNERS, SPEC, SYSTEM, ArmResult, Workload
+
 from orchestrator.simulator import LatencyModel
 from protocol.inference import InferenceClient, InferenceSettings
 from protocol.prompts import build_messages
 from protocol.roles import ROLE_WORKER
-
-SYSTEM = (
-    "You are one worker in a multi-agent system. A manager splits a goal into tasks; you complete one task, "
-    "exactly as instructed, and a verifier checks your answer against the task's spec. Be concrete, cite the "
-    "facts you rely on, keep to the requested format, and never invent sources. "
-) * 6
-SPEC = {"description": "Answer in three numbered points and a one-line conclusion.", "max_words": 150,
-        "format": "numbered list", "language": "en"}
 
 
 def free_port() -> int:
@@ -112,7 +119,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=384, help="client limiter: max_num_seqs plus a small queue")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-scale", type=float, default=1.0, help="1.0 = the modelled H100 in real time")
+    p.add_argument("--url", help="measure this OpenAI-compatible server (no simulator): framework vs plain load")
+    p.add_argument("--model", help="with --url: the model to ask (default: the first the server lists)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"with --url: which of {', '.join(ARMS)} to run")
+    p.add_argument("--json", type=Path, help="with --url: also write every run and the medians to this file")
     args = p.parse_args()
+    if args.url:
+        server_main(args)
+        return
     runs = []
     for _ in range(args.repeats):
         port = free_port()
@@ -136,6 +150,52 @@ def main() -> None:
     print(f"  prefix-cache hit rate (worker)    : {med['hit_rate']:.3f}   (target >= 0.8)")
     print(f"  client CPU per request            : {med['cpu_us_per_request']:.0f} us")
     print(f"  achieved / capacity req/s          : {med['achieved_rps']:.1f} / {med['capacity_rps']:.1f}")
+
+
+async def served_model(url: str) -> str:
+    async with InferenceClient(InferenceSettings(url=url)) as client:
+        return (await client.check()).model
+
+
+def server_main(args: argparse.Namespace) -> None:
+    """Every arm of ``llm_load`` once a repeat, in a rotated order; medians and ratios to ``plain``."""
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown or args.arms!r}; choose from {', '.join(ARMS)}")
+    w = Workload(args.url, args.model or anyio.run(served_model, args.url), args.requests, args.concurrency,
+                 args.max_tokens)
+    print(f"{w.url} model {w.model}: {w.requests} calls, concurrency {w.concurrency}, max_tokens {w.max_tokens}")
+    runs: dict[str, list[ArmResult]] = {arm: [] for arm in arms}
+    for repeat in range(args.repeats):
+        turn = repeat % len(arms)
+        for arm in arms[turn:] + arms[:turn]:
+            r = anyio.run(RUNNERS[arm], w)
+            runs[arm].append(r)
+            print(f"repeat {repeat + 1} {arm:<6} {r.tokens_per_s:9.0f} tokens/s {r.requests_per_s:8.1f} req/s  "
+                  f"client CPU {r.cpu_us_per_request:6.0f} us/req  wall {r.wall_s:6.2f} s  "
+                  f"({r.completion_tokens} tokens)", flush=True)
+        if args.json:  # kept as it grows, so a run stopped early still leaves its repeats
+            args.json.write_text(json.dumps({"workload": vars(w), "runs": _runs_json(runs)}, indent=1))
+    medians = {arm: {"tokens_per_s": statistics.median(r.tokens_per_s for r in rs),
+                     "requests_per_s": statistics.median(r.requests_per_s for r in rs),
+                     "cpu_us_per_request": statistics.median(r.cpu_us_per_request for r in rs)}
+               for arm, rs in runs.items()}
+    print(f"\nmedians of {args.repeats} repeats: arm, tokens/s, requests/s, client CPU us a request, "
+          "tokens/s against plain (median of the repeats' ratios)")
+    for arm, m in medians.items():
+        ratio = ""
+        if "plain" in runs and arm != "plain":
+            m["ratio_to_plain"] = statistics.median(
+                r.tokens_per_s / p.tokens_per_s for r, p in zip(runs[arm], runs["plain"], strict=True))
+            ratio = f"{m['ratio_to_plain']:.3f}"
+        print(f"  {arm:<6} {m['tokens_per_s']:9.0f} {m['requests_per_s']:8.1f} {m['cpu_us_per_request']:7.0f}  {ratio}")
+    if args.json:
+        args.json.write_text(json.dumps({"workload": vars(w), "medians": medians, "runs": _runs_json(runs)}, indent=1))
+
+
+def _runs_json(runs: dict[str, list[ArmResult]]) -> dict[str, list[dict[str, Any]]]:
+    return {arm: [vars(r) for r in rs] for arm, rs in runs.items()}
 
 
 if __name__ == "__main__":
