@@ -48,7 +48,7 @@ log = structlog.get_logger(__name__)
 
 Messages = Sequence[Mapping[str, Any]]
 
-_SHARD_CONNECTIONS = 8
+_SHARD_CONNECTIONS = 1  # connections a pooled client is sized for (see __asynccontextmanager__)
 _CONTEXT_MARKERS = (
     "maximum context length", "cannot be greater than max_model_len",  # vLLM
     "exceeds the available context size", "larger than the max context size",  # llama.cpp's llama-server
@@ -172,8 +172,10 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         s = self.settings
         pool = s.max_connections or s.max_concurrency + 16
-        # httpcore scans its whole pool on every request event (O(connections) each), which costs
-        # milliseconds of CPU per call at hundreds of connections; shards of <= 32 keep it cheap.
+        # httpcore scans its whole pool on every request event (O(connections) each, and each look at a
+        # connection asks the socket whether it is readable): milliseconds of CPU per call at hundreds of
+        # connections. A client per connection keeps that scan to one or two; the slack below lets a
+        # client that round-robin hands a second call before its first is done open a second connection.
         n_shards = max(1, math.ceil(pool / _SHARD_CONNECTIONS))
         per_shard = math.ceil(pool / n_shards) + 4  # slack for round-robin imbalance
         # one TLS context for all shards (each default one costs ~17 ms of CPU to load certificates)
