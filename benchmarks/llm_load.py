@@ -53,6 +53,7 @@ class Workload:
     requests: int
     concurrency: int
     max_tokens: int
+    http: str = "auto"  # InferenceSettings.http: the framework's HTTP client for completions
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ async def run_plain(w: Workload) -> ArmResult:
 
 
 def _client(w: Workload) -> InferenceClient:
-    return InferenceClient(InferenceSettings(url=w.url, model=w.model, max_concurrency=w.concurrency, timeout=600))
+    return InferenceClient(InferenceSettings(url=w.url, model=w.model, max_concurrency=w.concurrency, timeout=600,
+                                             http=w.http))
 
 
 async def run_client(w: Workload) -> ArmResult:

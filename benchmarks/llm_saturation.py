@@ -123,6 +123,8 @@ def main() -> None:
     p.add_argument("--model", help="with --url: the model to ask (default: the first the server lists)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"with --url: which of {', '.join(ARMS)} to run")
     p.add_argument("--json", type=Path, help="with --url: also write every run and the medians to this file")
+    p.add_argument("--http", default="auto", choices=("auto", "aiohttp", "httpx"),
+                   help="with --url: InferenceSettings.http, the framework's HTTP client for completions")
     args = p.parse_args()
     if args.url:
         server_main(args)
@@ -164,8 +166,9 @@ def server_main(args: argparse.Namespace) -> None:
     if unknown or not arms:
         raise SystemExit(f"--arms: unknown arm(s) {unknown or args.arms!r}; choose from {', '.join(ARMS)}")
     w = Workload(args.url, args.model or anyio.run(served_model, args.url), args.requests, args.concurrency,
-                 args.max_tokens)
-    print(f"{w.url} model {w.model}: {w.requests} calls, concurrency {w.concurrency}, max_tokens {w.max_tokens}")
+                 args.max_tokens, args.http)
+    print(f"{w.url} model {w.model}: {w.requests} calls, concurrency {w.concurrency}, max_tokens {w.max_tokens}, "
+          f"framework's HTTP client {w.http}")
     runs: dict[str, list[ArmResult]] = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
         turn = repeat % len(arms)

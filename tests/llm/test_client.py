@@ -1,11 +1,14 @@
-"""InferenceClient against the simulator over real HTTP (nothing patched)."""
+"""InferenceClient against the simulator over real HTTP (nothing patched), with each of its HTTP clients."""
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 from contextlib import aclosing
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 import structlog
@@ -24,11 +27,24 @@ from protocol.prompts import build_messages
 from protocol.usage import UsageLedger
 
 HELLO = [{"role": "user", "content": "Say hello"}]
+_HTTP = {"client": "auto"}  # the HTTP client of this test's settings (the ``http_client`` fixture sets it)
+
+
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def http_client(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with completions over aiohttp and over httpx."""
+    _HTTP["client"] = request.param
+    return str(request.param)
+
+
+@pytest.fixture
+def inference_settings(sim_llm: SimulatedVLLM, http_client: str) -> InferenceSettings:
+    return fast(sim_llm, timeout=10.0, backoff_max=0.1)
 
 
 def fast(sim: SimulatedVLLM, **overrides: object) -> InferenceSettings:
     values: dict[str, object] = {"url": sim.url, "model": sim.model, "timeout": 5.0, "backoff_initial": 0.01,
-                                 "backoff_max": 0.05}
+                                 "backoff_max": 0.05, "http": _HTTP["client"]}
     values.update(overrides)
     return InferenceSettings.model_validate(values)
 
@@ -314,3 +330,73 @@ async def test_llama_cpp_context_error_is_context_length_exceeded() -> None:
     async with InferenceClient(InferenceSettings(url="http://llm.test", model="m"), transport=transport) as client:
         with pytest.raises(ContextLengthExceeded, match="available context size"):
             await client.chat(HELLO)
+
+
+class _ScriptedServer:
+    """A bare HTTP/1.1 server on a free port answering POSTs from a script, noting when each arrived."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], bytes]]) -> None:
+        self.answers = answers
+        self.arrivals: list[float] = []
+        self.url = ""
+
+    async def _serve(self, stream: anyio.abc.ByteStream) -> None:
+        buffer = b""
+        async with stream:
+            while self.answers:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        buffer += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        return
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buffer) < length:
+                    buffer += await stream.receive()
+                buffer = buffer[length:]
+                self.arrivals.append(anyio.current_time())
+                status, headers, body = self.answers.pop(0)
+                lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}", "content-type: application/json",
+                         *(f"{k}: {v}" for k, v in headers.items())]
+                await stream.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+def _completion(text: str) -> bytes:
+    return json.dumps({"id": "c1", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                       "message": {"role": "assistant", "content": text}}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
+
+
+async def test_retry_after_from_the_server_is_honoured(http_client: str) -> None:
+    server = _ScriptedServer([(429, {"retry-after": "0.4"}, b'{"error": {"message": "slow down"}}'),
+                              (200, {}, _completion("hello"))])
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    settings = InferenceSettings(url=f"http://127.0.0.1:{port}", model="m", http=http_client, backoff_initial=0.01,
+                                 backoff_max=2.0)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server._serve)
+        async with InferenceClient(settings) as client:
+            result = await client.chat(HELLO)
+        tg.cancel_scope.cancel()
+    assert result.text == "hello"
+    assert server.arrivals[1] - server.arrivals[0] >= 0.4  # full jitter alone would wait at most 0.01 s
+
+
+async def test_a_refused_connection_is_unavailable_after_the_retries(http_client: str) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = InferenceSettings(url=f"http://127.0.0.1:{port}", model="m", http=http_client, max_retries=1,
+                                 backoff_initial=0.01)
+    async with InferenceClient(settings) as client:
+        with pytest.raises(InferenceUnavailable, match="cannot talk to"):
+            await client.chat(HELLO)
+
+
+async def test_aiohttp_asked_for_with_an_httpx_transport_is_a_clear_error() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    with pytest.raises(InferenceError, match=r"http='aiohttp'\) cannot use an httpx transport"):
+        async with InferenceClient(InferenceSettings(http="aiohttp"), transport=transport):
+            pass
