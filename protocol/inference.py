@@ -740,7 +740,8 @@ class _AiohttpPoster:
             headers=self._headers,
             connector=aiohttp.TCPConnector(limit=self._pool, limit_per_host=0,
                                            ssl=self._verify if isinstance(self._verify, ssl.SSLContext) else True),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.timeout))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.timeout),
+            trust_env=True)  # HTTP(S)_PROXY and NO_PROXY, as httpx honours them for the other calls
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
