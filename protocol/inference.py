@@ -521,9 +521,9 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             status = resp.status_code
             outcome = _outcome(status)
         except (httpx.HTTPError, _PostFailed) as exc:
-            outcome = "timeout" if isinstance(exc, httpx.TimeoutException) or getattr(exc, "timeout", False) \
-                else "unavailable"
-            raise _Retry(_transport_error(exc, self.settings.url)) from exc
+            error = _transport_error(exc, self.settings.url)
+            outcome = "timeout" if isinstance(error, InferenceTimeout) else "unavailable"
+            raise _Retry(error) from exc
         except TimeoutError as exc:
             outcome = "timeout"
             raise _Retry(InferenceTimeout(f"no answer from {self.settings.url} in {self.settings.timeout} s")) from exc
@@ -665,13 +665,13 @@ def _raise_for_status(resp: httpx.Response | _Answer) -> None:
 
 
 def _transport_error(exc: httpx.HTTPError | _PostFailed, url: str) -> InferenceError:
-    if isinstance(exc, _PostFailed):
-        cause = exc.__cause__
-        return (InferenceTimeout if exc.timeout else InferenceUnavailable)(
-            f"{'timed out talking to' if exc.timeout else 'cannot talk to'} {url}: {cause!r}")
-    if isinstance(exc, httpx.TimeoutException):
-        return InferenceTimeout(f"timed out talking to {url}: {exc!r}")
-    return InferenceUnavailable(f"cannot talk to {url}: {exc!r}")
+    if isinstance(exc, _PostFailed):  # aiohttp's own error says what happened
+        timed_out, cause = exc.timeout, exc.__cause__
+    else:
+        timed_out, cause = isinstance(exc, httpx.TimeoutException), exc
+    if timed_out:
+        return InferenceTimeout(f"timed out talking to {url}: {cause!r}")
+    return InferenceUnavailable(f"cannot talk to {url}: {cause!r}")
 
 
 # -- completions over aiohttp ---------------------------------------------------------------------
