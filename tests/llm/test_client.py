@@ -278,7 +278,7 @@ async def test_shared_prefix_layout_hits_cache(sim_llm: SimulatedVLLM, inference
 
 def test_settings_from_env() -> None:
     env = {"ORCH_LLM_URL": "http://gpu:8000/v1/", "ORCH_LLM_MODEL": "m", "ORCH_LLM_API_KEY": "k",
-           "ORCH_LLM_MAX_CONCURRENCY": "300"}
+           "ORCH_LLM_MAX_CONCURRENCY": "300", "ORCH_LLM_HTTP": "httpx"}
     s = InferenceSettings.from_env(env, timeout=7)
     assert s.url == "http://gpu:8000"
     assert s.model == "m"
@@ -286,6 +286,9 @@ def test_settings_from_env() -> None:
     assert s.api_key.get_secret_value() == "k"
     assert s.max_concurrency == 300
     assert s.timeout == 7
+    assert s.http == "httpx"
+    with pytest.raises(ValueError, match="http"):
+        InferenceSettings.from_env({"ORCH_LLM_HTTP": "curl"})
 
 
 async def test_rules_policy_answers() -> None:
