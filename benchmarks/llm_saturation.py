@@ -72,7 +72,8 @@ async def wait_ready(url: str) -> None:
 
 
 async def one_run(url: str, args: argparse.Namespace) -> dict[str, float]:
-    settings = InferenceSettings(url=url, model="sim-model", max_concurrency=args.concurrency, timeout=120)
+    settings = InferenceSettings(url=url, model="sim-model", max_concurrency=args.concurrency, timeout=120,
+                                 http=args.http)
     async with InferenceClient(settings) as client:
         await client.check()
         await client.warm(build_messages(system=SYSTEM, role=ROLE_WORKER, spec=SPEC, variable="warm-up"))
@@ -124,7 +125,7 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(ARMS), help=f"with --url: which of {', '.join(ARMS)} to run")
     p.add_argument("--json", type=Path, help="with --url: also write every run and the medians to this file")
     p.add_argument("--http", default="auto", choices=("auto", "aiohttp", "httpx"),
-                   help="with --url: InferenceSettings.http, the framework's HTTP client for completions")
+                   help="InferenceSettings.http: the framework's HTTP client for completions")
     args = p.parse_args()
     if args.url:
         server_main(args)
