@@ -21,7 +21,8 @@ def test_an_invalid_schema_fails_the_job_naming_the_task_every_time() -> None:
     for _ in range(2):  # the second load must not find it remembered as valid
         with pytest.raises(JobError) as caught:
             parse_job(_job({"type": "string"}, bad))
-        assert "t1" in str(caught.value) and "not a valid JSON schema" in str(caught.value), caught.value
+        assert "t1" in str(caught.value), caught.value
+        assert "not a valid JSON schema" in str(caught.value), caught.value
 
 
 def test_thousands_of_tasks_with_one_schema_check_it_once() -> None:
