@@ -261,7 +261,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         entry = next(m for m in data if m.get("id") == wanted)
         max_len = entry.get("max_model_len")  # vLLM's field; other servers may not say
         info = ModelInfo(wanted, max_len if isinstance(max_len, int) else None, served)
-        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len, health=has_health)
+        log.info("inference_checked", url=url, model=wanted, max_model_len=info.max_model_len, health=has_health,
+                 completions_over="aiohttp" if self._posts is not None else "httpx")
         return info
 
     # -- calls ------------------------------------------------------------------------------------

@@ -403,3 +403,16 @@ async def test_aiohttp_asked_for_with_an_httpx_transport_is_a_clear_error() -> N
     with pytest.raises(InferenceError, match=r"http='aiohttp'\) cannot use an httpx transport"):
         async with InferenceClient(InferenceSettings(http="aiohttp"), transport=transport):
             pass
+
+
+async def test_check_logs_which_http_client_carries_the_completions(sim_llm: SimulatedVLLM, http_client: str) -> None:
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))  # other tests set WARNING
+    try:
+        async with InferenceClient(fast(sim_llm)) as client:
+            with structlog.testing.capture_logs() as logs:
+                await client.check()
+    finally:
+        structlog.configure(**saved)
+    checked = [entry for entry in logs if entry["event"] == "inference_checked"]
+    assert [entry["completions_over"] for entry in checked] == [http_client]
