@@ -82,12 +82,15 @@ async def test_frames_past_the_frame_limits_are_dead_lettered_with_the_reason(cl
     run_id = _submit(attacker, max_attempts=1)
     a = await _assign_of(attacker, run_id)
     # Spliced in as raw bytes: msgpack's own packer stops at 511 levels, a hostile one does not.
-    marker = "@deep@"
-    too_deep = signed({"type": "done", "output": marker}, WORKER, run_id=run_id, task_id="x", attempt=a["attempt"])
-    too_deep = too_deep.replace(pack(marker), b"\x91" * 600 + b"\x01")
+    # The markers are long enough not to turn up by chance in a frame's random bytes (its signature, its id):
+    # a one-letter one did, once in a few hundred runs, and the splice broke the frame instead of nesting it.
+    marker = "@deep-output-marker@"
+    too_deep = _splice(signed({"type": "done", "output": marker}, WORKER, run_id=run_id, task_id="x",
+                              attempt=a["attempt"]), marker, b"\x91" * 600 + b"\x01")
     add(attacker, RESULTS, too_deep)
-    add(attacker, "jobs", pack(sign(envelope({"type": "submit", "job": {"goal": "g"}}), "operator:tests"))
-        .replace(pack("g"), b"\x91" * 700 + b"\x01"))
+    goal = "@deep-goal-marker@"
+    add(attacker, "jobs", _splice(pack(sign(envelope({"type": "submit", "job": {"goal": goal}}), "operator:tests")),
+                                  goal, b"\x91" * 700 + b"\x01"))
     with anyio.fail_after(20):
         while True:
             if len(dead_letters(attacker, RESULTS)) + len(dead_letters(attacker, "jobs")) == 2:
@@ -113,3 +116,9 @@ async def test_a_submission_too_deep_for_the_ledger_is_a_failed_run_not_a_crash(
     assert final["state"] == "failed"
     assert "invalid job: the job nests deeper than 68 levels (limit max_depth)" in final["reason"]
     assert manager.alive
+
+
+def _splice(frame: bytes, marker: str, raw: bytes) -> bytes:
+    """``frame`` with the packed ``marker`` replaced by ``raw`` bytes: what a hostile packer could send."""
+    assert frame.count(pack(marker)) == 1, marker
+    return frame.replace(pack(marker), raw)
