@@ -6,6 +6,7 @@ import json
 import logging
 import socket
 from contextlib import aclosing
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -22,7 +23,7 @@ from protocol.errors import (
     InferenceTimeout,
     InferenceUnavailable,
 )
-from protocol.inference import InferenceClient, InferenceSettings
+from protocol.inference import ChatResult, InferenceClient, InferenceSettings
 from protocol.prompts import build_messages
 from protocol.usage import UsageLedger
 
@@ -341,7 +342,7 @@ class _ScriptedServer:
     def __init__(self, answers: list[tuple[int, dict[str, str], bytes]]) -> None:
         self.answers = answers
         self.arrivals: list[float] = []
-        self.url = ""
+        self.heads: list[bytes] = []
 
     async def _serve(self, stream: anyio.abc.ByteStream) -> None:
         buffer = b""
@@ -359,6 +360,7 @@ class _ScriptedServer:
                     buffer += await stream.receive()
                 buffer = buffer[length:]
                 self.arrivals.append(anyio.current_time())
+                self.heads.append(head)
                 status, headers, body = self.answers.pop(0)
                 lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}", "content-type: application/json",
                          *(f"{k}: {v}" for k, v in headers.items())]
@@ -371,20 +373,54 @@ def _completion(text: str) -> bytes:
                        "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
 
 
+async def _chat_through(server: _ScriptedServer, **settings: Any) -> ChatResult:
+    """One chat call to ``server`` (which answers while the call lasts) with ``settings``."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    here = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+    settings = {"url": here, "model": "m", **settings}
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server._serve)
+        async with InferenceClient(InferenceSettings.model_validate(settings)) as client:
+            result = await client.chat(HELLO)
+        tg.cancel_scope.cancel()
+    return result
+
+
 async def test_retry_after_from_the_server_is_honoured(http_client: str) -> None:
     server = _ScriptedServer([(429, {"retry-after": "0.4"}, b'{"error": {"message": "slow down"}}'),
                               (200, {}, _completion("hello"))])
+    result = await _chat_through(server, http=http_client, backoff_initial=0.01, backoff_max=2.0)
+    assert result.text == "hello"
+    assert server.arrivals[1] - server.arrivals[0] >= 0.4  # full jitter alone would wait at most 0.01 s
+
+
+async def test_http_proxy_from_the_environment_carries_the_call(http_client: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = _ScriptedServer([(200, {}, _completion("via the proxy"))])
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    settings = InferenceSettings(url=f"http://127.0.0.1:{port}", model="m", http=http_client, backoff_initial=0.01,
-                                 backoff_max=2.0)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}")
     async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, server._serve)
+        tg.start_soon(listener.serve, proxy._serve)
+        settings = InferenceSettings(url="http://llm.invalid:8000", model="m", http=http_client, max_retries=0)
         async with InferenceClient(settings) as client:
             result = await client.chat(HELLO)
         tg.cancel_scope.cancel()
-    assert result.text == "hello"
-    assert server.arrivals[1] - server.arrivals[0] >= 0.4  # full jitter alone would wait at most 0.01 s
+    assert result.text == "via the proxy"
+    assert proxy.heads[0].startswith(b"POST http://llm.invalid:8000/v1/chat/completions "), proxy.heads[0][:80]
+
+
+async def test_no_proxy_from_the_environment_is_honoured(http_client: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a proxy that is not there: using it would fail the call
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for name in ("no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    result = await _chat_through(_ScriptedServer([(200, {}, _completion("direct"))]), http=http_client, max_retries=0)
+    assert result.text == "direct"
 
 
 async def test_a_refused_connection_is_unavailable_after_the_retries(http_client: str) -> None:
