@@ -549,7 +549,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             _raise_for_status(resp)
         try:
             payload = resp.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nesting deep enough to exhaust the parser's stack too
             raise _Retry(BadCompletion(f"unreadable JSON from {path}: {resp.text[:120]!r}")) from exc
         if not isinstance(payload, dict):
             raise _Retry(BadCompletion(f"unexpected body from {path}: {resp.text[:120]!r}"))
@@ -611,7 +611,7 @@ def _with_json(result: ChatResult, schema: Mapping[str, Any], max_tokens: int) -
                   "tokens (finish_reason='length')")
     try:
         data = json.loads(result.text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # the model's text: as hostile as any input
         raise bad(f"structured answer is not valid JSON ({exc}): {result.text[:120]!r}") from exc
     try:
         jsonschema.validate(data, dict(schema))
@@ -624,7 +624,7 @@ def _with_json(result: ChatResult, schema: Mapping[str, Any], max_tokens: int) -
 def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _Retry(BadCompletion(f"{what} is not valid JSON: {text[:120]!r}")) from exc
 
 
@@ -645,7 +645,7 @@ def _message_of(body: Any) -> str:
 def _error_message(resp: httpx.Response | _Answer) -> str:
     try:
         return _message_of(resp.json())
-    except ValueError:
+    except (ValueError, RecursionError):
         return resp.text[:300]
 
 

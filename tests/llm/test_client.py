@@ -378,12 +378,18 @@ async def _chat_through(server: _ScriptedServer, **settings: Any) -> ChatResult:
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     here = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
     settings = {"url": here, "model": "m", **settings}
+    outcome: ChatResult | Exception
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, server._serve)
-        async with InferenceClient(InferenceSettings.model_validate(settings)) as client:
-            result = await client.chat(HELLO)
+        try:
+            async with InferenceClient(InferenceSettings.model_validate(settings)) as client:
+                outcome = await client.chat(HELLO)
+        except Exception as exc:  # raised below, outside the task group, as the caller would see it
+            outcome = exc
         tg.cancel_scope.cancel()
-    return result
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 async def test_retry_after_from_the_server_is_honoured(http_client: str) -> None:
@@ -452,3 +458,23 @@ async def test_check_logs_which_http_client_carries_the_completions(sim_llm: Sim
         structlog.configure(**saved)
     checked = [entry for entry in logs if entry["event"] == "inference_checked"]
     assert [entry["completions_over"] for entry in checked] == [http_client]
+
+
+async def test_an_answer_nested_past_the_json_parser_is_an_unreadable_completion(http_client: str) -> None:
+    deep = b"[" * 100_000  # deep enough to exhaust json's recursion, not only invalid
+    server = _ScriptedServer([(200, {}, deep), (200, {}, deep)])
+    with pytest.raises(BadCompletion, match="unreadable JSON"):
+        await _chat_through(server, http=http_client, max_retries=1, backoff_initial=0.01)
+    assert len(server.arrivals) == 2  # retried, as any unreadable body is
+
+
+async def test_a_structured_answer_nested_past_the_json_parser_is_a_bad_completion(http_client: str) -> None:
+    server = _ScriptedServer([(200, {}, _completion("[" * 100_000))])
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server._serve)
+        async with InferenceClient(InferenceSettings(url=url, model="m", http=http_client)) as client:
+            with pytest.raises(BadCompletion, match="not valid JSON"):
+                await client.chat_json(HELLO, {"type": "array"})
+        tg.cancel_scope.cancel()
