@@ -366,3 +366,18 @@ def test_a_task_may_not_loosen_what_the_operator_set() -> None:
                                "only the worker's own config may set")
     with pytest.raises(ConfigError, match="'allow_network_without_namespace', 'sandbox_user'"):
         PythonWorker().task_config({"sandbox_user": "root", "allow_network_without_namespace": True})
+
+
+async def test_a_snippet_that_floods_the_report_channel_with_deep_json_gets_its_own_result() -> None:
+    # The report channel is an inherited descriptor the snippet can find; nesting that deep exhausts json's
+    # recursion (RecursionError, not ValueError), and must be skipped like any other line that is not a report.
+    code = """
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"[" * 100_000 + b"\\n")
+            except OSError:
+                pass
+        result = 42
+    """
+    assert await run(make_task(task_input=code_input(code))) == 42

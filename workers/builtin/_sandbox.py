@@ -200,7 +200,7 @@ class _Channel:
         self.data.add(chunk)
         if not self.ready.is_set() and b"\n" in self.data.data:
             first = bytes(self.data.data).split(b"\n", 1)[0]
-            with contextlib.suppress(ValueError, AttributeError):
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 if json.loads(first).get("kind") == "ready":
                     self.ready.set()
 
@@ -213,8 +213,8 @@ class _Channel:
         for line in bytes(self.data.data).splitlines()[1:]:
             try:
                 message = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by the size cap
+            except (ValueError, RecursionError):
+                continue  # a line cut short by the size cap, or the snippet's own (nested past the parser, even)
             if isinstance(message, dict) and message.get("kind") == "done":
                 found = message
         return found
@@ -402,7 +402,7 @@ async def _supervise(process: Process, payload: bytes, read_fd: int, limits: San
         return SandboxResult(ok=bool(report["ok"]), value=value, has_result=bool(report["has_result"]),
                              error=_text_or_none(report.get("error")),
                              killed_by=_text_or_none(report.get("killed_by")), **common)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         return SandboxResult(ok=False, error="the snippet's report is malformed", **common)
 
 
