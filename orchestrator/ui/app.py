@@ -260,7 +260,7 @@ class _Console:
             return _error(413, f"request body over {MAX_BODY} bytes")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting past json's recursion is as unreadable as bad syntax
             return _error(400, "the body must be a JSON object: {action, task_id, feedback}")
         problem = _check_action(data)
         if problem:

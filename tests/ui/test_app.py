@@ -137,6 +137,9 @@ async def test_bad_action_requests_are_refused_with_the_reason() -> None:
         not_json = await http.post(f"/api/runs/{run.run_id}/actions", content=b"approve",
                                    headers={"X-CSRF-Token": csrf})
         assert not_json.status_code == 400
+        too_deep = await http.post(f"/api/runs/{run.run_id}/actions", content=b"[" * 60_000,  # past json's recursion
+                                   headers={"X-CSRF-Token": csrf})
+        assert too_deep.status_code == 400
 
 
 async def test_reject_then_approve_as_an_operator_ends_the_run_accepted_and_records_who() -> None:
