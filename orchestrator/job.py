@@ -76,19 +76,24 @@ class Spec(_Frozen):
             import jsonschema
 
             try:
-                text: str | None = json.dumps(value, sort_keys=True)
-            except (TypeError, ValueError):
-                text = None
-            if text is not None and json.loads(text) != value:
-                text = None  # not plain JSON data ({1: ...} dumps like {"1": ...}): check it as it is, uncached
-            try:
-                if text is None:
-                    jsonschema.Draft202012Validator.check_schema(value)
-                else:
-                    _check_schema_text(text)
+                _check_schema(value)
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"not a valid JSON schema: {exc.message}") from exc
         return value
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """Check ``schema`` against the metaschema, once per distinct schema of plain JSON data."""
+    try:
+        text = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        text = None
+    if text is None or json.loads(text) != schema:  # not plain JSON ({1: ...} dumps like {"1": ...}): uncached
+        import jsonschema
+
+        jsonschema.Draft202012Validator.check_schema(schema)
+    else:
+        _check_schema_text(text)
 
 
 @functools.lru_cache(maxsize=1024)
