@@ -168,7 +168,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         self._next_shard: Iterator[int] = iter(())
         self._new_shard: Callable[[], httpx.AsyncClient] = httpx.AsyncClient
         self._model = self.settings.model
-        self._posts: _Poster | None = None
+        self._posts: _AiohttpPoster | None = None
         self._load = _LoadCache()
         self._rng = random.Random()
 
@@ -718,10 +718,6 @@ class _PostFailed(Exception):
         self.timeout = timeout
 
 
-class _Poster(Protocol):
-    async def post(self, path: str, body: Mapping[str, Any]) -> _Answer: ...
-
-
 def _env_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url`` (``HTTP_PROXY``/``HTTPS_PROXY``), or None (none, or ``NO_PROXY``)."""
     import urllib.parse
@@ -752,7 +748,9 @@ class _AiohttpPoster:
     def __init__(self, s: InferenceSettings, headers: Mapping[str, str], pool: int,
                  verify: ssl.SSLContext | bool) -> None:
         self._settings, self._headers, self._pool, self._verify = s, dict(headers), pool, verify
-        self._session: Any = None
+        self._session: Any = None  # an aiohttp.ClientSession, and aiohttp.ClientError below, once open
+        self._errors: tuple[type[Exception], ...] = ()
+        self._proxy: str | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -761,7 +759,7 @@ class _AiohttpPoster:
             raise InferenceError("InferenceSettings(http='aiohttp') needs aiohttp: pip install "
                                  "'orchestrator[fast]', or set http='httpx'") from exc
         s = self._settings
-        self._errors = aiohttp.ClientError
+        self._errors = (aiohttp.ClientError,)
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             connector=aiohttp.TCPConnector(limit=self._pool, limit_per_host=0,
