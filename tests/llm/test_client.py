@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -23,7 +24,7 @@ from protocol.errors import (
     InferenceTimeout,
     InferenceUnavailable,
 )
-from protocol.inference import ChatResult, InferenceClient, InferenceSettings
+from protocol.inference import InferenceClient, InferenceSettings
 from protocol.prompts import build_messages
 from protocol.usage import UsageLedger
 
@@ -373,17 +374,18 @@ def _completion(text: str) -> bytes:
                        "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
 
 
-async def _chat_through(server: _ScriptedServer, **settings: Any) -> ChatResult:
-    """One chat call to ``server`` (which answers while the call lasts) with ``settings``."""
+async def _chat_through(server: _ScriptedServer, call: Callable[[InferenceClient], Awaitable[Any]] | None = None,
+                        **settings: Any) -> Any:
+    """One call (``chat(HELLO)`` unless given) to ``server``, which answers while it lasts, with ``settings``."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     here = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
     settings = {"url": here, "model": "m", **settings}
-    outcome: ChatResult | Exception
+    outcome: Any
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, server._serve)
         try:
             async with InferenceClient(InferenceSettings.model_validate(settings)) as client:
-                outcome = await client.chat(HELLO)
+                outcome = await (call(client) if call else client.chat(HELLO))
         except Exception as exc:  # raised below, outside the task group, as the caller would see it
             outcome = exc
         tg.cancel_scope.cancel()
@@ -470,11 +472,5 @@ async def test_an_answer_nested_past_the_json_parser_is_an_unreadable_completion
 
 async def test_a_structured_answer_nested_past_the_json_parser_is_a_bad_completion(http_client: str) -> None:
     server = _ScriptedServer([(200, {}, _completion("[" * 100_000))])
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, server._serve)
-        async with InferenceClient(InferenceSettings(url=url, model="m", http=http_client)) as client:
-            with pytest.raises(BadCompletion, match="not valid JSON"):
-                await client.chat_json(HELLO, {"type": "array"})
-        tg.cancel_scope.cancel()
+    with pytest.raises(BadCompletion, match="not valid JSON"):
+        await _chat_through(server, lambda client: client.chat_json(HELLO, {"type": "array"}), http=http_client)
