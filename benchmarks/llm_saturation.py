@@ -38,12 +38,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llm_load import ARMS, RUNNERS, SPEC, SYSTEM, ArmResult, Workload
+from llm_load import ARMS, RUNNERS, ArmResult, Workload, messages
 
 from orchestrator.simulator import LatencyModel
 from protocol.inference import InferenceClient, InferenceSettings
-from protocol.prompts import build_messages
-from protocol.roles import ROLE_WORKER
 
 
 def free_port() -> int:
@@ -76,13 +74,11 @@ async def one_run(url: str, args: argparse.Namespace) -> dict[str, float]:
                                  http=args.http)
     async with InferenceClient(settings) as client:
         await client.check()
-        await client.warm(build_messages(system=SYSTEM, role=ROLE_WORKER, spec=SPEC, variable="warm-up"))
+        await client.warm(messages(-1))
         before: dict[str, Any] = (await client.http.get("/_sim/state")).json()
 
         async def agent(i: int) -> None:
-            messages = build_messages(system=SYSTEM, role=ROLE_WORKER, spec=SPEC,
-                                      variable=f"Instruction: describe option {i} for the migration plan of team {i % 37}")
-            await client.chat(messages, max_tokens=args.max_tokens, run_id="bench", task_id=str(i))
+            await client.chat(messages(i), max_tokens=args.max_tokens, run_id="bench", task_id=str(i))
 
         cpu0, t0 = time.process_time(), time.perf_counter()
         async with anyio.create_task_group() as tg:
