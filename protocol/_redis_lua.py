@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "FOLLOW", "FOLLOWERS", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
            "SET_VALUE", "STAGE_PIECE", "Script")
 
 
@@ -223,6 +223,27 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """, fixed=0, width=0)
 
+# KEYS: follows key. ARGV: member | time to live in ms | the longest a follow may live, in ms. The key outlives
+# its longest follow (unlike ``ANNOUNCE``, where every member asks for the same time).
+FOLLOW = Script("follow", r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+""", fixed=3, width=0)
+
+# KEYS: follows key. ARGV: most to return | longest time to live in ms. Live follows, newest first; forgets the
+# expired ones and any that claim to live longer than a follower may ask (written around ``follow``).
+FOLLOWERS = Script("followers", r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (now + tonumber(ARGV[2])), '+inf')
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
+""", fixed=2, width=0)
+
 # Plain writes, as scripts so they share the write batcher's round trips and connection (a
 # run's summaries and its history's expiry were a tenth of a one-task run's manager time on
 # redis-py's own per-command path).
@@ -273,4 +294,4 @@ end
 return out
 """, fixed=0, width=1)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, SET_VALUE, STAGE_PIECE, PUT_STAGED, EXPIRE)
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, FOLLOW, FOLLOWERS, SET_VALUE, STAGE_PIECE, PUT_STAGED, EXPIRE)

@@ -13,6 +13,8 @@ Semantics every bus keeps (``tests/protocol/test_bus_contract.py`` checks them f
   decode, is moved to the stream's dead-letter list with the reason, never yielded again.
 - ``broadcast``/``subscribe``: fan-out for control messages (cancel); every live subscriber
   gets each message published after it subscribed.
+- ``follow``/``followers``: a reader of a run's history says it is following, and from which
+  ``seq``; the manager mirrors only followed runs' histories to the bus.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from protocol.envelope import Envelope
 from protocol.errors import LeaseLost, ProtocolError
 from protocol.messages import Heartbeat
 
-__all__ = ("Bus", "BusSettings", "DeadLetter", "Delivery", "MemoryBus")
+__all__ = ("MAX_FOLLOW_TTL_S", "Bus", "BusSettings", "DeadLetter", "Delivery", "MemoryBus")
+
+MAX_FOLLOW_TTL_S = 60.0  # a follow lasts at most this long unless renewed; longer claims are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +228,17 @@ class Bus(abc.ABC):
         """How many live workers announced each capability (0 for none)."""
 
     @abc.abstractmethod
+    async def follow(self, run_id: str, *, after_seq: int, ttl_s: float) -> None:
+        """Say that a reader follows ``run_id``'s history, has it up to ``after_seq``, for ``ttl_s`` (readers repeat it)."""
+
+    @abc.abstractmethod
+    async def followers(self, *, limit: int) -> list[tuple[str, int]]:
+        """Live follows as (run id, seq the follower has), at most ``limit``, newest first.
+
+        What readers wrote, unchecked beyond its form: the manager decides what to do with it.
+        """
+
+    @abc.abstractmethod
     def subscribe(self, topic: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Envelope]]:
         """``async with bus.subscribe(topic) as messages``: subscribed on entry, so nothing sent after is missed."""
 
@@ -304,6 +319,7 @@ class MemoryBus(Bus):
         self._subscribers: dict[str, set[MemoryObjectSendStream[Envelope]]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
         self._presence: dict[str, dict[str, float]] = {}  # capability -> worker -> monotonic expiry
+        self._follows: dict[tuple[str, int], float] = {}  # (run id, seq the follower has) -> monotonic expiry
         self._incarnation = uuid.uuid4().hex
 
     def _stream(self, name: str) -> _Stream:
@@ -497,6 +513,16 @@ class MemoryBus(Bus):
         await anyio.lowlevel.checkpoint()
         now = time.monotonic()
         return {c: sum(expiry > now for expiry in self._presence.get(c, {}).values()) for c in capabilities}
+
+    async def follow(self, run_id: str, *, after_seq: int, ttl_s: float) -> None:
+        self._follows[(run_id, after_seq)] = time.monotonic() + min(ttl_s, MAX_FOLLOW_TTL_S)
+        await anyio.lowlevel.checkpoint()
+
+    async def followers(self, *, limit: int) -> list[tuple[str, int]]:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        self._follows = {follow: expiry for follow, expiry in self._follows.items() if expiry > now}
+        return sorted(self._follows, key=self._follows.__getitem__, reverse=True)[:limit]
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[Envelope]]:

@@ -49,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from protocol import _redis_lua as lua
 from protocol._read_deadlines import ReadDeadlines
 from protocol.authority import signer_for
-from protocol.bus import Bus, BusSettings, DeadLetter, Delivery
+from protocol.bus import MAX_FOLLOW_TTL_S, Bus, BusSettings, DeadLetter, Delivery
 from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
@@ -898,6 +898,21 @@ class RedisBus(Bus):
             counts[capability] = int(await self._call("served", lambda key=key: self._eval(lua.LIVE, [key], [])))  # type: ignore[misc]
         return counts
 
+    def follows_key(self) -> str:
+        """Where readers say which runs' histories they follow (a sorted set: ``seq:run id`` by expiry)."""
+        return f"{self.redis_settings.namespace}:follows"
+
+    async def follow(self, run_id: str, *, after_seq: int, ttl_s: float) -> None:
+        ttl_ms = max(1, int(min(ttl_s, MAX_FOLLOW_TTL_S) * 1000))
+        member = f"{after_seq}:{run_id}"
+        keep_ms = int(MAX_FOLLOW_TTL_S * 1000)
+        await self._call("follow", lambda: self._eval(lua.FOLLOW, [self.follows_key()], [member, ttl_ms, keep_ms]))
+
+    async def followers(self, *, limit: int) -> list[tuple[str, int]]:
+        members: Any = await self._call("followers", lambda: self._eval(
+            lua.FOLLOWERS, [self.follows_key()], [limit, int(MAX_FOLLOW_TTL_S * 1000)]))
+        return [follow for member in members if (follow := _follow_of(member)) is not None]
+
     async def broadcast(self, topic: str, envelope: Envelope) -> None:
         frame = self.settings.codec.encode(envelope, signer=signer_for(topic))
         await self._call("broadcast", lambda: self._redis.publish(self.channel(topic), frame))
@@ -934,3 +949,19 @@ class RedisBus(Bus):
                 yield self.settings.codec.decode(message["data"], stream=topic)
             except ProtocolError as exc:
                 log.warning("control_message_dropped", topic=topic, error=str(exc))
+
+
+_MAX_FOLLOW_MEMBER = 256  # ``seq:run id``; anyone who can write to Redis writes these
+
+
+def _follow_of(member: Any) -> tuple[str, int] | None:
+    """(run id, seq) from a follows entry, or None for one that is not of that form."""
+    if not isinstance(member, bytes) or len(member) > _MAX_FOLLOW_MEMBER:
+        return None
+    seq, sep, run_id = member.partition(b":")
+    if not sep or not run_id or not seq.isdigit() or len(seq) > 18:
+        return None
+    try:
+        return run_id.decode("ascii"), int(seq)
+    except UnicodeDecodeError:
+        return None

@@ -322,3 +322,21 @@ async def test_publish_each_sends_nothing_when_one_envelope_is_too_large(bus: Bu
     with pytest.raises(FrameTooLarge):
         await bus.publish_each([(stream, assign(0)), (stream, huge)])
     assert await bus.read(stream) == []
+
+
+async def test_followers_are_the_live_follows_newest_first_within_the_limit(bus: Bus) -> None:
+    await bus.follow("run-a", after_seq=0, ttl_s=30)
+    await bus.follow("run-b", after_seq=7, ttl_s=30)
+    await bus.follow("run-gone", after_seq=3, ttl_s=0.05)
+    await anyio.sleep(0.1)
+    assert await bus.followers(limit=10) == [("run-b", 7), ("run-a", 0)]
+    assert await bus.followers(limit=1) == [("run-b", 7)]
+    await bus.follow("run-a", after_seq=0, ttl_s=30)  # renewed: newest again, still one follow
+    assert await bus.followers(limit=10) == [("run-a", 0), ("run-b", 7)]
+
+
+async def test_a_follow_lapses_when_not_renewed(bus: Bus) -> None:
+    await bus.follow("run-a", after_seq=2, ttl_s=0.2)
+    assert await bus.followers(limit=10) == [("run-a", 2)]
+    await anyio.sleep(0.3)
+    assert await bus.followers(limit=10) == []
