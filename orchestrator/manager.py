@@ -24,7 +24,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from orchestrator import engine as rules
 from orchestrator._checks import CheckRegistry, default_checks
-from orchestrator.acknowledger import Acknowledger
+from orchestrator.acknowledger import Acknowledger, Mirror
 from orchestrator.engine import (
     Checked,
     Effect,
@@ -101,6 +101,7 @@ _Assigns = dict[str, list[tuple[RunRecord, TaskRecord, int]]]  # per capability:
 _RECORD_SLICE = 5000  # a new run's task records made between two checkpoints (~35 ms)
 _REPLIES = (Done, Failed, VerifyResponse, Heartbeat, Progress)
 _UNCOMMITTED_REPLIES_MAX = 2_000  # replies handled ahead of the ledger's commits before the manager waits for one
+_FOLLOWED_MAX = 1_000  # runs whose history is mirrored at once; anyone who can write to the bus can ask
 _PRESENCE_LOOKUP_S = 1.0  # how long a submission may wait to learn whether a new capability has workers
 
 
@@ -116,7 +117,11 @@ class ManagerSettings:
     snapshot_interval_s: float = 0.5  # how often a running run's summary is refreshed for ``status``
     # ... and no faster than this many bytes of summary a second per run (a 100,000-task run's is ~25 MB)
     snapshot_bytes_per_s: float = 2_000_000.0
-    publish_events: bool = True  # mirror each run's history to the bus for ``events``/``watch`` elsewhere
+    # Whose history the manager mirrors to the bus for ``events``/``watch``/the console elsewhere: the runs someone
+    # follows (they say so on the bus), every run, or none. The ledger has every run's history either way.
+    mirror: Mirror = "followed"
+    publish_events: bool = True  # False: mirror nothing, as ``mirror="off"`` (the older switch)
+    follows_poll_s: float = 0.25  # how often the manager looks for new followers (their wait for a history)
     events_kept: int = 4096  # a run's latest events held in memory; a follower further behind reads the store
     # Records of recently finished runs kept for wait(), counted in tasks (a run bigger than this is not kept)
     finished_tasks_kept: int = 10_000
@@ -158,7 +163,7 @@ class Manager:
         self._under_way: Gathered[RunRecord] = Gathered()
         self._ended: Gathered[RunRecord] = Gathered()
         self._snapshots = Snapshots(bytes_per_s=self.settings.snapshot_bytes_per_s)
-        self._acker = Acknowledger(bus, store, sender=self.name, publish_events=self.settings.publish_events,
+        self._acker = Acknowledger(bus, store, sender=self.name, mirror=self.settings.mirror if self.settings.publish_events else "off",
                                    history_ttl_s=self.settings.snapshot_ttl_s, on_committed=self._stale_snapshots.update)
         self._watchdogs: Watchdogs | None = None
 
@@ -177,6 +182,8 @@ class Manager:
             tg.start_soon(self._consume_jobs)
             tg.start_soon(self._consume_overrides)
             tg.start_soon(self._refresh_snapshots)
+            if self._acker.mirror_mode == "followed":
+                tg.start_soon(self._watch_followers)
             tg.start_soon(self._start_runs)
             tg.start_soon(self._publish_under_way)
             tg.start_soon(self._publish_ended)
@@ -673,6 +680,12 @@ class Manager:
         self._snapshots.forget(run_id)
         for key in [k for k in self._spans if k[0] == run_id]:
             end(self._spans.pop(key))
+
+    async def _watch_followers(self) -> None:
+        """Tell the acknowledger which runs are followed, as followers come and go."""
+        while True:
+            self._acker.set_followers(await self.bus.followers(limit=_FOLLOWED_MAX))
+            await anyio.sleep(self.settings.follows_poll_s)
 
     async def _refresh_snapshots(self) -> None:
         """Refresh the summaries of runs that changed; a summary of a big run is too costly for every reply."""

@@ -23,12 +23,14 @@ import redis.asyncio as aioredis
 import structlog
 
 from orchestrator._checks import CheckRegistry, default_checks
+from orchestrator.acknowledger import Mirror
+from orchestrator.following import HISTORY_WAIT_S, Follower
 from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import DEFAULT_DISPATCH_WINDOW, Manager, ManagerSettings
-from orchestrator.records import Event, events_of
+from orchestrator.records import Event
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
@@ -36,7 +38,7 @@ from protocol.errors import BusUnavailable, ConfigError, NoActiveManager, Unknow
 from protocol.history import RunFinished
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
-from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, events_stream, run_snapshot_key
+from protocol.keys import JOBS_STREAM, OVERRIDES_STREAM, run_snapshot_key
 from protocol.messages import Override, OverrideAction, Submit
 from protocol.redis_bus import RedisBus
 from protocol.settings import RedisSettings, redact_url
@@ -157,7 +159,8 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
                       manager_lease_s: float, llm: InferenceSettings | None = None,
                       ready: Callable[[], Awaitable[None]] | None = None,
                       observability: Observability = NO_OBSERVABILITY, max_queue: int | None = None,
-                      dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, exit_after_s: float | None = None, trust: Trust,
+                      dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, mirror: Mirror = "followed",
+                      exit_after_s: float | None = None, trust: Trust,
                       allow_checks: Sequence[str] = ()) -> None:
     """Wait for leadership, then manage runs until a signal; ``trust`` must let it sign as ``manager``.
 
@@ -196,7 +199,8 @@ async def run_manager(*, url: str, ledger: Path, name: str, namespace: str, leas
             lead = functools.partial(_lead, lease, url=url, ledger=ledger, namespace=namespace, lease_s=lease_s,
                                      judge=judge, ready=ready, metrics=metrics, tracing=tracing,
                                      bus_refresh_s=observability.bus_refresh_s, max_queue=max_queue,
-                                     dispatch_window=dispatch_window, exit_after_s=exit_after_s, trust=trust,
+                                     dispatch_window=dispatch_window, mirror=mirror, exit_after_s=exit_after_s,
+                                     trust=trust,
                                      checks=default_checks(allow_checks))
             await _lead_forever(lease, lead, name)
 
@@ -215,14 +219,15 @@ async def _lead_forever(lease: LeaderLease, lead: Callable[..., Awaitable[None]]
 async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namespace: str, lease_s: float,
                 judge: LLMJudge | None, ready: Callable[[], Awaitable[None]] | None, metrics: Any = None,
                 tracing: Tracing | None = None, bus_refresh_s: float = 5.0, max_queue: int | None = None,
-                dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, exit_after_s: float | None = None, trust: Trust,
+                dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW, mirror: Mirror = "followed",
+                exit_after_s: float | None = None, trust: Trust,
                 checks: CheckRegistry | None = None) -> None:
     """Manage runs while ``lease`` holds; raises LeadershipLost (in a group) when it is lost."""
     async with (open_bus(url, namespace=namespace, lease_s=lease_s, max_queue=max_queue,
                          retry_budget_s=exit_after_s, trust=trust) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
-        manager = Manager(bus, store, ManagerSettings(name=name, dispatch_window=dispatch_window), judge=judge,
+        manager = Manager(bus, store, ManagerSettings(name=name, dispatch_window=dispatch_window, mirror=mirror), judge=judge,
                           observers=[metrics.observe] if metrics is not None else [], tracing=tracing, checks=checks)
         await tg.start(lease.hold)
         await tg.start(manager.serve)
@@ -409,25 +414,32 @@ async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAct
     return status
 
 
-async def read_events(bus: Bus, run_id: str) -> list[Event]:
-    """A run's history so far, in order, from the bus's copy of it."""
-    events: list[Event] = []
-    after = "0"
-    while batch := await bus.read(events_stream(run_id), after=after):
-        after = batch[-1][0]
-        for _, env in batch:
-            events.extend(events_of(env, events[-1].seq if events else 0))
+async def read_events(bus: Bus, run_id: str, *, wait_s: float = HISTORY_WAIT_S) -> list[Event]:
+    """A run's history so far, in order, from the bus's copy of it.
+
+    What the stream lacks of the history the run's summary counts (``last_seq``), the manager sends on
+    request (``Follower``). NoActiveManager when that does not come within ``wait_s``.
+    """
+    follower = Follower(bus, run_id)
+    status = await fetch_status(bus, run_id)
+    # A summary without last_seq comes from a manager that mirrored every run: the stream is all there is.
+    last_seq = int(status.get("last_seq") or 0) if status is not None else 0
+    events = await follower.read_until(last_seq, wait_s=wait_s)
+    if follower.seen < last_seq:
+        raise NoActiveManager(f"run {run_id!r} has {last_seq} history entries and the bus has {follower.seen}: "
+                              f"no manager sent the rest within {wait_s:g} s (a manager sends a run's history "
+                              "to whoever follows it: is one running on this namespace?)")
     return events
 
 
 async def follow_events(bus: Bus, run_id: str, *, poll_s: float = 1.0) -> AsyncIterator[Event]:
     """A run's history, then its new events as the manager records them, until the run ends."""
-    after, seen = "0", 0
+    follower = Follower(bus, run_id)
+    block_s = 0.0  # the first read takes what the stream has, so the follow says how far that goes
     while True:
-        for entry_id, env in await bus.read(events_stream(run_id), after=after, block_s=poll_s):
-            after = entry_id
-            for event in events_of(env, seen):
-                seen = event.seq
-                yield event
-                if isinstance(event.body, RunFinished):
-                    return
+        for event in await follower.read(block_s=block_s):
+            yield event
+            if isinstance(event.body, RunFinished):
+                return
+        await follower.ask()
+        block_s = poll_s

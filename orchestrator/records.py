@@ -168,7 +168,10 @@ class RunRecord(BaseModel):
     def summary(self, *, with_tasks: bool = True) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""
         head: dict[str, Any] = {"run_id": self.run_id, "goal": self.goal, "state": str(self.state),
-                                "reason": self.reason, "tokens": self.tokens, "held": self.held}
+                                "reason": self.reason, "tokens": self.tokens, "held": self.held,
+                                # when it was submitted, and its history's length: what a reader of the
+                                # bus's copy of the history can check it against
+                                "created": self.created, "last_seq": self.next_seq - 1}
         if with_tasks:
             head["tasks"] = [t.summary() for t in self.tasks.values()]
         return head

@@ -78,7 +78,7 @@ async def test_followers_get_every_event_but_a_start_too_big_for_one_message() -
     # 8 KiB messages: the start of 300 tasks (~14 KB) cannot be mirrored, and batches of events must be split.
     bus = MemoryBus(BusSettings(codec=Codec(max_frame_bytes=8 * 1024)))
 
-    async with Orchestrator(bus=bus, workers=[Echo()]) as orch:
+    async with Orchestrator(bus=bus, workers=[Echo()], manager_settings=ManagerSettings(mirror="all")) as orch:
         run = await orch.submit({"goal": "wide", "tasks": _tasks(300)})
         assert (await run.wait()).accepted
         from_store = await orch.store.events(run.run_id)

@@ -186,18 +186,18 @@ class _Console:
         if not _RUN_ID.match(run_id):
             return _error(404, "no such run")
         try:
-            page = RunPage()
-            batch = await self.source.history(run_id)
-            for event in batch.events:
-                page.apply(event)
-            if batch.events:
-                return JSONResponse({"run": page.to_json(), "history": _history(batch.events)})
-            status = await self.source.status(run_id)
+            events, status = await self.source.history_so_far(run_id)
         except BusError as exc:
             return _error(503, str(exc))
+        if events and (status is None or events[-1].seq >= int(status.get("last_seq") or 0)):
+            page = RunPage()
+            for event in events:
+                page.apply(event)
+            return JSONResponse({"run": page.to_json(), "history": _history(events)})
         if status is None:
             return _error(404, f"unknown run {run_id!r}")
-        return JSONResponse({"run": page_from_status(status), "history": []})
+        # No manager sent the history (or it expired): the summary has the tasks' states, with what history there is.
+        return JSONResponse({"run": page_from_status(status), "history": _history(events)})
 
     async def stream(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]

@@ -16,6 +16,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from orchestrator import processes
+from orchestrator.following import Follower
 from orchestrator.records import events_of
 from orchestrator.ui.view import RunPage
 from protocol.bus import Bus
@@ -30,7 +31,7 @@ __all__ = ("MAX_RUNS", "RunSource", "redis_run_ids")
 
 MAX_RUNS = 500  # the run list shows the newest this many; ``status RUN`` still finds older ones
 
-_READ_COUNT = 1000
+PAGE_WAIT_S = 3.0  # how long a page waits for the manager to send a history the bus lacks
 SUMMARY_LAG_S = 2.0  # the manager refreshes a running run's summary every 0.5 s
 
 RunIds = Callable[[], Awaitable[list[str]]]
@@ -58,13 +59,15 @@ class RunSource:
             status = await processes.fetch_status(self.bus, run_id)
             if status is None:
                 continue
-            rows.append(_row(status, await self._started(run_id)))
+            rows.append(_row(status, await self._started(run_id, status)))
         rows.extend(await self._queued({r["run_id"] for r in rows}))
         rows.sort(key=lambda r: -(r["started"] or 0.0))
         return rows[:MAX_RUNS]
 
-    async def _started(self, run_id: str) -> float | None:
-        """When the run started: the time of its first history entry (None once that expired)."""
+    async def _started(self, run_id: str, status: dict[str, Any]) -> float | None:
+        """When the run started: its summary says (or, from managers before it did, its first history entry)."""
+        if isinstance(created := status.get("created"), int | float):
+            return float(created)
         for _, env in await self.bus.read(events_stream(run_id), count=1):
             for event in events_of(env):
                 if isinstance(event.body, RunStarted):
@@ -90,32 +93,31 @@ class RunSource:
         """The manager's latest summary of the run (or a queued submission's), or None."""
         return await processes.find_run(self.bus, run_id)
 
-    async def history(self, run_id: str, *, after: str = "0", block_s: float = 0.0) -> HistoryBatch:
-        """The run's history after entry ``after``; with ``block_s``, waits that long for the first new entry.
+    async def history_so_far(self, run_id: str, *, wait_s: float = PAGE_WAIT_S
+                             ) -> tuple[list[HistoryEvent], dict[str, Any] | None]:
+        """The run's whole history so far and its summary; what the bus lacks, the manager is asked for.
 
-        The wait is the bus's blocking read (XREAD BLOCK on Redis), so a follower costs nothing while
-        nothing happens.
+        The history is complete when its last ``seq`` is the summary's ``last_seq``; short of it when no
+        manager sent the rest within ``wait_s``.
         """
-        events: list[HistoryEvent] = []
-        entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT, block_s=block_s)
-        while entries:
-            for entry_id, env in entries:
-                after = entry_id
-                events.extend(events_of(env, events[-1].seq if events else 0))
-            if len(entries) < _READ_COUNT:
-                break
-            entries = await self.bus.read(events_stream(run_id), after=after, count=_READ_COUNT)
-        return HistoryBatch(events, after)
+        status = await self.status(run_id)
+        follower = Follower(self.bus, run_id)
+        last_seq = int(status.get("last_seq") or 0) if status is not None else 0
+        return await follower.read_until(last_seq, wait_s=wait_s), status
 
     async def follow(self, run_id: str, *, block_s: float) -> AsyncGenerator[HistoryBatch]:
-        """The whole history, then each new batch as the manager records it (empty batches every ``block_s``)."""
-        batch = await self.history(run_id)
-        yield batch
-        after = batch.after
+        """The whole history, then each new batch as the manager records it (empty batches every ``block_s``).
+
+        Following asks the manager to send the run's history (``Follower``): what the stream lacks of it
+        arrives in the batches after the first.
+        """
+        follower = Follower(self.bus, run_id)
+        events = await follower.read()
+        yield HistoryBatch(events, follower.after)
         while True:
-            batch = await self.history(run_id, after=after, block_s=block_s)
-            after = batch.after
-            yield batch
+            await follower.ask()
+            events = await follower.read(block_s=block_s)
+            yield HistoryBatch(events, follower.after)
 
     async def act(self, run_id: str, task_id: str, action: OverrideAction, *, feedback: str, by: str,
                   bus: Bus | None = None) -> None:
@@ -139,7 +141,7 @@ class RunSource:
 
     async def _history_allows(self, run_id: str, task_id: str, action: OverrideAction) -> bool:
         page = RunPage()
-        for event in (await self.history(run_id)).events:
+        for event in (await self.history_so_far(run_id))[0]:
             page.apply(event)
         if not task_id:
             return action in page.to_json()["actions"]
