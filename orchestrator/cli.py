@@ -94,6 +94,13 @@ class _FromEnv:
         return env_value(self.var, self.parse, self.default)
 
 
+def _mirror(text: str) -> str:
+    """A manager's ``--mirror``: followed, all or off."""
+    if text not in ("followed", "all", "off"):
+        raise ValueError("expected followed, all or off")
+    return text
+
+
 def _resolve_env(args: argparse.Namespace) -> None:
     """Replace each option left at its ``ORCH_*`` default with the variable's parsed value."""
     sources: dict[str, str] = {}
@@ -150,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                          default=_FromEnv("ORCH_DISPATCH_WINDOW", count, DEFAULT_DISPATCH_WINDOW), metavar="N",
                          help="the most tasks of one run in flight at once; more ready tasks are held until these end "
                               f"(env ORCH_DISPATCH_WINDOW; default: {DEFAULT_DISPATCH_WINDOW})"),
+    manager.add_argument("--mirror", choices=("followed", "all", "off"), default=_FromEnv("ORCH_MIRROR", _mirror, "followed"),
+                         help="whose history goes to the bus for events, watch and the console: the runs someone "
+                              "follows (they ask; default), every run, or none (env ORCH_MIRROR)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,
                          help="leadership lease; a standby takes over this long after the leader dies")
     _allow_check_flag(manager)
@@ -564,8 +574,8 @@ def _cmd_manager(args: argparse.Namespace) -> int:
         processes.run_manager, url=processes.redis_url(args.redis), ledger=Path(args.ledger),
         name=args.name or processes.default_name("manager"), namespace=args.namespace, lease_s=args.lease_s,
         manager_lease_s=args.manager_lease_s, llm=_llm_settings(args), observability=_observability(args),
-        max_queue=args.max_queue, dispatch_window=args.dispatch_window, exit_after_s=args.exit_after_s,
-        allow_checks=args.allow_check,
+        max_queue=args.max_queue, dispatch_window=args.dispatch_window, mirror=args.mirror,
+        exit_after_s=args.exit_after_s, allow_checks=args.allow_check,
         trust=trust_of(args, ["manager"], what="the manager")))
     return EXIT_ACCEPTED
 

@@ -345,6 +345,7 @@ def test_verbs_that_do_not_use_a_bad_orch_value_are_not_stopped_by_it(args: list
     ("ORCH_METRICS_PORT", "x", ["manager"], "ORCH_METRICS_PORT='x'"),
     ("ORCH_METRICS_PORT", "70000", ["worker", "--capability", "python"], "ORCH_METRICS_PORT='70000'"),
     ("ORCH_MAX_QUEUE", "0", ["manager"], "ORCH_MAX_QUEUE='0'"),
+    ("ORCH_MIRROR", "everything", ["manager"], "ORCH_MIRROR='everything'"),
     ("ORCH_NAMESPACE", "a:b", ["status", "r"], "ORCH_NAMESPACE='a:b'"),
     ("ORCH_REDIS_URL", "http://user:secret@host", ["status", "r"], "ORCH_REDIS_URL='http://user:***@host'"),
     ("ORCH_LLM_TIMEOUT", "soon", ["run", "a goal in words"], "ORCH_LLM_TIMEOUT='soon'"),

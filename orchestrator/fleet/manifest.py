@@ -179,11 +179,15 @@ class ManagerSpec(_Model):
         default_factory=list, description="module:function checks jobs may name besides installed ones (--allow-check)")
     dispatch_window: int | None = Field(None, ge=1, description="the most tasks of one run in flight "
                                                                  "(--dispatch-window; default: the manager's, 10,000)")
+    mirror: Literal["followed", "all", "off"] | None = Field(
+        None, description="whose history goes to the bus: runs someone follows, every run, none (--mirror; "
+                          "default: followed)")
 
     def flags(self) -> list[str]:
         """The manager's flags from this section, besides its lease (each process kind adds its own)."""
         window = [] if self.dispatch_window is None else ["--dispatch-window", str(self.dispatch_window)]
-        return [*(flag for ref in self.allow_checks for flag in ("--allow-check", ref)), *window]
+        mirror = [] if self.mirror is None else ["--mirror", self.mirror]
+        return [*(flag for ref in self.allow_checks for flag in ("--allow-check", ref)), *window, *mirror]
 
 
 class WorkerSpec(_Model):

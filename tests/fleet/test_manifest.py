@@ -241,3 +241,14 @@ def test_the_managers_dispatch_window_comes_from_the_manifest(tmp_path: Path) ->
     assert "--dispatch-window" not in manager_command(default)  # the manager's own default applies
     with pytest.raises(ManifestError, match=r"spec\.manager\.dispatchWindow"):
         load(write(tmp_path, base(manager={"dispatchWindow": 0})), plugins=False)
+
+
+def test_the_managers_history_mirror_comes_from_the_manifest(tmp_path: Path) -> None:
+    m = load(write(tmp_path, base(manager={"mirror": "all"})), plugins=False)
+    [manager] = [d for d in render_kubernetes(m) if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "t-manager"]
+    for argv in (manager_command(m), manager["spec"]["template"]["spec"]["containers"][0]["args"],
+                 render_compose(m)["services"]["manager"]["command"]):
+        assert "--mirror all" in " ".join(argv)
+    assert "--mirror" not in manager_command(load(write(tmp_path, base()), plugins=False))
+    with pytest.raises(ManifestError, match=r"spec\.manager\.mirror"):
+        load(write(tmp_path, base(manager={"mirror": "everything"})), plugins=False)
