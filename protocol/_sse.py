@@ -4,23 +4,40 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
-
-__all__ = ("iter_sse_data",)
+__all__ = ("EventTooLarge", "iter_sse_data")
 
 
-async def iter_sse_data(response: httpx.Response) -> AsyncIterator[str]:
-    """Yield the data of each event; multi-line data is joined with newlines, comments are skipped."""
+class EventTooLarge(Exception):
+    """A line of the stream grew past the limit without ending: a server that is not sending events."""
+
+
+async def iter_sse_data(chunks: AsyncIterator[bytes], *, max_line_bytes: int) -> AsyncIterator[str]:
+    """Yield the data of each event; multi-line data is joined with newlines, comments are skipped.
+
+    Lines are split here from the raw bytes, so what is held at once is bounded by ``max_line_bytes``
+    (a line read whole by the HTTP client grows as long as the server keeps sending).
+    """
     data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > max_line_bytes:
+            raise EventTooLarge(f"a line of the stream is longer than {max_line_bytes} bytes")
+        for raw in lines:
+            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value.removeprefix(" "))
+    if pending.strip():
+        field, _, value = pending.decode("utf-8", "replace").partition(":")
         if field == "data":
             data.append(value.removeprefix(" "))
     if data:

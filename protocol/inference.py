@@ -37,7 +37,7 @@ import httpx
 import jsonschema
 import structlog
 
-from ._sse import iter_sse_data
+from ._sse import EventTooLarge, iter_sse_data
 from .errors import BadCompletion, ContextLengthExceeded, InferenceError, InferenceTimeout, InferenceUnavailable
 from .inference_settings import InferenceSettings
 from .tracing import Tracing
@@ -378,12 +378,14 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                     status = tried.status = resp.status_code
                     if status != 200:
                         outcome = _outcome(status)
-                        await resp.aread()
-                        _raise_for_status(resp)
+                        content = await _read_capped(resp.aiter_bytes(), self.settings.max_response_bytes,
+                                                     resp.headers.get("content-length"))
+                        _raise_for_status(_Answer(status, resp.headers, content))
                     usage: Usage | None = None
                     finish: str | None = None
                     done = False
-                    async for data in iter_sse_data(resp):
+                    async for data in iter_sse_data(resp.aiter_bytes(),
+                                                    max_line_bytes=self.settings.max_response_bytes):
                         if data == "[DONE]":
                             done = True
                             break
@@ -413,6 +415,9 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 if started:  # the caller already has part of the answer; a retry would repeat it
                     raise retry.error from retry
                 attempt = await self._backoff(attempt, retry)
+            except (_TooLarge, EventTooLarge) as exc:
+                tried.end(outcome)
+                raise BadCompletion(f"the stream from /v1/chat/completions is too large: {exc}") from None
             except BadCompletion as exc:
                 tried.end(outcome)
                 if started:
@@ -530,11 +535,17 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             async with self.limiter:
                 with anyio.fail_after(self.settings.timeout):
                     if self._posts is not None:
-                        resp: _Answer | httpx.Response = await self._posts.post(path, body)
+                        resp = await self._posts.post(path, body)
                     else:
-                        resp = await self.http.post(path, json=body)
+                        async with self.http.stream("POST", path, json=body) as streamed:
+                            content = await _read_capped(streamed.aiter_bytes(), self.settings.max_response_bytes,
+                                                         streamed.headers.get("content-length"))
+                            resp = _Answer(streamed.status_code, streamed.headers, content)
             status = resp.status_code
             outcome = _outcome(status)
+        except _TooLarge:
+            raise BadCompletion(f"the answer from {path} is larger than max_response_bytes "
+                                f"({self.settings.max_response_bytes} bytes)") from None
         except (httpx.HTTPError, _PostFailed) as exc:
             error = _transport_error(exc, self.settings.url)
             outcome = "timeout" if isinstance(error, InferenceTimeout) else "unavailable"
@@ -710,6 +721,27 @@ class _Answer:
         return json.loads(self.content)
 
 
+class _TooLarge(Exception):
+    """An answer longer than ``max_response_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"longer than {limit} bytes")
+
+
+async def _read_capped(chunks: AsyncIterator[bytes], limit: int, declared: str | None) -> bytes:
+    """The whole body, or _TooLarge as soon as it says or shows it is longer than ``limit``."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class _PostFailed(Exception):
     """aiohttp could not get an answer (its own error is the cause); ``timeout`` when it timed out."""
 
@@ -776,6 +808,8 @@ class _AiohttpPoster:
     async def post(self, path: str, body: Mapping[str, Any]) -> _Answer:
         try:
             async with self._session.post(self._settings.url + path, json=body, proxy=self._proxy) as resp:
-                return _Answer(resp.status, resp.headers, await resp.read())
+                content = await _read_capped(resp.content.iter_any(), self._settings.max_response_bytes,
+                                             resp.headers.get("Content-Length"))
+                return _Answer(resp.status, resp.headers, content)
         except self._errors as exc:
             raise _PostFailed(isinstance(exc, TimeoutError)) from exc

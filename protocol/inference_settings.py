@@ -48,6 +48,10 @@ class InferenceSettings(BaseModel):
                     "structured_outputs needs vLLM >= 0.10.2",
     )
 
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024, gt=0,
+        description="the largest answer read from the server (a stream: the longest line); past it the call fails "
+                    "with BadCompletion instead of holding whatever a broken or hostile server sends")
     http: Literal["auto", "aiohttp", "httpx"] = Field(
         "auto",
         description="HTTP client for completions: aiohttp costs about a third of httpx's CPU a call; auto = "

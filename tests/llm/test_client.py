@@ -363,9 +363,13 @@ class _ScriptedServer:
                 self.arrivals.append(anyio.current_time())
                 self.heads.append(head)
                 status, headers, body = self.answers.pop(0)
-                lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}", "content-type: application/json",
+                # "connection: close": the body's end is the connection's, with no length said ahead
+                length_line = [] if headers.get("connection") == "close" else [f"content-length: {len(body)}"]
+                lines = [f"HTTP/1.1 {status} X", *length_line, "content-type: application/json",
                          *(f"{k}: {v}" for k, v in headers.items())]
                 await stream.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+                if not length_line:
+                    return
 
 
 def _completion(text: str) -> bytes:
@@ -474,3 +478,26 @@ async def test_a_structured_answer_nested_past_the_json_parser_is_a_bad_completi
     server = _ScriptedServer([(200, {}, _completion("[" * 100_000))])
     with pytest.raises(BadCompletion, match="not valid JSON"):
         await _chat_through(server, lambda client: client.chat_json(HELLO, {"type": "array"}), http=http_client)
+
+
+@pytest.mark.parametrize("said", [True, False], ids=["length-said", "length-unsaid"])
+async def test_an_answer_past_max_response_bytes_is_refused_without_holding_it(http_client: str, said: bool) -> None:
+    huge = _completion("x" * 300_000)
+    server = _ScriptedServer([(200, {} if said else {"connection": "close"}, huge)] * 2)
+    with pytest.raises(BadCompletion, match=r"larger than max_response_bytes \(100000 bytes\)"):
+        await _chat_through(server, http=http_client, max_response_bytes=100_000, max_retries=1,
+                            backoff_initial=0.01)
+    assert len(server.arrivals) == 1  # not retried: the same server would send the same again
+    small = _ScriptedServer([(200, {"connection": "close"}, _completion("fits"))])
+    assert (await _chat_through(small, http=http_client, max_response_bytes=100_000)).text == "fits"
+
+
+async def test_a_stream_line_past_max_response_bytes_is_refused() -> None:
+    endless = b"data: " + b"x" * 300_000  # an event that never ends
+    server = _ScriptedServer([(200, {"connection": "close", "content-type": "text/event-stream"}, endless)])
+
+    async def stream(client: InferenceClient) -> list[Any]:
+        return [event async for event in client.stream_chat(HELLO)]
+
+    with pytest.raises(BadCompletion, match="longer than 100000 bytes"):
+        await _chat_through(server, stream, max_response_bytes=100_000, max_retries=0)
