@@ -15,13 +15,15 @@ the event loop's thread: the consumer runs in this process, nothing else does me
   validation of each assign, a lease, the handler call under its time limit, the reply envelope,
   and the fenced commit of reply and acknowledgement.
 
-No signatures (``--signed`` adds them: assigns signed as the manager, replies MAC'd for it). Figures
+The collector is tuned as in the worker process (``orchestrator/gctune.py``; ``BENCH_DEFAULT_GC=1``: Python's
+defaults). No signatures (``--signed`` adds them: assigns signed as the manager, replies MAC'd for it). Figures
 are medians over ``--repeats``, interleaved raw/runtime so drift hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -119,6 +121,10 @@ async def main() -> None:
     from protocol.logging import configure_logging
 
     configure_logging("WARNING")
+    if not os.environ.get("BENCH_DEFAULT_GC"):  # the worker process's settings (orchestrator/gctune.py)
+        from orchestrator.gctune import WORKER_THRESHOLDS, tune_gc
+
+        tune_gc(WORKER_THRESHOLDS)
     keys = None
     if args.signed:
         from protocol.keyring import Keyring

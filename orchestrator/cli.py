@@ -36,7 +36,7 @@ from orchestrator import processes
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
-from orchestrator.gctune import tune_gc
+from orchestrator.gctune import WORKER_THRESHOLDS, tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
 from orchestrator.manager import DEFAULT_DISPATCH_WINDOW
@@ -594,7 +594,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         plugin=args.plugin or args.capability, concurrency=args.concurrency,
         name=args.name or processes.default_name("worker"), namespace=args.namespace, lease_s=args.lease_s,
         config=config, drain_s=args.drain_s, exit_after_s=args.exit_after_s, llm=_llm_settings(args),
-        observability=_observability(args),
+        observability=_observability(args), gc_thresholds=WORKER_THRESHOLDS,  # this process is a worker
         trust=trust_of(args, [f"worker:{args.capability}"], what=f"a worker for {args.capability!r}")))
     return EXIT_ACCEPTED
 

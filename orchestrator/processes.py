@@ -25,6 +25,7 @@ import structlog
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.acknowledger import Mirror
 from orchestrator.following import HISTORY_WAIT_S, Follower
+from orchestrator.gctune import tune_gc
 from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
 from orchestrator.leader import LeaderLease, LeadershipLost
@@ -243,11 +244,12 @@ async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namesp
 async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int, name: str, namespace: str,
                      lease_s: float, config: dict[str, Any], drain_s: float, exit_after_s: float | None = None,
                      llm: InferenceSettings | None = None, observability: Observability = NO_OBSERVABILITY,
-                     trust: Trust) -> int:
+                     trust: Trust, gc_thresholds: tuple[int, int, int] | None = None) -> int:
     """Serve one capability until SIGTERM (drain); Redis outages are waited out, however long they last.
 
     With ``exit_after_s`` it raises ``BusUnavailable`` (the CLI exits 1) once Redis has been
-    unreachable that long.
+    unreachable that long. With ``gc_thresholds`` (the worker process's own, ``WORKER_THRESHOLDS``) the
+    collector is tuned once the plugin and the clients are loaded (``orchestrator.gctune``).
     """
     _check_exit_after(exit_after_s)
     worker_class = registry.load(plugin)
@@ -262,12 +264,14 @@ async def run_worker(*, url: str, capability: str, plugin: str, concurrency: int
         return await _serve_worker(worker, url=url, capability=capability, concurrency=concurrency, name=name,
                                    namespace=namespace, lease_s=lease_s, drain_s=drain_s,
                                    exit_after_s=exit_after_s, llm=llm if worker_class.needs_inference else None,
-                                   metrics_registry=metrics_registry, tracing=tracing, trust=trust)
+                                   metrics_registry=metrics_registry, tracing=tracing, trust=trust,
+                                   gc_thresholds=gc_thresholds)
 
 
 async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: int, name: str, namespace: str,
                         lease_s: float, drain_s: float, exit_after_s: float | None, llm: InferenceSettings | None,
-                        metrics_registry: Any, tracing: Tracing, trust: Trust) -> int:
+                        metrics_registry: Any, tracing: Tracing, trust: Trust,
+                        gc_thresholds: tuple[int, int, int] | None) -> int:
     observers: list[RuntimeObserver] = []
     if metrics_registry is not None:
         from protocol.metrics import WorkerMetrics
@@ -281,6 +285,8 @@ async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: 
                                 RuntimeSettings(concurrency=concurrency, name=name, drain_s=drain_s), inference=client,
                                 observers=observers, tracing=tracing)
         worker.context = runtime.context_for(capability)
+        if gc_thresholds is not None:
+            tune_gc(gc_thresholds)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signalled, tg.cancel_scope, runtime.stop)
             await runtime.serve()
