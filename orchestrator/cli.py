@@ -36,6 +36,7 @@ from orchestrator import processes
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
+from orchestrator.following import HISTORY_WAIT_S
 from orchestrator.gctune import WORKER_THRESHOLDS, tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_flags(events)
     events.add_argument("run_id")
     events.add_argument("--json", action="store_true", help="print one JSON object per line")
+    events.add_argument("--wait-s", type=float, default=HISTORY_WAIT_S, metavar="S",
+                        help="how long to wait for the manager to send what the bus lacks of the history "
+                             f"(default {HISTORY_WAIT_S:g}); then exit 1")
     events.set_defaults(func=_cmd_events)
 
     watch = verbs.add_parser("watch", help="follow a run live as a tree of its tasks, then summarize it")
@@ -715,8 +719,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_events(args: argparse.Namespace) -> int:
     async def go() -> list[Any]:
         async with _client_bus(args) as bus:
-            return await processes.read_events(bus, args.run_id)
+            return await processes.read_events(bus, args.run_id, wait_s=args.wait_s)
 
+    if not args.wait_s >= 0:
+        raise ConfigError(f"--wait-s must be 0 or more, got {args.wait_s}")
     events = anyio.run(go)
     if not events:
         if anyio.run(_find_run, args) is None:

@@ -3,6 +3,8 @@ every run with ``mirror="all"``), from the ledger for what came before, kept a w
 
 from __future__ import annotations
 
+import json
+import subprocess
 import uuid
 from typing import Any
 
@@ -19,6 +21,8 @@ from protocol.errors import NoActiveManager
 from protocol.history import RunFinished
 from protocol.keys import events_stream
 from protocol.redis_bus import RedisBus
+from tests._trust import env_without_orch
+from tests.test_cli_contract import COMMAND, ROOT
 from workers import Task, Worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -180,3 +184,25 @@ async def test_with_the_mirror_off_a_reader_is_told_no_manager_sends_the_history
         assert (await run.wait()).accepted
         with pytest.raises(NoActiveManager, match=f"run '{run.run_id}' has [0-9]+ history entries and the bus has 0: no manager sent the rest"):
             await processes.read_events(bus, run.run_id, wait_s=0.5)
+
+
+def test_events_says_so_and_exits_1_when_no_manager_sends_the_history(redis_url: str) -> None:
+    namespace = f"mirror-{uuid.uuid4().hex[:8]}"
+
+    async def one_run_then_stop() -> str:
+        async with Orchestrator(bus=RedisBus.from_url(redis_url, namespace=namespace), workers=[Echo],
+                                insecure=True) as orch:
+            run = await orch.submit({"goal": "g", "tasks": [{"id": "t", "capability": "echo", "input": 1}]})
+            assert (await run.wait()).accepted
+            await anyio.sleep(0.6)  # its final summary is out
+            return run.run_id
+
+    run_id = anyio.run(one_run_then_stop)  # the manager is gone: nobody followed the run, nobody sends it now
+    env = {**env_without_orch(keep_keyring=False), "PYTHONPATH": str(ROOT)}
+    args = [*COMMAND, "events", run_id, "--redis", redis_url, "--namespace", namespace, "--insecure", "--wait-s", "1"]
+    text = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    as_json = subprocess.run([*args, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert text.returncode == as_json.returncode == 1
+    assert f"run '{run_id}' has" in text.stderr
+    assert "no manager sent the rest within 1 s" in text.stderr
+    assert json.loads(as_json.stdout)["error_type"] == "NoActiveManager"
