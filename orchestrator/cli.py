@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ from orchestrator.following import HISTORY_WAIT_S
 from orchestrator.gctune import WORKER_THRESHOLDS, tune_gc
 from orchestrator.job import Job, load_job
 from orchestrator.keys_cli import add_keys_flags, add_keys_parser, add_operator_flag, trust_of
+from orchestrator.ledger import read_history
 from orchestrator.manager import DEFAULT_DISPATCH_WINDOW
 from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_flags(events)
     events.add_argument("run_id")
     events.add_argument("--json", action="store_true", help="print one JSON object per line")
+    events.add_argument("--ledger", metavar="PATH", default=None,
+                        help="read the history from this manager's ledger file instead of the bus (no Redis "
+                             "needed; read-only, so a running manager's ledger is fine)")
     events.add_argument("--wait-s", type=float, default=HISTORY_WAIT_S, metavar="S",
                         help="how long to wait for the manager to send what the bus lacks of the history "
                              f"(default {HISTORY_WAIT_S:g}); then exit 1")
@@ -723,17 +728,33 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
     if not args.wait_s >= 0:
         raise ConfigError(f"--wait-s must be 0 or more, got {args.wait_s}")
+    if args.ledger is not None:
+        return _print_events(_ledger_history(args.ledger, args.run_id), as_json=args.json)
     events = anyio.run(go)
     if not events:
         if anyio.run(_find_run, args) is None:
             raise _unknown_run(args.run_id)
         print(f"run {args.run_id} has no history yet", file=sys.stderr)  # noqa: T201 - a note, not output
+    return _print_events(events, as_json=args.json)
+
+
+def _print_events(events: Sequence[Any], *, as_json: bool) -> int:
     for event in events:
-        if args.json:
+        if as_json:
             print(event.model_dump_json())  # noqa: T201 - CLI output
         else:
             print(event_line(event))  # noqa: T201 - CLI output
     return EXIT_ACCEPTED
+
+
+def _ledger_history(path: str, run_id: str) -> list[Any]:
+    try:
+        events = read_history(path, run_id)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"--ledger {path}: cannot read it as a ledger ({exc})") from None
+    if events is None:
+        raise processes.UnknownRun(f"unknown run {run_id!r} (not in the ledger {path})")
+    return events
 
 
 async def _find_run(args: argparse.Namespace) -> dict[str, Any] | None:

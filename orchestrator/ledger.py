@@ -23,7 +23,7 @@ from orchestrator.job import Job
 from orchestrator.records import Event, RunRecord, TaskRecord
 from orchestrator.store import Store
 
-__all__ = ("SQLiteStore",)
+__all__ = ("SQLiteStore", "read_history")
 
 # A run's job has a table of its own: SQLite rewrites a whole row when any column of it changes, and the
 # run row changes at every commit of the run. Kept in ``runs.job``, as it was, a 100,000-task job's 36 MB
@@ -272,3 +272,21 @@ class SQLiteStore(Store):
             query, args = "SELECT run_id FROM runs WHERE state = ? ORDER BY created", (state,)  # type: ignore[assignment]
         rows = await anyio.to_thread.run_sync(lambda: self.db.execute(query, args).fetchall())
         return [r[0] for r in rows]
+
+
+def read_history(path: str | Path, run_id: str) -> list[Event] | None:
+    """A run's history straight from a ledger file, read-only (a running manager may hold it); None: no such run.
+
+    For a run whose history is on no bus: one nobody followed, once its manager has stopped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path}")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            return None
+        rows = db.execute("SELECT record FROM events WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
+    finally:
+        db.close()
+    return [Event.model_validate_json(r[0]) for r in rows]

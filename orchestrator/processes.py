@@ -434,7 +434,8 @@ async def read_events(bus: Bus, run_id: str, *, wait_s: float = HISTORY_WAIT_S) 
     if follower.seen < last_seq:
         raise NoActiveManager(f"run {run_id!r} has {last_seq} history entries and the bus has {follower.seen}: "
                               f"no manager sent the rest within {wait_s:g} s (a manager sends a run's history "
-                              "to whoever follows it: is one running on this namespace?)")
+                              "to whoever follows it: is one running on this namespace? Its ledger has the "
+                              "history too: orchestrator events RUN --ledger PATH)")
     return events
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from orchestrator import processes
 from orchestrator.acknowledger import Mirror
 from orchestrator.api import Orchestrator
+from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import ManagerSettings
 from orchestrator.records import events_envelope
 from protocol.errors import NoActiveManager
@@ -186,12 +188,14 @@ async def test_with_the_mirror_off_a_reader_is_told_no_manager_sends_the_history
             await processes.read_events(bus, run.run_id, wait_s=0.5)
 
 
-def test_events_says_so_and_exits_1_when_no_manager_sends_the_history(redis_url: str) -> None:
+def test_events_says_so_and_exits_1_when_no_manager_sends_the_history_and_reads_it_from_the_ledger(
+        redis_url: str, tmp_path: Path) -> None:
     namespace = f"mirror-{uuid.uuid4().hex[:8]}"
+    ledger = tmp_path / "ledger.db"
 
     async def one_run_then_stop() -> str:
         async with Orchestrator(bus=RedisBus.from_url(redis_url, namespace=namespace), workers=[Echo],
-                                insecure=True) as orch:
+                                store=SQLiteStore(ledger), insecure=True) as orch:
             run = await orch.submit({"goal": "g", "tasks": [{"id": "t", "capability": "echo", "input": 1}]})
             assert (await run.wait()).accepted
             await anyio.sleep(0.6)  # its final summary is out
@@ -206,3 +210,22 @@ def test_events_says_so_and_exits_1_when_no_manager_sends_the_history(redis_url:
     assert f"run '{run_id}' has" in text.stderr
     assert "no manager sent the rest within 1 s" in text.stderr
     assert json.loads(as_json.stdout)["error_type"] == "NoActiveManager"
+    assert "--ledger PATH" in text.stderr
+
+    # From the ledger: no Redis needed, read-only.
+    local = [*COMMAND, "events", run_id, "--ledger", str(ledger)]
+    from_ledger = subprocess.run([*local, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert from_ledger.returncode == 0, from_ledger.stderr
+    events = [json.loads(line) for line in from_ledger.stdout.splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["body"]["kind"] == "run_finished"
+    unknown = subprocess.run([*COMMAND, "events", "nope", "--ledger", str(ledger)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2
+    assert "not in the ledger" in unknown.stderr
+    (tmp_path / "not-a-ledger").write_text("hello")
+    bad = subprocess.run([*COMMAND, "events", run_id, "--ledger", str(tmp_path / "not-a-ledger")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "--ledger" in bad.stderr
+    assert "Traceback" not in bad.stderr
