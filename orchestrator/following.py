@@ -9,6 +9,8 @@ renewal, so a reader that went away stops costing the manager anything.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import anyio
 
@@ -16,12 +18,23 @@ from orchestrator.records import Event, events_of
 from protocol.bus import Bus
 from protocol.keys import events_stream
 
-__all__ = ("FOLLOW_TTL_S", "HISTORY_WAIT_S", "Follower")
+__all__ = ("FOLLOW_TTL_S", "HISTORY_WAIT_S", "Follower", "history_length")
 
 FOLLOW_TTL_S = 15.0  # how long a follow lasts unless renewed
 _RENEW_S = FOLLOW_TTL_S / 3  # renewed this often, so one slow renewal does not let it lapse
 HISTORY_WAIT_S = 10.0  # how long a reader waits for a manager to send a history it asked for
 _READ_COUNT = 1000
+
+
+def history_length(status: Mapping[str, Any] | None) -> int:
+    """How many entries a run's history has, by its summary (``last_seq``); 0 when unknown.
+
+    A summary without ``last_seq`` comes from a manager that mirrored every run: the stream is all there is.
+    """
+    if status is None:
+        return 0
+    last_seq = status.get("last_seq")
+    return last_seq if isinstance(last_seq, int) and last_seq >= 0 else 0
 
 
 class Follower:

@@ -163,7 +163,8 @@ class Manager:
         self._under_way: Gathered[RunRecord] = Gathered()
         self._ended: Gathered[RunRecord] = Gathered()
         self._snapshots = Snapshots(bytes_per_s=self.settings.snapshot_bytes_per_s)
-        self._acker = Acknowledger(bus, store, sender=self.name, mirror=self.settings.mirror if self.settings.publish_events else "off",
+        mirror = self.settings.mirror if self.settings.publish_events else "off"
+        self._acker = Acknowledger(bus, store, sender=self.name, mirror=mirror,
                                    history_ttl_s=self.settings.snapshot_ttl_s, on_committed=self._stale_snapshots.update)
         self._watchdogs: Watchdogs | None = None
 

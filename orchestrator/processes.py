@@ -24,7 +24,7 @@ import structlog
 
 from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.acknowledger import Mirror
-from orchestrator.following import HISTORY_WAIT_S, Follower
+from orchestrator.following import HISTORY_WAIT_S, Follower, history_length
 from orchestrator.gctune import tune_gc
 from orchestrator.job import Job
 from orchestrator.judge import LLMJudge
@@ -228,8 +228,9 @@ async def _lead(lease: LeaderLease, *, url: str, ledger: Path, name: str, namesp
                          retry_budget_s=exit_after_s, trust=trust) as bus,
                 SQLiteStore(ledger) as store,
                 anyio.create_task_group() as tg):
-        manager = Manager(bus, store, ManagerSettings(name=name, dispatch_window=dispatch_window, mirror=mirror), judge=judge,
-                          observers=[metrics.observe] if metrics is not None else [], tracing=tracing, checks=checks)
+        settings = ManagerSettings(name=name, dispatch_window=dispatch_window, mirror=mirror)
+        manager = Manager(bus, store, settings, judge=judge, observers=[metrics.observe] if metrics is not None else [],
+                          tracing=tracing, checks=checks)
         await tg.start(lease.hold)
         await tg.start(manager.serve)
         if metrics is not None:
@@ -427,9 +428,7 @@ async def read_events(bus: Bus, run_id: str, *, wait_s: float = HISTORY_WAIT_S) 
     request (``Follower``). NoActiveManager when that does not come within ``wait_s``.
     """
     follower = Follower(bus, run_id)
-    status = await fetch_status(bus, run_id)
-    # A summary without last_seq comes from a manager that mirrored every run: the stream is all there is.
-    last_seq = int(status.get("last_seq") or 0) if status is not None else 0
+    last_seq = history_length(await fetch_status(bus, run_id))
     events = await follower.read_until(last_seq, wait_s=wait_s)
     if follower.seen < last_seq:
         raise NoActiveManager(f"run {run_id!r} has {last_seq} history entries and the bus has {follower.seen}: "

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.following import history_length
 from orchestrator.processes import UnknownRun
 from orchestrator.ui.auth import Operators, Sessions
 from orchestrator.ui.source import RunSource
@@ -189,7 +190,7 @@ class _Console:
             events, status = await self.source.history_so_far(run_id)
         except BusError as exc:
             return _error(503, str(exc))
-        if events and (status is None or events[-1].seq >= int(status.get("last_seq") or 0)):
+        if events and events[-1].seq >= history_length(status):
             page = RunPage()
             for event in events:
                 page.apply(event)

@@ -16,7 +16,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from orchestrator import processes
-from orchestrator.following import Follower
+from orchestrator.following import Follower, history_length
 from orchestrator.records import events_of
 from orchestrator.ui.view import RunPage
 from protocol.bus import Bus
@@ -101,9 +101,7 @@ class RunSource:
         manager sent the rest within ``wait_s``.
         """
         status = await self.status(run_id)
-        follower = Follower(self.bus, run_id)
-        last_seq = int(status.get("last_seq") or 0) if status is not None else 0
-        return await follower.read_until(last_seq, wait_s=wait_s), status
+        return await Follower(self.bus, run_id).read_until(history_length(status), wait_s=wait_s), status
 
     async def follow(self, run_id: str, *, block_s: float) -> AsyncGenerator[HistoryBatch]:
         """The whole history, then each new batch as the manager records it (empty batches every ``block_s``).
