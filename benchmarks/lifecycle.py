@@ -19,7 +19,9 @@ The manager (with its SQLite ledger, WAL + fsync) runs in this process; one work
   The process whose CPU a task is closest to the job's time a task is the bottleneck.
 
 Figures are medians over ``--repeats`` runs. The process uses the manager process's garbage-collector
-settings (``orchestrator/gctune.py``); ``BENCH_DEFAULT_GC=1`` keeps CPython's defaults instead.
+settings (``orchestrator/gctune.py``); ``BENCH_DEFAULT_GC=1`` keeps CPython's defaults instead. Nobody
+follows the runs, so their histories are not mirrored to the bus; ``BENCH_MIRROR=all`` mirrors every one, as
+managers did before 2026-12-04 (``ManagerSettings.mirror``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bus_raw import PAYLOAD, _pct, _run_raw, _with_worker, print_medians
 from noop import noop_job
 
+from orchestrator.acknowledger import Mirror
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
@@ -75,6 +78,14 @@ def _cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _mirror() -> Mirror:
+    """``BENCH_MIRROR``: whose history the manager mirrors (followed, the default; all; off). Nobody follows here."""
+    mirror = os.environ.get("BENCH_MIRROR", "followed")
+    if mirror not in ("followed", "all", "off"):
+        raise SystemExit(f"BENCH_MIRROR={mirror!r}: expected followed, all or off")
+    return cast(Mirror, mirror)
+
+
 async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path,
                      redis_pid: int | None = None) -> tuple[float, list[float], dict[str, float]]:
     ns = f"bench{uuid.uuid4().hex[:8]}"
@@ -83,7 +94,7 @@ async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path,
         async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus, \
                 SQLiteStore(tmp / f"{ns}.db") as store, anyio.create_task_group() as tg:
             manager = Manager(bus, store if not os.environ.get("BENCH_MEMORY_STORE") else MemoryStore(),
-                              ManagerSettings(publish_events=not os.environ.get("BENCH_NO_EVENTS")))
+                              ManagerSettings(mirror=_mirror(), publish_events=not os.environ.get("BENCH_NO_EVENTS")))
             await tg.start(manager.serve)
             await manager.wait(await manager.submit(_job(20)))  # warm-up
             one = _job(1)
