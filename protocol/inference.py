@@ -245,23 +245,27 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         """
         url = self.settings.url
         try:
-            health = await self.http.get("/health", timeout=self.settings.connect_timeout + 5)
+            health = await self._fetch("GET", "/health", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
             raise InferenceUnavailable(f"cannot reach the LLM server at {url!r}: {exc!r}") from exc
+        except _TooLarge as exc:
+            raise InferenceUnavailable(f"GET {url}/health answered {exc}: not an LLM server") from None
         if health.status_code >= 500:
             raise InferenceUnavailable(f"LLM server at {url!r} is unhealthy: GET /health -> {health.status_code}")
         has_health = health.status_code == 200  # 401/403 from a gateway: /v1/models below names the key problem
         try:
-            resp = await self.http.get("/v1/models", timeout=self.settings.connect_timeout + 5)
+            resp = await self._fetch("GET", "/v1/models", timeout=self.settings.connect_timeout + 5)
         except httpx.HTTPError as exc:
             raise InferenceUnavailable(f"cannot list models at {url!r}: {exc!r}") from exc
+        except _TooLarge as exc:
+            raise InferenceUnavailable(f"GET {url}/v1/models answered {exc}: not an OpenAI model list") from None
         if resp.status_code == 401:
             raise InferenceUnavailable(f"LLM server at {url!r} rejected the API key (set ORCH_LLM_API_KEY)")
         if resp.status_code != 200:
             raise InferenceUnavailable(f"GET {url}/v1/models -> {resp.status_code}: {_error_message(resp)}")
         try:
             listed = resp.json().get("data", [])
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError, RecursionError) as exc:
             raise InferenceUnavailable(f"GET {url}/v1/models did not answer an OpenAI model list: "
                                        f"{resp.text[:120]!r}") from exc
         data = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
@@ -446,14 +450,23 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
 
     async def count_tokens(self, messages: Messages) -> int:
         """Prompt tokens of ``messages`` as the server counts them (POST /tokenize)."""
-        resp = await self.http.post("/tokenize", json={"model": self.model, "messages": list(messages)})
+        try:
+            resp = await self._fetch("POST", "/tokenize", json={"model": self.model, "messages": list(messages)})
+        except _TooLarge as exc:
+            raise BadCompletion(f"POST /tokenize answered {exc}") from None
         if resp.status_code != 200:
             _raise_for_status(resp)
-        return int(resp.json()["count"])
+        try:
+            return int(resp.json()["count"])
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise BadCompletion(f"POST /tokenize did not answer a count: {resp.text[:120]!r}") from exc
 
     async def server_load(self) -> ServerLoad:
         """Scrape running/waiting/KV gauges from /metrics (both current and older names)."""
-        resp = await self.http.get("/metrics", timeout=self.settings.connect_timeout + 5)
+        try:
+            resp = await self._fetch("GET", "/metrics", timeout=self.settings.connect_timeout + 5)
+        except _TooLarge as exc:
+            raise BadCompletion(f"GET /metrics answered {exc}") from None
         values: dict[str, float] = {}
         for line in resp.text.splitlines():
             if line.startswith("vllm:"):
@@ -470,6 +483,13 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         )
 
     # -- internals --------------------------------------------------------------------------------
+
+    async def _fetch(self, method: str, path: str, **kwargs: Any) -> _Answer:
+        """A control call's whole answer over httpx; _TooLarge past ``max_response_bytes``."""
+        async with self.http.stream(method, path, **kwargs) as resp:
+            content = await _read_capped(resp.aiter_bytes(), self.settings.max_response_bytes,
+                                         resp.headers.get("content-length"))
+            return _Answer(resp.status_code, resp.headers, content)
 
     def _chat_body(
         self,
@@ -600,7 +620,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
             if time.monotonic() - cache.at >= self.settings.metrics_interval:  # single flight
                 try:
                     cache.load = await self.server_load()
-                except httpx.HTTPError:
+                except (httpx.HTTPError, BadCompletion):
                     cache.load = None  # no metrics is no reason to stop calling
                 cache.at = time.monotonic()
         return cache.load
@@ -725,7 +745,7 @@ class _TooLarge(Exception):
     """An answer longer than ``max_response_bytes``."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"longer than {limit} bytes")
+        super().__init__(f"more than {limit} bytes (max_response_bytes)")
 
 
 async def _read_capped(chunks: AsyncIterator[bytes], limit: int, declared: str | None) -> bytes:

@@ -501,3 +501,13 @@ async def test_a_stream_line_past_max_response_bytes_is_refused() -> None:
 
     with pytest.raises(BadCompletion, match="longer than 100000 bytes"):
         await _chat_through(server, stream, max_response_bytes=100_000, max_retries=0)
+
+
+async def test_control_answers_past_max_response_bytes_are_refused() -> None:
+    models = json.dumps({"data": [{"id": "m" * 200_000}]}).encode()
+    server = _ScriptedServer([(200, {}, b"{}"), (200, {"connection": "close"}, models)])
+    with pytest.raises(InferenceUnavailable, match=r"/v1/models answered more than 100000 bytes"):
+        await _chat_through(server, lambda client: client.check(), max_response_bytes=100_000)
+    tokenize = _ScriptedServer([(200, {}, json.dumps({"count": 1, "tokens": [1] * 100_000}).encode())])
+    with pytest.raises(BadCompletion, match=r"/tokenize answered more than 100000 bytes"):
+        await _chat_through(tokenize, lambda client: client.count_tokens(HELLO), max_response_bytes=100_000)
