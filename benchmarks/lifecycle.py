@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bus_raw import PAYLOAD, _pct, _run_raw, _with_worker, print_medians
 from noop import noop_job
 
-from orchestrator.acknowledger import Mirror
+from orchestrator.acknowledger import MIRRORS, Mirror
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import Manager, ManagerSettings
@@ -81,12 +81,12 @@ def _cpu_s(pid: int | None) -> float:
 def _mirror() -> Mirror:
     """``BENCH_MIRROR``: whose history the manager mirrors (followed, the default; all; off). Nobody follows here."""
     mirror = os.environ.get("BENCH_MIRROR", "followed")
-    if mirror not in ("followed", "all", "off"):
-        raise SystemExit(f"BENCH_MIRROR={mirror!r}: expected followed, all or off")
+    if mirror not in MIRRORS:
+        raise SystemExit(f"BENCH_MIRROR={mirror!r}: expected one of {', '.join(MIRRORS)}")
     return cast(Mirror, mirror)
 
 
-async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path,
+async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path, mirror: Mirror,
                      redis_pid: int | None = None) -> tuple[float, list[float], dict[str, float]]:
     ns = f"bench{uuid.uuid4().hex[:8]}"
     proc = _with_worker(_worker, url, ns)
@@ -94,7 +94,7 @@ async def _lifecycle(url: str, n: int, lat_n: int, tmp: Path,
         async with RedisBus.from_url(url, settings=BusSettings(), namespace=ns) as bus, \
                 SQLiteStore(tmp / f"{ns}.db") as store, anyio.create_task_group() as tg:
             manager = Manager(bus, store if not os.environ.get("BENCH_MEMORY_STORE") else MemoryStore(),
-                              ManagerSettings(mirror=_mirror(), publish_events=not os.environ.get("BENCH_NO_EVENTS")))
+                              ManagerSettings(mirror=mirror, publish_events=not os.environ.get("BENCH_NO_EVENTS")))
             await tg.start(manager.serve)
             await manager.wait(await manager.submit(_job(20)))  # warm-up
             one = _job(1)
@@ -132,6 +132,7 @@ async def main() -> None:
     parser.add_argument("--latency-tasks", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    mirror = _mirror()  # a bad BENCH_MIRROR stops the benchmark before it starts anything
     from protocol.logging import configure_logging
 
     configure_logging("WARNING")
@@ -149,7 +150,7 @@ async def main() -> None:
         print(f"redis at {url}; {args.tasks} tasks x {args.repeats} repeats; 300-byte payload")
         for rep in range(args.repeats):
             raw_tput, raw_lat, _ = await _run_raw(url, args.tasks, 500, args.latency_tasks)
-            life_tput, life_lat, cpu = await _lifecycle(url, args.tasks, args.latency_tasks, tmp, redis_pid)
+            life_tput, life_lat, cpu = await _lifecycle(url, args.tasks, args.latency_tasks, tmp, mirror, redis_pid)
             for name, tput, lat in (("raw", raw_tput, raw_lat), ("lifecycle", life_tput, life_lat)):
                 rows[name].setdefault("tput", []).append(tput)
                 rows[name].setdefault("p50", []).append(_pct(lat, 0.50) * 1e6)

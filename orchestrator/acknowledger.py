@@ -15,7 +15,7 @@ happens, until the follow lapses. ``mirror="all"`` mirrors every run, as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 import anyio
 import structlog
@@ -27,9 +27,10 @@ from protocol.errors import FrameTooLarge
 from protocol.history import RunStarted
 from protocol.keys import events_stream
 
-__all__ = ("Acknowledger", "Mirror")
+__all__ = ("MIRRORS", "Acknowledger", "Mirror")
 
 Mirror = Literal["followed", "all", "off"]  # whose history goes to the bus: runs someone follows, every run, none
+MIRRORS: tuple[Mirror, ...] = get_args(Mirror)
 
 log = structlog.get_logger("orchestrator.acknowledger")
 

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from orchestrator import processes
 from orchestrator._checks import CheckRegistry, default_checks
+from orchestrator.acknowledger import MIRRORS
 from orchestrator.api import Orchestrator, RunResult
 from orchestrator.display import RunView, event_line, render_summary, render_table
 from orchestrator.following import HISTORY_WAIT_S
@@ -98,9 +99,9 @@ class _FromEnv:
 
 
 def _mirror(text: str) -> str:
-    """A manager's ``--mirror``: followed, all or off."""
-    if text not in ("followed", "all", "off"):
-        raise ValueError("expected followed, all or off")
+    """A manager's ``--mirror``: one of ``MIRRORS``."""
+    if text not in MIRRORS:
+        raise ValueError(f"expected one of {', '.join(MIRRORS)}")
     return text
 
 
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                          default=_FromEnv("ORCH_DISPATCH_WINDOW", count, DEFAULT_DISPATCH_WINDOW), metavar="N",
                          help="the most tasks of one run in flight at once; more ready tasks are held until these end "
                               f"(env ORCH_DISPATCH_WINDOW; default: {DEFAULT_DISPATCH_WINDOW})"),
-    manager.add_argument("--mirror", choices=("followed", "all", "off"), default=_FromEnv("ORCH_MIRROR", _mirror, "followed"),
+    manager.add_argument("--mirror", choices=MIRRORS, default=_FromEnv("ORCH_MIRROR", _mirror, "followed"),
                          help="whose history goes to the bus for events, watch and the console: the runs someone "
                               "follows (they ask; default), every run, or none (env ORCH_MIRROR)")
     manager.add_argument("--manager-lease-s", type=float, default=5.0,

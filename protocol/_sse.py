@@ -18,12 +18,18 @@ async def iter_sse_data(chunks: AsyncIterator[bytes], *, max_line_bytes: int) ->
     (a line read whole by the HTTP client grows as long as the server keeps sending).
     """
     data: list[str] = []
-    pending = b""
+    pending: list[bytes] = []  # the start of a line still arriving, in the pieces it came in
+    held = 0
     async for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        if len(pending) > max_line_bytes:
-            raise EventTooLarge(f"a line of the stream is longer than {max_line_bytes} bytes")
+        *lines, rest = chunk.split(b"\n")  # only the new bytes are scanned: a long line costs its length once
+        if lines:
+            lines[0] = b"".join(pending) + lines[0]
+            pending, held = [], 0
+        if rest:
+            pending.append(rest)
+            held += len(rest)
+            if held > max_line_bytes:
+                raise EventTooLarge(f"a line of the stream is longer than {max_line_bytes} bytes")
         for raw in lines:
             line = raw.removesuffix(b"\r").decode("utf-8", "replace")
             if not line:
@@ -36,8 +42,8 @@ async def iter_sse_data(chunks: AsyncIterator[bytes], *, max_line_bytes: int) ->
             field, _, value = line.partition(":")
             if field == "data":
                 data.append(value.removeprefix(" "))
-    if pending.strip():
-        field, _, value = pending.decode("utf-8", "replace").partition(":")
+    if last := b"".join(pending).strip():
+        field, _, value = last.decode("utf-8", "replace").partition(":")
         if field == "data":
             data.append(value.removeprefix(" "))
     if data:

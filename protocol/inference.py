@@ -485,7 +485,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
     # -- internals --------------------------------------------------------------------------------
 
     async def _fetch(self, method: str, path: str, **kwargs: Any) -> _Answer:
-        """A control call's whole answer over httpx; _TooLarge past ``max_response_bytes``."""
+        """A whole answer over httpx; _TooLarge past ``max_response_bytes``."""
         async with self.http.stream(method, path, **kwargs) as resp:
             content = await _read_capped(resp.aiter_bytes(), self.settings.max_response_bytes,
                                          resp.headers.get("content-length"))
@@ -557,10 +557,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                     if self._posts is not None:
                         resp = await self._posts.post(path, body)
                     else:
-                        async with self.http.stream("POST", path, json=body) as streamed:
-                            content = await _read_capped(streamed.aiter_bytes(), self.settings.max_response_bytes,
-                                                         streamed.headers.get("content-length"))
-                            resp = _Answer(streamed.status_code, streamed.headers, content)
+                        resp = await self._fetch("POST", path, json=body)
             status = resp.status_code
             outcome = _outcome(status)
         except _TooLarge:

@@ -41,6 +41,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from orchestrator.acknowledger import Mirror
 from orchestrator.yaml_file import read_yaml
 from protocol.errors import ManifestError, PluginLoadError, ServiceUnreachable
 from protocol.settings import redact_url
@@ -179,7 +180,7 @@ class ManagerSpec(_Model):
         default_factory=list, description="module:function checks jobs may name besides installed ones (--allow-check)")
     dispatch_window: int | None = Field(None, ge=1, description="the most tasks of one run in flight "
                                                                  "(--dispatch-window; default: the manager's, 10,000)")
-    mirror: Literal["followed", "all", "off"] | None = Field(
+    mirror: Mirror | None = Field(
         None, description="whose history goes to the bus: runs someone follows, every run, none (--mirror; "
                           "default: followed)")
 
