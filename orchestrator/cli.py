@@ -48,7 +48,7 @@ from orchestrator.planner import Planner
 from orchestrator.simulator import SimConfig, SimulatedVLLM
 from orchestrator.trust import Trust, pick_operator
 from protocol.bus import Bus
-from protocol.errors import ConfigError, OrchestratorError, PluginLoadError
+from protocol.errors import BusUnavailable, ConfigError, OrchestratorError, PluginLoadError
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
 from protocol.logging import configure_logging
@@ -705,6 +705,35 @@ async def _manager_stays(url: str, namespace: str, run_id: str) -> None:
                                                 f"(follow it with `orchestrator watch {run_id}`)") from None
 
 
+async def _say_when_no_manager(url: str, namespace: str, run_id: str, *, poll_s: float = 1.0) -> None:
+    """While ``watch`` follows a run, say on stderr when no manager has held the lease for ``MANAGER_GRACE_S``
+    (nothing records the run's events then: without this the view would just stop), and when one holds it again."""
+    say = _Console(stderr=True).print
+    missing_since: float | None = None
+    said = False
+    while True:
+        try:
+            holder = await processes.active_manager(url, namespace=namespace)
+        except BusUnavailable:  # the follow itself rides out an outage, or ends the watch saying so
+            await anyio.sleep(poll_s)
+            continue
+        now = anyio.current_time()
+        if holder is None:
+            missing_since = now if missing_since is None else missing_since
+            if not said and now - missing_since >= MANAGER_GRACE_S:
+                said = True
+                say(f"orchestrator: waiting: no manager has held the manager lease "
+                    f"{processes.manager_lease_key(namespace)!r} for {now - missing_since:.0f} s, so run {run_id} "
+                    "is not moving; it goes on where it stopped when a manager starts "
+                    "(`orchestrator manager` or `orchestrator fleet up`)", highlight=False, soft_wrap=True)
+        else:
+            if said:
+                say(f"orchestrator: manager {holder} holds the lease: run {run_id} goes on", highlight=False,
+                    soft_wrap=True)
+            missing_since, said = None, False
+        await anyio.sleep(poll_s)
+
+
 def _unknown_run(run_id: str) -> processes.UnknownRun:
     return processes.UnknownRun(f"unknown run {run_id!r} (no manager has reported it and no submission of it "
                                 "is waiting; a mistyped id, or it expired)")
@@ -781,9 +810,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             else:
                 with Live(render_table(view, width=console.width), console=console, refresh_per_second=4,
                           transient=True) as live:
-                    async for event in processes.follow_events(bus, args.run_id):
-                        view.apply(event)
-                        live.update(render_table(view, width=console.width))
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(_say_when_no_manager, processes.redis_url(args.redis), args.namespace,
+                                      args.run_id)
+                        async for event in processes.follow_events(bus, args.run_id):
+                            view.apply(event)
+                            live.update(render_table(view, width=console.width))
+                        tg.cancel_scope.cancel()
             if view.state.value in _EXIT_FOR_STATE:  # followed to its end: wait for the summary to agree
                 status = await processes.ended_status(bus, args.run_id)
             else:

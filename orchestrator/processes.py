@@ -356,8 +356,8 @@ async def _queued_submission(bus: Bus, run_id: str) -> Submit | None:
     return None
 
 
-def _manager_lease_key(namespace: str) -> str:
-    # The key orchestrator.leader.LeaderLease holds while a manager leads; read here, never written.
+def manager_lease_key(namespace: str) -> str:
+    """The key ``orchestrator.leader.LeaderLease`` holds (``NAME@EPOCH``) while a manager leads; clients only read it."""
     return f"{namespace}:{{mgr}}:lease"
 
 
@@ -365,7 +365,7 @@ async def active_manager(url: str, *, namespace: str) -> str | None:
     """Who holds the manager lease (``NAME@EPOCH``), or None when no manager is active."""
     client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     try:
-        holder = await client.get(_manager_lease_key(namespace))
+        holder = await client.get(manager_lease_key(namespace))
     except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
         raise BusUnavailable(f"cannot reach Redis at {redact_url(url)} to find the active manager: {exc}") from exc
     finally:
@@ -382,7 +382,7 @@ async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s:
     while (holder := await active_manager(url, namespace=namespace)) is None:
         if anyio.current_time() >= deadline:
             raise NoActiveManager(f"no active manager: nothing held the manager lease "
-                                  f"{_manager_lease_key(namespace)!r} at {redact_url(url)} for {within_s:.1f} s "
+                                  f"{manager_lease_key(namespace)!r} at {redact_url(url)} for {within_s:.1f} s "
                                   "(start one with `orchestrator manager` or `orchestrator fleet up`)")
         await anyio.sleep(poll_s)
     return holder

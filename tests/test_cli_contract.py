@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -243,6 +245,60 @@ def test_status_of_a_submission_no_manager_took_yet_says_it_is_queued(redis_url:
         _kill(watch)
         _, err = watch.communicate(timeout=10)
     assert f"run {run_id} is queued: waiting for a manager" in err
+
+
+@pytest.mark.redis
+def test_watch_says_when_no_manager_moves_the_run_and_when_one_does_again(redis_url: str, tmp_path: Path) -> None:
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    env = _env(ORCH_REDIS_URL=redis_url, ORCH_NAMESPACE=namespace)
+
+    def manager() -> subprocess.Popen[bytes]:
+        return _spawn(["manager", "--ledger", str(tmp_path / "ledger.db"), "--manager-lease-s", "2"], env,
+                      tmp_path / "manager.log")
+
+    first = manager()
+    job = tmp_path / "job.yaml"
+    job.write_text(ONE_TASK.format(goal="unserved", extra=""))  # no worker serves python here: it stays running
+    submitted = cli("submit", str(job), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    lines: queue.Queue[str] = queue.Queue()
+    watch = subprocess.Popen([*COMMAND, "watch", run_id], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = None
+
+    def said(text: str, within_s: float) -> str:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.2)
+                if text in line:
+                    return line
+        raise AssertionError(f"watch never said {text!r} within {within_s} s")
+
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in watch.stderr or ()], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while json.loads(cli("status", run_id, "--json", env=env).stdout)["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        time.sleep(1)
+        os.kill(first.pid, signal.SIGKILL)  # its lease lapses after 2 s; nobody releases it
+        line = said("no manager has held the manager lease", within_s=20)
+        assert f"'{namespace}:{{mgr}}:lease'" in line
+        assert f"run {run_id} is not moving" in line
+        assert watch.poll() is None, "watch waits for a manager, saying so"
+        second = manager()
+        assert f"run {run_id} goes on" in said("holds the lease", within_s=30)
+        assert cli("cancel", run_id, env=env).returncode == 0
+        assert watch.wait(timeout=30) == 1
+    finally:
+        for proc in (watch, first, *([second] if second else [])):
+            _kill(proc)
+        reader.join(timeout=10)  # the pipe ends with the process
+        if watch.stderr is not None:
+            watch.stderr.close()
 
 
 # -- 2. submit --wait without a manager ----------------------------------------------------------------------
