@@ -713,22 +713,20 @@ async def _say_when_no_manager(url: str, namespace: str, run_id: str, *, poll_s:
     said = False
     while True:
         try:
-            holder = await processes.active_manager(url, namespace=namespace)
+            why = await processes.no_manager_reason(url, namespace=namespace)
         except BusUnavailable:  # the follow itself rides out an outage, or ends the watch saying so
             await anyio.sleep(poll_s)
             continue
         now = anyio.current_time()
-        if holder is None:
+        if why:
             missing_since = now if missing_since is None else missing_since
             if not said and now - missing_since >= MANAGER_GRACE_S:
                 said = True
-                say(f"orchestrator: waiting: no manager has held the manager lease "
-                    f"{processes.manager_lease_key(namespace)!r} for {now - missing_since:.0f} s, so run {run_id} "
-                    "is not moving; it goes on where it stopped when a manager starts "
-                    "(`orchestrator manager` or `orchestrator fleet up`)", highlight=False, soft_wrap=True)
+                say(f"orchestrator: waiting for {now - missing_since:.0f} s on run {run_id}: {why}", highlight=False,
+                    soft_wrap=True)
         else:
             if said:
-                say(f"orchestrator: manager {holder} holds the lease: run {run_id} goes on", highlight=False,
+                say(f"orchestrator: a manager holds the lease again: run {run_id} goes on", highlight=False,
                     soft_wrap=True)
             missing_since, said = None, False
         await anyio.sleep(poll_s)

@@ -49,7 +49,7 @@ from workers import registry
 from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
 
 __all__ = ("NoActiveManager", "Observability", "UnknownRun", "active_manager", "fetch_status", "find_run",
-           "follow_events", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
+           "follow_events", "no_manager_reason", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
            "wait_for_manager", "wait_for_run")
 
 log = structlog.get_logger("orchestrator.processes")
@@ -371,6 +371,14 @@ async def active_manager(url: str, *, namespace: str) -> str | None:
     finally:
         await client.aclose()
     return holder.decode() if isinstance(holder, bytes) else holder
+
+
+async def no_manager_reason(url: str, *, namespace: str) -> str:
+    """Why nothing moves the namespace's runs (no manager holds the lease), or '' while a manager leads."""
+    if await active_manager(url, namespace=namespace) is not None:
+        return ""
+    return (f"no manager holds the manager lease {manager_lease_key(namespace)!r}: the run is not moving; it goes on "
+            "where it stopped when a manager starts (`orchestrator manager` or `orchestrator fleet up`)")
 
 
 async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s: float = 0.5) -> str:

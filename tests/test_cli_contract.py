@@ -285,12 +285,13 @@ def test_watch_says_when_no_manager_moves_the_run_and_when_one_does_again(redis_
             time.sleep(0.3)
         time.sleep(1)
         os.kill(first.pid, signal.SIGKILL)  # its lease lapses after 2 s; nobody releases it
-        line = said("no manager has held the manager lease", within_s=20)
+        line = said("no manager holds the manager lease", within_s=20)
         assert f"'{namespace}:{{mgr}}:lease'" in line
-        assert f"run {run_id} is not moving" in line
+        assert f"on run {run_id}: " in line
+        assert "the run is not moving" in line
         assert watch.poll() is None, "watch waits for a manager, saying so"
         second = manager()
-        assert f"run {run_id} goes on" in said("holds the lease", within_s=30)
+        assert f"run {run_id} goes on" in said("a manager holds the lease again", within_s=30)
         assert cli("cancel", run_id, env=env).returncode == 0
         assert watch.wait(timeout=30) == 1
     finally:

@@ -219,11 +219,19 @@ class _Console:
             yield _sse("unavailable", {"error": str(exc)})
 
     async def _follow(self, run_id: str, page: RunPage) -> AsyncGenerator[bytes]:
+        still = ""  # why the run is not moving, as the page was last told
         async with aclosing(self.source.follow(run_id, block_s=self.keepalive_s)) as batches:
             async for batch in batches:
                 if not batch.events:
+                    # A quiet run may be waiting for a person or a worker, or for a manager that is gone: say the last.
+                    if (why := await self.source.why_still()) != still:
+                        still = why
+                        yield _sse("waiting", {"reason": why})
                     yield b": keep-alive\n\n"
                     continue
+                if still:
+                    still = ""
+                    yield _sse("waiting", {"reason": ""})
                 fresh = [e for e in batch.events if e.seq > page.seen]
                 for event in fresh:
                     page.apply(event)

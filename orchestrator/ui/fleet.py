@@ -8,6 +8,7 @@ codec signs as that operator alone, so the manager records the key's identity. W
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import AsyncExitStack
 
@@ -52,4 +53,6 @@ async def open_fleet_console(stack: AsyncExitStack, *, url: str, namespace: str,
             bus_for[ident] = await stack.enter_async_context(
                 processes.open_bus(url, namespace=namespace, lease_s=lease_s, retry_budget_s=CLIENT_RETRY_BUDGET_S,
                                    trust=signing))
-    return RunSource(bus, redis_run_ids(bus, url)), Operators.named(identities, bus_for=bus_for)
+    source = RunSource(bus, redis_run_ids(bus, url),
+                       why_still=functools.partial(processes.no_manager_reason, url, namespace=namespace))
+    return source, Operators.named(identities, bus_for=bus_for)

@@ -35,6 +35,7 @@ PAGE_WAIT_S = 3.0  # how long a page waits for the manager to send a history the
 SUMMARY_LAG_S = 2.0  # the manager refreshes a running run's summary every 0.5 s
 
 RunIds = Callable[[], Awaitable[list[str]]]
+WhyStill = Callable[[], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +47,20 @@ class HistoryBatch:
 
 
 class RunSource:
-    """Reads runs from ``bus``; ``run_ids`` lists the runs there are (newest or not, any order)."""
+    """Reads runs from ``bus``; ``run_ids`` lists the runs there are (newest or not, any order).
 
-    def __init__(self, bus: Bus, run_ids: RunIds) -> None:
+    ``why_still`` says why nothing moves the runs (no manager leads), or '' while something does; a
+    source without one (an in-process run, whose manager is the console's own process) never says.
+    """
+
+    def __init__(self, bus: Bus, run_ids: RunIds, *, why_still: WhyStill | None = None) -> None:
         self.bus = bus
         self._run_ids = run_ids
+        self._why_still = why_still
+
+    async def why_still(self) -> str:
+        """Why the runs are not moving, naming what they wait for, or '' (they are, or this source cannot tell)."""
+        return "" if self._why_still is None else await self._why_still()
 
     async def runs(self) -> list[dict[str, Any]]:
         """Every run's head (id, goal, state, reason, tokens, started, task counts), newest first."""

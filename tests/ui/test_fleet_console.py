@@ -6,10 +6,13 @@ import json
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from orchestrator import processes
+from orchestrator.leader import LeaderLease
 from orchestrator.trust import load_trust
 from protocol.keyring import Keyring, KeyringError
 from protocol.keys import OVERRIDES_STREAM, run_snapshot_key
@@ -17,7 +20,8 @@ from protocol.messages import Override
 
 pytest.importorskip("starlette", reason="the console needs starlette: pip install 'orchestrator[ui]'")
 
-from orchestrator.ui.fleet import open_fleet_console  # needs starlette, checked above
+from orchestrator.ui import console_app  # needs starlette, checked above
+from orchestrator.ui.fleet import open_fleet_console
 
 pytestmark = pytest.mark.redis
 
@@ -55,3 +59,64 @@ async def test_only_named_operators_get_a_login_and_a_name_without_a_key_is_refu
         with pytest.raises(KeyringError, match=r"no private key for operator:carol .*keys add operator carol"):
             await open_fleet_console(stack, url=redis_url, namespace="ui-named", lease_s=5.0, keys=ring.path,
                                      insecure=False, operators=["carol"])
+
+
+async def _stream_events(app: Any, path: str, events: list[tuple[str, Any]]) -> None:
+    """GET ``path`` on the ASGI ``app`` and append each server-sent event as it arrives (until cancelled)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    disconnected = anyio.Event()
+    buffer = b""
+
+    async def receive() -> dict[str, Any]:
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal buffer
+        if message["type"] != "http.response.body":
+            return
+        buffer += message.get("body", b"")
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in block.decode().splitlines() if ": " in line)
+            if "event" in fields:
+                events.append((fields["event"], json.loads(fields["data"])))
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        disconnected.set()
+
+
+async def test_a_run_page_says_when_no_manager_holds_the_lease_and_when_one_does_again(redis_url: str) -> None:
+    namespace = f"ui{uuid.uuid4().hex[:8]}"
+    events: list[tuple[str, Any]] = []
+
+    async def told(reason_has: str) -> str:
+        with anyio.fail_after(10):
+            while True:
+                reasons = [data["reason"] for kind, data in events if kind == "waiting"]
+                if reasons and reason_has in reasons[-1] and (reason_has or not reasons[-1]):
+                    return str(reasons[-1])
+                await anyio.sleep(0.05)
+
+    async with AsyncExitStack() as stack:
+        source, operators = await open_fleet_console(stack, url=redis_url, namespace=namespace, lease_s=5.0,
+                                                     keys=None, insecure=True, operators=[])
+        app = console_app(source, operators, keepalive_s=0.2)
+        lease = LeaderLease(redis_url, name="test-manager", namespace=namespace, lease_s=30)
+        stack.push_async_callback(lease.aclose)
+        await lease.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stream_events, app, "/api/runs/r1/stream", events)
+            await anyio.sleep(1.0)  # five keep-alives while a manager leads
+            assert [kind for kind, _ in events if kind == "waiting"] == []
+            await lease.release()
+            reason = await told("no manager holds the manager lease")
+            assert f"'{namespace}:{{mgr}}:lease'" in reason
+            assert "the run is not moving" in reason
+            await lease.acquire()
+            assert await told("") == ""
+            tg.cancel_scope.cancel()

@@ -123,6 +123,10 @@ function openRun(runId) {
   });
   source.addEventListener("open", () => { $("run-live").textContent = "live"; });
   source.addEventListener("unavailable", (e) => { $("run-live").textContent = JSON.parse(e.data).error; });
+  source.addEventListener("waiting", (e) => {
+    const reason = JSON.parse(e.data).reason;
+    $("run-live").textContent = reason ? `waiting: ${reason}` : "live";
+  });
   source.addEventListener("error", () => {
     if (source.readyState !== EventSource.CLOSED) $("run-live").textContent = "reconnecting…";
   });
