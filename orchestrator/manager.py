@@ -47,6 +47,7 @@ from orchestrator.gathered import Gathered
 from orchestrator.job import Job, parse_job
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord, task_records
 from orchestrator.snapshots import Snapshots
+from orchestrator.staged_jobs import MAX_JOB_BYTES, discard, unstage
 from orchestrator.store import Store
 from orchestrator.verifier import run_check
 from orchestrator.watchdogs import Watchdogs, now
@@ -129,6 +130,8 @@ class ManagerSettings:
     # as these end. A 100,000-task run dispatched all at once held an attempt, an event and an assign for every
     # task from its start on. None: no limit.
     dispatch_window: int | None = DEFAULT_DISPATCH_WINDOW
+    # The most of a staged submission (a job too big for one message, orchestrator/staged_jobs.py) it reads.
+    max_job_bytes: int = MAX_JOB_BYTES
 
 
 class Manager:
@@ -196,7 +199,7 @@ class Manager:
 
     async def submit(self, job: Job, *, run_id: str | None = None) -> str:
         """Start a run of ``job``; returns its run id at once. Submitting a known run id again is a no-op."""
-        if run_id is not None and (run_id in self._engines or await self.store.get_run(run_id) is not None):
+        if run_id is not None and await self._known(run_id):
             return run_id
         at = now()
         self._serving()  # refuses a submission before serve() runs
@@ -584,9 +587,18 @@ class Manager:
             if not isinstance(env.body, Submit):
                 await self._bury(delivery, f"a {env.type!r} message does not belong on the jobs stream")
                 continue
+            staged = env.body.staged
             try:
+                if staged is not None and env.run_id and await self._known(env.run_id):
+                    await discard(self.bus, env.run_id)  # delivered again after its run was recorded
+                    await self.bus.ack(delivery)
+                    continue
                 try:
-                    job = parse_job(env.body.job, source=env.body.source or None, checks=self.checks)
+                    data = env.body.job
+                    if staged is not None:
+                        data = await unstage(self.bus, env.run_id, staged, max_bytes=self.settings.max_job_bytes)
+                        log.info("staged_job_read", run_id=env.run_id, bytes=staged.size, tasks=staged.tasks)
+                    job = parse_job(data, source=env.body.source or None, checks=self.checks)
                     run_id = await self.submit(job, run_id=env.run_id or None)
                 except Exception as exc:
                     # The submitter validated the job; a job that still fails here (with this manager's
@@ -599,11 +611,16 @@ class Manager:
                     if (engine := self._engines.get(run_id)) is not None:
                         # Before the ack deletes the submission, so status finds one or the other (find_run).
                         await self._publish_snapshot(engine.run)
+                if staged is not None:
+                    await discard(self.bus, env.run_id)
             except Exception as exc:  # even recording the rejection failed: the submission must not stop us
                 log.exception("submission_processing_failed", run_id=env.run_id)
                 await self._bury(delivery, f"handling the submission failed: {type(exc).__name__}: {exc}")
                 continue
             await self.bus.ack(delivery)
+
+    async def _known(self, run_id: str) -> bool:
+        return run_id in self._engines or await self.store.get_run(run_id) is not None
 
     async def _consume_overrides(self) -> None:
         """Apply overrides sent by people from any machine (``orchestrator approve`` and friends)."""

@@ -32,6 +32,7 @@ from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import DEFAULT_DISPATCH_WINDOW, Manager, ManagerSettings
 from orchestrator.records import Event
+from orchestrator.staged_jobs import submission
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
@@ -298,9 +299,8 @@ async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: 
 async def submit_job(bus: Bus, job: Job, *, source: str = "", run_id: str | None = None) -> str:
     """Hand a validated job to the active manager; returns the run id at once."""
     run_id = run_id or new_id()
-    data = job.model_dump(mode="json", by_alias=True)
-    await bus.publish(JOBS_STREAM, Envelope(run_id=run_id, sender=default_name("client"),
-                                            body=Submit(job=data, source=source)))
+    submit = await submission(bus, run_id, job.model_dump(mode="json", by_alias=True), source=source)
+    await bus.publish(JOBS_STREAM, Envelope(run_id=run_id, sender=default_name("client"), body=submit))
     return run_id
 
 
@@ -336,9 +336,10 @@ async def find_run(bus: Bus, run_id: str) -> dict[str, Any] | None:
         return status
     submit = await _queued_submission(bus, run_id)
     if submit is not None:
-        tasks = submit.job.get("tasks") or []
+        tasks = submit.job.get("tasks") or []  # a staged job's are not read here: only their count
+        staged = f" (a staged job of {submit.staged.tasks} tasks)" if submit.staged is not None else ""
         return {"run_id": run_id, "goal": submit.job.get("goal", ""), "state": "queued",
-                "reason": "waiting for a manager to take the submission", "tokens": 0, "held": 0,
+                "reason": f"waiting for a manager to take the submission{staged}", "tokens": 0, "held": 0,
                 "tasks": [{"id": t.get("id", ""), "capability": t.get("capability", ""), "state": "not_done",
                            "attempts": 0, "output": None, "reason": "", "worker": "", "tokens": 0}
                           for t in tasks if isinstance(t, dict)]}

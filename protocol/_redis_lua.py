@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "FOLLOW", "FOLLOWERS", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "FOLLOW", "FOLLOWERS", "GET_CAPPED", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
            "SET_VALUE", "STAGE_PIECE", "Script")
 
 
@@ -285,6 +285,16 @@ if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEY
 return 1
 """, fixed=1, width=0)
 
+# KEYS: value key. ARGV: the most bytes the reader takes. {} when there is no value, {'TOOLARGE', size} when it
+# is longer than that (so a value anyone could have grown is never read whole), else {'OK', value}.
+GET_CAPPED = Script("get_capped", r"""
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return {'TOOLARGE', size} end
+local value = redis.call('GET', KEYS[1])
+if not value then return {} end
+return {'OK', value}
+""", fixed=1, width=0)
+
 # KEYS: key. ARGV: time to live in seconds, per item. 1 when the key exists, else 0.
 EXPIRE = Script("expire", r"""
 local out = {}
@@ -294,4 +304,4 @@ end
 return out
 """, fixed=0, width=1)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, FOLLOW, FOLLOWERS, SET_VALUE, STAGE_PIECE, PUT_STAGED, EXPIRE)
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, FOLLOW, FOLLOWERS, SET_VALUE, STAGE_PIECE, PUT_STAGED, GET_CAPPED, EXPIRE)

@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from protocol.authority import signer_for
 from protocol.codec import Codec
 from protocol.envelope import Envelope
-from protocol.errors import LeaseLost, ProtocolError
+from protocol.errors import LeaseLost, ProtocolError, ValueTooLarge
 from protocol.messages import Heartbeat
 
 __all__ = ("MAX_FOLLOW_TTL_S", "Bus", "BusSettings", "DeadLetter", "Delivery", "MemoryBus")
@@ -216,8 +216,12 @@ class Bus(abc.ABC):
         await self.put_values({key: b"".join(parts) for key, parts in values.items()}, ttl_s=ttl_s)
 
     @abc.abstractmethod
-    async def get_value(self, key: str) -> bytes | None:
-        """The value stored under ``key``, or None."""
+    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        """The value stored under ``key``, or None; ``ValueTooLarge`` (nothing read) when it is over ``max_bytes``."""
+
+    @abc.abstractmethod
+    async def delete_value(self, key: str) -> None:
+        """Remove the value under ``key``, if there is one."""
 
     @abc.abstractmethod
     async def announce(self, worker: str, capabilities: Iterable[str], *, ttl_s: float) -> None:
@@ -495,13 +499,19 @@ class MemoryBus(Bus):
         self._values[key] = (bytes(value), None if ttl_s is None else time.monotonic() + ttl_s)
         await anyio.lowlevel.checkpoint()
 
-    async def get_value(self, key: str) -> bytes | None:
+    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
         await anyio.lowlevel.checkpoint()
         value, expires = self._values.get(key, (None, None))
         if expires is not None and expires <= time.monotonic():
             self._values.pop(key, None)
             return None
+        if value is not None and max_bytes is not None and len(value) > max_bytes:
+            raise ValueTooLarge(f"value {key!r} is {len(value)} bytes, over the {max_bytes} its reader takes")
         return value
+
+    async def delete_value(self, key: str) -> None:
+        self._values.pop(key, None)
+        await anyio.lowlevel.checkpoint()
 
     async def announce(self, worker: str, capabilities: Iterable[str], *, ttl_s: float) -> None:
         expires = time.monotonic() + ttl_s

@@ -117,6 +117,10 @@ class FrameTooLarge(ProtocolError):
     """A frame over the configured size limit."""
 
 
+class ValueTooLarge(ProtocolError):
+    """A stored value over the size its reader allows (``Bus.get_value(max_bytes=...)``)."""
+
+
 class UnsupportedVersion(ProtocolError):
     """An envelope written by a protocol version this code does not speak."""
 

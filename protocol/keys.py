@@ -6,7 +6,7 @@ capability's task and result streams share a Cluster slot and can be committed a
 
 from __future__ import annotations
 
-__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "JOBS_STREAM", "MANAGER_GROUP", "OVERRIDES_STREAM", "events_stream", "results_stream", "run_snapshot_key", "tasks_stream", "workers_group")
+__all__ = ("CONTROL_TOPIC", "DEAD_LETTER_SUFFIX", "JOBS_STREAM", "MANAGER_GROUP", "OVERRIDES_STREAM", "events_stream", "results_stream", "run_snapshot_key", "staged_job_key", "tasks_stream", "workers_group")
 
 CONTROL_TOPIC = "control"
 JOBS_STREAM = "jobs"  # submissions from clients to the active manager
@@ -33,6 +33,11 @@ def workers_group(capability: str) -> str:
 def run_snapshot_key(run_id: str) -> str:
     """Where the manager keeps a run's latest summary, readable by ``status`` from any machine."""
     return f"run.{run_id}"
+
+
+def staged_job_key(run_id: str) -> str:
+    """Where ``orchestrator submit`` leaves a job too big for one message, until a manager takes it."""
+    return f"job.{run_id}"
 
 
 def events_stream(run_id: str) -> str:

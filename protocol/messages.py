@@ -25,6 +25,7 @@ __all__ = (
     "Progress",
     "Redo",
     "RunEvents",
+    "StagedJob",
     "Submit",
     "Verdict",
     "VerifyRequest",
@@ -127,12 +128,26 @@ class Heartbeat(_Body):
     in_flight: int = 0
 
 
+class StagedJob(_Body):
+    """Where a job too big for one message waits: the bus's value ``staged_job_key(run_id)``, ``size`` bytes of
+    msgpack whose BLAKE2b-256 is ``digest``. The signed submission carries the digest, so the unsigned value
+    cannot be changed unseen."""
+
+    size: int = Field(ge=1)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tasks: int = Field(ge=0)  # how many, for ``status`` of a run no manager has taken yet
+
+
 class Submit(_Body):
-    """Client -> manager: start a run of this job under the envelope's run id."""
+    """Client -> manager: start a run of this job under the envelope's run id.
+
+    A job too big for one message is ``staged``: ``job`` then holds only its goal.
+    """
 
     type: Literal["submit"] = "submit"
     job: dict[str, Any]
     source: str = ""
+    staged: StagedJob | None = None
 
 
 OverrideAction = Literal["approve", "reject", "redo", "accept", "cancel"]

@@ -52,7 +52,7 @@ from protocol.authority import signer_for
 from protocol.bus import MAX_FOLLOW_TTL_S, Bus, BusSettings, DeadLetter, Delivery
 from protocol.codec import Codec
 from protocol.envelope import Envelope
-from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError
+from protocol.errors import BusError, BusUnavailable, LeaseLost, ProtocolError, ValueTooLarge
 from protocol.outage import Backoff, Outage
 from protocol.settings import RedisSettings
 
@@ -873,9 +873,21 @@ class RedisBus(Bus):
         px = 0 if ttl_s is None else max(1, int(ttl_s * 1000))
         await self._call("put_values_in_parts", functools.partial(self._eval, lua.PUT_STAGED, [staging, value_key], [px]))
 
-    async def get_value(self, key: str) -> bytes | None:
-        value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))
-        return None if value is None else bytes(value)
+    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        if max_bytes is None:
+            value: Any = await self._call("get_value", lambda: self._redis.get(self.value_key(key)))
+            return None if value is None else bytes(value)
+        reply: Any = await self._call("get_value", functools.partial(
+            self._eval, lua.GET_CAPPED, [self.value_key(key)], [max_bytes]))
+        if not reply:
+            return None
+        if reply[0] == b"TOOLARGE":
+            raise ValueTooLarge(f"value {key!r} is {int(reply[1])} bytes, over the {max_bytes} its reader takes")
+        return bytes(reply[1])
+
+    async def delete_value(self, key: str) -> None:
+        # UNLINK: a big value (a staged job) is freed off Redis's main thread.
+        await self._call("delete_value", lambda: self._redis.unlink(self.value_key(key)))
 
     def value_key(self, key: str) -> str:
         """The Redis key of a stored value (run snapshots)."""

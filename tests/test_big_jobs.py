@@ -88,13 +88,8 @@ async def test_followers_get_every_event_but_a_start_too_big_for_one_message() -
     assert mirrored == [e.seq for e in from_store[1:]]  # in order, nothing lost but the start (seq 1)
 
 
-@pytest.mark.redis
-@pytest.mark.timeout(600)
-def test_a_2000_task_job_file_is_accepted_through_real_processes(redis_url: str, tmp_path: Path) -> None:
-    lines = ["goal: two thousand tasks", "tasks:"]
-    lines += [f"  - {{id: t{i}, capability: noop, input: {i}, spec: {{expect: {i}}}}}" for i in range(2_000)]
-    job = tmp_path / "big.yaml"
-    job.write_text("\n".join(lines) + "\n")
+def _submit_through_real_processes(redis_url: str, tmp_path: Path, job: Path) -> dict[str, Any]:
+    """``orchestrator submit JOB --wait --json`` to a manager process and two noop worker processes."""
     env = env_without_orch(keep_keyring=True)
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), ORCH_REDIS_URL=redis_url,
                ORCH_NAMESPACE=f"t{uuid.uuid4().hex[:10]}")
@@ -115,7 +110,34 @@ def test_a_2000_task_job_file_is_accepted_through_real_processes(redis_url: str,
             proc.wait(timeout=30)
         log.close()
     assert done.returncode == 0, done.stderr + (tmp_path / "processes.log").read_text()[-3000:]
-    run = json.loads(done.stdout)
+    run: dict[str, Any] = json.loads(done.stdout)
+    return run
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_a_2000_task_job_file_is_accepted_through_real_processes(redis_url: str, tmp_path: Path) -> None:
+    lines = ["goal: two thousand tasks", "tasks:"]
+    lines += [f"  - {{id: t{i}, capability: noop, input: {i}, spec: {{expect: {i}}}}}" for i in range(2_000)]
+    job = tmp_path / "big.yaml"
+    job.write_text("\n".join(lines) + "\n")
+    run = _submit_through_real_processes(redis_url, tmp_path, job)
     assert run["state"] == "accepted"
     assert [t["state"] for t in run["tasks"]] == ["accepted"] * 2_000
     assert [t["output"] for t in run["tasks"]] == list(range(2_000))
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_a_job_file_too_big_for_one_bus_message_is_submitted_staged_and_accepted(redis_url: str,
+                                                                                  tmp_path: Path) -> None:
+    # 2,500 tasks of 500 characters: ~1.3 MB, over the 1 MiB a bus message holds (refused whole before 2026-12-04).
+    lines = ["goal: too big for one message", "tasks:"]
+    lines += [f"  - {{id: t{i}, capability: noop, input: '{i:05d}{'x' * 500}', spec: {{expect: '{i:05d}{'x' * 500}'}}}}"
+              for i in range(2_500)]
+    job = tmp_path / "huge.yaml"
+    job.write_text("\n".join(lines) + "\n")
+    assert job.stat().st_size > 2 * 1024 * 1024
+    run = _submit_through_real_processes(redis_url, tmp_path, job)
+    assert run["state"] == "accepted", run["reason"]
+    assert [t["output"] for t in run["tasks"]] == [f"{i:05d}{'x' * 500}" for i in range(2_500)]

@@ -10,7 +10,7 @@ import pytest
 
 from protocol.bus import Bus, Delivery
 from protocol.envelope import Envelope
-from protocol.errors import FrameTooLarge, LeaseLost
+from protocol.errors import FrameTooLarge, LeaseLost, ValueTooLarge
 from protocol.messages import Assign, Cancel, Done
 
 pytestmark = pytest.mark.timeout(30)
@@ -249,6 +249,18 @@ async def test_a_value_given_in_parts_is_stored_joined(bus: Bus) -> None:
     assert await bus.get_value(key) == b'{"a": 1}'
     await bus.put_values_in_parts({key: []})
     assert await bus.get_value(key) == b""
+
+
+async def test_a_value_over_what_its_reader_takes_is_refused_and_a_deleted_one_is_gone(bus: Bus) -> None:
+    key = f"value-{uuid.uuid4().hex[:6]}"
+    assert await bus.get_value(key, max_bytes=4) is None
+    await bus.put_value(key, b"12345")
+    assert await bus.get_value(key, max_bytes=5) == b"12345"
+    with pytest.raises(ValueTooLarge, match=rf"value '{key}' is 5 bytes, over the 4 its reader takes"):
+        await bus.get_value(key, max_bytes=4)
+    await bus.delete_value(key)
+    assert await bus.get_value(key) is None
+    await bus.delete_value(key)  # nothing there: not an error
 
 
 async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:

@@ -1,0 +1,75 @@
+"""Jobs too big for one bus message: staged as a value, sent as a submission that names their digest.
+
+``orchestrator submit`` sends a job in its submission, and a bus frame holds at most 1 MiB: about
+7,000-10,000 tasks. A bigger job is written to the bus's value ``staged_job_key(run_id)`` first (in
+pieces, so neither side holds a second copy of it on the socket), and the submission carries its size,
+its BLAKE2b-256 and its goal. The manager reads the value only up to its own ``max_job_bytes``, checks
+the digest against the signed submission (anyone who can write to Redis can write the value; only an
+operator's key can sign the digest), then validates the job like any other and deletes the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgpack
+
+from protocol.bus import Bus
+from protocol.errors import ValueTooLarge
+from protocol.keys import staged_job_key
+from protocol.messages import StagedJob, Submit
+
+__all__ = ("INLINE_MAX_BYTES", "MAX_JOB_BYTES", "STAGED_TTL_S", "StagedJobError", "discard", "submission",
+           "unstage")
+
+INLINE_MAX_BYTES = 256 * 1024  # a job bigger than this as msgpack is staged (its submission stays small)
+MAX_JOB_BYTES = 256 * 1024 * 1024  # what a manager reads of a staged job by default (a 100,000-task job: ~25 MB)
+STAGED_TTL_S = 7 * 24 * 3600.0  # a submission waits this long for a manager to take it
+
+
+class StagedJobError(Exception):
+    """A staged job that cannot be used; the message says why, for the run's failure reason."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+async def submission(bus: Bus, run_id: str, job: dict[str, Any], *, source: str = "") -> Submit:
+    """The submission of ``job`` (plain data); a big job is staged on ``bus`` first."""
+    packed: bytes = msgpack.packb(job, use_bin_type=True)
+    if len(packed) <= INLINE_MAX_BYTES:
+        return Submit(job=job, source=source)
+    await bus.put_values_in_parts({staged_job_key(run_id): [packed]}, ttl_s=STAGED_TTL_S)
+    tasks = job.get("tasks")
+    return Submit(job={"goal": job.get("goal", "")}, source=source,
+                  staged=StagedJob(size=len(packed), digest=_digest(packed),
+                                   tasks=len(tasks) if isinstance(tasks, list) else 0))
+
+
+async def unstage(bus: Bus, run_id: str, staged: StagedJob, *, max_bytes: int = MAX_JOB_BYTES) -> Any:
+    """The staged job's data, checked against its submission; StagedJobError saying why it cannot be used."""
+    key = staged_job_key(run_id)
+    if staged.size > max_bytes:
+        raise StagedJobError(f"the staged job is {staged.size} bytes, over this manager's max_job_bytes ({max_bytes})")
+    try:
+        packed = await bus.get_value(key, max_bytes=staged.size)
+    except ValueTooLarge:  # longer than the signed size: never read whole
+        raise StagedJobError(f"the staged job {key!r} is longer than the {staged.size} bytes its signed "
+                             "submission names (changed in Redis after it was submitted?)") from None
+    if packed is None:
+        raise StagedJobError(f"the staged job {key!r} is gone (it waits {STAGED_TTL_S / 86400:g} days for a "
+                             "manager, then expires)")
+    if len(packed) != staged.size or _digest(packed) != staged.digest:
+        raise StagedJobError(f"the staged job {key!r} does not match the size and digest its signed submission "
+                             "names (changed in Redis after it was submitted?)")
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a dozen unrelated types on garbage
+        raise StagedJobError(f"the staged job {key!r} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+async def discard(bus: Bus, run_id: str) -> None:
+    """Free the staged job once its run is recorded (or refused)."""
+    await bus.delete_value(staged_job_key(run_id))
