@@ -44,7 +44,7 @@ from orchestrator.engine import (
     Tick,
 )
 from orchestrator.gathered import Gathered
-from orchestrator.job import Job, parse_job
+from orchestrator.job import Job, parse_job, parse_job_in_parts
 from orchestrator.records import Event, RunRecord, RunState, TaskRecord, task_records
 from orchestrator.snapshots import Snapshots
 from orchestrator.staged_jobs import MAX_JOB_BYTES, discard, unstage
@@ -594,11 +594,7 @@ class Manager:
                     await self.bus.ack(delivery)
                     continue
                 try:
-                    data = env.body.job
-                    if staged is not None:
-                        data = await unstage(self.bus, env.run_id, staged, max_bytes=self.settings.max_job_bytes)
-                        log.info("staged_job_read", run_id=env.run_id, bytes=staged.size, tasks=staged.tasks)
-                    job = parse_job(data, source=env.body.source or None, checks=self.checks)
+                    job = await self._job_of(env.run_id, env.body)
                     run_id = await self.submit(job, run_id=env.run_id or None)
                 except Exception as exc:
                     # The submitter validated the job; a job that still fails here (with this manager's
@@ -618,6 +614,16 @@ class Manager:
                 await self._bury(delivery, f"handling the submission failed: {type(exc).__name__}: {exc}")
                 continue
             await self.bus.ack(delivery)
+
+    async def _job_of(self, run_id: str, submit: Submit) -> Job:
+        """The submitted job, validated; a staged one read and checked first (its plain data freed once parsed)."""
+        source = submit.source or None
+        if submit.staged is None:
+            return parse_job(submit.job, source=source, checks=self.checks)
+        header, tasks = await unstage(self.bus, run_id, submit.staged, max_bytes=self.settings.max_job_bytes)
+        job = parse_job_in_parts(header, tasks, source=source, checks=self.checks)
+        log.info("staged_job_read", run_id=run_id, bytes=submit.staged.size, tasks=submit.staged.tasks)
+        return job
 
     async def _known(self, run_id: str) -> bool:
         return run_id in self._engines or await self.store.get_run(run_id) is not None

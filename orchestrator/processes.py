@@ -299,7 +299,10 @@ async def _serve_worker(worker: Any, *, url: str, capability: str, concurrency: 
 async def submit_job(bus: Bus, job: Job, *, source: str = "", run_id: str | None = None) -> str:
     """Hand a validated job to the active manager; returns the run id at once."""
     run_id = run_id or new_id()
-    submit = await submission(bus, run_id, job.model_dump(mode="json", by_alias=True), source=source)
+    # What was given, as a job file says it: a spec keeps which of its fields were set (its meaning), and
+    # its defaults left out cost a 100,000-task job ~50 MB less in the manager (a fields-set a spec).
+    data = job.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    submit = await submission(bus, run_id, data, source=source)
     await bus.publish(JOBS_STREAM, Envelope(run_id=run_id, sender=default_name("client"), body=submit))
     return run_id
 

@@ -11,6 +11,7 @@ operator's key can sign the digest), then validates the job like any other and d
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -32,24 +33,31 @@ class StagedJobError(Exception):
     """A staged job that cannot be used; the message says why, for the run's failure reason."""
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
-
-
 async def submission(bus: Bus, run_id: str, job: dict[str, Any], *, source: str = "") -> Submit:
-    """The submission of ``job`` (plain data); a big job is staged on ``bus`` first."""
-    packed: bytes = msgpack.packb(job, use_bin_type=True)
-    if len(packed) <= INLINE_MAX_BYTES:
-        return Submit(job=job, source=source)
-    await bus.put_values_in_parts({staged_job_key(run_id): [packed]}, ttl_s=STAGED_TTL_S)
+    """The submission of ``job`` (plain data); a big job is staged on ``bus`` first.
+
+    Staged as msgpack: the job without its tasks, then each task as an object of its own, so the manager
+    validates one task at a time (``read``) and neither side joins the parts into one buffer.
+    """
     tasks = job.get("tasks")
+    tasks = tasks if isinstance(tasks, list) else []
+    parts: list[bytes] = [msgpack.packb({k: v for k, v in job.items() if k != "tasks"}, use_bin_type=True)]
+    parts += [msgpack.packb(task, use_bin_type=True) for task in tasks]
+    size = sum(map(len, parts))
+    if size <= INLINE_MAX_BYTES:
+        return Submit(job=job, source=source)
+    digest = hashlib.blake2b(digest_size=32)
+    for part in parts:
+        digest.update(part)
+    await bus.put_values_in_parts({staged_job_key(run_id): parts}, ttl_s=STAGED_TTL_S)
     return Submit(job={"goal": job.get("goal", "")}, source=source,
-                  staged=StagedJob(size=len(packed), digest=_digest(packed),
-                                   tasks=len(tasks) if isinstance(tasks, list) else 0))
+                  staged=StagedJob(size=size, digest=digest.hexdigest(), tasks=len(tasks)))
 
 
-async def unstage(bus: Bus, run_id: str, staged: StagedJob, *, max_bytes: int = MAX_JOB_BYTES) -> Any:
-    """The staged job's data, checked against its submission; StagedJobError saying why it cannot be used."""
+async def unstage(bus: Bus, run_id: str, staged: StagedJob, *,
+                  max_bytes: int = MAX_JOB_BYTES) -> tuple[Any, Iterator[Any]]:
+    """The staged job's header and its tasks (decoded one at a time as they are taken), checked against its
+    submission; StagedJobError saying why it cannot be used (also from the tasks, for one that is not msgpack)."""
     key = staged_job_key(run_id)
     if staged.size > max_bytes:
         raise StagedJobError(f"the staged job is {staged.size} bytes, over this manager's max_job_bytes ({max_bytes})")
@@ -61,11 +69,37 @@ async def unstage(bus: Bus, run_id: str, staged: StagedJob, *, max_bytes: int = 
     if packed is None:
         raise StagedJobError(f"the staged job {key!r} is gone (it waits {STAGED_TTL_S / 86400:g} days for a "
                              "manager, then expires)")
-    if len(packed) != staged.size or _digest(packed) != staged.digest:
+    if len(packed) != staged.size or hashlib.blake2b(packed, digest_size=32).hexdigest() != staged.digest:
         raise StagedJobError(f"the staged job {key!r} does not match the size and digest its signed submission "
                              "names (changed in Redis after it was submitted?)")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(packed),
+                                object_pairs_hook=_SharedStrings())
+    unpacker.feed(packed)
+    del packed  # the unpacker holds its own copy
+    objects = _decoded(unpacker, key)
     try:
-        return msgpack.unpackb(packed, raw=False, strict_map_key=True)
+        header = next(objects)
+    except StopIteration:
+        raise StagedJobError(f"the staged job {key!r} is empty") from None
+    return header, objects
+
+
+class _SharedStrings:
+    """Builds each map with one object per distinct string, as job files are read (orchestrator/yaml_file.py):
+    a big job repeats its keys, capabilities and often its instructions in every task, and the records made
+    from it keep them for the whole run."""
+
+    def __init__(self) -> None:
+        self._strings: dict[str, str] = {}
+
+    def __call__(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        one = self._strings.setdefault
+        return {one(k, k) if type(k) is str else k: one(v, v) if type(v) is str else v for k, v in pairs}
+
+
+def _decoded(unpacker: msgpack.Unpacker, key: str) -> Iterator[Any]:
+    try:
+        yield from unpacker
     except Exception as exc:  # msgpack raises a dozen unrelated types on garbage
         raise StagedJobError(f"the staged job {key!r} is not valid msgpack: {type(exc).__name__}: {exc}") from None
 

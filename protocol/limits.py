@@ -42,8 +42,10 @@ class ShapeLimits:
 FRAME_LIMITS = ShapeLimits(max_depth=512, max_items=1 << 20)
 # Worker outputs and job data: they are stored as JSON, shown, and sent on to dependent tasks.
 OUTPUT_LIMITS = ShapeLimits(max_depth=64, max_items=100_000, json_only=True)
-# A whole job: a task's input, config or expect sits four levels down (job, tasks, task, field).
-JOB_LIMITS = ShapeLimits(max_depth=OUTPUT_LIMITS.max_depth + 4, max_items=1 << 20)
+# A whole job: a task's input, config or expect sits four levels down (job, tasks, task, field). A task as a
+# submission sends it is ~16 values before its data, so a 100,000-task job is ~1.6 million: the limit bounds a
+# staged job (orchestrator/staged_jobs.py) well past that, not the 1 MiB frame it once had to fit.
+JOB_LIMITS = ShapeLimits(max_depth=OUTPUT_LIMITS.max_depth + 4, max_items=1 << 24)
 
 _CONTAINERS = (dict, list, tuple)
 _CONTAINER_TYPES = frozenset(_CONTAINERS)

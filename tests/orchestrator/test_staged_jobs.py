@@ -7,6 +7,7 @@ with the CLI.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import anyio
@@ -15,12 +16,15 @@ import pytest
 
 from orchestrator import processes
 from orchestrator.api import Orchestrator
-from orchestrator.job import parse_job
+from orchestrator.job import parse_job, parse_job_in_parts
 from orchestrator.manager import ManagerSettings
 from orchestrator.staged_jobs import INLINE_MAX_BYTES, StagedJobError, submission, unstage
 from protocol.bus import MemoryBus
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.envelope import Envelope
+from protocol.errors import JobError
 from protocol.keys import staged_job_key
+from tests.security.attacker import nested
 from workers import Task, Worker
 
 
@@ -79,7 +83,9 @@ async def test_a_staged_job_is_read_only_when_it_matches_its_signed_size_and_dig
     staged, key = submit.staged, staged_job_key("r1")
     good = await bus.get_value(key)
     assert good is not None
-    assert (await unstage(bus, "r1", staged))["goal"] == "too big for one message"
+    header, tasks = await unstage(bus, "r1", staged)
+    assert header["goal"] == "too big for one message"
+    assert [t["id"] for t in tasks] == [f"t{i}" for i in range(1_000)]
 
     await bus.put_value(key, good[:-1] + b"y")  # same size, one byte changed
     with pytest.raises(StagedJobError, match="does not match the size and digest its signed submission names"):
@@ -90,3 +96,46 @@ async def test_a_staged_job_is_read_only_when_it_matches_its_signed_size_and_dig
     await bus.delete_value(key)
     with pytest.raises(StagedJobError, match="is gone"):
         await unstage(bus, "r1", staged)
+
+
+async def test_a_bad_task_in_a_staged_job_fails_the_run_naming_the_task_and_field() -> None:
+    job = big_job(1_000)
+    job["tasks"][700]["max_attempts"] = 0  # a validated Job could not hold it: as a client around the CLI sends it
+    async with Orchestrator(workers=[Echo()]) as orch:
+        submit = await submission(orch.bus, "r-bad", job)
+        assert submit.staged is not None
+        await orch.bus.publish("jobs", Envelope(run_id="r-bad", body=submit))
+        with anyio.fail_after(30):
+            status = await processes.wait_for_run(orch.bus, "r-bad")
+    assert status["state"] == "failed"
+    assert "task 't700'" in status["reason"]
+    assert "max_attempts" in status["reason"]
+
+
+async def test_staged_bytes_that_are_not_msgpack_are_refused_by_name() -> None:
+    bus = MemoryBus()
+    submit = await submission(bus, "r2", big_job(1_000))
+    assert submit.staged is not None
+    key = staged_job_key("r2")
+    good = await bus.get_value(key)
+    assert good is not None
+    garbage = good[:1000] + b"\xc1" + good[1001:]  # 0xc1: never used in msgpack
+    await bus.put_value(key, garbage)
+    forged = submit.staged.model_copy(update={"digest": hashlib.blake2b(garbage, digest_size=32).hexdigest()})
+    _, tasks = await unstage(bus, "r2", forged)  # as a signed submission of bad bytes would name them
+    with pytest.raises(StagedJobError, match="is not valid msgpack"):
+        list(tasks)
+
+
+def test_a_job_read_in_parts_names_a_bad_task_by_id_or_by_place() -> None:
+    tasks = [{"id": "a", "capability": "echo"}, {"capability": "echo"}]
+    with pytest.raises(JobError, match=r"task '#2'.*id.*is required"):
+        parse_job_in_parts({"goal": "g"}, iter(tasks), source="staged")
+    with pytest.raises(JobError, match=r"task 'b'.*capability"):
+        parse_job_in_parts({"goal": "g"}, iter([{"id": "b", "capability": ""}]))
+    with pytest.raises(JobError, match="a job must be a mapping"):
+        parse_job_in_parts(["not", "a", "map"], iter(()))
+    with pytest.raises(JobError, match="nests deeper than"):
+        parse_job_in_parts({"goal": "g"}, iter([{"id": "c", "capability": "echo", "input": nested(100)}]))
+    job = parse_job_in_parts({"goal": "g", "budget": {"max_attempts": 2}}, iter(tasks[:1]))
+    assert (job.goal, [t.id for t in job.tasks], job.budget.max_attempts) == ("g", ["a"], 2)
