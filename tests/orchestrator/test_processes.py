@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from orchestrator import processes
+from protocol.bus import MemoryBus
+from protocol.keys import run_snapshot_key
 from tests._trust import trust_as
 
 pytestmark = pytest.mark.redis
@@ -38,3 +41,30 @@ async def test_manager_that_loses_its_lease_stands_by_and_leads_again(redis_url:
             tg.cancel_scope.cancel()
     finally:
         await client.aclose()
+
+
+class _CountingReads(MemoryBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        self.reads += 1
+        return await super().get_value(key, max_bytes=max_bytes)
+
+
+async def test_waiting_for_a_big_run_reads_its_summary_less_often() -> None:
+    bus = _CountingReads()
+    big = {"run_id": "r", "state": "running", "tasks": [{"id": "x" * 1_000}] * 5_000}  # ~5 MB
+    await bus.put_value(run_snapshot_key("r"), json.dumps(big).encode())
+
+    async def end_in_a_second() -> None:
+        await anyio.sleep(1.0)
+        await bus.put_value(run_snapshot_key("r"), json.dumps({**big, "state": "accepted"}).encode())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(end_in_a_second)
+        with anyio.fail_after(10):
+            status = await processes.wait_for_run(bus, "r", poll_s=0.05)
+    assert status["state"] == "accepted"
+    assert bus.reads <= 4  # one read every half second (5 MB at 10 MB/s), not every 0.05 s (about 20)
