@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +49,25 @@ from protocol.tracing import Tracing
 from workers import registry
 from workers.runtime import RuntimeObserver, RuntimeSettings, WorkerRuntime
 
-__all__ = ("NoActiveManager", "Observability", "UnknownRun", "active_manager", "fetch_status", "find_run",
-           "follow_events", "no_manager_reason", "read_events", "run_manager", "run_worker", "send_override", "submit_job",
-           "wait_for_manager", "wait_for_run")
+__all__ = (
+    "NoActiveManager",
+    "Observability",
+    "UnknownRun",
+    "active_manager",
+    "fetch_head",
+    "fetch_status",
+    "find_run",
+    "follow_events",
+    "no_manager_reason",
+    "read_events",
+    "run_manager",
+    "run_worker",
+    "send_override",
+    "submit_job",
+    "summary_head",
+    "wait_for_manager",
+    "wait_for_run",
+)
 
 log = structlog.get_logger("orchestrator.processes")
 
@@ -400,21 +416,54 @@ async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s:
     return holder
 
 
-SUMMARY_READ_BYTES_PER_S = 10_000_000  # how fast wait_for_run reads a big run's summary, polling it
+HEAD_BYTES = 64 * 1024  # what a reader of a summary's head reads of it
+_TASKS_START = b', "tasks": ['  # where a summary's head ends (orchestrator/snapshots.py writes it so)
+
+
+async def fetch_head(bus: Bus, run_id: str) -> dict[str, Any] | None:
+    """The run's summary without its tasks (``task_count`` and ``task_states`` count them), from its first bytes.
+
+    A 100,000-task run's summary is 25 MB; its head is a few hundred bytes. A summary whose head is
+    longer than ``HEAD_BYTES`` (a very long goal), or written by a manager that did not count its tasks,
+    is read whole. None when the run is unknown.
+    """
+    raw = await bus.get_value_prefix(run_snapshot_key(run_id), HEAD_BYTES)
+    if raw is None:
+        return None
+    # Inside a JSON string every quote is escaped, so the first unescaped ', "tasks": [' is the structure's.
+    cut = raw.find(_TASKS_START)
+    if cut >= 0:
+        head = dict(json.loads(raw[:cut] + b"}"))
+        if "task_states" in head:
+            return head
+    status = await fetch_status(bus, run_id)
+    if status is None:
+        return None
+    return summary_head(status)
+
+
+def summary_head(status: Mapping[str, Any]) -> dict[str, Any]:
+    """``status`` without its tasks, counted as ``fetch_head`` gives them (for summaries that lack the counts)."""
+    tasks = status.get("tasks") or []
+    states: dict[str, int] = {}
+    for task in tasks:
+        states[str(task.get("state"))] = states.get(str(task.get("state")), 0) + 1
+    return {**{k: v for k, v in status.items() if k != "tasks"}, "task_count": len(tasks), "task_states": states}
 
 
 async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2) -> dict[str, Any]:
-    """Poll the run's summary until it has ended.
+    """Poll the run's summary until it has ended; return the whole summary.
 
-    Every ``poll_s``, or less often for a big run: a 100,000-task run's summary is 25 MB, and reading and
-    parsing it five times a second held a core and Redis's network for the whole run.
+    What is polled is the summary's head (``fetch_head``): a 100,000-task run's summary is 25 MB, and
+    reading and parsing it five times a second held a core and Redis's network for the whole run.
     """
     while True:
-        raw = await bus.get_value(run_snapshot_key(run_id))
-        status = None if raw is None else dict(json.loads(raw))
-        if status is not None and status["state"] != "running":
-            return status
-        await anyio.sleep(max(poll_s, len(raw or b"") / SUMMARY_READ_BYTES_PER_S))
+        head = await fetch_head(bus, run_id)
+        if head is not None and head["state"] != "running":
+            status = await fetch_status(bus, run_id)
+            if status is not None and status["state"] != "running":
+                return status
+        await anyio.sleep(poll_s)
 
 
 async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAction, *, feedback: str = "",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "FOLLOW", "FOLLOWERS", "GET_CAPPED", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
+__all__ = ("ACK", "ANNOUNCE", "BURY", "COMMIT", "EXPIRE", "FOLLOW", "FOLLOWERS", "GET_CAPPED", "GET_PREFIX", "LIVE", "PUBLISH", "PUT_STAGED", "RECLAIM", "RELEASE", "RENEW",
            "SET_VALUE", "STAGE_PIECE", "Script")
 
 
@@ -295,6 +295,12 @@ if not value then return {} end
 return {'OK', value}
 """, fixed=1, width=0)
 
+# KEYS: value key. ARGV: how many bytes. {} when there is no value, else {its first bytes}.
+GET_PREFIX = Script("get_prefix", r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+return {redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)}
+""", fixed=1, width=0)
+
 # KEYS: key. ARGV: time to live in seconds, per item. 1 when the key exists, else 0.
 EXPIRE = Script("expire", r"""
 local out = {}
@@ -304,4 +310,4 @@ end
 return out
 """, fixed=0, width=1)
 
-ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, FOLLOW, FOLLOWERS, SET_VALUE, STAGE_PIECE, PUT_STAGED, GET_CAPPED, EXPIRE)
+ALL = (PUBLISH, COMMIT, RENEW, RELEASE, ACK, BURY, RECLAIM, ANNOUNCE, LIVE, FOLLOW, FOLLOWERS, SET_VALUE, STAGE_PIECE, PUT_STAGED, GET_CAPPED, GET_PREFIX, EXPIRE)

@@ -220,6 +220,10 @@ class Bus(abc.ABC):
         """The value stored under ``key``, or None; ``ValueTooLarge`` (nothing read) when it is over ``max_bytes``."""
 
     @abc.abstractmethod
+    async def get_value_prefix(self, key: str, size: int) -> bytes | None:
+        """The first ``size`` bytes of the value under ``key`` (all of it when shorter), or None."""
+
+    @abc.abstractmethod
     async def delete_value(self, key: str) -> None:
         """Remove the value under ``key``, if there is one."""
 
@@ -499,15 +503,24 @@ class MemoryBus(Bus):
         self._values[key] = (bytes(value), None if ttl_s is None else time.monotonic() + ttl_s)
         await anyio.lowlevel.checkpoint()
 
-    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
-        await anyio.lowlevel.checkpoint()
+    def _live_value(self, key: str) -> bytes | None:
         value, expires = self._values.get(key, (None, None))
         if expires is not None and expires <= time.monotonic():
             self._values.pop(key, None)
             return None
+        return value
+
+    async def get_value(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        await anyio.lowlevel.checkpoint()
+        value = self._live_value(key)
         if value is not None and max_bytes is not None and len(value) > max_bytes:
             raise ValueTooLarge(f"value {key!r} is {len(value)} bytes, over the {max_bytes} its reader takes")
         return value
+
+    async def get_value_prefix(self, key: str, size: int) -> bytes | None:
+        await anyio.lowlevel.checkpoint()
+        value = self._live_value(key)
+        return None if value is None else value[:size]
 
     async def delete_value(self, key: str) -> None:
         self._values.pop(key, None)

@@ -885,6 +885,11 @@ class RedisBus(Bus):
             raise ValueTooLarge(f"value {key!r} is {int(reply[1])} bytes, over the {max_bytes} its reader takes")
         return bytes(reply[1])
 
+    async def get_value_prefix(self, key: str, size: int) -> bytes | None:
+        reply: Any = await self._call("get_value_prefix", functools.partial(
+            self._eval, lua.GET_PREFIX, [self.value_key(key)], [max(1, size)]))
+        return bytes(reply[0]) if reply else None
+
     async def delete_value(self, key: str) -> None:
         # UNLINK: a big value (a staged job) is freed off Redis's main thread.
         await self._call("delete_value", lambda: self._redis.unlink(self.value_key(key)))

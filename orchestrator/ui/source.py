@@ -66,10 +66,10 @@ class RunSource:
         """Every run's head (id, goal, state, reason, tokens, started, task counts), newest first."""
         rows: list[dict[str, Any]] = []
         for run_id in (await self._run_ids())[:MAX_RUNS * 2]:
-            status = await processes.fetch_status(self.bus, run_id)
-            if status is None:
+            head = await processes.fetch_head(self.bus, run_id)  # not a big run's 25 MB of tasks, every 5 s
+            if head is None:
                 continue
-            rows.append(_row(status, await self._started(run_id, status)))
+            rows.append(_row(head, await self._started(run_id, head)))
         rows.extend(await self._queued({r["run_id"] for r in rows}))
         rows.sort(key=lambda r: -(r["started"] or 0.0))
         return rows[:MAX_RUNS]
@@ -157,14 +157,11 @@ class RunSource:
         return any(t["id"] == task_id and action in t["actions"] for t in page.to_json()["tasks"])
 
 
-def _row(status: dict[str, Any], started: float | None) -> dict[str, Any]:
-    tasks = status.get("tasks") or []
-    by_state: dict[str, int] = {}
-    for t in tasks:
-        by_state[str(t.get("state"))] = by_state.get(str(t.get("state")), 0) + 1
-    return {"run_id": status.get("run_id", ""), "goal": status.get("goal", ""), "state": status.get("state", ""),
-            "reason": status.get("reason", ""), "tokens": status.get("tokens", 0), "started": started,
-            "tasks": len(tasks), "by_state": by_state}
+def _row(head: dict[str, Any], started: float | None) -> dict[str, Any]:
+    """A run list's row from a summary's head (``processes.fetch_head``)."""
+    return {"run_id": head.get("run_id", ""), "goal": head.get("goal", ""), "state": head.get("state", ""),
+            "reason": head.get("reason", ""), "tokens": head.get("tokens", 0), "started": started,
+            "tasks": head.get("task_count", 0), "by_state": head.get("task_states", {})}
 
 
 def _glob_escape(text: str) -> str:

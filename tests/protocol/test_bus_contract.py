@@ -263,6 +263,16 @@ async def test_a_value_over_what_its_reader_takes_is_refused_and_a_deleted_one_i
     await bus.delete_value(key)  # nothing there: not an error
 
 
+async def test_the_first_bytes_of_a_value_are_read_without_the_rest(bus: Bus) -> None:
+    key = f"value-{uuid.uuid4().hex[:6]}"
+    assert await bus.get_value_prefix(key, 4) is None
+    await bus.put_value(key, b"")
+    assert await bus.get_value_prefix(key, 4) == b""  # there, and empty
+    await bus.put_value(key, b"0123456789")
+    assert await bus.get_value_prefix(key, 4) == b"0123"
+    assert await bus.get_value_prefix(key, 100) == b"0123456789"
+
+
 async def test_incarnation_is_stable_while_the_data_lives(bus: Bus) -> None:
     first = await bus.incarnation()
     assert first
