@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgpack
 import redis.asyncio as aioredis
 import structlog
 
@@ -36,7 +37,7 @@ from orchestrator.staged_jobs import submission
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
 from protocol.envelope import Envelope, new_id
-from protocol.errors import BusUnavailable, ConfigError, NoActiveManager, UnknownRun
+from protocol.errors import BusUnavailable, ConfigError, NoActiveManager, SubmissionRefused, UnknownRun
 from protocol.history import RunFinished
 from protocol.inference import InferenceClient
 from protocol.inference_settings import InferenceSettings
@@ -451,19 +452,51 @@ def summary_head(status: Mapping[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in status.items() if k != "tasks"}, "task_count": len(tasks), "task_states": states}
 
 
+SUBMISSION_GONE_S = 5.0  # how long wait_for_run gives a run with neither a summary nor a submission
+
+
 async def wait_for_run(bus: Bus, run_id: str, *, poll_s: float = 0.2) -> dict[str, Any]:
     """Poll the run's summary until it has ended; return the whole summary.
 
     What is polled is the summary's head (``fetch_head``): a 100,000-task run's summary is 25 MB, and
     reading and parsing it five times a second held a core and Redis's network for the whole run.
+    SubmissionRefused when the manager dead-lettered the run's submission (its reason), or when neither
+    the run nor its submission has existed for ``SUBMISSION_GONE_S``: no wait in silence for a run that
+    will never start.
     """
+    gone_since: float | None = None
     while True:
         head = await fetch_head(bus, run_id)
         if head is not None and head["state"] != "running":
             status = await fetch_status(bus, run_id)
             if status is not None and status["state"] != "running":
                 return status
+        if head is not None or await _queued_submission(bus, run_id) is not None:
+            gone_since = None
+        elif await fetch_head(bus, run_id) is None:  # again: a manager publishes the summary, then takes the submission
+            if (why := await _refused_submission(bus, run_id)) is not None:
+                raise SubmissionRefused(f"the manager refused the submission of run {run_id!r}: {why}")
+            gone_since = gone_since if gone_since is not None else anyio.current_time()
+            if anyio.current_time() - gone_since >= SUBMISSION_GONE_S:
+                raise SubmissionRefused(f"run {run_id!r} has no summary and its submission is no longer in the "
+                                        f"jobs stream, nor among its dead letters (deleted, or the data was lost)")
         await anyio.sleep(poll_s)
+
+
+async def _refused_submission(bus: Bus, run_id: str, *, newest: int = 100) -> str | None:
+    """Why the submission of ``run_id`` was dead-lettered, when it is among the newest dead letters of the jobs stream.
+
+    The frames are read only for their run id (a refused frame may not decode, or verify); anyone who can
+    write to Redis can write dead letters too, so the reason is cut short.
+    """
+    for dead in reversed(await bus.dead_letters(JOBS_STREAM, last=newest)):
+        try:
+            data = msgpack.unpackb(dead.frame, raw=False)
+        except Exception:  # msgpack raises a dozen unrelated types on garbage
+            continue
+        if isinstance(data, dict) and data.get("run_id") == run_id:
+            return dead.reason[:500]
+    return None
 
 
 async def send_override(bus: Bus, run_id: str, task_id: str, action: OverrideAction, *, feedback: str = "",

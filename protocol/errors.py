@@ -141,6 +141,10 @@ class NoActiveManager(OrchestratorError):
     """Nothing holds the manager lease, so nothing will start or move a submitted run."""
 
 
+class SubmissionRefused(OrchestratorError):
+    """A manager took a submission and dead-lettered it (or it vanished) instead of starting its run."""
+
+
 class BusError(OrchestratorError):
     """The message transport failed."""
 

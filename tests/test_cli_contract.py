@@ -302,6 +302,21 @@ def test_watch_says_when_no_manager_moves_the_run_and_when_one_does_again(redis_
             watch.stderr.close()
 
 
+@pytest.mark.redis
+def test_submit_wait_of_a_submission_the_manager_refuses_exits_1_with_its_reason(fleet: Fleet, tmp_path: Path) -> None:
+    # An operator key the manager does not know (another keyring): the manager dead-letters the submission.
+    keys = tmp_path / "other-keys"
+    assert cli("keys", "init", "--keys", str(keys), "--operator", "tests", env=fleet.env).returncode == 0
+    job = fleet.job("stranger", ONE_TASK.format(goal="stranger", extra=""))
+    start = time.monotonic()
+    proc = cli("submit", str(job), "--wait", "--json", env={**fleet.env, "ORCH_KEYS": str(keys)}, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 1, proc.stderr
+    error = error_json(proc)
+    assert "the manager refused the submission of run" in error
+    assert "signature" in error or "key" in error  # the manager's reason, as it dead-lettered the frame
+
+
 # -- 2. submit --wait without a manager ----------------------------------------------------------------------
 
 
