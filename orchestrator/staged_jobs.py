@@ -2,8 +2,8 @@
 
 ``orchestrator submit`` sends a job in its submission, and a bus frame holds at most 1 MiB: about
 7,000-10,000 tasks. A bigger job is written to the bus's value ``staged_job_key(run_id)`` first (in
-pieces, so neither side holds a second copy of it on the socket), and the submission carries its size,
-its BLAKE2b-256 and its goal. The manager reads the value only up to its own ``max_job_bytes``, checks
+pieces, so the client never joins it into one buffer), and the submission carries its size, its
+BLAKE2b-256 and the start of its goal (for ``status`` while it waits). The manager reads the value only up to its own ``max_job_bytes``, checks
 the digest against the signed submission (anyone who can write to Redis can write the value; only an
 operator's key can sign the digest), then validates the job like any other and deletes the value.
 """
@@ -25,7 +25,7 @@ __all__ = ("INLINE_MAX_BYTES", "MAX_JOB_BYTES", "STAGED_TTL_S", "StagedJobError"
            "unstage")
 
 INLINE_MAX_BYTES = 256 * 1024  # a job bigger than this as msgpack is staged (its submission stays small)
-MAX_JOB_BYTES = 256 * 1024 * 1024  # what a manager reads of a staged job by default (a 100,000-task job: ~25 MB)
+MAX_JOB_BYTES = 256 * 1024 * 1024  # what a manager reads of a staged job by default (100,000 small tasks: ~12 MB)
 STAGED_TTL_S = 7 * 24 * 3600.0  # a submission waits this long for a manager to take it
 
 
@@ -37,7 +37,7 @@ async def submission(bus: Bus, run_id: str, job: dict[str, Any], *, source: str 
     """The submission of ``job`` (plain data); a big job is staged on ``bus`` first.
 
     Staged as msgpack: the job without its tasks, then each task as an object of its own, so the manager
-    validates one task at a time (``read``) and neither side joins the parts into one buffer.
+    validates one task at a time (``parse_job_in_parts``) and this side never joins the parts.
     """
     tasks = job.get("tasks")
     tasks = tasks if isinstance(tasks, list) else []
@@ -50,7 +50,8 @@ async def submission(bus: Bus, run_id: str, job: dict[str, Any], *, source: str 
     for part in parts:
         digest.update(part)
     await bus.put_values_in_parts({staged_job_key(run_id): parts}, ttl_s=STAGED_TTL_S)
-    return Submit(job={"goal": job.get("goal", "")}, source=source,
+    # Only what status shows of a queued run: the goal itself may be as big as the frame.
+    return Submit(job={"goal": str(job.get("goal", ""))[:200]}, source=source,
                   staged=StagedJob(size=size, digest=digest.hexdigest(), tasks=len(tasks)))
 
 

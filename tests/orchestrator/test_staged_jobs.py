@@ -139,3 +139,16 @@ def test_a_job_read_in_parts_names_a_bad_task_by_id_or_by_place() -> None:
         parse_job_in_parts({"goal": "g"}, iter([{"id": "c", "capability": "echo", "input": nested(100)}]))
     job = parse_job_in_parts({"goal": "g", "budget": {"max_attempts": 2}}, iter(tasks[:1]))
     assert (job.goal, [t.id for t in job.tasks], job.budget.max_attempts) == ("g", ["a"], 2)
+
+
+async def test_a_goal_too_big_for_one_message_is_staged_with_the_job_and_kept_whole() -> None:
+    goal = "g" * (2 * 1024 * 1024)
+    async with Orchestrator(workers=[Echo()]) as orch:
+        run_id = await processes.submit_job(orch.bus, parse_job({"goal": goal, "tasks": [
+            {"id": "a", "capability": "echo", "input": 1, "spec": {"expect": 1}}]}))
+        queued = [env.body for _, env in await orch.bus.read("jobs")]
+        assert queued[0].job == {"goal": "g" * 200}  # what status shows while it waits
+        with anyio.fail_after(30):
+            status = await processes.wait_for_run(orch.bus, run_id)
+    assert status["state"] == "accepted", status["reason"]
+    assert status["goal"] == goal
