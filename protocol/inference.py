@@ -40,7 +40,7 @@ import structlog
 from ._sse import EventTooLarge, iter_sse_data
 from .errors import BadCompletion, ContextLengthExceeded, InferenceError, InferenceTimeout, InferenceUnavailable
 from .inference_settings import InferenceSettings
-from .tracing import Tracing
+from .tracing import Tracing, end
 from .usage import Usage, UsageLedger
 
 __all__ = ("ChatResult", "InferenceClient", "InferenceObserver", "InferenceSettings", "ModelInfo", "ServerLoad",
@@ -362,11 +362,32 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
     ) -> AsyncIterator[StreamEvent]:
         """Stream text deltas; the final event carries usage. Retries only before the first delta.
 
-        Close it early with ``contextlib.aclosing`` to release the connection and the limiter slot.
+        Close it early with ``contextlib.aclosing`` to release the connection and the limiter slot. With
+        tracing on, the stream is one span (``llm /v1/chat/completions``, ``llm.stream``), a child of the
+        span current when it started (a handler's), ended when the stream ends, fails or is closed.
         """
         body = self._chat_body(messages, max_tokens, temperature, stop, None, "", extra_body)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        # Started, not made current: a span made current in an async generator would leak into its caller
+        # between deltas.
+        span = self.tracing.start("llm /v1/chat/completions", parent=self.tracing.inject() or None, kind="client",
+                                  attributes={"gen_ai.request.model": str(body.get("model", "")),
+                                              "url.path": "/v1/chat/completions", "llm.stream": True})
+        measured: dict[str, Any] = {}
+        try:
+            async for event in self._stream(body, run_id, task_id, ledger, measured):
+                yield event
+        except BaseException as exc:
+            cancelled = isinstance(exc, GeneratorExit | anyio.get_cancelled_exc_class())
+            end(span, error="" if cancelled else f"{type(exc).__name__}: {exc}",
+                attributes={**measured, "llm.outcome": "cancelled" if cancelled else "error"})
+            raise
+        end(span, attributes={**measured, "llm.outcome": "ok"})
+
+    async def _stream(self, body: dict[str, Any], run_id: str | None, task_id: str | None,
+                      ledger: UsageLedger | None, span_outcome: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+        """``stream_chat``'s tries; ``span_outcome`` gets the retries and the tokens for its span."""
         attempt = 0
         while True:
             started = False
@@ -412,6 +433,8 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                 tried.end(outcome)
                 usage = usage or Usage(requests=1)
                 self._record_usage(usage, run_id, task_id, ledger)
+                span_outcome.update({"llm.retries": attempt, "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                                     "gen_ai.usage.output_tokens": usage.completion_tokens})
                 yield StreamEvent("", usage, finish)
                 return
             except _Retry as retry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -60,6 +61,21 @@ class Asker(Worker):
         result = await self.context.inference.chat([{"role": "user", "content": "say hi"}], max_tokens=8,
                                                    run_id=task.run_id, task_id=task.task_id)
         return result.text
+
+
+class Streamer(Worker):
+    """Streams the language model's answer twice: once whole, once stopping after the first delta."""
+
+    capability = "streamer"
+
+    async def handle(self, task: Task) -> Any:
+        messages = [{"role": "user", "content": "say hi"}]
+        text = "".join([event.text async for event in self.context.inference.stream_chat(
+            messages, max_tokens=8, run_id=task.run_id, task_id=task.task_id)])
+        async with contextlib.aclosing(self.context.inference.stream_chat(messages, max_tokens=8)) as stream:
+            async for _ in stream:
+                break
+        return text
 
 
 JOB: dict[str, Any] = {"goal": "observability", "tasks": [

@@ -14,7 +14,7 @@ from protocol.bus import MemoryBus
 from protocol.envelope import Envelope
 from protocol.inference_settings import InferenceSettings
 from protocol.tracing import Tracing
-from tests.observability.fakes import Asker, Echo, Learner
+from tests.observability.fakes import Asker, Echo, Learner, Streamer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -82,6 +82,22 @@ async def test_llm_calls_are_children_of_the_handler_span(spans: tuple[Tracing, 
     assert llm
     assert llm[-1].parent.span_id == handler.context.span_id
     assert llm[-1].attributes["gen_ai.usage.output_tokens"] > 0
+
+
+async def test_a_stream_is_one_span_under_the_handler_ended_when_it_ends_or_is_closed(
+        spans: tuple[Tracing, object], inference_settings: InferenceSettings) -> None:
+    tracing, exporter = spans
+    async with Orchestrator(workers=[Streamer], llm=inference_settings, tracing=tracing) as orch:
+        result = await orch.run({"goal": "stream", "tasks": [{"id": "s", "capability": "streamer"}]})
+    assert result.accepted, result.reason
+    finished = exporter.get_finished_spans()  # type: ignore[attr-defined]
+    handler = next(s for s in finished if s.name == "assign streamer")
+    streams = [s for s in finished if s.attributes.get("llm.stream")]
+    assert [s.attributes["llm.outcome"] for s in streams] == ["ok", "cancelled"]
+    assert all(s.parent.span_id == handler.context.span_id for s in streams)
+    assert streams[0].attributes["gen_ai.usage.output_tokens"] > 0
+    assert streams[0].status.is_ok
+    assert streams[1].status.is_ok
 
 
 async def test_without_configuration_nothing_is_traced_and_envelopes_carry_no_trace(
