@@ -517,10 +517,17 @@ class Manager:
         if self.judge is None:
             verdict = Verdict(passed=False, verifier="judge", feedback="no judge is configured on this manager")
         else:
-            try:
-                verdict = await self.judge(task, task.output)
-            except Exception as exc:
-                verdict = Verdict(passed=False, verifier="judge", feedback=f"judge failed: {type(exc).__name__}: {exc}")
+            # A span under the attempt's, current while the judge works, so its model calls are the attempt's too.
+            with self.tracing.span(f"judge {task.capability}", parent=self._trace_context(engine.run, task) or None,
+                                   attributes={"orchestrator.run_id": engine.run.run_id, "orchestrator.task_id": task.id,
+                                               "orchestrator.attempt": attempt}) as span:
+                try:
+                    verdict = await self.judge(task, task.output)
+                except Exception as exc:
+                    verdict = Verdict(passed=False, verifier="judge",
+                                      feedback=f"judge failed: {type(exc).__name__}: {exc}")
+                if span is not None:
+                    span.set_attribute("orchestrator.verdict", "pass" if verdict.passed else "fail")
         await self._feed(engine.run.run_id, Checked(task.id, attempt, VerifyStage.JUDGE, verdict, now()))
         await self.store.sync()
         await self._publish_snapshot(engine.run)

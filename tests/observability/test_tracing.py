@@ -100,6 +100,23 @@ async def test_a_stream_is_one_span_under_the_handler_ended_when_it_ends_or_is_c
     assert streams[1].status.is_ok
 
 
+async def test_the_judges_model_calls_are_under_the_attempt_they_judge(
+        spans: tuple[Tracing, object], inference_settings: InferenceSettings) -> None:
+    tracing, exporter = spans
+    async with Orchestrator(workers=[Echo], llm=inference_settings, tracing=tracing) as orch:
+        result = await orch.run({"goal": "judged", "tasks": [
+            {"id": "h", "capability": "echo", "input": "25 primes below 100, summing to 1060",
+             "spec": {"description": "A headline of at most 60 characters."}}]})
+    assert result.accepted, result.reason
+    finished = exporter.get_finished_spans()  # type: ignore[attr-defined]
+    attempt = next(s for s in finished if s.name == "attempt echo")
+    judge = next(s for s in finished if s.name == "judge echo")
+    assert judge.parent.span_id == attempt.context.span_id
+    assert judge.attributes["orchestrator.verdict"] == "pass"
+    calls = [s for s in finished if s.name == "llm /v1/chat/completions"]
+    assert [c.parent.span_id for c in calls] == [judge.context.span_id]
+
+
 async def test_without_configuration_nothing_is_traced_and_envelopes_carry_no_trace(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORCH_TRACING", raising=False)
