@@ -20,6 +20,7 @@ gateway): only ``/v1/models`` and ``/v1/chat/completions`` are required; vLLM's 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -376,8 +377,11 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
                                               "url.path": "/v1/chat/completions", "llm.stream": True})
         measured: dict[str, Any] = {}
         try:
-            async for event in self._stream(body, run_id, task_id, ledger, measured):
-                yield event
+            # Closed here, in this task, when the caller closes this generator: left to the event loop's
+            # finalizer, the tries' limiter slot would be released from another task (an error), and late.
+            async with contextlib.aclosing(self._stream(body, run_id, task_id, ledger, measured)) as events:
+                async for event in events:
+                    yield event
         except BaseException as exc:
             cancelled = isinstance(exc, GeneratorExit | anyio.get_cancelled_exc_class())
             end(span, error="" if cancelled else f"{type(exc).__name__}: {exc}",
@@ -386,7 +390,7 @@ class InferenceClient(anyio.AsyncContextManagerMixin):
         end(span, attributes={**measured, "llm.outcome": "ok"})
 
     async def _stream(self, body: dict[str, Any], run_id: str | None, task_id: str | None,
-                      ledger: UsageLedger | None, span_outcome: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+                      ledger: UsageLedger | None, span_outcome: dict[str, Any]) -> AsyncGenerator[StreamEvent]:
         """``stream_chat``'s tries; ``span_outcome`` gets the retries and the tokens for its span."""
         attempt = 0
         while True:
