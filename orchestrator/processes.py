@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -446,10 +447,9 @@ async def fetch_head(bus: Bus, run_id: str) -> dict[str, Any] | None:
 def summary_head(status: Mapping[str, Any]) -> dict[str, Any]:
     """``status`` without its tasks, counted as ``fetch_head`` gives them (for summaries that lack the counts)."""
     tasks = status.get("tasks") or []
-    states: dict[str, int] = {}
-    for task in tasks:
-        states[str(task.get("state"))] = states.get(str(task.get("state")), 0) + 1
-    return {**{k: v for k, v in status.items() if k != "tasks"}, "task_count": len(tasks), "task_states": states}
+    states = Counter(str(task.get("state")) for task in tasks)
+    return {**{k: v for k, v in status.items() if k != "tasks"}, "task_count": len(tasks),
+            "task_states": dict(states)}
 
 
 SUBMISSION_GONE_S = 5.0  # how long wait_for_run gives a run with neither a summary nor a submission
@@ -490,6 +490,8 @@ async def _refused_submission(bus: Bus, run_id: str, *, newest: int = 100) -> st
     write to Redis can write dead letters too, so the reason is cut short.
     """
     for dead in reversed(await bus.dead_letters(JOBS_STREAM, last=newest)):
+        if len(dead.frame) > bus.settings.codec.max_frame_bytes:  # no submission is that big
+            continue
         try:
             data = msgpack.unpackb(dead.frame, raw=False)
         except Exception:  # msgpack raises a dozen unrelated types on garbage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -167,16 +168,14 @@ class RunRecord(BaseModel):
 
     def summary(self, *, with_tasks: bool = True) -> dict[str, Any]:
         """The ``--json`` object of ``orchestrator run`` and ``status``."""
-        states: dict[str, int] = {}
-        for task in self.tasks.values():
-            states[task.state] = states.get(task.state, 0) + 1
+        states = Counter(str(task.state) for task in self.tasks.values())
         head: dict[str, Any] = {"run_id": self.run_id, "goal": self.goal, "state": str(self.state),
                                 "reason": self.reason, "tokens": self.tokens, "held": self.held,
                                 # when it was submitted, and its history's length: what a reader of the
                                 # bus's copy of the history can check it against
                                 "created": self.created, "last_seq": self.next_seq - 1,
                                 # before the tasks, so a reader of the summary's first bytes has them (summary_head)
-                                "task_count": len(self.tasks), "task_states": {str(s): n for s, n in states.items()}}
+                                "task_count": len(self.tasks), "task_states": dict(states)}
         if with_tasks:
             head["tasks"] = [t.summary() for t in self.tasks.values()]
         return head

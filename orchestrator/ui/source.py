@@ -93,7 +93,9 @@ class RunSource:
             for _, env in batch:
                 if isinstance(env.body, Submit) and env.run_id not in known:
                     tasks = env.body.job.get("tasks")
-                    count = env.body.staged.tasks if env.body.staged else len(tasks) if isinstance(tasks, list) else 0
+                    count = len(tasks) if isinstance(tasks, list) else 0
+                    if env.body.staged is not None:  # its tasks are staged; the submission counts them
+                        count = env.body.staged.tasks
                     rows.append({"run_id": env.run_id, "goal": str(env.body.job.get("goal", "")), "state": "queued",
                                  "reason": "waiting for a manager to take the submission", "tokens": 0,
                                  "started": env.time, "tasks": count,
