@@ -85,7 +85,8 @@ class MemoryStore(Store):
         self._events: dict[str, list[Event]] = {}
 
     async def create_run(self, run: RunRecord) -> None:
-        self._runs[run.run_id] = run.snapshot()
+        stored = self._runs[run.run_id] = run.snapshot()
+        stored.release_task_defs()  # as the ledger keeps a job: each task's definition is in its record
         self._events.setdefault(run.run_id, [])
         await anyio.lowlevel.checkpoint()
 

@@ -7,6 +7,7 @@ with the CLI.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from orchestrator import processes
 from orchestrator.api import Orchestrator
-from orchestrator.job import parse_job, parse_job_in_parts
+from orchestrator.job import TaskDef, parse_job, parse_job_in_parts
 from orchestrator.manager import ManagerSettings
 from orchestrator.staged_jobs import INLINE_MAX_BYTES, StagedJobError, submission, unstage
 from protocol.bus import MemoryBus
@@ -152,3 +153,40 @@ async def test_a_goal_too_big_for_one_message_is_staged_with_the_job_and_kept_wh
             status = await processes.wait_for_run(orch.bus, run_id)
     assert status["state"] == "accepted", status["reason"]
     assert status["goal"] == goal
+
+
+class Held(Worker):
+    """Takes its tasks and holds them until released: the run stays under way."""
+
+    capability = "echo"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = anyio.Event()
+        self.release = anyio.Event()
+
+    async def handle(self, task: Task) -> Any:
+        self.taken.set()
+        await self.release.wait()
+        return task.input
+
+
+@pytest.mark.parametrize("tasks", [3, 2_500], ids=["inline", "staged"])
+async def test_the_manager_keeps_no_submitted_task_definitions_once_the_run_is_under_way(tasks: int) -> None:
+    # The run's records hold what each task needs; the job's own list of definitions is a second copy (~0.4 KB a
+    # task), which the manager's loop over the jobs stream kept until another submission came.
+    held = Held()
+    job = big_job(tasks)
+    async with Orchestrator(workers=[held]) as orch:
+        run_id = await processes.submit_job(orch.bus, parse_job(job))
+        with anyio.fail_after(60):
+            await held.taken.wait()
+            while (await processes.fetch_head(orch.bus, run_id) or {}).get("state") != "running":  # noqa: ASYNC110 (the summary is the bus's)
+                await anyio.sleep(0.01)
+        gc.collect()
+        alive = sum(1 for o in gc.get_objects() if type(o) is TaskDef)
+        held.release.set()
+        with anyio.fail_after(120):
+            status = await processes.wait_for_run(orch.bus, run_id)
+    assert alive == 0
+    assert status["state"] == "accepted", status["reason"]
