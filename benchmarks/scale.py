@@ -11,7 +11,10 @@ independent no-op tasks, each with a spec ``expect`` check; ``--workers`` separa
 ``orchestrator worker`` processes (``benchmarks/noop.py``, concurrency 256) do the work. The job
 is either a YAML file the child loads (``--form file``, what a person writes) or a ``Job`` built
 in Python (``--form python``); ``both`` (the default) runs the file at every size and the
-Python-built job at the largest. The run must end ``accepted``. Bus messages are signed (a
+Python-built job at the largest. ``--form submit`` runs the deployed shape instead: an
+``orchestrator manager`` process, and the YAML file sent to it with ``orchestrator submit FILE
+--wait --json`` (staged on Redis past 256 KiB, docs/bus.md); it also reports the ``submit``
+process's CPU time and peak memory. The run must end ``accepted``. Bus messages are signed (a
 keyring made for the benchmark) unless ``ORCH_INSECURE=1``.
 
 With ``SCALE_RSS_CURVE=1`` each run also prints the manager's resident memory every half second
@@ -43,10 +46,7 @@ INPUT = "x" * 64
 
 
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    return _field_kb(Path("/proc/self/status"), field)
 
 
 def _write_job_file(path: Path, n: int) -> None:
@@ -146,7 +146,7 @@ async def _watch_pauses(pauses: list[tuple[float, float]], start: float, every_s
             pauses.append((round(asleep - start, 2), round(late, 3)))
 
 
-def _sample_rss(curve: list[tuple[float, int]], every_s: float = 0.5) -> None:
+def _sample_rss(curve: list[tuple[float, int]], every_s: float = 0.5, status: Path = Path("/proc/self/status")) -> None:
     """Append (seconds, RSS KiB) to ``curve`` from a daemon thread: where in a run the peak is."""
     import threading
 
@@ -154,10 +154,73 @@ def _sample_rss(curve: list[tuple[float, int]], every_s: float = 0.5) -> None:
 
     def sample() -> None:
         while True:
-            curve.append((round(time.perf_counter() - start, 1), _status_kb("VmRSS")))
+            try:
+                curve.append((round(time.perf_counter() - start, 1), _field_kb(status, "VmRSS")))
+            except FileNotFoundError:  # the process has ended
+                return
             time.sleep(every_s)
 
     threading.Thread(target=sample, daemon=True).start()
+
+
+def submitted(url: str, ns: str, n: int, tmp: str, keys: str, workers: int) -> dict[str, object]:
+    """One run of the job file sent with ``orchestrator submit`` to an ``orchestrator manager`` process."""
+    import anyio
+
+    from orchestrator.processes import active_manager
+
+    ledger = Path(tmp) / f"{ns}.db"
+    job_file = Path(tmp) / f"{ns}.yaml"
+    _write_job_file(job_file, n)
+    orch = str(Path(sys.executable).with_name("orchestrator"))
+    common = ["--redis", url, "--namespace", ns, *(["--keys", keys] if keys else ["--insecure"])]
+    manager = subprocess.Popen([orch, "--log-level", "WARNING", "manager", *common, "--ledger", str(ledger)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def ready() -> None:
+            await _until_workers_announce(url, ns, workers)
+            with anyio.fail_after(60):
+                while await active_manager(url, namespace=ns) is None:  # noqa: ASYNC110 (another process's lease)
+                    await anyio.sleep(0.1)
+
+        anyio.run(ready)
+        time.sleep(1.0)  # let the manager's start-up garbage settle before its baseline
+        status = Path(f"/proc/{manager.pid}/status")
+        rss_before = _field_kb(status, "VmRSS")
+        curve: list[tuple[float, int]] = []
+        if os.environ.get("SCALE_RSS_CURVE"):
+            _sample_rss(curve, status=status)
+        out_path = Path(tmp) / f"{ns}.out"
+        start = time.perf_counter()
+        with out_path.open("w") as out:
+            client = subprocess.Popen([orch, "--log-level", "WARNING", "submit", *common, str(job_file), "--wait",
+                                       "--json"], stdout=out, stderr=subprocess.PIPE)
+            _, wait_status, usage = os.wait4(client.pid, 0)
+        elapsed = time.perf_counter() - start
+        client.returncode = os.waitstatus_to_exitcode(wait_status)
+        peak = _field_kb(status, "VmHWM")
+        if client.returncode != 0:
+            raise SystemExit(f"orchestrator submit exited {client.returncode}: "
+                             f"{client.stderr.read().decode()[-2000:] if client.stderr else ''}")
+        result = json.loads(out_path.read_text())
+    finally:
+        manager.terminate()
+        manager.wait(60)
+    accepted = sum(t["state"] == "accepted" for t in result["tasks"])
+    if accepted != n:
+        raise SystemExit(f"run ended {result['state']} with {accepted} of {n} tasks accepted: {result['reason']}")
+    ledger_bytes = sum(p.stat().st_size for p in ledger.parent.glob(ledger.name + "*"))
+    return {"tasks": n, "form": "submit", "accepted": accepted, "seconds": round(elapsed, 2),
+            "tasks_per_s": round(n / elapsed), "rss_before_kb": rss_before, "peak_rss_kb": peak,
+            "ledger_bytes": ledger_bytes, "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "client_peak_rss_kb": usage.ru_maxrss, "rss_curve": list(curve), "loop_pauses": []}
+
+
+def _field_kb(status: Path, field: str) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def _keyring(tmp: str) -> str:
@@ -192,7 +255,7 @@ def main() -> None:
     parser.add_argument("--url", help="an existing Redis (default: start a throwaway redis-server)")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--form", choices=("file", "python", "both"), default="both")
+    parser.add_argument("--form", choices=("file", "python", "both", "submit"), default="both")
     parser.add_argument("--child", nargs=6, metavar=("NS", "N", "FORM", "TMP", "KEYS", "WORKERS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,6 +276,10 @@ def main() -> None:
             ns = f"scale{uuid.uuid4().hex[:8]}"
             workers = _workers(url, ns, args.workers, keys)
             try:
+                if form == "submit":
+                    row = submitted(url, ns, n, tmp, keys, args.workers)
+                    rows.append(_report(row, n, form))
+                    continue
                 out = subprocess.run([sys.executable, __file__, "--url", url, "--child", ns, str(n), form, tmp, keys,
                                       str(args.workers)],
                                      capture_output=True, text=True, check=False)
@@ -224,18 +291,24 @@ def main() -> None:
             if out.returncode != 0:
                 print(out.stdout, out.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"the {n}-task run failed")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["kb_per_task"] = round((row["peak_rss_kb"] - row["rss_before_kb"]) / n, 3)
-            rows.append(row)
-            print(f"{n:>7} tasks ({form:6}): {row['tasks_per_s']:>6} tasks/s, manager peak RSS "
-                  f"{row['peak_rss_kb'] / 1024:7.1f} MiB (before the job {row['rss_before_kb'] / 1024:.1f} MiB, "
-                  f"{row['kb_per_task'] * 1024:6.0f} bytes/task), ledger {row['ledger_bytes'] / 1e6:7.1f} MB "
-                  f"({row['ledger_bytes'] / n:.0f} bytes/task)", flush=True)
-            if row["loop_pauses"]:
-                print("  longest event-loop pauses (s into the run: s): "
-                      + ", ".join(f"{at:g}: {late:.2f}" for at, late in row["loop_pauses"]))
-            if row["rss_curve"]:
-                print("  RSS (s: MiB): " + ", ".join(f"{t:g}: {kb / 1024:.0f}" for t, kb in row["rss_curve"]))
+            rows.append(_report(json.loads(out.stdout.strip().splitlines()[-1]), n, form))
+
+
+def _report(row: dict, n: int, form: str) -> dict:  # type: ignore[type-arg]
+    row["kb_per_task"] = round((row["peak_rss_kb"] - row["rss_before_kb"]) / n, 3)
+    print(f"{n:>7} tasks ({form:6}): {row['tasks_per_s']:>6} tasks/s, manager peak RSS "
+          f"{row['peak_rss_kb'] / 1024:7.1f} MiB (before the job {row['rss_before_kb'] / 1024:.1f} MiB, "
+          f"{row['kb_per_task'] * 1024:6.0f} bytes/task), ledger {row['ledger_bytes'] / 1e6:7.1f} MB "
+          f"({row['ledger_bytes'] / n:.0f} bytes/task)", flush=True)
+    if "client_cpu_s" in row:
+        print(f"  orchestrator submit: {row['client_cpu_s']} s of CPU, peak RSS "
+              f"{row['client_peak_rss_kb'] / 1024:.0f} MiB", flush=True)
+    if row["loop_pauses"]:
+        print("  longest event-loop pauses (s into the run: s): "
+              + ", ".join(f"{at:g}: {late:.2f}" for at, late in row["loop_pauses"]))
+    if row["rss_curve"]:
+        print("  RSS (s: MiB): " + ", ".join(f"{t:g}: {kb / 1024:.0f}" for t, kb in row["rss_curve"]))
+    return row
 
 
 if __name__ == "__main__":
