@@ -921,7 +921,7 @@ def _amend_attempt(task: TaskRecord, **changes: Any) -> None:
     """Change the task's current attempt. Attempts are frozen, so it is replaced: a copy of the task taken before
     (``TaskRecord.snapshot``, what a store keeps) shares the old one and does not see the change."""
     *earlier, current = task.attempts
-    task.attempts = (*earlier, current.model_copy(update=changes))
+    task.attempts = (*earlier, current.amended(**changes))
 
 
 def _verdict_record(verdict: Verdict) -> dict[str, Any]:
