@@ -748,7 +748,7 @@ class Manager:
         await self.bus.put_values_in_parts({run_snapshot_key(run.run_id): self._summary_parts(run, at) for run in runs},
                                            ttl_s=self.settings.snapshot_ttl_s)
 
-    def _summary_parts(self, run: RunRecord, at: float) -> list[bytes]:
+    def _summary_parts(self, run: RunRecord, at: float) -> Sequence[bytes]:
         if run.run_id in self._engines:
             return self._snapshots.render(run, now=at)
         return [json.dumps(run.summary(), default=str).encode()]  # a run this manager does not hold (rejected)

@@ -83,6 +83,16 @@ _RELEASE_IDLE_MS = 365 * 24 * 3600 * 1000  # far past any lease a reclaimer coul
 _STAGING_TTL_MS = 10 * 60 * 1000  # a writer that dies mid-value leaves its staging key for this long
 
 
+def _at_most(parts: Sequence[bytes], limit: int) -> bool:
+    """Whether ``parts`` hold at most ``limit`` bytes, reading no more of them than it takes to tell."""
+    size = 0
+    for part in parts:
+        size += len(part)
+        if size > limit:
+            return False
+    return True
+
+
 def _pieces(parts: Sequence[bytes], limit: int) -> Iterable[bytes]:
     """``parts`` joined into pieces of at most ``limit`` bytes (small parts together, a big one sliced)."""
     batch: list[bytes] = []
@@ -835,7 +845,7 @@ class RedisBus(Bus):
         # big ones a piece at a time, each on its own.
         limit = self.redis_settings.value_piece_bytes
         small = {key: b"".join(parts) for key, parts in values.items()
-                 if key not in self._value_locks and sum(map(len, parts)) <= limit}
+                 if key not in self._value_locks and _at_most(parts, limit)}
         await self.put_values(small, ttl_s=ttl_s)
         for key, parts in values.items():
             if key not in small:

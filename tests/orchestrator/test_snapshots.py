@@ -8,7 +8,8 @@ import pytest
 
 from orchestrator.job import parse_job
 from orchestrator.records import RunRecord
-from orchestrator.snapshots import BLOCK, Snapshots
+from orchestrator.snapshots import BLOCK, Snapshots, Summary, _Packed
+from protocol.states import TaskState
 
 
 def test_a_cached_summary_follows_the_tasks_that_changed() -> None:
@@ -92,3 +93,48 @@ def test_warming_renders_a_few_blocks_per_step_and_never_leaves_the_summary_stal
     run.tasks[f"t{4 * BLOCK}"].output = "changed after the last block was rendered"
     snapshots.changed(run.run_id, f"t{4 * BLOCK}")
     assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
+
+
+def _end(run: RunRecord, snapshots: Snapshots, task_ids: list[str], state: TaskState = TaskState.ACCEPTED) -> None:
+    for task_id in task_ids:
+        run.tasks[task_id].state, run.tasks[task_id].output = state, f"done {task_id} " + "w" * 40
+        snapshots.changed(run.run_id, task_id)
+
+
+def test_blocks_of_ended_tasks_are_kept_compressed_and_read_back_exactly() -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
+                                                          for i in range(3 * BLOCK + 5)]}))
+    snapshots = Snapshots()
+    snapshots.render(run, now=0.0)
+    _end(run, snapshots, [f"t{i}" for i in range(2 * BLOCK + 1)])  # two whole blocks and one task of the third
+    summary = snapshots.render(run, now=1.0)
+    assert json.loads(b"".join(summary)) == run.summary()
+    assert isinstance(summary, Summary)
+    assert summary.size == len(b"".join(summary))
+    assert b"".join(summary[i] for i in range(len(summary))) == b"".join(summary[:])
+    cache = snapshots._runs[run.run_id].blocks
+    kept = [len(block.json.data) if isinstance(block.json, _Packed) else None for block in cache]
+    assert kept[2:] == [None, None]  # a block with a task still under way stays as it is
+    assert all(size is not None and size < block.size / 5 for size, block in zip(kept[:2], cache[:2], strict=True))
+    # An ended task changes again only by a person's override, which is recorded like any change.
+    _end(run, snapshots, ["t3"], TaskState.NOT_DONE)
+    assert json.loads(b"".join(snapshots.render(run, now=2.0))) == run.summary()
+    assert not isinstance(cache[0].json, _Packed)
+
+
+def test_a_small_runs_ended_tasks_are_not_compressed() -> None:
+    # zlib's set-up alone is a tenth of a one-task run's cost to the manager; a few tasks' JSON saves little.
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(3)]}))
+    snapshots = Snapshots()
+    _end(run, snapshots, list(run.tasks))
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
+    assert not isinstance(snapshots._runs[run.run_id].blocks[0].json, _Packed)
+
+
+def test_a_compressed_summary_is_due_again_by_its_inflated_size() -> None:
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"} for i in range(2000)]}))
+    snapshots = Snapshots(bytes_per_s=100_000.0)
+    _end(run, snapshots, list(run.tasks))
+    size = len(b"".join(snapshots.render(run, now=10.0)))
+    assert not snapshots.due(run.run_id, 10.0 + size / 100_000.0 - 0.01)
+    assert snapshots.due(run.run_id, 10.0 + size / 100_000.0)

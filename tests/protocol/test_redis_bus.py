@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -640,6 +641,25 @@ async def test_a_big_value_is_written_in_pieces_and_read_whole(redis_url: str) -
     async with Redis.from_url(redis_url) as raw:
         assert 0 < await raw.pttl(f"{namespace}:value:run/big") <= 60_000
         assert [k async for k in raw.scan_iter(f"{namespace}:staging:*")] == []  # nothing left behind
+
+
+async def test_a_run_summary_with_compressed_blocks_is_written_whole(redis_url: str) -> None:
+    # The manager's summary of a big run keeps its ended tasks' blocks compressed, inflated as the bus reads them.
+    from orchestrator.job import parse_job
+    from orchestrator.records import RunRecord
+    from orchestrator.snapshots import BLOCK, Snapshots
+    from protocol.states import TaskState
+
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
+                                                          for i in range(3 * BLOCK)]}))
+    snapshots = Snapshots()
+    for task in list(run.tasks.values())[:2 * BLOCK]:
+        task.state, task.output = TaskState.ACCEPTED, {"n": task.id}
+        snapshots.changed(run.run_id, task.id)
+    summary = snapshots.render(run, now=0.0)
+    async with RedisBus.from_url(redis_url, namespace=ns(), value_piece_bytes=1024) as bus:
+        await bus.put_values_in_parts({"run/big": summary}, ttl_s=60)
+        assert json.loads(await bus.get_value("run/big") or b"") == run.summary()
 
 
 async def test_writes_of_one_value_land_in_the_order_they_were_made(redis_url: str) -> None:
