@@ -254,6 +254,11 @@ class SQLiteStore(Store):
         run.release_task_defs()
         return run
 
+    async def has_run(self, run_id: str) -> bool:
+        await self.sync()
+        return await anyio.to_thread.run_sync(
+            lambda: self.db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None)
+
     async def running_runs(self) -> list[RunRecord]:
         runs = [await self.get_run(run_id) for run_id in await self.run_ids(state="running")]
         return [r for r in runs if r is not None]

@@ -291,7 +291,7 @@ class Manager:
         """
         log_ = self._logs.get(run_id)
         if log_ is None:
-            if await self.store.get_run(run_id) is None:
+            if not await self.store.has_run(run_id):
                 raise ConfigError(f"unknown run {run_id!r}")
             for event in await self.store.events(run_id, after):
                 yield event
@@ -640,7 +640,7 @@ class Manager:
         return job
 
     async def _known(self, run_id: str) -> bool:
-        return run_id in self._engines or await self.store.get_run(run_id) is not None
+        return run_id in self._engines or await self.store.has_run(run_id)
 
     async def _consume_overrides(self) -> None:
         """Apply overrides sent by people from any machine (``orchestrator approve`` and friends)."""

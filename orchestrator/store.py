@@ -63,6 +63,11 @@ class Store(abc.ABC):
     async def get_run(self, run_id: str) -> RunRecord | None:
         """A snapshot of a run, or None when unknown."""
 
+    async def has_run(self, run_id: str) -> bool:
+        """Whether the store has the run. The default reads it whole; a store overrides it with a cheaper look
+        (a 100,000-task run read to learn that it exists took seconds and hundreds of MB)."""
+        return await self.get_run(run_id) is not None
+
     @abc.abstractmethod
     async def events(self, run_id: str, after: int = 0) -> list[Event]:
         """The run's events with ``seq > after``, in order."""
@@ -121,3 +126,7 @@ class MemoryStore(Store):
     async def run_ids(self) -> list[str]:
         await anyio.lowlevel.checkpoint()
         return list(self._runs)
+
+    async def has_run(self, run_id: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return run_id in self._runs

@@ -15,7 +15,9 @@ from orchestrator import Orchestrator, ledger
 from orchestrator.engine import Instant, RunEngine, Start
 from orchestrator.job import parse_job
 from orchestrator.ledger import SQLiteStore
+from orchestrator.manager import ManagerSettings
 from orchestrator.records import RunRecord, TaskRecord
+from orchestrator.store import MemoryStore
 from protocol.bus import BusSettings, MemoryBus
 from protocol.history import HistoryEvent, RunFinished, Transitioned
 from tests._history import transitions
@@ -85,6 +87,34 @@ async def test_submitting_the_same_run_id_twice_starts_one_run(tmp_path: Path) -
         result = await orch.attach(first).wait()
     assert first == second == "fixed-id"
     assert result.accepted
+
+
+class ReadCountingLedger(SQLiteStore):
+    """The ledger, counting the runs read back whole."""
+
+    reads = 0
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self.reads += 1
+        return await super().get_run(run_id)
+
+
+async def test_a_run_submitted_again_after_it_left_memory_is_known_without_reading_it_back(tmp_path: Path) -> None:
+    # A submission delivered again (the manager stopped before acknowledging it) names a run the ledger has;
+    # reading a 100,000-task run whole to learn that took seconds and hundreds of MB.
+    store = ReadCountingLedger(tmp_path / "l.db")
+    async with Orchestrator(workers=[Step], store=store, manager_settings=ManagerSettings(finished_tasks_kept=0)) as orch:
+        first = await orch.manager.submit(parse_job(chain(2)), run_id="fixed-id")
+        assert (await orch.attach(first).wait()).accepted
+        with anyio.fail_after(10):
+            while "fixed-id" in orch.manager._engines:  # noqa: ASYNC110 (let go of once its end is durable)
+                await anyio.sleep(0.01)
+        reads = store.reads
+        assert await orch.manager.submit(parse_job(chain(2)), run_id="fixed-id") == "fixed-id"
+        assert store.reads == reads
+        assert await store.has_run("fixed-id")
+        assert not await store.has_run("other-id")
+    assert await MemoryStore().has_run("fixed-id") is False
 
 
 def _wide_run(n: int) -> RunRecord:
