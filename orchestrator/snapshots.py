@@ -16,10 +16,12 @@ A summary is rendered as its parts (the cached pieces, in order), not joined: th
 a piece at a time (``Bus.put_values_in_parts``), so no 25 MB copy of it is made, by the join, by the
 client or by the socket's buffer.
 
-A whole block whose tasks have all ended is kept compressed (zlib) and inflated only as its part is read: ended
-tasks change only when a person overrides one, which is recorded like any change. That was ~230 bytes a
-task of a big run's memory toward its end, when most of its tasks have ended (~4 bytes a no-op task now;
-text compresses less). Compressing a 256-task block costs ~0.2 ms, once; inflating one ~0.06 ms a write.
+A whole block that is not expected to change soon is kept compressed (zlib) and inflated only as its part is
+read: one rendered for the first time (a big run's tasks past its dispatch window wait, unchanged, for a long
+while), and one whose tasks have all ended (they change only when a person overrides one). A block rendered
+again because a task of it changed stays as it is while it has a task under way. Uncompressed, the cache was
+~230 bytes a task of a big run's memory from its start (~4 bytes a no-op task compressed; text compresses
+less). Compressing a 256-task block costs ~0.2 ms; inflating one ~0.06 ms a write.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class Snapshots:
         blocks = self._runs.setdefault(run.run_id, _RunCache()).blocks
         for index, chunk in enumerate(_chunks(run)):
             if index >= len(blocks):
-                blocks.append(_block(chunk))
+                blocks.append(_block(chunk, first=True))
                 if (index + 1) % blocks_per_step == 0:
                     yield
 
@@ -141,7 +143,7 @@ class Snapshots:
             known = blocks[index] if index < len(blocks) else None
             if (known is None or known.first != chunk[0].id or known.tasks != len(chunk)
                     or any(task.id in changed for task in chunk)):
-                known = _block(chunk)
+                known = _block(chunk, first=known is None)
                 if index < len(blocks):
                     blocks[index] = known
                 else:
@@ -172,11 +174,12 @@ def _chunks(run: RunRecord) -> Iterator[list[TaskRecord]]:
         yield chunk
 
 
-def _block(chunk: list[TaskRecord]) -> _Block:
+def _block(chunk: list[TaskRecord], *, first: bool = False) -> _Block:
+    """The chunk's JSON; compressed when it is a whole block rendered for the first time or of ended tasks."""
     block = _Block(chunk[0].id, len(chunk), b", ".join(_dumps(task.summary()) for task in chunk))
     # Whole blocks only: a run of a few tasks saves little, and zlib takes ~35 µs to set up for any input, a tenth
     # of what a one-task run costs the manager in all.
-    return _packed(block) if len(chunk) == BLOCK and all(task.terminal for task in chunk) else block
+    return _packed(block) if len(chunk) == BLOCK and (first or all(task.terminal for task in chunk)) else block
 
 
 def _packed(block: _Block) -> _Block:

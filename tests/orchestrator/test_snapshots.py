@@ -63,13 +63,31 @@ def test_only_the_blocks_with_a_changed_task_are_rendered_again() -> None:
     run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
                                                           for i in range(2 * BLOCK + 10)]}))
     snapshots = Snapshots()
-    first = snapshots.render(run, now=0.0)
+    snapshots.render(run, now=0.0)
+    first = list(snapshots._runs[run.run_id].blocks)
     run.tasks[f"t{BLOCK + 3}"].output = "new"
     snapshots.changed(run.run_id, f"t{BLOCK + 3}")
     second = snapshots.render(run, now=1.0)
     assert json.loads(b"".join(second)) == run.summary()
-    blocks = (2, 4, 6)  # head, "tasks": [, then a block and a separator each
-    assert [first[i] is second[i] for i in blocks] == [True, False, True]
+    assert [a is b for a, b in zip(first, snapshots._runs[run.run_id].blocks, strict=True)] == [True, False, True]
+
+
+def test_a_block_is_kept_compressed_until_a_task_of_it_changes_and_again_once_they_have_all_ended() -> None:
+    # Rendered for the first time, a big run's blocks wait unchanged (most tasks are past the dispatch window);
+    # one rendered again because a task changed stays inflated while a task of it is under way.
+    run = RunRecord.new(parse_job({"goal": "g", "tasks": [{"id": f"t{i}", "capability": "x"}
+                                                          for i in range(2 * BLOCK + 10)]}))
+    snapshots = Snapshots()
+    for _ in snapshots.warm(run):
+        pass
+    blocks = snapshots._runs[run.run_id].blocks
+    assert [isinstance(b.json, _Packed) for b in blocks] == [True, True, False]  # the last is not a whole block
+    _end(run, snapshots, ["t0"])
+    assert json.loads(b"".join(snapshots.render(run, now=0.0))) == run.summary()
+    assert [isinstance(b.json, _Packed) for b in blocks] == [False, True, False]
+    _end(run, snapshots, [f"t{i}" for i in range(BLOCK)])
+    assert json.loads(b"".join(snapshots.render(run, now=1.0))) == run.summary()
+    assert [isinstance(b.json, _Packed) for b in blocks] == [True, True, False]
 
 
 def test_a_run_whose_task_list_grows_gets_its_last_block_rendered_again() -> None:
