@@ -11,7 +11,7 @@ operator's key can sign the digest), then validates the job like any other and d
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -33,26 +33,34 @@ class StagedJobError(Exception):
     """A staged job that cannot be used; the message says why, for the run's failure reason."""
 
 
-async def submission(bus: Bus, run_id: str, job: dict[str, Any], *, source: str = "") -> Submit:
-    """The submission of ``job`` (plain data); a big job is staged on ``bus`` first.
+async def submission(bus: Bus, run_id: str, header: dict[str, Any], tasks: Iterable[Any], *,
+                     source: str = "") -> Submit:
+    """The submission of the job ``{**header, "tasks": [*tasks]}`` (plain data); a big job is staged on ``bus``.
 
     Staged as msgpack: the job without its tasks, then each task as an object of its own, so the manager
-    validates one task at a time (``parse_job_in_parts``) and this side never joins the parts.
+    validates one task at a time (``parse_job_in_parts``) and this side never joins the parts. ``tasks`` is
+    taken one at a time: each is kept as data only while the job may still travel inline, so a caller that
+    makes them as they are taken (``processes.submit_job``) never holds a big job's data whole.
     """
-    tasks = job.get("tasks")
-    tasks = tasks if isinstance(tasks, list) else []
-    parts: list[bytes] = [msgpack.packb({k: v for k, v in job.items() if k != "tasks"}, use_bin_type=True)]
-    parts += [msgpack.packb(task, use_bin_type=True) for task in tasks]
-    size = sum(map(len, parts))
-    if size <= INLINE_MAX_BYTES:
-        return Submit(job=job, source=source)
+    parts: list[bytes] = [msgpack.packb(header, use_bin_type=True)]
+    size = len(parts[0])
+    inline: list[Any] | None = []
+    for task in tasks:
+        parts.append(msgpack.packb(task, use_bin_type=True))
+        size += len(parts[-1])
+        if inline is not None and size <= INLINE_MAX_BYTES:
+            inline.append(task)
+        else:
+            inline = None
+    if inline is not None and size <= INLINE_MAX_BYTES:
+        return Submit(job={**header, "tasks": inline}, source=source)
     digest = hashlib.blake2b(digest_size=32)
     for part in parts:
         digest.update(part)
     await bus.put_values_in_parts({staged_job_key(run_id): parts}, ttl_s=STAGED_TTL_S)
     # Only what status shows of a queued run: the goal itself may be as big as the frame.
-    return Submit(job={"goal": str(job.get("goal", ""))[:200]}, source=source,
-                  staged=StagedJob(size=size, digest=digest.hexdigest(), tasks=len(tasks)))
+    return Submit(job={"goal": str(header.get("goal", ""))[:200]}, source=source,
+                  staged=StagedJob(size=size, digest=digest.hexdigest(), tasks=len(parts) - 1))
 
 
 async def unstage(bus: Bus, run_id: str, staged: StagedJob, *,

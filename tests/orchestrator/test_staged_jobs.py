@@ -43,9 +43,14 @@ def big_job(tasks: int = 2_500, width: int = 500) -> dict[str, Any]:
         for i in range(tasks)]}
 
 
+def split(job: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """A job as ``submission`` takes it: its header, and its tasks."""
+    return {k: v for k, v in job.items() if k != "tasks"}, job["tasks"]
+
+
 def test_a_small_job_travels_in_its_submission() -> None:
     job = {"goal": "small", "tasks": [{"id": "a", "capability": "echo"}]}
-    submit = anyio.run(lambda: submission(MemoryBus(), "r1", job))
+    submit = anyio.run(lambda: submission(MemoryBus(), "r1", *split(job)))
     assert submit.staged is None
     assert submit.job == job
 
@@ -79,7 +84,7 @@ async def test_a_staged_job_over_the_managers_limit_fails_its_run_naming_the_lim
 
 async def test_a_staged_job_is_read_only_when_it_matches_its_signed_size_and_digest() -> None:
     bus = MemoryBus()
-    submit = await submission(bus, "r1", big_job(1_000))
+    submit = await submission(bus, "r1", *split(big_job(1_000)))
     assert submit.staged is not None
     staged, key = submit.staged, staged_job_key("r1")
     good = await bus.get_value(key)
@@ -103,7 +108,7 @@ async def test_a_bad_task_in_a_staged_job_fails_the_run_naming_the_task_and_fiel
     job = big_job(1_000)
     job["tasks"][700]["max_attempts"] = 0  # a validated Job could not hold it: as a client around the CLI sends it
     async with Orchestrator(workers=[Echo()]) as orch:
-        submit = await submission(orch.bus, "r-bad", job)
+        submit = await submission(orch.bus, "r-bad", *split(job))
         assert submit.staged is not None
         await orch.bus.publish("jobs", Envelope(run_id="r-bad", body=submit))
         with anyio.fail_after(30):
@@ -115,7 +120,7 @@ async def test_a_bad_task_in_a_staged_job_fails_the_run_naming_the_task_and_fiel
 
 async def test_staged_bytes_that_are_not_msgpack_are_refused_by_name() -> None:
     bus = MemoryBus()
-    submit = await submission(bus, "r2", big_job(1_000))
+    submit = await submission(bus, "r2", *split(big_job(1_000)))
     assert submit.staged is not None
     key = staged_job_key("r2")
     good = await bus.get_value(key)
