@@ -49,7 +49,7 @@ class _Packed(NamedTuple):
 class _Block(NamedTuple):
     first: str  # its first task's id
     tasks: int  # its number of tasks
-    json: bytes | _Packed  # its tasks' JSON joined with ", "; compressed once they have all ended
+    json: bytes | _Packed  # its tasks' JSON joined with ", "; compressed while not expected to change (_block)
 
     @property
     def size(self) -> int:
