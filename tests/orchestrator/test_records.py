@@ -3,12 +3,15 @@ of a record (what the memory store keeps) shares nothing that changes."""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+from copy import deepcopy
 from typing import Any
 
 import pytest
 
 from orchestrator.job import Spec, TaskDef
-from orchestrator.records import TaskRecord
+from orchestrator.records import AttemptRecord, TaskRecord
 from protocol.states import TaskState, VerifyStage
 from tests.orchestrator.engine_kit import Driver
 
@@ -100,3 +103,15 @@ def test_a_copy_of_a_record_shares_its_fields_set_and_nothing_it_changes() -> No
     copy.reason = "changed"
     assert record.reason == ""
     assert TaskRecord.model_validate_json(amended.model_dump_json(by_alias=True)) == amended
+
+
+def test_an_attempt_survives_json_copies_and_pickling_and_stays_frozen() -> None:
+    # A slotted dataclass inside a pydantic record: the ledger's JSON, deep copies and pickles must all keep it.
+    attempt = AttemptRecord(attempt=2, worker="w1", output={"n": [1, 2]}, verdict={"passed": True}, started=1.5)
+    record = TaskRecord(id="t", capability="c", attempts=(attempt,))
+    assert TaskRecord.model_validate_json(record.model_dump_json()).attempts == (attempt,)
+    assert deepcopy(record).attempts == (attempt,)
+    assert pickle.loads(pickle.dumps(attempt)) == attempt
+    assert attempt.amended(finished=3.0) == dataclasses.replace(attempt, finished=3.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        attempt.worker = "w2"  # type: ignore[misc]
