@@ -69,8 +69,7 @@ class Summary(Sequence[bytes]):
         return len(self._parts)
 
     def __iter__(self) -> Iterator[bytes]:
-        for part in self._parts:
-            yield zlib.decompress(part.data) if isinstance(part, _Packed) else part
+        return map(_inflated, self._parts)
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -81,8 +80,7 @@ class Summary(Sequence[bytes]):
     def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self._parts)))]
-        part = self._parts[index]
-        return zlib.decompress(part.data) if isinstance(part, _Packed) else part
+        return _inflated(self._parts[index])
 
 
 class _RunCache:
@@ -180,6 +178,10 @@ def _block(chunk: list[TaskRecord], *, first: bool = False) -> _Block:
     # Whole blocks only: a run of a few tasks saves little, and zlib takes ~35 µs to set up for any input, a tenth
     # of what a one-task run costs the manager in all.
     return _packed(block) if len(chunk) == BLOCK and (first or all(task.terminal for task in chunk)) else block
+
+
+def _inflated(part: bytes | _Packed) -> bytes:
+    return zlib.decompress(part.data) if isinstance(part, _Packed) else part
 
 
 def _packed(block: _Block) -> _Block:
