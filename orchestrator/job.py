@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -25,7 +26,7 @@ from orchestrator._checks import CheckRegistry, default_checks
 from orchestrator.yaml_file import read_yaml
 from protocol._compact import SharedFieldsSet
 from protocol.errors import ConfigError, JobError
-from protocol.limits import JOB_LIMITS, LimitExceeded, check_shape
+from protocol.limits import JOB_LIMITS, LimitExceeded, ShapeLimits, check_shape
 
 __all__ = ("Budget", "Job", "Spec", "TaskDef", "load_job", "parse_job")
 
@@ -252,20 +253,26 @@ def parse_job(data: Any, *, source: str | None = None, capabilities: Collection[
 
 
 def parse_job_in_parts(header: Any, tasks: Iterable[Any], *, source: str | None = None,
-                       checks: CheckRegistry | None = None) -> Job:
+                       checks: CheckRegistry | None = None, limits: ShapeLimits = JOB_LIMITS) -> Job:
     """``parse_job`` of ``{**header, "tasks": [...]}``, each task checked and validated as it comes.
 
     For a job read from a stream of its tasks (a staged submission): only one task's plain data is alive at
-    a time, not the whole job's beside the models made from it (~80 MB at 100,000 tasks).
+    a time, not the whole job's beside the models made from it (~80 MB at 100,000 tasks). ``limits`` bound the
+    job as ``parse_job`` bounds a whole one: a task sits two levels down (the job, its list of tasks), and the
+    values of all its tasks count against one total.
     """
     if not isinstance(header, Mapping):
         raise JobError(f"a job must be a mapping with 'goal' and 'tasks', got {type(header).__name__}", source=source)
     if "tasks" in header:
         raise JobError("the job's header holds tasks; they come after it", source=source)
+    task_limits = dataclasses.replace(limits, max_depth=limits.max_depth - 2)
+    counted = 0
     defs: list[TaskDef] = []
     for index, raw in enumerate(tasks):
         try:
-            check_shape(raw, JOB_LIMITS, what=f"task #{index + 1}")
+            counted += check_shape(raw, task_limits, what=f"task #{index + 1}")
+            if counted > limits.max_items:
+                raise LimitExceeded(f"the job holds more than {limits.max_items} values (limit max_items)")
         except LimitExceeded as exc:
             raise JobError(str(exc), source=source) from exc
         try:

@@ -53,8 +53,9 @@ _JSON_TYPES = frozenset({str, int, float, bool, type(None)}) | _CONTAINER_TYPES
 _PLAIN_TYPES = _JSON_TYPES | {bytes}  # what msgpack decodes to, extension types aside
 
 
-def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "frame", size: int | None = None) -> None:
-    """Raise LimitExceeded naming ``what`` and the limit when ``value`` is deeper or larger than ``limits``.
+def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "frame", size: int | None = None) -> int:
+    """Raise LimitExceeded naming ``what`` and the limit when ``value`` is deeper or larger than ``limits``; else
+    return how many values it holds (at most ``size`` when that settled it).
 
     ``size``, the length of the msgpack frame ``value`` was decoded from, settles small frames at
     once: every container and every value takes at least one byte. Otherwise the data is walked
@@ -63,7 +64,7 @@ def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "
     ``set``); Python looks at values one by one only where a level mixes containers and scalars.
     """
     if size is not None and size <= limits.max_depth and size <= limits.max_items and not limits.json_only:
-        return
+        return size
     if limits.json_only and type(value) not in _JSON_TYPES:
         raise LimitExceeded(f"{what} holds a {type(value).__name__} value; it must be JSON data")
     level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
@@ -94,6 +95,7 @@ def check_shape(value: Any, limits: ShapeLimits = FRAME_LIMITS, *, what: str = "
         else:  # subclasses, extension types (a tuple): the exact test, value by value
             level = [v for v in values if isinstance(v, _CONTAINERS)]
             level_kinds = set(map(type, level))
+    return items
 
 
 def _check_json(level: list[Any], values: list[Any], kinds: set[type], what: str) -> None:

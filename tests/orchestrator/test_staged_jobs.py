@@ -25,6 +25,7 @@ from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.envelope import Envelope
 from protocol.errors import JobError
 from protocol.keys import staged_job_key
+from protocol.limits import JOB_LIMITS, ShapeLimits
 from tests.security.attacker import nested
 from workers import Task, Worker
 
@@ -145,6 +146,21 @@ def test_a_job_read_in_parts_names_a_bad_task_by_id_or_by_place() -> None:
         parse_job_in_parts({"goal": "g"}, iter([{"id": "c", "capability": "echo", "input": nested(100)}]))
     job = parse_job_in_parts({"goal": "g", "budget": {"max_attempts": 2}}, iter(tasks[:1]))
     assert (job.goal, [t.id for t in job.tasks], job.budget.max_attempts) == ("g", ["a"], 2)
+
+
+def test_a_job_read_in_parts_is_bounded_as_a_whole_job_is() -> None:
+    # Each task within the limits, all of them together not: the total is the job's, as parse_job counts it.
+    limits = ShapeLimits(max_depth=8, max_items=100)
+    tasks = [{"id": f"t{i}", "capability": "echo", "input": list(range(60))} for i in range(2)]
+    parse_job_in_parts({"goal": "g"}, iter(tasks[:1]), limits=limits)
+    with pytest.raises(JobError, match="the job holds more than 100 values"):
+        parse_job_in_parts({"goal": "g"}, iter(tasks), limits=limits)
+    # A task's data sits two levels down in a whole job: the same input is refused in parts as it is whole.
+    deep = {"goal": "g", "tasks": [{"id": "d", "capability": "echo", "input": nested(JOB_LIMITS.max_depth - 2)}]}
+    with pytest.raises(JobError, match="nests deeper than"):
+        parse_job(deep)
+    with pytest.raises(JobError, match="nests deeper than"):
+        parse_job_in_parts({"goal": "g"}, iter(deep["tasks"]))
 
 
 async def test_a_goal_too_big_for_one_message_is_staged_with_the_job_and_kept_whole() -> None:

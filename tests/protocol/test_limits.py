@@ -10,7 +10,7 @@ import pytest
 from protocol.codec import Codec
 from protocol.envelope import Envelope
 from protocol.errors import DecodeError
-from protocol.limits import FRAME_LIMITS, OUTPUT_LIMITS, LimitExceeded, ShapeLimits, check_shape
+from protocol.limits import FRAME_LIMITS, JOB_LIMITS, OUTPUT_LIMITS, LimitExceeded, ShapeLimits, check_shape
 from protocol.messages import Done
 
 
@@ -78,3 +78,10 @@ def test_subclasses_and_mixed_levels_are_walked_exactly() -> None:
         check_shape([1, "a", Mapping(k=[[1]])], limits)
     with pytest.raises(LimitExceeded, match="deeper than 3"):
         check_shape({"a": 1, "b": (2, {"c": [3]})}, limits)
+
+
+def test_check_shape_says_how_many_values_it_counted() -> None:
+    # What a reader of a job in parts adds up against the whole job's limit.
+    assert check_shape([1, [2, 3]], JOB_LIMITS) == 5
+    assert check_shape({"a": {"b": None}}, JOB_LIMITS) == 3
+    assert check_shape("leaf", JOB_LIMITS) == 1
