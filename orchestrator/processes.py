@@ -34,6 +34,7 @@ from orchestrator.leader import LeaderLease, LeadershipLost
 from orchestrator.ledger import SQLiteStore
 from orchestrator.manager import DEFAULT_DISPATCH_WINDOW, Manager, ManagerSettings
 from orchestrator.records import Event
+from orchestrator.snapshots import TASKS_START
 from orchestrator.staged_jobs import submission
 from orchestrator.trust import Trust
 from protocol.bus import Bus, BusSettings
@@ -421,7 +422,6 @@ async def wait_for_manager(url: str, *, namespace: str, within_s: float, poll_s:
 
 
 HEAD_BYTES = 64 * 1024  # what a reader of a summary's head reads of it
-_TASKS_START = b', "tasks": ['  # where a summary's head ends (orchestrator/snapshots.py writes it so)
 
 
 async def fetch_head(bus: Bus, run_id: str) -> dict[str, Any] | None:
@@ -435,7 +435,7 @@ async def fetch_head(bus: Bus, run_id: str) -> dict[str, Any] | None:
     if raw is None:
         return None
     # Inside a JSON string every quote is escaped, so the first unescaped ', "tasks": [' is the structure's.
-    cut = raw.find(_TASKS_START)
+    cut = raw.find(TASKS_START)
     if cut >= 0:
         head = dict(json.loads(raw[:cut] + b"}"))
         if "task_states" in head:

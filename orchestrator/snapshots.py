@@ -34,9 +34,10 @@ from typing import NamedTuple, cast, overload
 
 from orchestrator.records import RunRecord, TaskRecord
 
-__all__ = ("BLOCK", "Snapshots", "Summary")
+__all__ = ("BLOCK", "TASKS_START", "Snapshots", "Summary")
 
 BLOCK = 256  # tasks a cached piece of JSON covers
+TASKS_START = b', "tasks": ['  # where a summary's head ends and its tasks begin (processes.fetch_head reads up to it)
 
 
 class _Packed(NamedTuple):
@@ -134,8 +135,8 @@ class Snapshots:
         cache = self._runs.setdefault(run.run_id, _RunCache())
         changed, blocks = cache.changed, cache.blocks
         head = _dumps(run.summary(with_tasks=False))
-        parts: list[bytes | _Packed] = [head[:-1], b', "tasks": [']
-        size = len(head) - 1 + len(parts[1]) + len(b"]}")
+        parts: list[bytes | _Packed] = [head[:-1], TASKS_START]
+        size = len(head) - 1 + len(TASKS_START) + len(b"]}")
         count = packed = 0
         for index, chunk in enumerate(_chunks(run)):
             known = blocks[index] if index < len(blocks) else None

@@ -44,7 +44,7 @@ async def submission(bus: Bus, run_id: str, header: dict[str, Any], tasks: Itera
     """
     parts: list[bytes] = [msgpack.packb(header, use_bin_type=True)]
     size = len(parts[0])
-    inline: list[Any] | None = []
+    inline: list[Any] | None = [] if size <= INLINE_MAX_BYTES else None  # None once the job is too big for that
     for task in tasks:
         parts.append(msgpack.packb(task, use_bin_type=True))
         size += len(parts[-1])
@@ -52,7 +52,7 @@ async def submission(bus: Bus, run_id: str, header: dict[str, Any], tasks: Itera
             inline.append(task)
         else:
             inline = None
-    if inline is not None and size <= INLINE_MAX_BYTES:
+    if inline is not None:
         return Submit(job={**header, "tasks": inline}, source=source)
     digest = hashlib.blake2b(digest_size=32)
     for part in parts:
