@@ -190,18 +190,18 @@ def submitted(url: str, ns: str, n: int, tmp: str, keys: str, workers: int) -> d
         curve: list[tuple[float, int]] = []
         if os.environ.get("SCALE_RSS_CURVE"):
             _sample_rss(curve, status=status)
-        out_path = Path(tmp) / f"{ns}.out"
+        out_path, err_path = Path(tmp) / f"{ns}.out", Path(tmp) / f"{ns}.err"
         start = time.perf_counter()
-        with out_path.open("w") as out:
+        # Files, not pipes: nothing reads a pipe while wait4 waits, so a chatty client would block on it.
+        with out_path.open("w") as out, err_path.open("w") as err:
             client = subprocess.Popen([orch, "--log-level", "WARNING", "submit", *common, str(job_file), "--wait",
-                                       "--json"], stdout=out, stderr=subprocess.PIPE)
+                                       "--json"], stdout=out, stderr=err)
             _, wait_status, usage = os.wait4(client.pid, 0)
         elapsed = time.perf_counter() - start
         client.returncode = os.waitstatus_to_exitcode(wait_status)
         peak = _field_kb(status, "VmHWM")
         if client.returncode != 0:
-            raise SystemExit(f"orchestrator submit exited {client.returncode}: "
-                             f"{client.stderr.read().decode()[-2000:] if client.stderr else ''}")
+            raise SystemExit(f"orchestrator submit exited {client.returncode}: {err_path.read_text()[-2000:]}")
         result = json.loads(out_path.read_text())
     finally:
         manager.terminate()
