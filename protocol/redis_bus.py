@@ -308,6 +308,18 @@ class _Batcher:
             raise replies[0]  # nothing was applied (e.g. READONLY after a failover): _call retries the batch
         return replies
 
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is in flight."""
+        return self._busy
+
+    async def settled(self) -> None:
+        """Return once no batch is in flight: the one in flight now and any queued behind it have been answered."""
+        while self._busy:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
     async def aclose(self) -> None:
         """Give the held connection back to the pool (the bus is closing)."""
         conn, self._conn = self._conn, None
@@ -600,6 +612,7 @@ class RedisBus(Bus):
         # quickly, then double up to read_count; fall back to one as soon as it is slow. A slow
         # consumer thus never sits on entries other consumers could run.
         count, batch_at = 1, 0.0
+        backlog = False  # the last read took as many entries as it asked for
         await self._call("consume", lambda: self._ensure_group(key, group))
         # The blocking XREADGROUP runs on a connection held for the life of this generator (taken at
         # the first read, given back to the pool when it closes): no pool checkout and no reply
@@ -659,15 +672,23 @@ class RedisBus(Bus):
                 # Before a read that may block, let the work handed out so far run: its writes (a worker's
                 # commits, a manager's acks) then go out before the read and together, not one per read.
                 await anyio.lowlevel.checkpoint()
+                if self._writes.busy and not backlog and rs.read_after_writes_s:
+                    # ... and, with no backlog to read, wait for their answers (briefly): what arrives
+                    # meanwhile is then taken in one read, where a read already waiting would take it an
+                    # entry at a time, each costing this process and Redis a wake-up and a round trip.
+                    with anyio.move_on_after(rs.read_after_writes_s):
+                        await self._writes.settled()
                 reply = await read(xreadgroup)
                 if not reply:
                     next_reclaim = 0.0  # idle: look for expired leases on every poll
+                    backlog = False
                     continue
                 batch_at = time.monotonic()
                 # RESP2: [[key, entries]]; RESP3: {key: entries}. An entry is [id, [field, value, ...]].
                 for entries in reply.values() if isinstance(reply, dict) else (r[1] for r in reply):
                     for entry_id, fields in entries:
                         buffered.append((batch_at, _s(entry_id), _frame(fields), 1))
+                backlog = len(buffered) >= count  # a full read: more may be waiting already
         finally:
             try:
                 # Closed (or cancelled) with entries read ahead but never yielded: hand them back now,

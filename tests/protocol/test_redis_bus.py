@@ -524,6 +524,85 @@ async def test_closing_a_consumer_hands_back_its_prefetched_entries(redis_url: s
         assert len({d.entry_id for d in [*quick, *others]}) == 15
 
 
+# -- reads wait for the bus's own writes in flight ---------------------------------------------------
+
+
+def _hold_writes(bus: RedisBus) -> anyio.Event:
+    """Hold ``bus``'s write batches on their way to Redis until the returned event is set.
+
+    Stands in for a slow answer from Redis to one process's writes alone (anything that slows Redis itself
+    slows the read under test too)."""
+    release = anyio.Event()
+    send = bus._writes._send
+
+    async def held(calls: Any) -> Any:
+        await release.wait()
+        return await send(calls)
+
+    bus._writes._send = held  # type: ignore[method-assign]
+    return release
+
+
+async def _pending(redis_url: str, key: str) -> int:
+    async with Redis.from_url(redis_url) as raw:
+        [group] = await raw.xinfo_groups(key)
+        return int(group["pending"])
+
+
+@pytest.mark.parametrize(("wait_s", "read_while_held"), [(0.0, True), (0.3, True), (30.0, False)])
+async def test_a_consumer_reads_again_once_its_writes_in_flight_are_answered(
+        redis_url: str, wait_s: float, read_while_held: bool) -> None:
+    # A worker's next read waits for its commit's answer, so tasks that arrive meanwhile come in one read
+    # (one wake-up) instead of one read each; bounded by read_after_writes_s, and 0 reads at once.
+    settings = BusSettings(lease_s=30.0, block_s=5.0)
+    namespace = ns()
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=namespace,
+                                 read_after_writes_s=wait_s) as bus, \
+            RedisBus.from_url(redis_url, settings=settings, namespace=namespace) as producer:
+        await producer.publish("tasks.echo", assign(0))
+        deliveries = bus.consume("tasks.echo", group="g", consumer="c")
+        [first] = await take(deliveries, 1)
+        release = _hold_writes(bus)
+        got: list[Delivery] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bus.ack, first)  # in flight until released
+            await anyio.sleep(0.05)
+
+            async def read_two() -> None:
+                got.extend(await take(deliveries, 2))
+
+            tg.start_soon(read_two)
+            try:
+                await anyio.sleep(0.1)
+                for i in (1, 2):
+                    await producer.publish("tasks.echo", assign(i))
+                await anyio.sleep(0.6)
+                # Pending: the first (its ack held), and the other two once read.
+                read_before_release = await _pending(redis_url, bus.key("tasks.echo")) == 3
+            finally:
+                release.set()
+        assert read_before_release is read_while_held
+        assert [d.envelope.task_id for d in got] == ["t1", "t2"]
+
+
+async def test_a_consumer_with_a_backlog_reads_without_waiting_for_its_writes(redis_url: str) -> None:
+    settings = BusSettings(lease_s=30.0, block_s=5.0)
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns(), read_after_writes_s=30.0) as bus:
+        for i in range(4):
+            await bus.publish("tasks.echo", assign(i))
+        deliveries = bus.consume("tasks.echo", group="g", consumer="c")
+        [first] = await take(deliveries, 1)  # a read of one, full: more may be waiting
+        release = _hold_writes(bus)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bus.ack, first)
+            await anyio.sleep(0.05)
+            try:
+                more = await take(deliveries, 3, within=2.0)  # read while the ack is still held
+            finally:
+                release.set()
+        assert [d.envelope.task_id for d in more] == ["t1", "t2", "t3"]
+
+
 # -- held connections: the batcher's and each open consume's -------------------------------------
 
 
