@@ -314,7 +314,7 @@ class _Batcher:
         return self._busy
 
     async def settled(self) -> None:
-        """Return once no batch is in flight: the one in flight now and any queued behind it have been answered."""
+        """Return once no batch is in flight (at once when none is): under steady writes, only when bounded."""
         while self._busy:
             if self._idle is None:
                 self._idle = anyio.Event()
@@ -613,6 +613,10 @@ class RedisBus(Bus):
         # consumer thus never sits on entries other consumers could run.
         count, batch_at = 1, 0.0
         backlog = False  # the last read took as many entries as it asked for
+        # A requester's reads of replies wait for its writes in flight (see below); a worker's reads of tasks
+        # do not: its commits do not bring its next task, and waiting for their answer made it late for the
+        # next task of a caller that sends one at a time.
+        settle_s = rs.results_read_after_writes_s if stream.startswith("results.") else 0.0
         await self._call("consume", lambda: self._ensure_group(key, group))
         # The blocking XREADGROUP runs on a connection held for the life of this generator (taken at
         # the first read, given back to the pool when it closes): no pool checkout and no reply
@@ -672,11 +676,11 @@ class RedisBus(Bus):
                 # Before a read that may block, let the work handed out so far run: its writes (a worker's
                 # commits, a manager's acks) then go out before the read and together, not one per read.
                 await anyio.lowlevel.checkpoint()
-                if self._writes.busy and not backlog and rs.read_after_writes_s:
-                    # ... and, with no backlog to read, wait for their answers (briefly): what arrives
-                    # meanwhile is then taken in one read, where a read already waiting would take it an
-                    # entry at a time, each costing this process and Redis a wake-up and a round trip.
-                    with anyio.move_on_after(rs.read_after_writes_s):
+                if settle_s and self._writes.busy and not backlog:
+                    # ... and, with no backlog to read, wait (briefly) until none is in flight: the replies
+                    # that arrive meanwhile are then taken in one read, where a read already waiting would
+                    # take them one at a time, each costing this process and Redis a wake-up and a round trip.
+                    with anyio.move_on_after(settle_s):
                         await self._writes.settled()
                 reply = await read(xreadgroup)
                 if not reply:

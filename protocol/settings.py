@@ -119,10 +119,11 @@ class RedisSettings(BaseModel):
     # Entries buffered for half a lease without being yielded are handed back at once.
     read_count: int = Field(default=32, ge=1)
     reclaim_count: int = Field(default=32, ge=1)
-    # Before a read that may block, a consumer waits up to this long for the answer to its bus's writes
-    # in flight (a worker's commits, a manager's acks and assigns), so that entries arriving meanwhile
-    # come in one read instead of one read (and one wake-up) each; 0 reads at once.
-    read_after_writes_s: float = Field(default=0.005, ge=0)
+    # Before a read of a results stream that may block, a consumer (the manager) waits up to this long
+    # while its bus has writes in flight (assigns, acknowledgements), unless its last read came back
+    # full, so that replies arriving meanwhile come in one read instead of a read (and a wake-up) each;
+    # 0 reads at once. Reads of tasks streams never wait.
+    results_read_after_writes_s: float = Field(default=0.005, ge=0)
     # Back-pressure: when set, ``publish`` to a ``tasks.*`` stream waits while the stream holds
     # this many entries (waiting plus in flight, since acknowledged entries are deleted).
     max_task_stream_len: int | None = Field(default=None, ge=1)

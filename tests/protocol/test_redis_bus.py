@@ -549,18 +549,21 @@ async def _pending(redis_url: str, key: str) -> int:
         return int(group["pending"])
 
 
-@pytest.mark.parametrize(("wait_s", "read_while_held"), [(0.0, True), (0.3, True), (30.0, False)])
-async def test_a_consumer_reads_again_once_its_writes_in_flight_are_answered(
-        redis_url: str, wait_s: float, read_while_held: bool) -> None:
-    # A worker's next read waits for its commit's answer, so tasks that arrive meanwhile come in one read
-    # (one wake-up) instead of one read each; bounded by read_after_writes_s, and 0 reads at once.
+@pytest.mark.parametrize(("stream", "wait_s", "read_while_held"), [
+    ("results.echo", 0.0, True), ("results.echo", 0.3, True), ("results.echo", 30.0, False),
+    ("tasks.echo", 30.0, True)])
+async def test_a_reader_of_replies_reads_again_once_its_writes_in_flight_are_answered(
+        redis_url: str, stream: str, wait_s: float, read_while_held: bool) -> None:
+    # A manager's next read of replies waits while its writes are in flight (assigns, acks), so the replies
+    # that arrive meanwhile come in one read (one wake-up) instead of one read each; bounded by
+    # results_read_after_writes_s, 0 reads at once, and a worker's reads of tasks never wait.
     settings = BusSettings(lease_s=30.0, block_s=5.0)
     namespace = ns()
     async with RedisBus.from_url(redis_url, settings=settings, namespace=namespace,
-                                 read_after_writes_s=wait_s) as bus, \
+                                 results_read_after_writes_s=wait_s) as bus, \
             RedisBus.from_url(redis_url, settings=settings, namespace=namespace) as producer:
-        await producer.publish("tasks.echo", assign(0))
-        deliveries = bus.consume("tasks.echo", group="g", consumer="c")
+        await producer.publish(stream, assign(0))
+        deliveries = bus.consume(stream, group="g", consumer="c")
         [first] = await take(deliveries, 1)
         release = _hold_writes(bus)
         got: list[Delivery] = []
@@ -575,22 +578,23 @@ async def test_a_consumer_reads_again_once_its_writes_in_flight_are_answered(
             try:
                 await anyio.sleep(0.1)
                 for i in (1, 2):
-                    await producer.publish("tasks.echo", assign(i))
+                    await producer.publish(stream, assign(i))
                 await anyio.sleep(0.6)
                 # Pending: the first (its ack held), and the other two once read.
-                read_before_release = await _pending(redis_url, bus.key("tasks.echo")) == 3
+                read_before_release = await _pending(redis_url, bus.key(stream)) == 3
             finally:
                 release.set()
         assert read_before_release is read_while_held
         assert [d.envelope.task_id for d in got] == ["t1", "t2"]
 
 
-async def test_a_consumer_with_a_backlog_reads_without_waiting_for_its_writes(redis_url: str) -> None:
+async def test_a_reader_of_replies_with_a_backlog_reads_without_waiting_for_its_writes(redis_url: str) -> None:
     settings = BusSettings(lease_s=30.0, block_s=5.0)
-    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns(), read_after_writes_s=30.0) as bus:
+    async with RedisBus.from_url(redis_url, settings=settings, namespace=ns(),
+                                 results_read_after_writes_s=30.0) as bus:
         for i in range(4):
-            await bus.publish("tasks.echo", assign(i))
-        deliveries = bus.consume("tasks.echo", group="g", consumer="c")
+            await bus.publish("results.echo", assign(i))
+        deliveries = bus.consume("results.echo", group="g", consumer="c")
         [first] = await take(deliveries, 1)  # a read of one, full: more may be waiting
         release = _hold_writes(bus)
         async with anyio.create_task_group() as tg:
