@@ -314,7 +314,8 @@ class _Batcher:
         return self._busy
 
     async def settled(self) -> None:
-        """Return once no batch is in flight (at once when none is): under steady writes, only when bounded."""
+        """Return once no batch is in flight (at once when none is). Under steady writes that can be never:
+        the caller bounds the wait."""
         while self._busy:
             if self._idle is None:
                 self._idle = anyio.Event()
