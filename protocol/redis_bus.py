@@ -193,10 +193,8 @@ class _Batcher:
             ops.append((group, op))
         while not all(op.done for _, op in ops):
             if self._busy:
-                if self._idle is None:
-                    self._idle = anyio.Event()
                 try:
-                    await self._idle.wait()
+                    await self._answered()
                 except BaseException:
                     for group, op in ops:
                         queued = self._queue.get(group, [])
@@ -317,9 +315,13 @@ class _Batcher:
         """Return once no batch is in flight (at once when none is). Under steady writes that can be never:
         the caller bounds the wait."""
         while self._busy:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
+            await self._answered()
+
+    async def _answered(self) -> None:
+        """Wait for the batch in flight to be answered."""
+        if self._idle is None:
+            self._idle = anyio.Event()
+        await self._idle.wait()
 
     async def aclose(self) -> None:
         """Give the held connection back to the pool (the bus is closing)."""
