@@ -14,8 +14,12 @@ checkout, and calls ``Adapter(variant)``:
   acceptance (the output comes from the accepted run's record). Same worker process as above.
 
 The variant comes from the harness's ``--variant`` or, so that the shared ``run_all.sh`` can run
-it unchanged, from ``ORCH_PEER_ADAPTER=lifecycle``. ``benchmarks/peers.sh`` runs both rows beside
-the peers in one run. ``ORCH_INSECURE=1`` turns signing off for the row (unsigned bus messages, where signing is
+it unchanged, from ``ORCH_PEER_ADAPTER=lifecycle``.
+
+- ``unsigned``: ``default`` with signing off (both sides ``--insecure``), as the row
+  ``orchestrator-unsigned``: what the signature costs, measured in the same run as the signed row.
+
+``benchmarks/peers.sh`` runs these rows beside the peers in one run. ``ORCH_INSECURE=1`` turns signing off for the row (unsigned bus messages, where signing is
 the default on Redis): both sides then run with ``--insecure``; otherwise each adapter makes a
 keyring of its own (the manager's key and ``worker:noop``): assigns are signed and verified, and
 replies carry a MAC for the manager (``ORCH_SIGN_REPLIES=1``: signed too, as before 2026-12-03).
@@ -41,12 +45,12 @@ def _orchestrator_cli() -> str:
     return os.path.join(os.path.dirname(sys.executable), "orchestrator")
 
 
-def _keyring():
-    """A fresh keyring with the manager's and the no-op worker's keys, or None with ORCH_INSECURE=1."""
+def _keyring(unsigned: bool = False):
+    """A fresh keyring with the manager's and the no-op worker's keys, or None (unsigned, or ORCH_INSECURE=1)."""
     from orchestrator.trust import insecure_from_env
     from protocol.keyring import Keyring
 
-    if insecure_from_env():
+    if unsigned or insecure_from_env():
         return None
     ring = Keyring.init(tempfile.mkdtemp(prefix="peer-keys-"))
     ring.add("worker", "noop")
@@ -73,8 +77,10 @@ class BusAdapter:
 
     def __init__(self, variant: str):
         self.variant = variant
-        self.ring = _keyring()
+        self.ring = _keyring(unsigned=variant == "unsigned")
         self.label = f"orchestrator RedisBus + WorkerRuntime (this project, {_signed(self.ring)})"
+        if variant == "unsigned":
+            self.system = "orchestrator-unsigned"
 
     def worker_argv(self, url):
         return _worker_argv(url, self.ring)
@@ -201,6 +207,6 @@ def Adapter(variant: str):  # the harness calls Adapter(variant)
         variant = os.environ.get("ORCH_PEER_ADAPTER", "default")
     if variant == "lifecycle":
         return LifecycleAdapter(variant)
-    if variant == "default":
+    if variant in ("default", "unsigned"):
         return BusAdapter(variant)
-    raise ValueError(f"unknown orchestrator variant {variant!r} (default or lifecycle)")
+    raise ValueError(f"unknown orchestrator variant {variant!r} (default, unsigned or lifecycle)")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The peer race (../shared/peers, see its README) with this project's two rows beside the peers,
-# in one run: "orchestrator" (bus + worker runtime) and "orchestrator-lifecycle" (manager, ledger,
-# spec check, acceptance), both from benchmarks/peer_adapter.py.
+# The peer race (../shared/peers, see its README) with this project's rows beside the peers, in one
+# run: "orchestrator" (bus + worker runtime), "orchestrator-unsigned" (the same with signing off,
+# to show what the signature costs) and "orchestrator-lifecycle" (manager, ledger, spec check,
+# acceptance), all from benchmarks/peer_adapter.py.
 #
 #   bash benchmarks/peers.sh                                     # every peer, RUNS=2
 #   ONLY="streams-ref dramatiq orchestrator orchestrator-lifecycle" RUNS=2 bash benchmarks/peers.sh
 #
 # The shared harness is used as it is, from a scratch directory (PEERS_WORK, default .peers/ here,
-# git-ignored) holding a copy of its files; run_all.sh gets the lifecycle row added. The
+# git-ignored) holding a copy of its files; run_all.sh gets the unsigned and lifecycle rows added. The
 # peers' venvs are the shared ones (run ../shared/peers/setup.sh once); .venv-orch is made here
 # with this checkout installed editable, so it always runs the code as it is now.
 # Results: $PEERS_WORK/results/summary.md (RESULTS_DIR as in run_all.sh, relative to PEERS_WORK).
@@ -30,9 +31,9 @@ for f in "$SHARED"/*.py "$SHARED"/*.sh "$SHARED"/*.txt; do
 done
 for v in .venv .venv-taskiq13; do [ -e "$SHARED/$v" ] && ln -sfn "$SHARED/$v" "$WORK/$v"; done
 rm -f "$WORK/run_all.sh"
-sed 's#^  "orchestrator|.venv-orch|peer_orchestrator.py|default"#&\n  "orchestrator-lifecycle|.venv-orch|peer_orchestrator.py|lifecycle"#' \
+sed 's#^  "orchestrator|.venv-orch|peer_orchestrator.py|default"#&\n  "orchestrator-unsigned|.venv-orch|peer_orchestrator.py|unsigned"\n  "orchestrator-lifecycle|.venv-orch|peer_orchestrator.py|lifecycle"#' \
   "$SHARED/run_all.sh" > "$WORK/run_all.sh"
-grep -q '"orchestrator-lifecycle|' "$WORK/run_all.sh" || { echo "could not add the lifecycle row to run_all.sh" >&2; exit 1; }
+grep -q '"orchestrator-lifecycle|' "$WORK/run_all.sh" || { echo "could not add this project's rows to run_all.sh" >&2; exit 1; }
 # (Re)installed whenever pyproject.toml changed, so a new dependency reaches the benchmark too, or the
 # checkout did: the editable install points at one checkout, and a scratch directory reused for another
 # (peers_ab.sh's, from one head commit to the next) would otherwise run the first one's code.
