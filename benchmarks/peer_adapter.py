@@ -12,17 +12,17 @@ checkout, and calls ``Adapter(variant)``:
   ledger (WAL, ``synchronous=FULL``) in the client process and no hosted workers; each submitted
   task is a one-task job whose spec ``expect``s the no-op's answer, and each wait is that run's
   acceptance (the output comes from the accepted run's record). Same worker process as above.
+- ``unsigned``: ``default`` with signing off (both sides ``--insecure``), as the row
+  ``orchestrator-unsigned``: what the signature costs, measured in the same run as the signed row.
 
 The variant comes from the harness's ``--variant`` or, so that the shared ``run_all.sh`` can run
 it unchanged, from ``ORCH_PEER_ADAPTER=lifecycle``.
 
-- ``unsigned``: ``default`` with signing off (both sides ``--insecure``), as the row
-  ``orchestrator-unsigned``: what the signature costs, measured in the same run as the signed row.
-
-``benchmarks/peers.sh`` runs these rows beside the peers in one run. ``ORCH_INSECURE=1`` turns signing off for the row (unsigned bus messages, where signing is
-the default on Redis): both sides then run with ``--insecure``; otherwise each adapter makes a
-keyring of its own (the manager's key and ``worker:noop``): assigns are signed and verified, and
-replies carry a MAC for the manager (``ORCH_SIGN_REPLIES=1``: signed too, as before 2026-12-03).
+``benchmarks/peers.sh`` runs these rows beside the peers in one run. ``ORCH_INSECURE=1`` turns signing
+off for every row (unsigned bus messages, where signing is the default on Redis): both sides then run
+with ``--insecure``; otherwise each adapter makes a keyring of its own (the manager's key and
+``worker:noop``): assigns are signed and verified, and replies carry a MAC for the manager
+(``ORCH_SIGN_REPLIES=1``: signed too, as before 2026-12-03).
 """
 
 import asyncio

@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/peers.sh                                     # every peer, RUNS=2
 #   ONLY="streams-ref dramatiq orchestrator orchestrator-lifecycle" RUNS=2 bash benchmarks/peers.sh
+#   ONLY="streams-ref orchestrator orchestrator-unsigned" RUNS=4 bash benchmarks/peers.sh   # signing's cost
 #
 # The shared harness is used as it is, from a scratch directory (PEERS_WORK, default .peers/ here,
 # git-ignored) holding a copy of its files; run_all.sh gets the unsigned and lifecycle rows added. The
